@@ -1,0 +1,411 @@
+//! Configuration: TOML files, then environment and flags (applied by the front end).
+//!
+//! Files read, later ones overriding earlier ones key by key:
+//! `/etc/isr/config.toml`, then `$XDG_CONFIG_HOME/isr/config.toml` (default
+//! `~/.config/isr/config.toml`). An explicit `--config FILE` / `ISR_CONFIG` replaces
+//! both. Unknown keys are errors naming the key and the file. Every key:
+//!
+//! ```toml
+//! store = "/srv/isr"            # path, file:///path, s3://bucket/prefix, https://host/prefix
+//! state_dir = "/var/lib/isr"     # session state
+//! cache_dir = "/var/cache/isr"   # local chunk cache
+//! runtime_dir = "/run/isr"       # control socket, default mount points
+//!
+//! [s3]                           # anything unset falls back to AWS_* variables
+//! endpoint = "http://127.0.0.1:8333"
+//! region = "us-east-1"
+//! access_key_id = "…"
+//! secret_access_key = "…"
+//! allow_http = true
+//! virtual_hosted_style = false
+//!
+//! [retry]                        # transient store errors
+//! attempts = 6
+//! initial_backoff_ms = 200
+//! max_backoff_ms = 5000
+//! request_timeout_secs = 60
+//!
+//! [import]
+//! chunk_size = 131072            # power of two, 64 KiB – 4 MiB; fixed per parcel
+//! zstd_level = 3
+//! jobs = 0                       # encoder threads; 0 = one per core
+//! uploads = 16                   # concurrent store requests
+//!
+//! [kdf]                          # argon2id cost of new passphrase keyslots
+//! memory_kib = 65536
+//! iterations = 3
+//! parallelism = 1
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
+use crate::error::{Classify, ErrorClass};
+use crate::keys::KdfParams;
+use crate::store::{RetrySettings, S3Settings};
+
+/// Errors loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML or has an unknown key / wrong type.
+    #[error("config file {}: {message}", path.display())]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// toml's message (names the key).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config key {key}: {reason}")]
+    Invalid {
+        /// Key, dotted.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Classify for ConfigError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Invalid
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    store: Option<String>,
+    state_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
+    #[serde(default)]
+    s3: S3Settings,
+    #[serde(default)]
+    retry: RetryFile,
+    #[serde(default)]
+    import: ImportFile,
+    #[serde(default)]
+    kdf: KdfFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryFile {
+    attempts: Option<u32>,
+    initial_backoff_ms: Option<u64>,
+    max_backoff_ms: Option<u64>,
+    request_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportFile {
+    chunk_size: Option<u32>,
+    zstd_level: Option<i32>,
+    jobs: Option<usize>,
+    uploads: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KdfFile {
+    memory_kib: Option<u32>,
+    iterations: Option<u32>,
+    parallelism: Option<u32>,
+}
+
+/// Import tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportSettings {
+    /// Chunk size of new parcels.
+    pub chunk_size: u32,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Encoder threads (0 = one per core).
+    pub jobs: usize,
+    /// Concurrent store requests.
+    pub uploads: usize,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Store URL.
+    pub store: String,
+    /// Session state directory.
+    pub state_dir: PathBuf,
+    /// Chunk cache directory.
+    pub cache_dir: PathBuf,
+    /// Runtime directory (socket, mounts).
+    pub runtime_dir: PathBuf,
+    /// S3 connection settings.
+    pub s3: S3Settings,
+    /// Retry policy.
+    pub retry: RetrySettings,
+    /// Import tuning.
+    pub import: ImportSettings,
+    /// Key derivation cost for new keyslots.
+    pub kdf: KdfParams,
+}
+
+/// Where configuration files are looked for, in order.
+pub fn default_config_files() -> Vec<PathBuf> {
+    let mut files = vec![PathBuf::from("/etc/isr/config.toml")];
+    if let Some(dir) = xdg_dir("XDG_CONFIG_HOME", ".config") {
+        files.push(dir.join("isr/config.toml"));
+    }
+    files
+}
+
+fn xdg_dir(variable: &str, home_relative: &str) -> Option<PathBuf> {
+    match std::env::var_os(variable) {
+        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+        _ => std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|home| PathBuf::from(home).join(home_relative)),
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Default directory for `kind`: the XDG variable if set; else the system
+/// directory for root; else the XDG default under `$HOME`.
+fn default_dir(variable: &str, home_relative: &str, system: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(variable).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("isr");
+    }
+    if is_root() {
+        return PathBuf::from(system);
+    }
+    xdg_dir(variable, home_relative)
+        .map(|d| d.join("isr"))
+        .unwrap_or_else(|| PathBuf::from(system))
+}
+
+impl Config {
+    /// Loads `explicit` if given, else the default files that exist.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut merged = ConfigFile::default();
+        match explicit {
+            Some(path) => merge(&mut merged, read_file(path)?),
+            None => {
+                for path in default_config_files() {
+                    if path.exists() {
+                        merge(&mut merged, read_file(&path)?);
+                    }
+                }
+            }
+        }
+        Config::resolve(merged)
+    }
+
+    /// Parses one configuration text (for tests and tools).
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        Config::resolve(parse(text, origin)?)
+    }
+
+    fn resolve(file: ConfigFile) -> Result<Config, ConfigError> {
+        let data_default =
+            default_dir("XDG_DATA_HOME", ".local/share", "/var/lib/isr").join("store");
+        let defaults = RetrySettings::default();
+        let kdf_defaults = KdfParams::default();
+        let config = Config {
+            store: file
+                .store
+                .unwrap_or_else(|| data_default.display().to_string()),
+            state_dir: file
+                .state_dir
+                .unwrap_or_else(|| default_dir("XDG_STATE_HOME", ".local/state", "/var/lib/isr")),
+            cache_dir: file
+                .cache_dir
+                .unwrap_or_else(|| default_dir("XDG_CACHE_HOME", ".cache", "/var/cache/isr")),
+            runtime_dir: file.runtime_dir.unwrap_or_else(|| {
+                default_dir("XDG_RUNTIME_DIR", ".cache/isr-runtime", "/run/isr")
+            }),
+            s3: file.s3,
+            retry: RetrySettings {
+                attempts: file.retry.attempts.unwrap_or(defaults.attempts),
+                initial_backoff_ms: file
+                    .retry
+                    .initial_backoff_ms
+                    .unwrap_or(defaults.initial_backoff_ms),
+                max_backoff_ms: file.retry.max_backoff_ms.unwrap_or(defaults.max_backoff_ms),
+                request_timeout_secs: file
+                    .retry
+                    .request_timeout_secs
+                    .unwrap_or(defaults.request_timeout_secs),
+            },
+            import: ImportSettings {
+                chunk_size: file.import.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+                zstd_level: file.import.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL),
+                jobs: file.import.jobs.unwrap_or(0),
+                uploads: file.import.uploads.unwrap_or(16),
+            },
+            kdf: KdfParams {
+                memory_kib: file.kdf.memory_kib.unwrap_or(kdf_defaults.memory_kib),
+                iterations: file.kdf.iterations.unwrap_or(kdf_defaults.iterations),
+                parallelism: file.kdf.parallelism.unwrap_or(kdf_defaults.parallelism),
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        chunk::validate_chunk_size(self.import.chunk_size).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "import.chunk_size",
+                reason,
+            }
+        })?;
+        if !(1..=22).contains(&self.import.zstd_level) {
+            return Err(ConfigError::Invalid {
+                key: "import.zstd_level",
+                reason: format!("{} is not between 1 and 22", self.import.zstd_level),
+            });
+        }
+        if !(1..=1024).contains(&self.import.uploads) {
+            return Err(ConfigError::Invalid {
+                key: "import.uploads",
+                reason: "must be between 1 and 1024".into(),
+            });
+        }
+        if self.retry.attempts == 0 {
+            return Err(ConfigError::Invalid {
+                key: "retry.attempts",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.kdf.memory_kib < 8 * self.kdf.parallelism.max(1)
+            || self.kdf.iterations == 0
+            || self.kdf.parallelism == 0
+        {
+            return Err(ConfigError::Invalid {
+                key: "kdf",
+                reason: "memory_kib must be at least 8 × parallelism; iterations and parallelism at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.message().to_owned()
+            + &e.span()
+                .map(|span| format!(" (at line {})", text[..span.start].lines().count().max(1)))
+                .unwrap_or_default(),
+    })
+}
+
+fn merge(into: &mut ConfigFile, from: ConfigFile) {
+    macro_rules! take {
+        ($($field:ident).+) => {
+            if from.$($field).+.is_some() {
+                into.$($field).+ = from.$($field).+;
+            }
+        };
+    }
+    take!(store);
+    take!(state_dir);
+    take!(cache_dir);
+    take!(runtime_dir);
+    take!(s3.endpoint);
+    take!(s3.region);
+    take!(s3.access_key_id);
+    take!(s3.secret_access_key);
+    take!(s3.allow_http);
+    take!(s3.virtual_hosted_style);
+    take!(retry.attempts);
+    take!(retry.initial_backoff_ms);
+    take!(retry.max_backoff_ms);
+    take!(retry.request_timeout_secs);
+    take!(import.chunk_size);
+    take!(import.zstd_level);
+    take!(import.jobs);
+    take!(import.uploads);
+    take!(kdf.memory_kib);
+    take!(kdf.iterations);
+    take!(kdf.parallelism);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let text = r#"
+            store = "s3://bucket/prefix"
+            [s3]
+            endpoint = "http://127.0.0.1:8333"
+            [retry]
+            attempts = 2
+            [import]
+            chunk_size = 65536
+            [kdf]
+            memory_kib = 1024
+        "#;
+        let config = Config::from_toml(text, Path::new("c.toml")).unwrap();
+        assert_eq!(config.store, "s3://bucket/prefix");
+        assert_eq!(config.retry.attempts, 2);
+        assert_eq!(
+            config.retry.max_backoff_ms,
+            RetrySettings::default().max_backoff_ms
+        );
+        assert_eq!(config.import.chunk_size, 65536);
+        assert_eq!(config.kdf.memory_kib, 1024);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("stor = \"x\"\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("stor"), "{err}");
+        assert!(err.to_string().contains("c.toml"), "{err}");
+        let err = Config::from_toml("[import]\nchunksize = 1\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("chunksize"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::from_toml("[import]\nchunk_size = 1000\n", Path::new("c")).is_err());
+        assert!(Config::from_toml("[import]\nzstd_level = 40\n", Path::new("c")).is_err());
+        assert!(Config::from_toml("[retry]\nattempts = 0\n", Path::new("c")).is_err());
+    }
+
+    #[test]
+    fn later_files_override_key_by_key() {
+        let mut merged =
+            parse("store = \"a\"\n[import]\nzstd_level = 5\n", Path::new("1")).unwrap();
+        merge(
+            &mut merged,
+            parse("[import]\nchunk_size = 65536\n", Path::new("2")).unwrap(),
+        );
+        let config = Config::resolve(merged).unwrap();
+        assert_eq!(config.store, "a");
+        assert_eq!(config.import.zstd_level, 5);
+        assert_eq!(config.import.chunk_size, 65536);
+    }
+}

@@ -1,0 +1,30 @@
+//! isr — Internet Suspend/Resume.
+//!
+//! A *parcel* is a VM's files (disk image, memory image, VMM config) plus their
+//! history, kept in a *store* as immutable, encrypted, content-addressed chunks
+//! and one encrypted manifest per version. This library holds everything that is
+//! not argument parsing; `isrctl` and `isrfsd` are thin front ends over it.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`chunk`] | codec: plaintext ⇄ stored bytes (zstd, keyed convergent AEAD), tags, zero chunks |
+//! | [`manifest`] | the version record: file tree, chunk lists, (de)serialisation, encryption |
+//! | [`keys`] | parcel key and dedup secret, keyslots (argon2id passphrase, key file), hygiene |
+//! | [`store`] | `ReadStore`/`ListStore`/`WriteStore`; local, S3, HTTP, memory; retries |
+//! | [`parcel`] | store layout, `parcel.toml`, versions, create-only commit, locks |
+//! | [`import`] | files → chunks → committed version, in parallel with bounded memory |
+//! | [`export`] | version → files, and chunk verification |
+//! | [`config`] | TOML configuration |
+//! | [`error`] | error classes and exit codes |
+//! | [`progress`] | progress reporting to front ends |
+
+pub mod chunk;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod import;
+pub mod keys;
+pub mod manifest;
+pub mod parcel;
+pub mod progress;
+pub mod store;

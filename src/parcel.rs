@@ -1,0 +1,713 @@
+//! Parcels in a store: layout, the public parcel record, keyslots, versions and
+//! the create-only commit of a version's manifest.
+//!
+//! ```text
+//! chunks/<tt>/<tag-hex>                          immutable; create-only
+//! parcels/<name>/parcel.toml                     public: format, id, chunk size, created
+//! parcels/<name>/keyslots/<n>                    wrapped parcel secrets (see crate::keys)
+//! parcels/<name>/versions/<0000000042>.manifest  create-only, encrypted (see crate::manifest)
+//! parcels/<name>/lock                            create-only: holder, host, nonce, since
+//! ```
+//!
+//! A version exists exactly when its manifest object exists: committing is one
+//! create-only put, so two clients racing for version N+1 cannot both win.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{self, ChunkTag};
+use crate::error::{Classify, ErrorClass};
+use crate::keys::{self, Credential, KdfParams, KeyError, ParcelSecrets};
+use crate::manifest::{Manifest, ManifestError, Timestamp};
+use crate::store::{PutOutcome, StoreError, StoreHandle};
+
+/// Object keys of the store layout.
+pub mod layout {
+    use crate::chunk::ChunkTag;
+
+    /// Prefix of every parcel's objects.
+    pub const PARCELS: &str = "parcels/";
+    /// Prefix of every chunk.
+    pub const CHUNKS: &str = "chunks/";
+
+    /// `chunks/<tt>/<tag-hex>`.
+    pub fn chunk(tag: &ChunkTag) -> String {
+        let hex = tag.to_hex();
+        format!("chunks/{}/{hex}", &hex[..2])
+    }
+    /// `parcels/<name>/parcel.toml`.
+    pub fn record(name: &str) -> String {
+        format!("parcels/{name}/parcel.toml")
+    }
+    /// `parcels/<name>/keyslots/`.
+    pub fn keyslots(name: &str) -> String {
+        format!("parcels/{name}/keyslots/")
+    }
+    /// `parcels/<name>/keyslots/<n>`.
+    pub fn keyslot(name: &str, number: u32) -> String {
+        format!("parcels/{name}/keyslots/{number}")
+    }
+    /// `parcels/<name>/versions/`.
+    pub fn versions(name: &str) -> String {
+        format!("parcels/{name}/versions/")
+    }
+    /// `parcels/<name>/versions/<0000000042>.manifest`.
+    pub fn manifest(name: &str, version: u64) -> String {
+        format!("parcels/{name}/versions/{version:010}.manifest")
+    }
+    /// `parcels/<name>/lock`.
+    pub fn lock(name: &str) -> String {
+        format!("parcels/{name}/lock")
+    }
+}
+
+/// Format of `parcel.toml` written by this build.
+pub const RECORD_FORMAT: u32 = 1;
+/// Keyslot numbers probed on stores that cannot list.
+pub const MAX_KEYSLOTS: u32 = 8;
+
+/// Errors about parcels and versions.
+#[derive(Debug, thiserror::Error)]
+pub enum ParcelError {
+    /// The name is not usable.
+    #[error(
+        "invalid parcel name {name:?}: use 1–64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+    )]
+    BadName {
+        /// As given.
+        name: String,
+    },
+    /// No such parcel.
+    #[error("parcel {name} does not exist in store {store} (`isrctl ls` lists the parcels there)")]
+    NotFound {
+        /// Parcel.
+        name: String,
+        /// Store URL.
+        store: String,
+    },
+    /// Creating a parcel that exists.
+    #[error(
+        "parcel {name} already exists; add a version with `isrctl import --new-version {name} PATH...` or choose another name"
+    )]
+    Exists {
+        /// Parcel.
+        name: String,
+    },
+    /// The parcel has no committed version.
+    #[error(
+        "parcel {name} has no committed version yet (an import was interrupted: run the same `isrctl import` again to finish it)"
+    )]
+    NoVersions {
+        /// Parcel.
+        name: String,
+    },
+    /// The requested version does not exist.
+    #[error("parcel {name} has no version {version} (`isrctl history {name}` lists its versions)")]
+    VersionNotFound {
+        /// Parcel.
+        name: String,
+        /// Version asked for.
+        version: u64,
+    },
+    /// Someone else committed this version first.
+    #[error(
+        "version {version} of parcel {name} was committed by another client meanwhile; nothing of yours was lost — run the command again to commit on top of it"
+    )]
+    VersionExists {
+        /// Parcel.
+        name: String,
+        /// Version number.
+        version: u64,
+    },
+    /// `parcel.toml` cannot be understood.
+    #[error("parcel record of {name} is corrupt: {reason}")]
+    BadRecord {
+        /// Parcel.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A store operation failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Unlocking failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A manifest is invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+}
+
+impl Classify for ParcelError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ParcelError::BadName { .. } => ErrorClass::Invalid,
+            ParcelError::NotFound { .. }
+            | ParcelError::NoVersions { .. }
+            | ParcelError::VersionNotFound { .. } => ErrorClass::NotFound,
+            ParcelError::Exists { .. } | ParcelError::VersionExists { .. } => ErrorClass::Conflict,
+            ParcelError::BadRecord { .. } => ErrorClass::Integrity,
+            ParcelError::Store(e) => e.class(),
+            ParcelError::Key(e) => e.class(),
+            ParcelError::Manifest(e) => e.class(),
+        }
+    }
+}
+
+/// Checks a parcel name.
+pub fn validate_name(name: &str) -> Result<(), ParcelError> {
+    let ok = (1..=64).contains(&name.len())
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ParcelError::BadName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The public `parcel.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParcelRecord {
+    /// Record format ([`RECORD_FORMAT`]).
+    pub format: u32,
+    /// Random parcel id, 32 hex digits (bound into keyslots and manifests).
+    pub id: String,
+    /// Chunk size of every file, fixed at creation.
+    pub chunk_size: u32,
+    /// Creation time, RFC 3339.
+    pub created: String,
+}
+
+impl ParcelRecord {
+    /// The id as bytes.
+    pub fn id_bytes(&self, name: &str) -> Result<[u8; 16], ParcelError> {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(&self.id, &mut id).map_err(|_| ParcelError::BadRecord {
+            name: name.to_owned(),
+            reason: format!("id {:?} is not 32 hex digits", self.id),
+        })?;
+        Ok(id)
+    }
+}
+
+/// The lock object of a resumed parcel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockRecord {
+    /// User who holds it.
+    pub holder: String,
+    /// Host it was taken on.
+    pub host: String,
+    /// Random nonce, 32 hex digits; written into the manifest its holder commits.
+    pub nonce: String,
+    /// When it was taken, RFC 3339.
+    pub since: String,
+}
+
+/// A parcel whose secrets are unlocked.
+#[derive(Debug, Clone)]
+pub struct OpenParcel {
+    /// Name.
+    pub name: String,
+    /// Public record.
+    pub record: ParcelRecord,
+    /// Id bytes.
+    pub id: [u8; 16],
+    /// Parcel key and dedup secret.
+    pub secrets: ParcelSecrets,
+}
+
+/// Reads `parcel.toml`, or `None` when the parcel does not exist.
+pub async fn read_record(
+    store: &StoreHandle,
+    name: &str,
+) -> Result<Option<ParcelRecord>, ParcelError> {
+    validate_name(name)?;
+    let bytes = match store.reader().get(&layout::record(name)).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let bad = |reason: String| ParcelError::BadRecord {
+        name: name.to_owned(),
+        reason,
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("not UTF-8".into()))?;
+    let record: ParcelRecord = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+    if record.format != RECORD_FORMAT {
+        return Err(bad(format!(
+            "format {} is not supported (this isr reads format {RECORD_FORMAT}) — upgrade isr",
+            record.format
+        )));
+    }
+    chunk::validate_chunk_size(record.chunk_size).map_err(bad)?;
+    record.id_bytes(name)?;
+    Ok(Some(record))
+}
+
+/// Reads `parcel.toml`, failing when the parcel does not exist.
+pub async fn require_record(store: &StoreHandle, name: &str) -> Result<ParcelRecord, ParcelError> {
+    read_record(store, name)
+        .await?
+        .ok_or_else(|| ParcelError::NotFound {
+            name: name.to_owned(),
+            store: store.url().to_owned(),
+        })
+}
+
+/// Every keyslot of the parcel as (number, bytes).
+pub async fn read_keyslots(
+    store: &StoreHandle,
+    name: &str,
+) -> Result<Vec<(u32, Vec<u8>)>, ParcelError> {
+    let numbers: Vec<u32> = match store.lister() {
+        Some(lister) => {
+            let prefix = layout::keyslots(name);
+            let mut numbers: Vec<u32> = lister
+                .list(&prefix)
+                .await?
+                .iter()
+                .filter_map(|key| key.strip_prefix(&prefix)?.parse().ok())
+                .collect();
+            numbers.sort_unstable();
+            numbers
+        }
+        None => (0..MAX_KEYSLOTS).collect(),
+    };
+    let mut slots = Vec::new();
+    for number in numbers {
+        match store.reader().get(&layout::keyslot(name, number)).await {
+            Ok(bytes) => slots.push((number, bytes.to_vec())),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(slots)
+}
+
+/// Unlocks the parcel with the first credential that opens one of its keyslots.
+pub async fn open(
+    store: &StoreHandle,
+    name: &str,
+    credentials: &[Credential],
+) -> Result<OpenParcel, ParcelError> {
+    let record = require_record(store, name).await?;
+    let id = record.id_bytes(name)?;
+    let slots = read_keyslots(store, name).await?;
+    if slots.is_empty() {
+        return Err(ParcelError::NoVersions {
+            name: name.to_owned(),
+        });
+    }
+    let secrets = unlock_any(name, &id, &slots, credentials)?;
+    Ok(OpenParcel {
+        name: name.to_owned(),
+        record,
+        id,
+        secrets,
+    })
+}
+
+fn unlock_any(
+    name: &str,
+    id: &[u8; 16],
+    slots: &[(u32, Vec<u8>)],
+    credentials: &[Credential],
+) -> Result<ParcelSecrets, ParcelError> {
+    let mut last_error = None;
+    for credential in credentials {
+        match keys::unlock(name, id, slots, credential) {
+            Ok(secrets) => return Ok(secrets),
+            Err(e @ KeyError::CorruptSlot { .. }) => return Err(e.into()),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error
+        .unwrap_or(KeyError::WrongPassphrase {
+            parcel: name.to_owned(),
+        })
+        .into())
+}
+
+/// Creates a parcel: `parcel.toml` (create-only: a racing creator fails with
+/// [`ParcelError::Exists`]) and one keyslot per credential.
+pub async fn create(
+    store: &StoreHandle,
+    name: &str,
+    chunk_size: u32,
+    secrets: ParcelSecrets,
+    credentials: &[Credential],
+    kdf: KdfParams,
+) -> Result<OpenParcel, ParcelError> {
+    validate_name(name)?;
+    let writer = store.writer("create a parcel")?;
+    let id: [u8; 16] = rand::random();
+    let record = ParcelRecord {
+        format: RECORD_FORMAT,
+        id: hex::encode(id),
+        chunk_size,
+        created: Timestamp::now().to_rfc3339(),
+    };
+    let text = toml::to_string(&record).expect("record serialises");
+    if writer
+        .put_new(&layout::record(name), Bytes::from(text))
+        .await?
+        == PutOutcome::AlreadyExists
+    {
+        return Err(ParcelError::Exists {
+            name: name.to_owned(),
+        });
+    }
+    let parcel = OpenParcel {
+        name: name.to_owned(),
+        record,
+        id,
+        secrets,
+    };
+    write_keyslots(store, &parcel, credentials, kdf).await?;
+    Ok(parcel)
+}
+
+/// Writes one keyslot per credential, at the first free slot numbers.
+pub async fn write_keyslots(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    credentials: &[Credential],
+    kdf: KdfParams,
+) -> Result<(), ParcelError> {
+    let writer = store.writer("write keyslots")?;
+    let mut number = 0;
+    for credential in credentials {
+        let slot = keys::seal_keyslot(&parcel.secrets, credential, kdf, &parcel.id)?;
+        let slot = Bytes::from(slot);
+        loop {
+            if number >= MAX_KEYSLOTS {
+                return Err(
+                    KeyError::Kdf(format!("parcel {} has no free keyslot", parcel.name)).into(),
+                );
+            }
+            let key = layout::keyslot(&parcel.name, number);
+            number += 1;
+            if writer.put_new(&key, slot.clone()).await? == PutOutcome::Created {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Finishes creating a parcel whose creation was interrupted between writing
+/// `parcel.toml` and its keyslots: new secrets, keyslots written.
+pub async fn complete_creation(
+    store: &StoreHandle,
+    name: &str,
+    record: ParcelRecord,
+    secrets: ParcelSecrets,
+    credentials: &[Credential],
+    kdf: KdfParams,
+) -> Result<OpenParcel, ParcelError> {
+    let id = record.id_bytes(name)?;
+    let parcel = OpenParcel {
+        name: name.to_owned(),
+        record,
+        id,
+        secrets,
+    };
+    write_keyslots(store, &parcel, credentials, kdf).await?;
+    Ok(parcel)
+}
+
+/// Committed versions of the parcel, ascending.
+pub async fn list_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, ParcelError> {
+    validate_name(name)?;
+    match store.lister() {
+        Some(lister) => {
+            let prefix = layout::versions(name);
+            let mut versions: Vec<u64> = lister
+                .list(&prefix)
+                .await?
+                .iter()
+                .filter_map(|key| {
+                    key.strip_prefix(&prefix)?
+                        .strip_suffix(".manifest")?
+                        .parse()
+                        .ok()
+                })
+                .filter(|&v| v > 0)
+                .collect();
+            versions.sort_unstable();
+            Ok(versions)
+        }
+        None => probe_versions(store, name).await,
+    }
+}
+
+/// On stores that cannot list: versions are contiguous from 1, so find the
+/// newest by exponential probing, then binary search.
+async fn probe_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, ParcelError> {
+    let exists = |v: u64| async move { store.reader().exists(&layout::manifest(name, v)).await };
+    if !exists(1).await? {
+        return Ok(Vec::new());
+    }
+    let (mut present, mut absent) = (1u64, 2u64);
+    while exists(absent).await? {
+        present = absent;
+        absent *= 2;
+    }
+    while absent - present > 1 {
+        let middle = present + (absent - present) / 2;
+        if exists(middle).await? {
+            present = middle;
+        } else {
+            absent = middle;
+        }
+    }
+    Ok((1..=present).collect())
+}
+
+/// Names of every parcel in the store.
+pub async fn list_parcels(store: &StoreHandle) -> Result<Vec<String>, ParcelError> {
+    let lister = store.lister().ok_or_else(|| StoreError::Unsupported {
+        store: store.url().to_owned(),
+        operation: "list parcels",
+        hint: "HTTP stores cannot list; name the parcel (e.g. `isrctl info NAME`)",
+    })?;
+    let mut names: Vec<String> = lister
+        .list(layout::PARCELS)
+        .await?
+        .iter()
+        .filter_map(|key| {
+            key.strip_prefix(layout::PARCELS)?
+                .strip_suffix("/parcel.toml")
+        })
+        .filter(|name| !name.contains('/'))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Reads and decrypts one version's manifest.
+pub async fn read_manifest(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    version: u64,
+) -> Result<Manifest, ParcelError> {
+    let key = layout::manifest(&parcel.name, version);
+    let bytes = match store.reader().get(&key).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => {
+            return Err(ParcelError::VersionNotFound {
+                name: parcel.name.clone(),
+                version,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let manifest = Manifest::open(
+        &bytes,
+        &parcel.secrets.parcel_key,
+        &parcel.id,
+        version,
+        &key,
+    )?;
+    if manifest.chunk_size != parcel.record.chunk_size {
+        return Err(ManifestError::Malformed {
+            object: key,
+            reason: format!(
+                "chunk size {} differs from the parcel's {}",
+                manifest.chunk_size, parcel.record.chunk_size
+            ),
+        }
+        .into());
+    }
+    Ok(manifest)
+}
+
+/// Resolves `version` (or the newest when `None`) to an existing version number.
+pub async fn resolve_version(
+    store: &StoreHandle,
+    name: &str,
+    version: Option<u64>,
+) -> Result<u64, ParcelError> {
+    let versions = list_versions(store, name).await?;
+    match version {
+        None => versions
+            .last()
+            .copied()
+            .ok_or_else(|| ParcelError::NoVersions {
+                name: name.to_owned(),
+            }),
+        Some(v) if versions.contains(&v) => Ok(v),
+        Some(version) => Err(ParcelError::VersionNotFound {
+            name: name.to_owned(),
+            version,
+        }),
+    }
+}
+
+/// Commits `manifest` as its version with one create-only put, after making
+/// every chunk put so far durable. Fails with [`ParcelError::VersionExists`] if
+/// another client committed that version first.
+pub async fn commit(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    manifest: &Manifest,
+) -> Result<(), ParcelError> {
+    let writer = store.writer("commit a version")?;
+    let sealed = manifest.seal(&parcel.secrets.parcel_key, &parcel.id)?;
+    writer.sync().await?;
+    let key = layout::manifest(&parcel.name, manifest.version);
+    match writer.put_new(&key, Bytes::from(sealed)).await? {
+        PutOutcome::Created => {
+            writer.sync().await?;
+            Ok(())
+        }
+        PutOutcome::AlreadyExists => Err(ParcelError::VersionExists {
+            name: parcel.name.clone(),
+            version: manifest.version,
+        }),
+    }
+}
+
+/// The parcel's lock, if it is held.
+pub async fn read_lock(store: &StoreHandle, name: &str) -> Result<Option<LockRecord>, ParcelError> {
+    let bytes = match store.reader().get(&layout::lock(name)).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|e| ParcelError::BadRecord {
+            name: name.to_owned(),
+            reason: format!("lock object: {e}"),
+        })
+}
+
+/// Distinct stored chunks of a manifest with the first place each is used.
+pub fn distinct_chunks(manifest: &Manifest) -> Vec<(ChunkTag, &chunk::ChunkRef, &str, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (path, _, chunks) in manifest.files() {
+        for (index, chunk_ref) in chunks.iter().enumerate() {
+            if let Some(tag) = chunk_ref.tag() {
+                if seen.insert(tag) {
+                    out.push((
+                        tag,
+                        chunk_ref,
+                        path,
+                        index as u64 * u64::from(manifest.chunk_size),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use zeroize::Zeroizing;
+
+    fn pass(p: &str) -> Vec<Credential> {
+        vec![Credential::Passphrase(Zeroizing::new(p.to_owned()))]
+    }
+
+    const CHEAP: KdfParams = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    #[test]
+    fn names() {
+        for good in ["a", "my-vm", "vm_1.2", &"x".repeat(64)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "-opt", "a/b", "a b", "ü", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn create_open_commit_and_race() {
+        let store = StoreHandle::full(MemoryStore::new());
+        let created = create(
+            &store,
+            "p",
+            65536,
+            ParcelSecrets::generate(None),
+            &pass("pw"),
+            CHEAP,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            create(
+                &store,
+                "p",
+                65536,
+                ParcelSecrets::generate(None),
+                &pass("pw"),
+                CHEAP
+            )
+            .await,
+            Err(ParcelError::Exists { .. })
+        ));
+        let opened = open(&store, "p", &pass("pw")).await.unwrap();
+        assert_eq!(opened.secrets.parcel_key, created.secrets.parcel_key);
+        assert!(matches!(
+            open(&store, "p", &pass("nope")).await,
+            Err(ParcelError::Key(KeyError::WrongPassphrase { .. }))
+        ));
+        assert!(list_versions(&store, "p").await.unwrap().is_empty());
+
+        let manifest = Manifest {
+            version: 1,
+            parent: None,
+            created: Timestamp::now(),
+            lock_nonce: None,
+            host: "h".into(),
+            message: String::new(),
+            chunk_size: 65536,
+            entries: vec![],
+        };
+        commit(&store, &opened, &manifest).await.unwrap();
+        assert!(matches!(
+            commit(&store, &opened, &manifest).await,
+            Err(ParcelError::VersionExists { version: 1, .. })
+        ));
+        assert_eq!(list_versions(&store, "p").await.unwrap(), vec![1]);
+        assert_eq!(read_manifest(&store, &opened, 1).await.unwrap(), manifest);
+        assert_eq!(resolve_version(&store, "p", None).await.unwrap(), 1);
+        assert!(matches!(
+            resolve_version(&store, "p", Some(2)).await,
+            Err(ParcelError::VersionNotFound { .. })
+        ));
+        assert_eq!(list_parcels(&store).await.unwrap(), vec!["p".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn probing_finds_contiguous_versions() {
+        let memory = MemoryStore::new();
+        let store = StoreHandle::read_only(memory.clone());
+        assert!(probe_versions(&store, "p").await.unwrap().is_empty());
+        for v in 1..=13 {
+            memory.overwrite(&layout::manifest("p", v), Bytes::new());
+            assert_eq!(
+                probe_versions(&store, "p").await.unwrap(),
+                (1..=v).collect::<Vec<_>>()
+            );
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! A store in a local directory: each object is a file at `<root>/<key>`.
+//!
+//! Create-only puts write a temporary file in the target directory, `fsync` it,
+//! then `link(2)` it into place, which fails atomically if the name exists; so an
+//! object is either absent or complete, even across a crash. [`WriteStore::sync`]
+//! calls `syncfs(2)` so directory entries are durable before a commit.
+
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{ListStore, PutOutcome, ReadStore, StoreError, WriteStore, check_key};
+
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// A directory store.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+    url: String,
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (created on first write).
+    pub fn new(root: &Path) -> LocalStore {
+        LocalStore {
+            root: root.to_owned(),
+            url: root.display().to_string(),
+        }
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        check_key(&self.url, key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn io_error(&self, key: &str, error: std::io::Error) -> StoreError {
+        let store = self.url.clone();
+        let key = key.to_owned();
+        match error.kind() {
+            ErrorKind::NotFound => StoreError::NotFound { store, key },
+            ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                StoreError::Transient {
+                    store,
+                    key,
+                    source: error.into(),
+                }
+            }
+            _ => StoreError::Permanent {
+                store,
+                key,
+                source: error.into(),
+            },
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        key: &str,
+        work: impl FnOnce(LocalStore, String) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        let owned_key = key.to_owned();
+        tokio::task::spawn_blocking(move || work(this, owned_key))
+            .await
+            .map_err(|e| StoreError::Permanent {
+                store: self.url.clone(),
+                key: key.to_owned(),
+                source: e.into(),
+            })?
+    }
+
+    fn put_new_blocking(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StoreError> {
+        let path = self.path(key)?;
+        let dir = path.parent().expect("keys have a parent (the root)");
+        let name = path
+            .file_name()
+            .expect("keys end in a name")
+            .to_string_lossy();
+        if path.exists() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        fs::create_dir_all(dir).map_err(|e| self.io_error(key, e))?;
+        let temp = dir.join(format!(
+            "{TEMP_PREFIX}{name}-{:016x}",
+            rand::random::<u64>()
+        ));
+        let result = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)?;
+            file.write_all(data)?;
+            file.sync_data()?;
+            match fs::hard_link(&temp, &path) {
+                Ok(()) => Ok(PutOutcome::Created),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyExists),
+                Err(e) => Err(e),
+            }
+        })();
+        let _ = fs::remove_file(&temp);
+        result.map_err(|e| self.io_error(key, e))
+    }
+
+    fn list_blocking(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        let start = self.root.join(prefix.trim_end_matches('/'));
+        let mut pending = vec![start];
+        while let Some(dir) = pending.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io_error(prefix, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.io_error(prefix, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let file_type = entry.file_type().map_err(|e| self.io_error(prefix, e))?;
+                if file_type.is_dir() {
+                    pending.push(entry.path());
+                } else if let Ok(relative) = entry.path().strip_prefix(&self.root) {
+                    keys.push(relative.to_string_lossy().into_owned());
+                }
+            }
+        }
+        Ok(keys)
+    }
+}
+
+#[async_trait]
+impl ReadStore for LocalStore {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.blocking(key, |this, key| {
+            let path = this.path(&key)?;
+            fs::read(path)
+                .map(Bytes::from)
+                .map_err(|e| this.io_error(&key, e))
+        })
+        .await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let path = self.path(key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.io_error(key, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl ListStore for LocalStore {
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.blocking(prefix, |this, prefix| this.list_blocking(&prefix))
+            .await
+    }
+}
+
+#[async_trait]
+impl WriteStore for LocalStore {
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
+        self.blocking(key, move |this, key| this.put_new_blocking(&key, &data))
+            .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_error(key, e)),
+        }
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.blocking("", |this, _| {
+            let root = match fs::File::open(&this.root) {
+                Ok(root) => root,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(this.io_error("", e)),
+            };
+            nix::unistd::syncfs(&root).map_err(|e| this.io_error("", e.into()))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::tests::exercise_store_contract;
+
+    #[tokio::test]
+    async fn local_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        exercise_store_contract(&LocalStore::new(dir.path())).await;
+    }
+
+    #[tokio::test]
+    async fn no_temp_files_left_and_none_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store
+            .put_new("a/b", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        fs::write(dir.path().join("a/.tmp-c-123"), b"partial").unwrap();
+        assert_eq!(store.list("a/").await.unwrap(), vec!["a/b".to_string()]);
+        assert_eq!(fs::read_dir(dir.path().join("a")).unwrap().count(), 2);
+    }
+}

@@ -1,0 +1,200 @@
+//! An S3-compatible store (AWS S3, SeaweedFS, MinIO, Ceph RGW, …) via object_store.
+//!
+//! Create-only puts use `If-None-Match: *` (object_store's `PutMode::Create`), so
+//! committing a version is one atomic conditional write. object_store's own retry
+//! is turned off: [`super::retry::Retrying`] retries every backend the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig};
+
+use super::{
+    ListStore, PutOutcome, ReadStore, RetrySettings, S3Settings, StoreError, WriteStore, check_key,
+};
+
+/// An S3 bucket (and optional prefix) used as a store.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    url: String,
+    prefix: String,
+    client: Arc<dyn ObjectStore>,
+}
+
+impl S3Store {
+    /// Connects to `bucket` under `prefix` with `settings` (falling back to `AWS_*` variables).
+    pub fn new(
+        url: &str,
+        bucket: &str,
+        prefix: &str,
+        settings: &S3Settings,
+        retry: RetrySettings,
+    ) -> Result<S3Store, StoreError> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(settings.virtual_hosted_style.unwrap_or(false))
+            .with_retry(RetryConfig {
+                max_retries: 0,
+                ..RetryConfig::default()
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(Duration::from_secs(retry.request_timeout_secs.max(1)))
+                    .with_connect_timeout(Duration::from_secs(
+                        retry.request_timeout_secs.clamp(1, 30),
+                    )),
+            );
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.with_endpoint(endpoint);
+            if endpoint.starts_with("http://") && settings.allow_http.is_none() {
+                builder = builder.with_allow_http(true);
+            }
+        }
+        if let Some(allow) = settings.allow_http {
+            builder = builder.with_allow_http(allow);
+        }
+        if let Some(region) = &settings.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(id) = &settings.access_key_id {
+            builder = builder.with_access_key_id(id);
+        }
+        if let Some(secret) = &settings.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        let client = builder.build().map_err(|e| StoreError::BadUrl {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(S3Store {
+            url: url.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            client: Arc::new(client),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<ObjectPath, StoreError> {
+        check_key(&self.url, key)?;
+        Ok(if self.prefix.is_empty() {
+            ObjectPath::from(key)
+        } else {
+            ObjectPath::from(format!("{}/{key}", self.prefix))
+        })
+    }
+
+    fn error(&self, key: &str, error: object_store::Error) -> StoreError {
+        let store = self.url.clone();
+        let key = key.to_owned();
+        match error {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { store, key },
+            object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
+                StoreError::Transient {
+                    store,
+                    key,
+                    source: error.into(),
+                }
+            }
+            other => StoreError::Permanent {
+                store,
+                key,
+                source: other.into(),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl ReadStore for S3Store {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let path = self.path(key)?;
+        let result = self
+            .client
+            .get(&path)
+            .await
+            .map_err(|e| self.error(key, e))?;
+        result.bytes().await.map_err(|e| self.error(key, e))
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let path = self.path(key)?;
+        match self.client.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl ListStore for S3Store {
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let trimmed = prefix.trim_end_matches('/');
+        let path = self.path(trimmed)?;
+        let strip = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let objects: Vec<_> = self
+            .client
+            .list(Some(&path))
+            .try_collect()
+            .await
+            .map_err(|e| self.error(prefix, e))?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|meta| {
+                meta.location
+                    .as_ref()
+                    .strip_prefix(&strip)
+                    .map(str::to_owned)
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl WriteStore for S3Store {
+    async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
+        let path = self.path(key)?;
+        match self
+            .client
+            .put_opts(&path, PutPayload::from_bytes(data), PutMode::Create.into())
+            .await
+        {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(PutOutcome::AlreadyExists),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::Permanent {
+                store: self.url.clone(),
+                key: key.to_owned(),
+                source: "the bucket does not exist (create it first)".into(),
+            }),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        match self.client.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        // A successful S3 PUT is durable when it returns.
+        Ok(())
+    }
+}
