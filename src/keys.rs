@@ -244,6 +244,14 @@ pub enum KeyError {
         /// What to do instead.
         hint: &'static str,
     },
+    /// No credential was given and there is no terminal to prompt on.
+    #[error(
+        "no passphrase for parcel {parcel} and no terminal to ask on: set ISR_PASSPHRASE, or pass --passphrase-file FILE or --key-file FILE"
+    )]
+    NoCredential {
+        /// Parcel name.
+        parcel: String,
+    },
     /// A keyslot object is malformed.
     #[error("keyslot {slot} of parcel {parcel} is corrupt: {reason}")]
     CorruptSlot {
@@ -280,7 +288,8 @@ impl Classify for KeyError {
         match self {
             KeyError::WrongPassphrase { .. }
             | KeyError::WrongKeyFile { .. }
-            | KeyError::NoSlotOfKind { .. } => ErrorClass::WrongKey,
+            | KeyError::NoSlotOfKind { .. }
+            | KeyError::NoCredential { .. } => ErrorClass::WrongKey,
             KeyError::CorruptSlot { .. } => ErrorClass::Integrity,
             _ => ErrorClass::Other,
         }

@@ -14,7 +14,8 @@
 //! in tests.
 //!
 //! [`open`] turns a URL into a [`StoreHandle`] that holds whatever capabilities the
-//! backend has, each already wrapped in [`retry::Retrying`].
+//! backend has, with retries: local and HTTP wrapped in [`retry::Retrying`], S3
+//! through object_store's own retry policy.
 
 pub mod faulty;
 pub mod http;
@@ -288,8 +289,10 @@ pub fn open(url: &str, s3: &S3Settings, retry: RetrySettings) -> Result<StoreHan
         if bucket.is_empty() {
             return Err(bad("no bucket name (expected s3://bucket/prefix)"));
         }
-        let store = s3::S3Store::new(url, bucket, prefix, s3, retry)?;
-        return Ok(StoreHandle::full(retry::Retrying::new(store, retry)));
+        // object_store retries S3 requests itself (see `s3`).
+        return Ok(StoreHandle::full(s3::S3Store::new(
+            url, bucket, prefix, s3, retry,
+        )?));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         let store = http::HttpStore::new(url, retry)?;

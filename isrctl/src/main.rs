@@ -1,1 +1,155 @@
-fn main() {}
+//! `isrctl`: the command-line client of isr.
+//!
+//! Parses arguments, sets up logging, resolves configuration and credentials,
+//! calls the library and maps errors to the documented exit codes. No logic of
+//! its own beyond presentation.
+
+mod commands;
+mod credentials;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+const AFTER_HELP: &str = "\
+Environment (each also a global option):
+  ISR_STORE            store URL: /path, file:///path, s3://bucket/prefix, https://host/prefix
+  ISR_CONFIG           config file (default /etc/isr/config.toml, then $XDG_CONFIG_HOME/isr/config.toml)
+  ISR_STATE_DIR        session state directory
+  ISR_CACHE_DIR        local chunk cache directory
+  ISR_RUNTIME_DIR      control socket and default mount points
+  ISR_PASSPHRASE       the parcel passphrase itself (for scripts)
+  ISR_PASSPHRASE_FILE  file holding the passphrase
+  ISR_KEY_FILE         key file (for unattended machines)
+  ISR_LOG              log filter (e.g. info, debug); logs go to stderr
+  AWS_*                S3 credentials, region and endpoint when not in the config file
+
+Exit codes:
+  0  success
+  1  other error
+  2  invalid usage, argument, name or configuration
+  3  wrong passphrase or key file, or no way to ask for one
+  4  parcel, version or input path not found
+  5  conflict: parcel exists, or a version was committed concurrently
+  6  store unreachable after retries
+  7  data integrity: bad or missing chunks, corrupt manifest
+
+Every error prints one line on stderr saying what failed and what to do next.";
+
+/// isr: Internet Suspend/Resume. A VM's disk, memory and config, kept as
+/// encrypted, content-addressed chunks in a store, versioned, and
+/// reconstructible on any machine.
+#[derive(Debug, Parser)]
+#[command(name = "isrctl", version, after_help = AFTER_HELP, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOptions,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command takes (see DESIGN.md's CLI contract).
+#[derive(Debug, Args)]
+struct GlobalOptions {
+    /// Store URL: /path, file:///path, s3://bucket/prefix or https://host/prefix (read-only).
+    #[arg(long, global = true, env = "ISR_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// Configuration file (replaces the default files).
+    #[arg(long, global = true, env = "ISR_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Session state directory.
+    #[arg(long, global = true, env = "ISR_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Local chunk cache directory.
+    #[arg(long, global = true, env = "ISR_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Directory of the control socket and default mount points.
+    #[arg(long, global = true, env = "ISR_RUNTIME_DIR", value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// Read the parcel passphrase from FILE instead of prompting (first line).
+    #[arg(long, global = true, env = "ISR_PASSPHRASE_FILE", value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// Unlock (or, on import, also lock) the parcel with a key file.
+    #[arg(long, global = true, env = "ISR_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a parcel from files or a directory, or add a version to one.
+    ///
+    /// With one directory, the parcel's tree is that directory's contents;
+    /// otherwise each PATH becomes a top-level entry under its own name. Only
+    /// regular files and directories are accepted. Chunks already in the store are
+    /// not uploaded again, so an interrupted import can simply be run again.
+    Import(commands::ImportArgs),
+    /// List the parcels in the store with their newest version and lock holder.
+    Ls,
+    /// Show a parcel's record, lock and versions with sizes and dates.
+    Info(commands::NameArgs),
+    /// Show a parcel's versions: date, host, parent, new bytes, message.
+    History(commands::NameArgs),
+    /// Rebuild a version's files byte for byte into a new or empty directory.
+    Export(commands::ExportArgs),
+    /// Check that every chunk of a version exists and is intact.
+    ///
+    /// Lists every bad chunk (missing, truncated, replaced, undecryptable) and
+    /// exits with code 7 if there is any.
+    Verify(commands::VerifyArgs),
+    /// Write a new random key file (mode 0600) for unattended machines.
+    ///
+    /// Use it with `--key-file FILE` (or ISR_KEY_FILE) when importing, to add a
+    /// key-file keyslot, and when resuming on a kiosk.
+    NewKeyFile {
+        /// Where to write the key file (must not exist).
+        path: PathBuf,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ISR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("isrctl-io")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("isrctl: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(commands::run(cli.global, cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            let class = isr::error::classify(error.as_ref());
+            eprintln!("isrctl: {}", output::one_line(&error));
+            ExitCode::from(class.exit_code())
+        }
+    }
+}

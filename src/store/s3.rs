@@ -1,8 +1,12 @@
 //! An S3-compatible store (AWS S3, SeaweedFS, MinIO, Ceph RGW, …) via object_store.
 //!
 //! Create-only puts use `If-None-Match: *` (object_store's `PutMode::Create`), so
-//! committing a version is one atomic conditional write. object_store's own retry
-//! is turned off: [`super::retry::Retrying`] retries every backend the same way.
+//! committing a version is one atomic conditional write. Retries are
+//! object_store's own, configured from [`RetrySettings`]: it knows which S3
+//! answers are worth retrying (5xx, 429, transport failures) and which are not
+//! (other 4xx). What still fails after its retries is reported as
+//! [`StoreError::Unreachable`] when the transport failed, else as
+//! [`StoreError::Permanent`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +15,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
+use object_store::client::HttpError;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
+};
 
 use super::{
     ListStore, PutOutcome, ReadStore, RetrySettings, S3Settings, StoreError, WriteStore, check_key,
@@ -22,6 +29,7 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct S3Store {
     url: String,
+    attempts: u32,
     prefix: String,
     client: Arc<dyn ObjectStore>,
 }
@@ -35,28 +43,44 @@ impl S3Store {
         settings: &S3Settings,
         retry: RetrySettings,
     ) -> Result<S3Store, StoreError> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let endpoint = settings
+            .endpoint
+            .clone()
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"));
+        let allow_http = settings
+            .allow_http
+            .or_else(|| env("AWS_ALLOW_HTTP").map(|v| v.eq_ignore_ascii_case("true")))
+            .unwrap_or_else(|| {
+                endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://"))
+            });
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_virtual_hosted_style_request(settings.virtual_hosted_style.unwrap_or(false))
             .with_retry(RetryConfig {
-                max_retries: 0,
-                ..RetryConfig::default()
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(retry.initial_backoff_ms),
+                    max_backoff: Duration::from_millis(retry.max_backoff_ms),
+                    base: 2.0,
+                },
+                max_retries: retry.attempts.saturating_sub(1) as usize,
+                retry_timeout: Duration::from_secs(
+                    retry.request_timeout_secs.max(1) * u64::from(retry.attempts.max(1)),
+                ),
             })
             .with_client_options(
                 ClientOptions::new()
+                    .with_allow_http(allow_http)
                     .with_timeout(Duration::from_secs(retry.request_timeout_secs.max(1)))
                     .with_connect_timeout(Duration::from_secs(
                         retry.request_timeout_secs.clamp(1, 30),
                     )),
             );
-        if let Some(endpoint) = &settings.endpoint {
+        if let Some(endpoint) = &endpoint {
             builder = builder.with_endpoint(endpoint);
-            if endpoint.starts_with("http://") && settings.allow_http.is_none() {
-                builder = builder.with_allow_http(true);
-            }
-        }
-        if let Some(allow) = settings.allow_http {
-            builder = builder.with_allow_http(allow);
         }
         if let Some(region) = &settings.region {
             builder = builder.with_region(region);
@@ -72,6 +96,7 @@ impl S3Store {
             reason: e.to_string(),
         })?;
         Ok(S3Store {
+            attempts: retry.attempts,
             url: url.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
             client: Arc::new(client),
@@ -92,10 +117,11 @@ impl S3Store {
         let key = key.to_owned();
         match error {
             object_store::Error::NotFound { .. } => StoreError::NotFound { store, key },
-            object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
-                StoreError::Transient {
+            object_store::Error::Generic { .. } if transport_failed(&error) => {
+                StoreError::Unreachable {
                     store,
                     key,
+                    attempts: self.attempts,
                     source: error.into(),
                 }
             }
@@ -106,6 +132,19 @@ impl S3Store {
             },
         }
     }
+}
+
+/// True when the error chain holds a transport failure (connect, timeout, …)
+/// rather than an answer from the server.
+fn transport_failed(error: &object_store::Error) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = current {
+        if error.downcast_ref::<HttpError>().is_some() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 #[async_trait]

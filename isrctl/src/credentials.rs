@@ -1,0 +1,88 @@
+//! Where the parcel passphrase or key file comes from: `--key-file`,
+//! `ISR_PASSPHRASE`, `--passphrase-file`, or a prompt on the terminal.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use anyhow::Context;
+use isr::keys::{Credential, KeyError};
+use zeroize::Zeroizing;
+
+/// How credentials are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Unlock an existing parcel.
+    Unlock,
+    /// Create a parcel: a prompted passphrase is asked twice.
+    Create,
+}
+
+fn terminal_available() -> bool {
+    std::io::stdin().is_terminal() || std::fs::File::open("/dev/tty").is_ok()
+}
+
+fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read passphrase file {}", path.display()))?,
+    );
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        anyhow::bail!("passphrase file {} is empty", path.display());
+    }
+    Ok(Zeroizing::new(line.to_owned()))
+}
+
+fn prompt(parcel: &str, purpose: Purpose) -> anyhow::Result<Zeroizing<String>> {
+    let first = Zeroizing::new(
+        rpassword::prompt_password(format!("Passphrase for parcel {parcel}: "))
+            .context("reading the passphrase")?,
+    );
+    if first.is_empty() {
+        anyhow::bail!("empty passphrase refused");
+    }
+    if purpose == Purpose::Create {
+        let again = Zeroizing::new(
+            rpassword::prompt_password("Same passphrase again: ")
+                .context("reading the passphrase")?,
+        );
+        if *again != *first {
+            anyhow::bail!("the two passphrases differ; nothing was changed");
+        }
+    }
+    Ok(first)
+}
+
+/// Every credential the user gave, prompting only when none was given.
+pub fn gather(
+    parcel: &str,
+    purpose: Purpose,
+    passphrase_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> anyhow::Result<Vec<Credential>> {
+    let mut credentials = Vec::new();
+    if let Some(path) = key_file {
+        credentials.push(Credential::from_key_file(path)?);
+    }
+    if let Some(passphrase) = std::env::var_os("ISR_PASSPHRASE") {
+        let passphrase = passphrase
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("ISR_PASSPHRASE is not valid UTF-8"))?;
+        if passphrase.is_empty() {
+            anyhow::bail!("ISR_PASSPHRASE is set but empty");
+        }
+        credentials.push(Credential::Passphrase(Zeroizing::new(passphrase)));
+    } else if let Some(path) = passphrase_file {
+        credentials.push(Credential::Passphrase(read_passphrase_file(path)?));
+    }
+    if credentials.is_empty() {
+        if !terminal_available() {
+            return Err(KeyError::NoCredential {
+                parcel: parcel.to_owned(),
+            }
+            .into());
+        }
+        credentials.push(Credential::Passphrase(prompt(parcel, purpose)?));
+    }
+    Ok(credentials)
+}
