@@ -3,10 +3,11 @@
 //! Export writes each file as a hidden partial file and renames it into place
 //! only when every chunk has been fetched, verified and written, so a failure
 //! never leaves a file with wrong bytes under its real name. Zero chunks become
-//! holes. Verify fetches each distinct chunk once, checks its length and tag
+//! holes; a chunk used many times in a file is fetched once. Verify fetches each distinct chunk once, checks its length and tag
 //! and, with `deep`, decrypts it and checks the plaintext against its key; it
 //! reports every bad chunk, not just the first.
 
+use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -154,6 +155,24 @@ async fn fetch_chunk(
         })
 }
 
+/// The distinct stored chunks of one file, each with the chunk indices using it,
+/// in order of first use.
+fn chunk_uses(chunks: &[ChunkRef]) -> Vec<(&ChunkRef, Vec<usize>)> {
+    let mut position: HashMap<ChunkTag, usize> = HashMap::new();
+    let mut uses: Vec<(&ChunkRef, Vec<usize>)> = Vec::new();
+    for (index, chunk) in chunks.iter().enumerate() {
+        let Some(tag) = chunk.tag() else { continue };
+        match position.get(&tag) {
+            Some(&at) => uses[at].1.push(index),
+            None => {
+                position.insert(tag, uses.len());
+                uses.push((chunk, vec![index]));
+            }
+        }
+    }
+    uses
+}
+
 /// Writes every file of `manifest` under `dest` (new or empty directory).
 pub async fn export(
     store: &StoreHandle,
@@ -184,39 +203,47 @@ pub async fn export(
         let result = async {
             let file = Arc::new(std::fs::File::create(&partial).map_err(write_error(&partial))?);
             file.set_len(size).map_err(write_error(&partial))?;
-            futures::stream::iter(chunks.iter().enumerate())
-                .filter(|(_, chunk)| futures::future::ready(!matches!(chunk, ChunkRef::Zero)))
-                .map(|(index, chunk)| {
+            // Each distinct chunk is fetched and decoded once, then written at
+            // every offset of this file that uses it.
+            let uses = chunk_uses(chunks);
+            futures::stream::iter(uses.iter())
+                .map(|(chunk, indices)| {
                     let file = file.clone();
                     let (partial, fetched) = (&partial, &fetched);
                     async move {
-                        let offset = index as u64 * chunk_size;
-                        let plaintext =
-                            fetch_chunk(store, parcel, chunk, &entry.path, offset).await?;
-                        let expected = (size - offset).min(chunk_size);
-                        if plaintext.len() as u64 != expected {
-                            return Err(ExportError::BadChunk {
-                                file: entry.path.clone(),
-                                offset,
-                                source: ChunkError::Decompress {
-                                    tag: chunk.tag().expect("stored"),
-                                    reason: format!(
-                                        "{} bytes where the file needs {expected}",
-                                        plaintext.len()
-                                    ),
-                                },
-                            });
-                        }
+                        let first_offset = indices[0] as u64 * chunk_size;
+                        let plaintext = Arc::new(
+                            fetch_chunk(store, parcel, chunk, &entry.path, first_offset).await?,
+                        );
                         if let ChunkRef::Stored { stored_len, .. } = chunk {
                             fetched.fetch_add(u64::from(*stored_len), Ordering::Relaxed);
                         }
-                        let len = plaintext.len() as u64;
-                        let path = partial.clone();
-                        tokio::task::spawn_blocking(move || file.write_all_at(&plaintext, offset))
+                        for &index in indices {
+                            let offset = index as u64 * chunk_size;
+                            let expected = (size - offset).min(chunk_size);
+                            if plaintext.len() as u64 != expected {
+                                return Err(ExportError::BadChunk {
+                                    file: entry.path.clone(),
+                                    offset,
+                                    source: ChunkError::Decompress {
+                                        tag: chunk.tag().expect("stored"),
+                                        reason: format!(
+                                            "{} bytes where the file needs {expected}",
+                                            plaintext.len()
+                                        ),
+                                    },
+                                });
+                            }
+                            let (file, plaintext, path) =
+                                (file.clone(), plaintext.clone(), partial.clone());
+                            tokio::task::spawn_blocking(move || {
+                                file.write_all_at(&plaintext, offset)
+                            })
                             .await
                             .expect("write task")
                             .map_err(write_error(&path))?;
-                        progress.advance(len);
+                            progress.advance(expected);
+                        }
                         Ok(())
                     }
                 })

@@ -226,7 +226,7 @@ fn add_entry(
             secs: meta.mtime(),
             nanos: meta.mtime_nsec() as u32,
         },
-        size: file_type.is_file().then(|| meta.len()),
+        size: file_type.is_file().then_some(meta.len()),
     });
     if file_type.is_dir() {
         walk(path, &parcel_path, entries)?;

@@ -48,8 +48,12 @@ fn roundtrip(env: &Env) {
     );
 
     let out = env.path("out");
-    env.ok(&["export", "vm", out.to_str().unwrap()]);
+    let exported = env.json(&["export", "vm", out.to_str().unwrap()]);
     assert_eq!(support::tree_hashes(&source), support::tree_hashes(&out));
+    assert_eq!(
+        exported["fetched_bytes"], summary["stored_bytes"],
+        "each distinct chunk fetched once, zero chunks never"
+    );
     let mode = std::fs::metadata(out.join("vm.toml"))
         .unwrap()
         .permissions()
