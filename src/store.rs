@@ -9,7 +9,7 @@
 //! Backends: [`local::LocalStore`] (a directory; `file:///path` or a plain path),
 //! [`s3::S3Store`] (`s3://bucket/prefix`, via object_store), [`http::HttpStore`]
 //! (`http(s)://host/prefix`, read-only, plain GETs of immutable objects),
-//! [`memory::MemoryStore`] (tests). Wrappers layer on top: [`retry::Retrying`]
+//! [`memory::MemoryStore`] (tests; [`contract`] checks any backend). Wrappers layer on top: [`retry::Retrying`]
 //! retries transient errors with backoff; [`faulty::FaultyStore`] injects faults
 //! in tests.
 //!
@@ -17,6 +17,7 @@
 //! backend has, with retries: local and HTTP wrapped in [`retry::Retrying`], S3
 //! through object_store's own retry policy.
 
+pub mod contract;
 pub mod faulty;
 pub mod http;
 pub mod local;

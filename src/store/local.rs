@@ -204,12 +204,13 @@ impl WriteStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::memory::tests::exercise_store_contract;
+    use crate::store::StoreHandle;
+    use crate::store::contract::check_store_contract;
 
     #[tokio::test]
     async fn local_store_contract() {
         let dir = tempfile::tempdir().unwrap();
-        exercise_store_contract(&LocalStore::new(dir.path())).await;
+        check_store_contract(&StoreHandle::full(LocalStore::new(dir.path()))).await;
     }
 
     #[tokio::test]

@@ -94,74 +94,13 @@ impl WriteStore for MemoryStore {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// The behaviour every writable, listable backend must have.
-    pub(crate) async fn exercise_store_contract<S: ListStore + WriteStore>(store: &S) {
-        assert!(store.get("chunks/ab/x").await.unwrap_err().is_not_found());
-        assert!(!store.exists("chunks/ab/x").await.unwrap());
-        let first = Bytes::from_static(b"first");
-        assert_eq!(
-            store.put_new("chunks/ab/x", first.clone()).await.unwrap(),
-            PutOutcome::Created
-        );
-        assert_eq!(
-            store
-                .put_new("chunks/ab/x", Bytes::from_static(b"second"))
-                .await
-                .unwrap(),
-            PutOutcome::AlreadyExists
-        );
-        assert_eq!(store.get("chunks/ab/x").await.unwrap(), first);
-        assert!(store.exists("chunks/ab/x").await.unwrap());
-        store
-            .put_new("parcels/p/parcel.toml", Bytes::from_static(b"t"))
-            .await
-            .unwrap();
-        store
-            .put_new("parcels/p/versions/0000000001.manifest", Bytes::new())
-            .await
-            .unwrap();
-        let mut listed = store.list("parcels/").await.unwrap();
-        listed.sort();
-        assert_eq!(
-            listed,
-            vec![
-                "parcels/p/parcel.toml",
-                "parcels/p/versions/0000000001.manifest"
-            ]
-        );
-        assert!(store.list("nothing/").await.unwrap().is_empty());
-        store.delete("chunks/ab/x").await.unwrap();
-        store.delete("chunks/ab/x").await.unwrap();
-        assert!(!store.exists("chunks/ab/x").await.unwrap());
-        store.sync().await.unwrap();
-        assert!(store.get("../escape").await.is_err());
-    }
+    use crate::store::StoreHandle;
+    use crate::store::contract::check_store_contract;
 
     #[tokio::test]
     async fn memory_store_contract() {
-        exercise_store_contract(&MemoryStore::new()).await;
-    }
-
-    #[tokio::test]
-    async fn concurrent_creates_of_one_key_create_once() {
-        let store = MemoryStore::new();
-        let puts = (0..8).map(|i| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .put_new("k", Bytes::from(vec![i as u8]))
-                    .await
-                    .unwrap()
-            })
-        });
-        let outcomes = futures::future::join_all(puts).await;
-        let created = outcomes
-            .into_iter()
-            .filter(|o| *o.as_ref().unwrap() == PutOutcome::Created)
-            .count();
-        assert_eq!(created, 1);
+        check_store_contract(&StoreHandle::full(MemoryStore::new())).await;
     }
 }
