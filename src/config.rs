@@ -66,7 +66,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is out of range.
-    #[error("config key {key}: {reason}")]
+    #[error("invalid {key}: {reason}")]
     Invalid {
         /// Key, dotted.
         key: &'static str,

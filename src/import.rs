@@ -52,6 +52,12 @@ pub enum ImportError {
         /// Why.
         reason: String,
     },
+    /// Options that contradict the parcel or each other.
+    #[error("{reason}")]
+    Option {
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// Reading an input failed.
     #[error("reading {}: {source}", path.display())]
     Read {
@@ -72,7 +78,7 @@ impl Classify for ImportError {
     fn class(&self) -> ErrorClass {
         match self {
             ImportError::SourceMissing { .. } => ErrorClass::NotFound,
-            ImportError::Source { .. } => ErrorClass::Invalid,
+            ImportError::Source { .. } | ImportError::Option { .. } => ErrorClass::Invalid,
             ImportError::Read { .. } => ErrorClass::Other,
             ImportError::Parcel(e) => e.class(),
             ImportError::Store(e) => e.class(),
@@ -89,8 +95,10 @@ pub struct ImportRequest<'a> {
     pub paths: &'a [PathBuf],
     /// Add a version to an existing parcel instead of creating one.
     pub new_version: bool,
-    /// Chunking and parallelism.
+    /// Chunking and parallelism (`settings.chunk_size` is the default for new parcels).
     pub settings: ImportSettings,
+    /// Chunk size asked for explicitly: an error if an existing parcel has another.
+    pub chunk_size: Option<u32>,
     /// Cost of new passphrase keyslots.
     pub kdf: KdfParams,
     /// Version message.
@@ -544,7 +552,22 @@ async fn prepare_parcel(
     credentials: &[Credential],
 ) -> Result<(OpenParcel, u64, Option<u64>), ImportError> {
     let name = request.name;
+    if request.new_version && request.dedup_with.is_some() {
+        return Err(ImportError::Option {
+            reason: "--dedup-with only applies when creating a parcel; versions of a parcel always share its dedup secret".into(),
+        });
+    }
     let existing = parcel::read_record(store, name).await?;
+    if let (Some(record), Some(wanted)) = (&existing, request.chunk_size) {
+        if record.chunk_size != wanted {
+            return Err(ImportError::Option {
+                reason: format!(
+                    "parcel {name} has chunk size {}, fixed when it was created; drop --chunk-size {wanted}",
+                    record.chunk_size
+                ),
+            });
+        }
+    }
     let dedup_secret = match request.dedup_with {
         Some(other) => Some(
             parcel::open(store, other, credentials)
@@ -566,7 +589,7 @@ async fn prepare_parcel(
         let parcel = parcel::create(
             store,
             name,
-            request.settings.chunk_size,
+            request.chunk_size.unwrap_or(request.settings.chunk_size),
             secrets,
             credentials,
             request.kdf,
@@ -704,6 +727,7 @@ mod tests {
             },
             message: String::new(),
             dedup_with: None,
+            chunk_size: None,
         }
     }
 

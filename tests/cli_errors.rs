@@ -218,6 +218,42 @@ fn bad_input_gives_one_clear_line_and_leaves_the_store_unchanged() {
     env.fails(&["info", "nosuchparcel"], 4);
     let stderr = env.fails(&["import", "vm", env.path("src").to_str().unwrap()], 5);
     assert!(stderr.contains("--new-version"), "{stderr}");
+    let src = env.path("src");
+    let stderr = env.fails(
+        &[
+            "import",
+            "--new-version",
+            "--chunk-size",
+            "65536",
+            "vm",
+            src.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(stderr.contains("chunk size 131072"), "{stderr}");
+    let stderr = env.fails(
+        &[
+            "import",
+            "--new-version",
+            "--dedup-with",
+            "x",
+            "vm",
+            src.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(stderr.contains("--dedup-with only applies"), "{stderr}");
+    let stderr = env.fails(
+        &[
+            "import",
+            "--chunk-size",
+            "1000",
+            "other",
+            src.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(stderr.contains("power of two"), "{stderr}");
     let stderr = env.fails(&["export", "vm", env.path("src").to_str().unwrap()], 2);
     assert!(stderr.contains("not an empty directory"), "{stderr}");
     unchanged("refused commands");

@@ -207,6 +207,7 @@ async fn import(context: &CommandContext, args: ImportArgs) -> anyhow::Result<Ex
         kdf: context.config.kdf,
         message: args.message.clone(),
         dedup_with: args.dedup_with.as_deref(),
+        chunk_size: args.chunk_size,
     };
     let summary = isr::import::import(&store, &request, &credentials, &Bar::new()).await?;
     if context.global.json {
