@@ -62,7 +62,8 @@ pub fn classify(error: &(dyn std::error::Error + 'static)) -> ErrorClass {
             crate::parcel::ParcelError,
             crate::config::ConfigError,
             crate::import::ImportError,
-            crate::export::ExportError
+            crate::export::ExportError,
+            crate::cache::CacheError
         );
         current = error.source();
     }

@@ -7,6 +7,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`cache`] | local chunk cache: ciphertext by tag, LRU eviction, pins for live sessions |
 //! | [`chunk`] | codec: plaintext ⇄ stored bytes (zstd, keyed convergent AEAD), tags, zero chunks |
 //! | [`manifest`] | the version record: file tree, chunk lists, (de)serialisation, encryption |
 //! | [`keys`] | parcel key and dedup secret, keyslots (argon2id passphrase, key file), hygiene |
@@ -14,14 +15,17 @@
 //! | [`parcel`] | store layout, `parcel.toml`, versions, create-only commit, locks |
 //! | [`import`] | files → chunks → committed version, in parallel with bounded memory |
 //! | [`export`] | version → files, and chunk verification |
+//! | [`fetch`] | scheduler: one download per chunk, priorities with a demand reservation, retries, verification |
 //! | [`config`] | TOML configuration |
 //! | [`error`] | error classes and exit codes |
 //! | [`progress`] | progress reporting to front ends |
 
+pub mod cache;
 pub mod chunk;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod fetch;
 pub mod import;
 pub mod keys;
 pub mod manifest;

@@ -1,7 +1,9 @@
-//! A fault-injecting wrapper for tests: fails the next operations on demand.
+//! A fault-injecting wrapper for tests: fails the next operations on demand,
+//! and can make every operation slow.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,6 +26,7 @@ pub enum Fault {
 pub struct FaultyStore<S> {
     inner: S,
     fault: Mutex<Fault>,
+    latency: Mutex<Duration>,
     calls: AtomicU64,
 }
 
@@ -33,6 +36,7 @@ impl<S: ReadStore> FaultyStore<S> {
         FaultyStore {
             inner,
             fault: Mutex::new(Fault::None),
+            latency: Mutex::new(Duration::ZERO),
             calls: AtomicU64::new(0),
         }
     }
@@ -47,13 +51,22 @@ impl<S: ReadStore> FaultyStore<S> {
         *self.fault.lock().expect("not poisoned") = fault;
     }
 
+    /// Makes every later operation wait `latency` before it runs.
+    pub fn set_latency(&self, latency: Duration) {
+        *self.latency.lock().expect("not poisoned") = latency;
+    }
+
     /// Operations attempted through the wrapper so far.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
 
-    fn check(&self, key: &str) -> Result<(), StoreError> {
+    async fn check(&self, key: &str) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        let latency = *self.latency.lock().expect("not poisoned");
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let mut fault = self.fault.lock().expect("not poisoned");
         let store = self.inner.url().to_owned();
         let key = key.to_owned();
@@ -93,11 +106,11 @@ impl<S: ReadStore> ReadStore for FaultyStore<S> {
         self.inner.url()
     }
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.check(key)?;
+        self.check(key).await?;
         self.inner.get(key).await
     }
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        self.check(key)?;
+        self.check(key).await?;
         self.inner.exists(key).await
     }
 }
@@ -105,7 +118,7 @@ impl<S: ReadStore> ReadStore for FaultyStore<S> {
 #[async_trait]
 impl<S: ListStore> ListStore for FaultyStore<S> {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.check(prefix)?;
+        self.check(prefix).await?;
         self.inner.list(prefix).await
     }
 }
@@ -113,15 +126,15 @@ impl<S: ListStore> ListStore for FaultyStore<S> {
 #[async_trait]
 impl<S: WriteStore> WriteStore for FaultyStore<S> {
     async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
-        self.check(key)?;
+        self.check(key).await?;
         self.inner.put_new(key, data).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.check(key)?;
+        self.check(key).await?;
         self.inner.delete(key).await
     }
     async fn sync(&self) -> Result<(), StoreError> {
-        self.check("")?;
+        self.check("").await?;
         self.inner.sync().await
     }
 }

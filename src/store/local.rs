@@ -78,7 +78,15 @@ impl LocalStore {
             })?
     }
 
-    fn put_new_blocking(&self, key: &str, data: &[u8]) -> Result<PutOutcome, StoreError> {
+    /// Create-only put, synchronously. With `durable`, the data is fsynced
+    /// before it is linked into place (a cache of refetchable chunks skips that;
+    /// readers verify tags, so a torn file after a crash is detected and dropped).
+    pub fn put_new_blocking(
+        &self,
+        key: &str,
+        data: &[u8],
+        durable: bool,
+    ) -> Result<PutOutcome, StoreError> {
         let path = self.path(key)?;
         let dir = path.parent().expect("keys have a parent (the root)");
         let name = path
@@ -99,7 +107,9 @@ impl LocalStore {
                 .create_new(true)
                 .open(&temp)?;
             file.write_all(data)?;
-            file.sync_data()?;
+            if durable {
+                file.sync_data()?;
+            }
             match fs::hard_link(&temp, &path) {
                 Ok(()) => Ok(PutOutcome::Created),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyExists),
@@ -110,7 +120,25 @@ impl LocalStore {
         result.map_err(|e| self.io_error(key, e))
     }
 
-    fn list_blocking(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+    /// Reads an object synchronously.
+    pub fn get_blocking(&self, key: &str) -> Result<Bytes, StoreError> {
+        let path = self.path(key)?;
+        fs::read(path)
+            .map(Bytes::from)
+            .map_err(|e| self.io_error(key, e))
+    }
+
+    /// Removes an object synchronously; a missing object is fine.
+    pub fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
+        match fs::remove_file(self.path(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_error(key, e)),
+        }
+    }
+
+    /// Every key under `prefix`, synchronously.
+    pub fn list_blocking(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut keys = Vec::new();
         let start = self.root.join(prefix.trim_end_matches('/'));
         let mut pending = vec![start];
@@ -145,13 +173,8 @@ impl ReadStore for LocalStore {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.blocking(key, |this, key| {
-            let path = this.path(&key)?;
-            fs::read(path)
-                .map(Bytes::from)
-                .map_err(|e| this.io_error(&key, e))
-        })
-        .await
+        self.blocking(key, |this, key| this.get_blocking(&key))
+            .await
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
@@ -175,8 +198,10 @@ impl ListStore for LocalStore {
 #[async_trait]
 impl WriteStore for LocalStore {
     async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
-        self.blocking(key, move |this, key| this.put_new_blocking(&key, &data))
-            .await
+        self.blocking(key, move |this, key| {
+            this.put_new_blocking(&key, &data, true)
+        })
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

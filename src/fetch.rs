@@ -1,0 +1,766 @@
+//! The fetch scheduler: brings stored chunks from the store into the local
+//! cache, for readers that block on them and for prefetch.
+//!
+//! - **One download per chunk**, however many readers wait for it: waiters
+//!   attach to the chunk's slot and all get the same result.
+//! - **Priorities**: demand > memory image > trace order > prefetch. Up to
+//!   `parallel` downloads run at once from the async runtime, but background
+//!   priorities may use only `parallel − reserved_for_demand` of them, so a
+//!   demand read never queues behind prefetch; a queued chunk a reader starts
+//!   waiting for is promoted to that reader's priority.
+//! - **Retries**: transient store failures are retried with backoff while the
+//!   waiters keep waiting, until `give_up_after`; then every waiter gets an
+//!   error (EIO at the FUSE edge) and the failure is counted.
+//! - **Verification**: fetched bytes are checked against their tag before they
+//!   enter the cache; a chunk that fails is never served, is counted, and is
+//!   fetched again by the next reader.
+//!
+//! Readers on FUSE threads use [`Fetcher::fetch_blocking`]: they wait on a
+//! channel while the network I/O runs on the runtime, never on their thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+
+use crate::cache::{CacheError, ChunkCache, Durability};
+use crate::chunk::{self, ChunkError, ChunkTag};
+use crate::parcel::layout;
+use crate::store::{ReadStore, StoreError};
+
+/// How urgently a chunk is wanted (lower value first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[repr(u8)]
+pub enum Priority {
+    /// A reader is blocked on it.
+    Demand = 0,
+    /// Part of a memory image the VMM will read whole before the guest runs.
+    Memory = 1,
+    /// In the access trace of the previous session.
+    Trace = 2,
+    /// Sequential background prefetch / hoard.
+    Prefetch = 3,
+}
+
+const PRIORITIES: [Priority; 4] = [
+    Priority::Demand,
+    Priority::Memory,
+    Priority::Trace,
+    Priority::Prefetch,
+];
+
+/// Scheduler settings (`[fetch]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchSettings {
+    /// Downloads in flight at most.
+    pub parallel: usize,
+    /// Of those, how many only demand reads may use.
+    pub reserved_for_demand: usize,
+    /// How long a failing chunk is retried before its readers get an error.
+    pub give_up_after: Duration,
+    /// First retry delay; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        FetchSettings {
+            parallel: 16,
+            reserved_for_demand: 4,
+            give_up_after: Duration::from_secs(300),
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a chunk could not be fetched. Cloned to every waiter.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// The store has no such chunk.
+    #[error("chunk {tag} is missing from the store")]
+    Missing {
+        /// Chunk.
+        tag: ChunkTag,
+    },
+    /// The store returned bytes that are not the chunk.
+    #[error("{0}")]
+    Corrupt(Arc<ChunkError>),
+    /// The store kept failing until the retry limit.
+    #[error("chunk {tag}: {message}")]
+    Store {
+        /// Chunk.
+        tag: ChunkTag,
+        /// The last store error.
+        message: String,
+    },
+    /// The local cache failed.
+    #[error("chunk {tag}: local cache: {message}")]
+    Cache {
+        /// Chunk.
+        tag: ChunkTag,
+        /// What failed.
+        message: String,
+    },
+    /// The scheduler is shutting down.
+    #[error("chunk {tag}: fetcher stopped")]
+    Stopped {
+        /// Chunk.
+        tag: ChunkTag,
+    },
+}
+
+/// A snapshot of the scheduler's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FetchStats {
+    /// Chunks downloaded and cached.
+    pub fetched_chunks: u64,
+    /// Stored bytes downloaded.
+    pub fetched_bytes: u64,
+    /// Downloads running now.
+    pub in_flight: u64,
+    /// Chunks waiting for a download slot.
+    pub queued: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+    /// Chunks given up on (readers got an error).
+    pub failures: u64,
+    /// Downloads whose bytes failed verification.
+    pub verify_failures: u64,
+    /// Requests answered from the cache without a download.
+    pub cache_hits: u64,
+}
+
+type Waiter = oneshot::Sender<Result<Bytes, FetchError>>;
+
+#[derive(Debug)]
+struct Slot {
+    priority: Priority,
+    running: bool,
+    waiters: Vec<Waiter>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: HashMap<ChunkTag, Slot>,
+    /// Per priority, chunks in arrival order; stale entries (started, or
+    /// promoted to a higher queue) are skipped when popped.
+    queues: [VecDeque<ChunkTag>; 4],
+    running: usize,
+    stopped: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    fetched_chunks: AtomicU64,
+    fetched_bytes: AtomicU64,
+    retries: AtomicU64,
+    failures: AtomicU64,
+    verify_failures: AtomicU64,
+    cache_hits: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn ReadStore>,
+    cache: Arc<ChunkCache>,
+    settings: FetchSettings,
+    state: Mutex<State>,
+    wake: Notify,
+    counters: Counters,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The scheduler. Cheap to clone; stops when [`Fetcher::stop`] is called.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+impl Fetcher {
+    /// Starts a scheduler on `runtime` that fetches from `store` into `cache`.
+    pub fn start(
+        store: Arc<dyn ReadStore>,
+        cache: Arc<ChunkCache>,
+        settings: FetchSettings,
+        runtime: tokio::runtime::Handle,
+    ) -> Fetcher {
+        let settings = FetchSettings {
+            parallel: settings.parallel.max(1),
+            reserved_for_demand: settings
+                .reserved_for_demand
+                .min(settings.parallel.max(1) - 1),
+            ..settings
+        };
+        let inner = Arc::new(Inner {
+            store,
+            cache,
+            settings,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            counters: Counters::default(),
+            runtime: runtime.clone(),
+        });
+        runtime.spawn(dispatch(inner.clone()));
+        Fetcher { inner }
+    }
+
+    /// The chunk's stored bytes (verified), from the cache or, if absent, from
+    /// the store; waits as long as the download takes.
+    pub async fn fetch(&self, tag: ChunkTag, priority: Priority) -> Result<Bytes, FetchError> {
+        match self.request(tag, priority)? {
+            Request::Ready(bytes) => Ok(bytes),
+            Request::Wait(receiver) => receiver.await.unwrap_or(Err(FetchError::Stopped { tag })),
+        }
+    }
+
+    /// [`Fetcher::fetch`] for threads outside the async runtime (FUSE threads).
+    pub fn fetch_blocking(&self, tag: ChunkTag, priority: Priority) -> Result<Bytes, FetchError> {
+        match self.request(tag, priority)? {
+            Request::Ready(bytes) => Ok(bytes),
+            Request::Wait(receiver) => receiver
+                .blocking_recv()
+                .unwrap_or(Err(FetchError::Stopped { tag })),
+        }
+    }
+
+    /// Queues chunks for background download without waiting for them; chunks
+    /// already cached or already queued are skipped.
+    pub fn prefetch(&self, tags: impl IntoIterator<Item = ChunkTag>, priority: Priority) {
+        let mut state = self.inner.state.lock().expect("fetch state lock");
+        for tag in tags {
+            if self.inner.cache.contains(&tag) {
+                continue;
+            }
+            enqueue(&mut state, tag, priority, None);
+        }
+        drop(state);
+        self.inner.wake.notify_one();
+    }
+
+    /// The cached bytes, or a receiver for the download's result.
+    fn request(&self, tag: ChunkTag, priority: Priority) -> Result<Request, FetchError> {
+        if let Some(bytes) = self
+            .inner
+            .cache
+            .get(&tag)
+            .map_err(|e| cache_error(tag, &e))?
+        {
+            self.inner
+                .counters
+                .cache_hits
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Request::Ready(bytes));
+        }
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut state = self.inner.state.lock().expect("fetch state lock");
+            if state.stopped {
+                return Err(FetchError::Stopped { tag });
+            }
+            enqueue(&mut state, tag, priority, Some(sender));
+        }
+        self.inner.wake.notify_one();
+        Ok(Request::Wait(receiver))
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> FetchStats {
+        let state = self.inner.state.lock().expect("fetch state lock");
+        let c = &self.inner.counters;
+        FetchStats {
+            fetched_chunks: c.fetched_chunks.load(Ordering::Relaxed),
+            fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+            in_flight: state.running as u64,
+            queued: state.slots.values().filter(|s| !s.running).count() as u64,
+            retries: c.retries.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            verify_failures: c.verify_failures.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops dispatching; queued chunks' waiters get [`FetchError::Stopped`].
+    /// Downloads already running finish.
+    pub fn stop(&self) {
+        let mut state = self.inner.state.lock().expect("fetch state lock");
+        state.stopped = true;
+        let queued: Vec<ChunkTag> = state
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.running)
+            .map(|(t, _)| *t)
+            .collect();
+        for tag in queued {
+            if let Some(slot) = state.slots.remove(&tag) {
+                for waiter in slot.waiters {
+                    let _ = waiter.send(Err(FetchError::Stopped { tag }));
+                }
+            }
+        }
+        for queue in &mut state.queues {
+            queue.clear();
+        }
+        drop(state);
+        self.inner.wake.notify_one();
+    }
+}
+
+enum Request {
+    Ready(Bytes),
+    Wait(oneshot::Receiver<Result<Bytes, FetchError>>),
+}
+
+fn cache_error(tag: ChunkTag, error: &CacheError) -> FetchError {
+    FetchError::Cache {
+        tag,
+        message: error.to_string(),
+    }
+}
+
+/// Adds a waiter (or a background want) for `tag`, creating or promoting its slot.
+fn enqueue(state: &mut State, tag: ChunkTag, priority: Priority, waiter: Option<Waiter>) {
+    if state.stopped {
+        return;
+    }
+    match state.slots.get_mut(&tag) {
+        Some(slot) => {
+            if let Some(waiter) = waiter {
+                slot.waiters.push(waiter);
+            }
+            if priority < slot.priority {
+                slot.priority = priority;
+                if !slot.running {
+                    state.queues[priority as usize].push_back(tag);
+                }
+            }
+        }
+        None => {
+            state.slots.insert(
+                tag,
+                Slot {
+                    priority,
+                    running: false,
+                    waiters: waiter.into_iter().collect(),
+                },
+            );
+            state.queues[priority as usize].push_back(tag);
+        }
+    }
+}
+
+/// Picks the next chunk to download, honouring the demand reservation.
+fn next_download(state: &mut State, settings: &FetchSettings) -> Option<ChunkTag> {
+    if state.stopped || state.running >= settings.parallel {
+        return None;
+    }
+    let background_limit = settings.parallel - settings.reserved_for_demand;
+    for priority in PRIORITIES {
+        if priority != Priority::Demand && state.running >= background_limit {
+            return None;
+        }
+        while let Some(tag) = state.queues[priority as usize].pop_front() {
+            let Some(slot) = state.slots.get_mut(&tag) else {
+                continue;
+            };
+            if slot.running || slot.priority != priority {
+                continue; // stale: already started, or promoted to another queue
+            }
+            slot.running = true;
+            state.running += 1;
+            return Some(tag);
+        }
+    }
+    None
+}
+
+async fn dispatch(inner: Arc<Inner>) {
+    loop {
+        let next = {
+            let mut state = inner.state.lock().expect("fetch state lock");
+            if state.stopped && state.running == 0 {
+                return;
+            }
+            next_download(&mut state, &inner.settings)
+        };
+        match next {
+            Some(tag) => {
+                let inner = inner.clone();
+                inner.runtime.clone().spawn(async move {
+                    let result = download(&inner, tag).await;
+                    finish(&inner, tag, result);
+                });
+            }
+            None => inner.wake.notified().await,
+        }
+    }
+}
+
+/// Downloads one chunk with retries, verifies it and puts it in the cache.
+async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
+    let key = layout::chunk(&tag);
+    let started = Instant::now();
+    let mut backoff = inner.settings.initial_backoff;
+    loop {
+        let error = match inner.store.get(&key).await {
+            Ok(bytes) => {
+                if let Err(e) = chunk::verify_tag(tag, &bytes) {
+                    inner
+                        .counters
+                        .verify_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(chunk = %tag, error = %e, "fetched chunk failed verification; not served");
+                    return Err(FetchError::Corrupt(Arc::new(e)));
+                }
+                let cache = inner.cache.clone();
+                let stored = bytes.clone();
+                tokio::task::spawn_blocking(move || {
+                    cache.insert(&tag, &stored, Durability::Refetchable)
+                })
+                .await
+                .map_err(|e| FetchError::Cache {
+                    tag,
+                    message: e.to_string(),
+                })?
+                .map_err(|e| cache_error(tag, &e))?;
+                inner
+                    .counters
+                    .fetched_chunks
+                    .fetch_add(1, Ordering::Relaxed);
+                inner
+                    .counters
+                    .fetched_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                return Ok(bytes);
+            }
+            Err(StoreError::NotFound { .. }) => return Err(FetchError::Missing { tag }),
+            Err(e) => e,
+        };
+        let retryable = matches!(
+            error,
+            StoreError::Transient { .. } | StoreError::Unreachable { .. }
+        );
+        if !retryable || started.elapsed() + backoff > inner.settings.give_up_after {
+            return Err(FetchError::Store {
+                tag,
+                message: error.to_string(),
+            });
+        }
+        inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(chunk = %tag, %error, ?backoff, "fetch failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(inner.settings.max_backoff);
+    }
+}
+
+fn finish(inner: &Inner, tag: ChunkTag, result: Result<Bytes, FetchError>) {
+    let waiters = {
+        let mut state = inner.state.lock().expect("fetch state lock");
+        state.running -= 1;
+        state
+            .slots
+            .remove(&tag)
+            .map(|slot| slot.waiters)
+            .unwrap_or_default()
+    };
+    if let Err(error) = &result {
+        inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(chunk = %tag, %error, waiters = waiters.len(), "giving up on chunk");
+    }
+    for waiter in waiters {
+        let _ = waiter.send(result.clone());
+    }
+    inner.wake.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::WriteStore;
+    use crate::store::faulty::{Fault, FaultyStore};
+    use crate::store::memory::MemoryStore;
+
+    struct Setup {
+        faulty: Arc<FaultyStore<MemoryStore>>,
+        fetcher: Fetcher,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn setup(settings: FetchSettings, chunks: &[Vec<u8>]) -> (Setup, Vec<ChunkTag>) {
+        let memory = MemoryStore::new();
+        let mut tags = Vec::new();
+        for data in chunks {
+            let tag = ChunkTag::of(data);
+            memory
+                .put_new(&layout::chunk(&tag), Bytes::from(data.clone()))
+                .await
+                .unwrap();
+            tags.push(tag);
+        }
+        let faulty = Arc::new(FaultyStore::new(memory));
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
+        let fetcher = Fetcher::start(
+            faulty.clone(),
+            cache,
+            settings,
+            tokio::runtime::Handle::current(),
+        );
+        (
+            Setup {
+                faulty,
+                fetcher,
+                _dir: dir,
+            },
+            tags,
+        )
+    }
+
+    fn data(n: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| vec![i as u8 + 1; 40 + i]).collect()
+    }
+
+    fn quick() -> FetchSettings {
+        FetchSettings {
+            parallel: 4,
+            reserved_for_demand: 1,
+            give_up_after: Duration::from_secs(5),
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_one_chunk_cause_one_download() {
+        let (s, tags) = setup(quick(), &data(1)).await;
+        s.faulty.set_latency(Duration::from_millis(100));
+        let readers = (0..10).map(|_| {
+            let fetcher = s.fetcher.clone();
+            let tag = tags[0];
+            tokio::spawn(async move { fetcher.fetch(tag, Priority::Demand).await.unwrap() })
+        });
+        for bytes in futures::future::join_all(readers).await {
+            assert_eq!(bytes.unwrap(), data(1)[0]);
+        }
+        assert_eq!(s.faulty.calls(), 1);
+        assert_eq!(s.fetcher.stats().fetched_chunks, 1);
+        // Now cached: no further download.
+        s.fetcher.fetch(tags[0], Priority::Demand).await.unwrap();
+        assert_eq!(s.faulty.calls(), 1);
+        assert_eq!(s.fetcher.stats().cache_hits, 1);
+    }
+
+    /// A store whose gets record the order they start in and then wait until
+    /// the test releases them: scheduling order without any timing.
+    #[derive(Debug)]
+    struct GatedStore {
+        inner: MemoryStore,
+        started: Mutex<Vec<String>>,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl ReadStore for GatedStore {
+        fn url(&self) -> &str {
+            "gated:"
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+            self.started.lock().unwrap().push(key.to_owned());
+            self.gate.acquire().await.unwrap().forget();
+            self.inner.get(key).await
+        }
+        async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+            self.inner.exists(key).await
+        }
+    }
+
+    async fn gated(
+        parallel: usize,
+        reserved: usize,
+        n: usize,
+    ) -> (Arc<GatedStore>, Fetcher, Vec<ChunkTag>, tempfile::TempDir) {
+        let memory = MemoryStore::new();
+        let mut tags = Vec::new();
+        for data in data(n) {
+            let tag = ChunkTag::of(&data);
+            memory
+                .put_new(&layout::chunk(&tag), Bytes::from(data))
+                .await
+                .unwrap();
+            tags.push(tag);
+        }
+        let store = Arc::new(GatedStore {
+            inner: memory,
+            started: Mutex::new(Vec::new()),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
+        let settings = FetchSettings {
+            parallel,
+            reserved_for_demand: reserved,
+            ..quick()
+        };
+        let fetcher = Fetcher::start(
+            store.clone(),
+            cache,
+            settings,
+            tokio::runtime::Handle::current(),
+        );
+        (store, fetcher, tags, dir)
+    }
+
+    /// Waits (a liveness guard, not a performance bound) until `n` gets started.
+    async fn started(store: &GatedStore, n: usize) -> Vec<String> {
+        for _ in 0..1000 {
+            let started = store.started.lock().unwrap().clone();
+            if started.len() >= n {
+                return started;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "scheduler made no progress: {:?}",
+            store.started.lock().unwrap()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn demand_reads_do_not_queue_behind_prefetch() {
+        let (store, fetcher, tags, _dir) = gated(2, 1, 10).await;
+        fetcher.prefetch(tags[..9].iter().copied(), Priority::Prefetch);
+        assert_eq!(started(&store, 1).await, vec![layout::chunk(&tags[0])]);
+        let demand = tokio::spawn({
+            let fetcher = fetcher.clone();
+            let tag = tags[9];
+            async move { fetcher.fetch(tag, Priority::Demand).await }
+        });
+        // The demand read starts in the reserved slot while 8 prefetches wait.
+        assert_eq!(started(&store, 2).await[1], layout::chunk(&tags[9]));
+        assert_eq!(fetcher.stats().queued, 8);
+        store.gate.add_permits(100);
+        demand.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_prefetch_is_promoted_when_a_reader_waits() {
+        let (store, fetcher, tags, _dir) = gated(2, 0, 10).await;
+        fetcher.prefetch(tags.iter().copied(), Priority::Prefetch);
+        started(&store, 2).await;
+        // Registers the waiter synchronously, as fetch() does.
+        let Ok(Request::Wait(demand)) = fetcher.request(tags[9], Priority::Demand) else {
+            panic!("chunk 9 is not cached yet")
+        };
+        store.gate.add_permits(1);
+        // The next download to start is the promoted chunk, not prefetch #2.
+        assert_eq!(started(&store, 3).await[2], layout::chunk(&tags[9]));
+        store.gate.add_permits(100);
+        demand.await.unwrap().unwrap();
+        for tag in &tags {
+            fetcher.fetch(*tag, Priority::Demand).await.unwrap();
+        }
+        assert_eq!(
+            store.started.lock().unwrap().len(),
+            10,
+            "every chunk downloaded exactly once"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transient_failures_are_retried_while_the_reader_waits() {
+        let (s, tags) = setup(quick(), &data(1)).await;
+        s.faulty.inject(Fault::TransientTimes(3));
+        assert_eq!(
+            s.fetcher.fetch(tags[0], Priority::Demand).await.unwrap(),
+            data(1)[0]
+        );
+        assert_eq!(s.fetcher.stats().retries, 3);
+        assert_eq!(s.fetcher.stats().failures, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn giving_up_fails_every_waiter_and_a_later_read_tries_again() {
+        let settings = FetchSettings {
+            give_up_after: Duration::from_millis(100),
+            ..quick()
+        };
+        let (s, tags) = setup(settings, &data(1)).await;
+        s.faulty.inject(Fault::TransientTimes(1000));
+        let err = s
+            .fetcher
+            .fetch(tags[0], Priority::Demand)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Store { .. }), "{err}");
+        assert_eq!(s.fetcher.stats().failures, 1);
+        s.faulty.inject(Fault::None);
+        s.fetcher.fetch(tags[0], Priority::Demand).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_and_missing_chunks_are_never_served() {
+        let (s, tags) = setup(quick(), &data(2)).await;
+        s.faulty.inner().overwrite(
+            &layout::chunk(&tags[0]),
+            Bytes::from_static(b"not the chunk at all, but long enough to pass"),
+        );
+        let err = s
+            .fetcher
+            .fetch(tags[0], Priority::Demand)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Corrupt(_)), "{err}");
+        assert_eq!(s.fetcher.stats().verify_failures, 1);
+        // Fixed in the store: the next read fetches again and succeeds.
+        s.faulty
+            .inner()
+            .overwrite(&layout::chunk(&tags[0]), Bytes::from(data(2)[0].clone()));
+        assert_eq!(
+            s.fetcher.fetch(tags[0], Priority::Demand).await.unwrap(),
+            data(2)[0]
+        );
+
+        s.faulty
+            .inner()
+            .delete(&layout::chunk(&tags[1]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.fetcher.fetch(tags[1], Priority::Demand).await,
+            Err(FetchError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn blocking_readers_wait_off_the_runtime() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (s, tags) = runtime.block_on(setup(quick(), &data(3)));
+        s.faulty.set_latency(Duration::from_millis(20));
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let fetcher = s.fetcher.clone();
+                let tag = tags[i % 3];
+                std::thread::spawn(move || fetcher.fetch_blocking(tag, Priority::Demand).unwrap())
+            })
+            .collect();
+        for (i, thread) in threads.into_iter().enumerate() {
+            assert_eq!(thread.join().unwrap(), data(3)[i % 3]);
+        }
+        assert_eq!(s.faulty.calls(), 3);
+        s.fetcher.stop();
+        assert!(matches!(
+            s.fetcher
+                .fetch_blocking(ChunkTag([0; 32]), Priority::Demand),
+            Err(FetchError::Stopped { .. })
+        ));
+    }
+}
