@@ -16,6 +16,7 @@
 //! | [`import`] | files → chunks → committed version, in parallel with bounded memory |
 //! | [`export`] | version → files, and chunk verification |
 //! | [`fetch`] | scheduler: one download per chunk, priorities with a demand reservation, retries, verification |
+//! | [`image`] | one open parcel: base manifest + durable overlay, write-back buffer, read/write/truncate/punch-hole |
 //! | [`config`] | TOML configuration |
 //! | [`error`] | error classes and exit codes |
 //! | [`progress`] | progress reporting to front ends |
@@ -26,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod fetch;
+pub mod image;
 pub mod import;
 pub mod keys;
 pub mod manifest;
