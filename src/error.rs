@@ -63,7 +63,9 @@ pub fn classify(error: &(dyn std::error::Error + 'static)) -> ErrorClass {
             crate::config::ConfigError,
             crate::import::ImportError,
             crate::export::ExportError,
-            crate::cache::CacheError
+            crate::cache::CacheError,
+            crate::session::SessionError,
+            crate::control::ControlError
         );
         current = error.source();
     }

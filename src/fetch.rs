@@ -116,7 +116,7 @@ pub enum FetchError {
 }
 
 /// A snapshot of the scheduler's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FetchStats {
     /// Chunks downloaded and cached.
     pub fetched_chunks: u64,

@@ -450,6 +450,17 @@ impl Image {
             .ok_or_else(|| ImageError::NotFound(path.to_owned()))
     }
 
+    /// The path of the entry with id `id` ("" for the root, 1).
+    pub fn path_of(&self, id: u64) -> Option<String> {
+        if id == 1 {
+            return Some(String::new());
+        }
+        let tree = self.tree.read().expect("tree lock");
+        tree.iter()
+            .find(|(_, node)| node.id == id)
+            .map(|(path, _)| path.clone())
+    }
+
     /// The entries directly inside directory `path`, as (name, node), by name.
     pub fn list(&self, path: &str) -> Result<Vec<(String, Node)>, ImageError> {
         if self.lookup(path)?.kind != NodeKind::Directory {

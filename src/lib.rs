@@ -17,6 +17,8 @@
 //! | [`export`] | version → files, and chunk verification |
 //! | [`fetch`] | scheduler: one download per chunk, priorities with a demand reservation, retries, verification |
 //! | [`image`] | one open parcel: base manifest + durable overlay, write-back buffer, read/write/truncate/punch-hole |
+//! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, status, discard |
+//! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
 //! | [`error`] | error classes and exit codes |
 //! | [`progress`] | progress reporting to front ends |
@@ -24,6 +26,7 @@
 pub mod cache;
 pub mod chunk;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod export;
 pub mod fetch;
@@ -33,4 +36,5 @@ pub mod keys;
 pub mod manifest;
 pub mod parcel;
 pub mod progress;
+pub mod session;
 pub mod store;

@@ -66,6 +66,33 @@ pub struct ExportArgs {
     dir: PathBuf,
 }
 
+/// `isrctl resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// Parcel, optionally with a version: NAME or NAME@VERSION (default: newest).
+    target: String,
+    /// Mount point (default: <runtime dir>/mnt/NAME).
+    #[arg(long, value_name = "DIR")]
+    mount: Option<PathBuf>,
+}
+
+/// `isrctl status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this parcel.
+    name: Option<String>,
+}
+
+/// `isrctl unlock`.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// Parcel.
+    name: String,
+    /// Required: breaking a lock loses the holder's unsaved changes.
+    #[arg(long)]
+    force: bool,
+}
+
 /// `isrctl verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -167,6 +194,11 @@ pub async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<Exit
         Command::History(args) => history(&context, &args.name).await,
         Command::Export(args) => export(&context, args).await,
         Command::Verify(args) => verify(&context, args).await,
+        Command::Resume(args) => resume(&context, args).await,
+        Command::Status(args) => status(&context, args.name.as_deref()),
+        Command::Hoard(args) => hoard(&context, &args.name),
+        Command::Discard(args) => discard(&context, &args.name).await,
+        Command::Unlock(args) => unlock(&context, args).await,
         Command::NewKeyFile { .. } => unreachable!("handled above"),
     };
     match result {
@@ -554,4 +586,251 @@ mod tests {
         assert!(parse_target("vm@0").is_err());
         assert!(parse_target("vm@x").is_err());
     }
+}
+
+/// The daemon's socket, starting isrfsd first if nothing answers there.
+fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
+    let runtime_dir = &context.config.runtime_dir;
+    let socket = isr::control::socket_path(runtime_dir);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        return Ok(socket);
+    }
+    std::fs::create_dir_all(runtime_dir)
+        .with_context(|| format!("creating {}", runtime_dir.display()))?;
+    let beside_us = std::env::current_exe()?.with_file_name("isrfsd");
+    let program = if beside_us.exists() {
+        beside_us
+    } else {
+        PathBuf::from("isrfsd")
+    };
+    let log_path = runtime_dir.join("isrfsd.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut command = std::process::Command::new(&program);
+    command
+        .arg("--runtime-dir")
+        .arg(runtime_dir)
+        .arg("--state-dir")
+        .arg(&context.config.state_dir)
+        .arg("--cache-dir")
+        .arg(&context.config.cache_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(config) = &context.global.config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command.spawn().with_context(|| {
+        format!(
+            "starting {} (is isrfsd installed next to isrctl?)",
+            program.display()
+        )
+    })?;
+    eprintln!(
+        "isrctl: started isrfsd (pid {}, log {})",
+        child.id(),
+        log_path.display()
+    );
+    for _ in 0..200 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            return Ok(socket);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            anyhow::bail!(
+                "isrfsd exited ({status}) before it was ready; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    anyhow::bail!(
+        "isrfsd did not answer on {} within 10 s; see {}",
+        socket.display(),
+        log_path.display()
+    )
+}
+
+fn daemon_socket_if_running(context: &CommandContext) -> Option<PathBuf> {
+    let socket = isr::control::socket_path(&context.config.runtime_dir);
+    std::os::unix::net::UnixStream::connect(&socket)
+        .is_ok()
+        .then_some(socket)
+}
+
+async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let (name, version) = parse_target(&args.target)?;
+    let store = context.store()?;
+    let parcel = context.open_parcel(&store, name).await?;
+    let mount = args
+        .mount
+        .unwrap_or_else(|| context.config.runtime_dir.join("mnt").join(name));
+    let socket = ensure_daemon(context)?;
+    let request = isr::control::Request::Resume {
+        parcel: Box::new(isr::control::WireParcel::new(&parcel)),
+        version,
+        mount,
+        store: isr::control::WireStore {
+            url: context.config.store.clone(),
+            s3: context.config.s3.clone(),
+            retry: context.config.retry,
+        },
+    };
+    let response =
+        tokio::task::spawn_blocking(move || isr::control::call(&socket, request)).await??;
+    let isr::control::Response::Resumed { mount, reattached } = response else {
+        anyhow::bail!("isrfsd answered resume with {response:?}");
+    };
+    if context.global.json {
+        output::json(
+            &serde_json::json!({ "parcel": name, "mount": mount, "reattached": reattached }),
+        )?;
+    } else {
+        if reattached {
+            eprintln!("isrctl: reattached to the existing session of {name}");
+        }
+        println!("{}", mount.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(context: &CommandContext, name: Option<&str>) -> anyhow::Result<ExitCode> {
+    let sessions = match daemon_socket_if_running(context) {
+        None if name.is_some() => {
+            return Err(isr::session::SessionError::NotResumed(
+                name.unwrap_or_default().to_owned(),
+            )
+            .into());
+        }
+        None => Vec::new(),
+        Some(socket) => {
+            let request = isr::control::Request::Status {
+                parcel: name.map(str::to_owned),
+            };
+            match isr::control::call(&socket, request)? {
+                isr::control::Response::Status { sessions } => sessions,
+                other => anyhow::bail!("isrfsd answered status with {other:?}"),
+            }
+        }
+    };
+    if context.global.json {
+        output::json(&sessions)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if sessions.is_empty() {
+        println!("no resumed parcels (`isrctl resume NAME` mounts one)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.parcel.clone(),
+                s.base_version.to_string(),
+                s.mount.display().to_string(),
+                format!("{}/{}", s.chunks_local, s.chunks_total),
+                format!(
+                    "{} ({} chunks)",
+                    output::bytes(s.dirty_bytes),
+                    s.dirty_chunks
+                ),
+                output::bytes(s.fetch.fetched_bytes),
+                s.fetch.in_flight.to_string(),
+                (s.fetch.failures + s.fetch.verify_failures).to_string(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "PARCEL",
+            "BASE",
+            "MOUNT",
+            "LOCAL/TOTAL",
+            "DIRTY",
+            "FETCHED",
+            "IN FLIGHT",
+            "ERRORS",
+        ],
+        &rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
+    let socket = daemon_socket_if_running(context)
+        .ok_or_else(|| isr::session::SessionError::NotResumed(name.to_owned()))?;
+    match isr::control::call(
+        &socket,
+        isr::control::Request::Hoard {
+            parcel: name.to_owned(),
+        },
+    )? {
+        isr::control::Response::Hoarded { chunks } => {
+            if context.global.json {
+                output::json(&serde_json::json!({ "parcel": name, "chunks": chunks }))?;
+            } else {
+                println!(
+                    "{name}: all {chunks} chunks are local; it keeps working without the store"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => anyhow::bail!("isrfsd answered hoard with {other:?}"),
+    }
+}
+
+async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
+    if let Some(socket) = daemon_socket_if_running(context) {
+        let request = isr::control::Request::Discard {
+            parcel: name.to_owned(),
+        };
+        match tokio::task::spawn_blocking(move || isr::control::call(&socket, request)).await? {
+            Ok(_) => {
+                println!("discarded the local session of {name} and released its lock");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(isr::control::ControlError::Daemon { exit_code: 4, .. }) => {} // not mounted: maybe a stale record
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // No daemon holds it: remove what a killed daemon left behind.
+    let Some(record) = isr::session::read_record(&context.config.state_dir, name)? else {
+        return Err(isr::session::SessionError::NotResumed(name.to_owned()).into());
+    };
+    let store = context.store()?;
+    match isr::session::check_lock(&store, &record).await {
+        Ok(()) => {
+            store
+                .writer("release the lock")?
+                .delete(&isr::parcel::layout::lock(name))
+                .await?;
+        }
+        Err(e) => eprintln!("isrctl: not releasing the lock: {e}"),
+    }
+    let dir = isr::session::session_dir(&context.config.state_dir, name);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    println!("discarded the local session of {name} and released its lock");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn unlock(context: &CommandContext, args: UnlockArgs) -> anyhow::Result<ExitCode> {
+    if !args.force {
+        return Err(InvalidArgument(format!(
+            "breaking the lock of {} loses its holder's unsaved changes; run `isrctl unlock --force {}` if that is what you want",
+            args.name, args.name
+        ))
+        .into());
+    }
+    let store = context.store()?;
+    isr::parcel::require_record(&store, &args.name).await?;
+    match isr::session::force_unlock(&store, &args.name).await? {
+        Some(lock) => println!(
+            "broke the lock of {} held by {} on {} since {}",
+            args.name, lock.holder, lock.host, lock.since
+        ),
+        None => println!("{} was not locked", args.name),
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -104,6 +104,22 @@ enum Command {
     /// Lists every bad chunk (missing, truncated, replaced, undecryptable) and
     /// exits with code 7 if there is any.
     Verify(commands::VerifyArgs),
+    /// Lock a parcel and mount its newest (or given) version, lazily.
+    ///
+    /// Asks isrfsd (started if it is not running) to take the parcel's lock in
+    /// the store and mount it; prints the mount path and returns. Reads of data
+    /// not yet local wait for exactly that chunk while the rest is prefetched.
+    /// After a crash of isrfsd, resume reattaches the session with every
+    /// fsynced write intact.
+    Resume(commands::ResumeArgs),
+    /// Show resumed sessions: mount, chunks local/total, dirty data, fetches, errors.
+    Status(commands::StatusArgs),
+    /// Fetch every chunk of a resumed parcel and wait, so it keeps working offline.
+    Hoard(commands::NameArgs),
+    /// Unmount a resumed parcel, drop its local changes and release its lock.
+    Discard(commands::NameArgs),
+    /// Break a parcel's lock (the holder's unsaved changes can no longer be committed).
+    Unlock(commands::UnlockArgs),
     /// Write a new random key file (mode 0600) for unattended machines.
     ///
     /// Use it with `--key-file FILE` (or ISR_KEY_FILE) when importing, to add a

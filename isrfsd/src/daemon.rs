@@ -1,0 +1,346 @@
+//! The daemon: control socket, sessions and their mounts, shutdown.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use isr::cache::ChunkCache;
+use isr::config::Config;
+use isr::control::{self, Request, Response};
+use isr::error::{Classify, ErrorClass};
+use isr::fetch::FetchSettings;
+use isr::image::ImageOptions;
+use isr::session::{Session, SessionContext, SessionError};
+use isr::store;
+
+use crate::fuse::ParcelFs;
+
+/// Daemon settings from the command line.
+#[derive(Debug)]
+pub struct Options {
+    pub runtime_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub cache_size: u64,
+    pub fuse_threads: usize,
+    pub allow_other: bool,
+}
+
+struct Mounted {
+    session: Session,
+    mount: Option<fuser::BackgroundSession>,
+}
+
+struct Daemon {
+    runtime: tokio::runtime::Runtime,
+    context: SessionContext,
+    sessions: Mutex<HashMap<String, Mounted>>,
+    fuse_threads: usize,
+    allow_other: bool,
+    shutdown: std::sync::mpsc::Sender<()>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or a shutdown request.
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let mut config = Config::load(options.config.as_deref())?;
+    if let Some(dir) = options.runtime_dir {
+        config.runtime_dir = dir;
+    }
+    if let Some(dir) = options.state_dir {
+        config.state_dir = dir;
+    }
+    if let Some(dir) = options.cache_dir {
+        config.cache_dir = dir;
+    }
+    for dir in [&config.runtime_dir, &config.state_dir, &config.cache_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::set_permissions(&config.runtime_dir, std::fs::Permissions::from_mode(0o700))?;
+    let socket = control::socket_path(&config.runtime_dir);
+    if UnixStream::connect(&socket).is_ok() {
+        anyhow::bail!("another isrfsd already serves {}", socket.display());
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("isrfsd-io")
+        .enable_all()
+        .build()?;
+    let cache = Arc::new(ChunkCache::open(&config.cache_dir, options.cache_size)?);
+    let (shutdown, shutdown_requested) = std::sync::mpsc::channel();
+    let daemon = Arc::new(Daemon {
+        context: SessionContext {
+            state_dir: config.state_dir.clone(),
+            cache,
+            runtime: runtime.handle().clone(),
+            fetch: FetchSettings::default(),
+            image: ImageOptions::default(),
+        },
+        runtime,
+        sessions: Mutex::new(HashMap::new()),
+        fuse_threads: options.fuse_threads,
+        allow_other: options.allow_other,
+        shutdown: shutdown.clone(),
+    });
+    {
+        let shutdown = shutdown.clone();
+        daemon.runtime.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = shutdown.send(());
+        });
+    }
+    {
+        let daemon = daemon.clone();
+        std::thread::Builder::new()
+            .name("isrfsd-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let daemon = daemon.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("isrfsd-client".into())
+                        .spawn(move || daemon.serve(stream));
+                }
+            })?;
+    }
+    tracing::info!(socket = %socket.display(), state = %config.state_dir.display(), cache = %config.cache_dir.display(), "isrfsd ready");
+    let _ = shutdown_requested.recv();
+    tracing::info!("shutting down: flushing and unmounting every session");
+    daemon.shut_down();
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn error_response(class: ErrorClass, message: String) -> Response {
+    Response::Error {
+        exit_code: class.exit_code(),
+        message,
+    }
+}
+
+impl Daemon {
+    fn serve(&self, stream: UnixStream) {
+        let own_uid = nix::unistd::geteuid().as_raw();
+        match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(credentials) if credentials.uid() == own_uid => {}
+            _ => {
+                tracing::warn!("refused a control connection from another user");
+                return;
+            }
+        }
+        let mut reader = BufReader::new(match stream.try_clone() {
+            Ok(s) => s,
+            Err(_) => return,
+        });
+        let mut writer = stream;
+        while let Ok(Some(envelope)) = control::receive::<Request>(&mut reader) {
+            let response = if envelope.protocol != control::PROTOCOL_VERSION {
+                error_response(
+                    ErrorClass::Invalid,
+                    format!(
+                        "isrctl speaks control protocol {}, this isrfsd speaks {}: use matching versions",
+                        envelope.protocol,
+                        control::PROTOCOL_VERSION
+                    ),
+                )
+            } else {
+                self.handle(envelope.body)
+            };
+            if control::send(&mut writer, response).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Resume {
+                parcel,
+                version,
+                mount,
+                store,
+            } => self.resume(parcel, version, mount, store),
+            Request::Status { parcel } => {
+                let sessions = self.sessions.lock().expect("sessions lock");
+                let mut statuses: Vec<_> = sessions
+                    .iter()
+                    .filter(|(name, _)| parcel.as_ref().is_none_or(|p| p == *name))
+                    .map(|(_, m)| m.session.status())
+                    .collect();
+                statuses.sort_by(|a, b| a.parcel.cmp(&b.parcel));
+                if let Some(name) = parcel
+                    && statuses.is_empty()
+                {
+                    let e = SessionError::NotResumed(name);
+                    return error_response(e.class(), e.to_string());
+                }
+                Response::Status { sessions: statuses }
+            }
+            Request::Hoard { parcel } => {
+                let session_parts = {
+                    let sessions = self.sessions.lock().expect("sessions lock");
+                    sessions
+                        .get(&parcel)
+                        .map(|m| (m.session.fetcher.clone(), m.session.base.clone()))
+                };
+                let Some((fetcher, base)) = session_parts else {
+                    let e = SessionError::NotResumed(parcel);
+                    return error_response(e.class(), e.to_string());
+                };
+                match self.runtime.block_on(isr::session::hoard(&fetcher, &base)) {
+                    Ok(chunks) => Response::Hoarded { chunks },
+                    Err(e) => error_response(ErrorClass::Unreachable, e.to_string()),
+                }
+            }
+            Request::Discard { parcel } => {
+                let mounted = self.sessions.lock().expect("sessions lock").remove(&parcel);
+                let Some(mounted) = mounted else {
+                    let e = SessionError::NotResumed(parcel);
+                    return error_response(e.class(), e.to_string());
+                };
+                if let Some(mount) = mounted.mount {
+                    let _ = mount.umount_and_join();
+                }
+                match self.runtime.block_on(mounted.session.discard()) {
+                    Ok(()) => Response::Done,
+                    Err(e) => error_response(e.class(), e.to_string()),
+                }
+            }
+            Request::Shutdown => {
+                let _ = self.shutdown.send(());
+                Response::Done
+            }
+        }
+    }
+
+    fn resume(
+        &self,
+        parcel: control::WireParcel,
+        version: Option<u64>,
+        mount: PathBuf,
+        wire_store: control::WireStore,
+    ) -> Response {
+        if let Some(existing) = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&parcel.name)
+        {
+            return Response::Resumed {
+                mount: existing.session.record.mount.clone(),
+                reattached: true,
+            };
+        }
+        let Some(open) = parcel.open() else {
+            return error_response(
+                ErrorClass::Invalid,
+                "malformed parcel secrets in the request".into(),
+            );
+        };
+        let store = match store::open(&wire_store.url, &wire_store.s3, wire_store.retry) {
+            Ok(store) => store,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let reattaching = isr::session::read_record(&self.context.state_dir, &open.name)
+            .ok()
+            .flatten()
+            .is_some();
+        let session = match self.runtime.block_on(Session::resume(
+            store,
+            open,
+            version,
+            mount.clone(),
+            self.context.clone(),
+        )) {
+            Ok(session) => session,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let mount = session.record.mount.clone();
+        if std::fs::metadata(&mount).is_err() {
+            // A mount left by a killed daemon answers ENOTCONN: detach it first.
+            let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Err(e) = std::fs::create_dir_all(&mount) {
+            return error_response(
+                ErrorClass::Other,
+                format!("creating mount point {}: {e}", mount.display()),
+            );
+        }
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("isr:{}", parcel.name)),
+            fuser::MountOption::Subtype("isr".into()),
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::DefaultPermissions,
+        ];
+        if self.allow_other {
+            config.acl = fuser::SessionACL::All;
+        }
+        config.n_threads = Some(self.fuse_threads);
+        config.clone_fd = true;
+        let fs = ParcelFs::new(
+            session.image.clone(),
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        match fuser::spawn_mount(fs, &mount, &config) {
+            Ok(background) => {
+                tracing::info!(parcel = %parcel.name, mount = %mount.display(), reattaching, "mounted");
+                self.sessions.lock().expect("sessions lock").insert(
+                    parcel.name.clone(),
+                    Mounted {
+                        session,
+                        mount: Some(background),
+                    },
+                );
+                Response::Resumed {
+                    mount,
+                    reattached: reattaching,
+                }
+            }
+            Err(e) => error_response(
+                ErrorClass::Other,
+                format!("mounting {}: {e}", mount.display()),
+            ),
+        }
+    }
+
+    fn shut_down(&self) {
+        let sessions: Vec<(String, Mounted)> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .drain()
+            .collect();
+        for (name, mounted) in sessions {
+            if let Err(e) = mounted.session.image.flush_all() {
+                tracing::error!(parcel = %name, error = %e, "flush failed at shutdown");
+            }
+            mounted.session.fetcher.stop();
+            if let Some(mount) = mounted.mount {
+                if let Err(e) = mount.umount_and_join() {
+                    tracing::error!(parcel = %name, error = %e, "unmount failed at shutdown");
+                }
+            }
+        }
+    }
+}

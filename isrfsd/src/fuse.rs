@@ -1,0 +1,441 @@
+//! The FUSE edge: a thin `fuser::Filesystem` over [`isr::image::Image`].
+//! Inode numbers are the image's stable node ids (root = 1). Every
+//! [`ImageError`] becomes an errno here and nowhere else.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use isr::image::{Image, ImageError, Node, NodeKind};
+use isr::manifest::Timestamp;
+
+const TTL: Duration = Duration::from_secs(1);
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+
+/// The errno for an image error (the only mapping in the daemon).
+pub fn errno(error: &ImageError) -> Errno {
+    match error {
+        ImageError::NotFound(_) => Errno::ENOENT,
+        ImageError::Exists(_) => Errno::EEXIST,
+        ImageError::NotDirectory(_) => Errno::ENOTDIR,
+        ImageError::IsDirectory(_) => Errno::EISDIR,
+        ImageError::NotEmpty(_) => Errno::ENOTEMPTY,
+        ImageError::Invalid(_) => Errno::EINVAL,
+        ImageError::Fetch(_)
+        | ImageError::Chunk(_)
+        | ImageError::State(_)
+        | ImageError::Poisoned => Errno::EIO,
+    }
+}
+
+/// One mounted parcel.
+pub struct ParcelFs {
+    image: Arc<Image>,
+    uid: u32,
+    gid: u32,
+    io_errors: AtomicU64,
+}
+
+impl ParcelFs {
+    /// A file system serving `image`, owned by `uid`:`gid`.
+    pub fn new(image: Arc<Image>, uid: u32, gid: u32) -> ParcelFs {
+        ParcelFs {
+            image,
+            uid,
+            gid,
+            io_errors: AtomicU64::new(0),
+        }
+    }
+
+    fn attr(&self, node: &Node) -> FileAttr {
+        let mtime = node.mtime.to_system_time();
+        FileAttr {
+            ino: INodeNo(node.id),
+            size: node.size,
+            blocks: node.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind: match node.kind {
+                NodeKind::Directory => FileType::Directory,
+                NodeKind::File => FileType::RegularFile,
+            },
+            perm: node.mode as u16,
+            nlink: if node.kind == NodeKind::Directory {
+                2
+            } else {
+                1
+            },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 128 * 1024,
+            flags: 0,
+        }
+    }
+
+    fn fail(&self, error: &ImageError) -> Errno {
+        let errno = errno(error);
+        if errno == Errno::EIO {
+            // A guest can trigger these at high rate: count always, log sparsely.
+            let count = self.io_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if count.is_power_of_two() {
+                tracing::warn!(%error, count, "I/O error returned to a reader or writer");
+            }
+        }
+        errno
+    }
+
+    fn path(&self, ino: INodeNo) -> Result<String, Errno> {
+        self.image.path_of(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        let parent = self.path(parent)?;
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        Ok(if parent.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{parent}/{name}")
+        })
+    }
+
+    fn node(&self, path: &str) -> Result<Node, Errno> {
+        self.image.lookup(path).map_err(|e| self.fail(&e))
+    }
+}
+
+fn time(value: TimeOrNow) -> Timestamp {
+    match value {
+        TimeOrNow::SpecificTime(t) => Timestamp::from(t),
+        TimeOrNow::Now => Timestamp::from(SystemTime::now()),
+    }
+}
+
+impl Filesystem for ParcelFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent, name).and_then(|p| self.node(&p)) {
+            Ok(node) => reply.entry(&TTL, &self.attr(&node), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.path(ino).and_then(|p| self.node(&p)) {
+            Ok(node) => reply.attr(&TTL, &self.attr(&node)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let result = (|| {
+            let path = self.path(ino)?;
+            if let Some(size) = size {
+                self.image
+                    .truncate(&path, size)
+                    .map_err(|e| self.fail(&e))?;
+            }
+            if mode.is_some() || mtime.is_some() {
+                self.image
+                    .set_attributes(&path, mode, mtime.map(time))
+                    .map_err(|e| self.fail(&e))?;
+            }
+            self.node(&path)
+        })();
+        match result {
+            Ok(node) => reply.attr(&TTL, &self.attr(&node)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let listing = self
+            .path(ino)
+            .and_then(|p| self.image.list(&p).map_err(|e| self.fail(&e)));
+        let entries = match listing {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [
+            (ino, FileType::Directory, ".".to_owned()),
+            (ino, FileType::Directory, "..".to_owned()),
+        ];
+        let all = dots
+            .into_iter()
+            .chain(entries.into_iter().map(|(name, node)| {
+                let kind = if node.kind == NodeKind::Directory {
+                    FileType::Directory
+                } else {
+                    FileType::RegularFile
+                };
+                (INodeNo(node.id), kind, name)
+            }));
+        for (index, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(ino, index as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.path(ino).and_then(|p| self.node(&p)) {
+            Ok(node) if node.kind == NodeKind::File => {
+                reply.opened(FileHandle(0), FopenFlags::empty())
+            }
+            Ok(_) => reply.error(Errno::EISDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.path(ino).and_then(|p| {
+            self.image
+                .read(&p, offset, size as usize)
+                .map_err(|e| self.fail(&e))
+        }) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.path(ino).and_then(|p| {
+            self.image
+                .write(&p, offset, data)
+                .map_err(|e| self.fail(&e))
+        }) {
+            Ok(written) => reply.written(written as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .path(ino)
+            .and_then(|p| self.image.fsync(&p).map_err(|e| self.fail(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .path(ino)
+            .and_then(|p| self.image.fsync(&p).map_err(|e| self.fail(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.child(parent, name).and_then(|p| {
+            self.image
+                .create_file(&p, mode & !umask)
+                .map_err(|e| self.fail(&e))
+        }) {
+            Ok(node) => reply.created(
+                &TTL,
+                &self.attr(&node),
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.child(parent, name).and_then(|p| {
+            self.image
+                .mkdir(&p, mode & !umask)
+                .map_err(|e| self.fail(&e))
+        }) {
+            Ok(node) => reply.entry(&TTL, &self.attr(&node), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .child(parent, name)
+            .and_then(|p| self.image.unlink(&p).map_err(|e| self.fail(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self
+            .child(parent, name)
+            .and_then(|p| self.image.rmdir(&p).map_err(|e| self.fail(&e)))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.child(parent, name).and_then(|from| {
+            let to = self.child(newparent, newname)?;
+            self.image.rename(&from, &to).map_err(|e| self.fail(&e))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Capacity is the local cache's business; report a large, honest-enough free space.
+        let blocks = 1u64 << 32;
+        reply.statfs(
+            blocks,
+            blocks / 2,
+            blocks / 2,
+            1 << 20,
+            1 << 19,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.path(ino).and_then(|path| {
+            if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE {
+                self.image
+                    .punch_hole(&path, offset, length)
+                    .map_err(|e| self.fail(&e))
+            } else if mode == 0 {
+                let node = self.node(&path)?;
+                if offset + length > node.size {
+                    self.image
+                        .truncate(&path, offset + length)
+                        .map_err(|e| self.fail(&e))?;
+                }
+                Ok(())
+            } else {
+                Err(Errno::EOPNOTSUPP)
+            }
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The `isrctl` ⇄ `isrfsd` protocol: one JSON object per line over the Unix
+//! socket `<runtime dir>/isrfsd.sock` (mode 0600; the daemon also checks that
+//! the peer runs as its own user). Every message is an [`Envelope`] carrying
+//! [`PROTOCOL_VERSION`]; a daemon refuses other versions with a clear error.
+//!
+//! `isrctl` unlocks the parcel itself and sends the parcel's secrets in
+//! [`Request::Resume`] (like ssh-agent, the socket is owner-only); the daemon
+//! keeps them in memory only.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{DedupSecret, ParcelKey, ParcelSecrets};
+use crate::parcel::{OpenParcel, ParcelRecord};
+use crate::session::SessionStatus;
+use crate::store::{RetrySettings, S3Settings};
+
+/// Version of this protocol.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Socket file name inside the runtime directory.
+pub const SOCKET_NAME: &str = "isrfsd.sock";
+
+/// The control socket of the daemon for `runtime_dir`.
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join(SOCKET_NAME)
+}
+
+/// A message with its protocol version.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub protocol: u32,
+    /// The message.
+    pub body: T,
+}
+
+/// Parcel secrets on the wire (hex); `Debug` is redacted.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct WireSecrets {
+    parcel_key: String,
+    dedup_secret: String,
+}
+
+impl std::fmt::Debug for WireSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WireSecrets(<redacted>)")
+    }
+}
+
+impl Drop for WireSecrets {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.parcel_key.zeroize();
+        self.dedup_secret.zeroize();
+    }
+}
+
+impl WireSecrets {
+    /// Encodes secrets for sending.
+    pub fn new(secrets: &ParcelSecrets) -> WireSecrets {
+        WireSecrets {
+            parcel_key: hex::encode(secrets.parcel_key.as_bytes()),
+            dedup_secret: hex::encode(secrets.dedup_secret.as_bytes()),
+        }
+    }
+
+    /// Decodes received secrets.
+    pub fn secrets(&self) -> Option<ParcelSecrets> {
+        let mut parcel_key = zeroize::Zeroizing::new([0u8; 32]);
+        let mut dedup_secret = zeroize::Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(&self.parcel_key, &mut parcel_key[..]).ok()?;
+        hex::decode_to_slice(&self.dedup_secret, &mut dedup_secret[..]).ok()?;
+        Some(ParcelSecrets {
+            parcel_key: ParcelKey::from_bytes(*parcel_key),
+            dedup_secret: DedupSecret::from_bytes(*dedup_secret),
+        })
+    }
+}
+
+/// What the daemon needs to open a parcel: its public record and its secrets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireParcel {
+    /// Parcel name.
+    pub name: String,
+    /// `parcel.toml`.
+    pub record: ParcelRecord,
+    /// Unlocked secrets.
+    pub secrets: WireSecrets,
+}
+
+impl WireParcel {
+    /// From an unlocked parcel.
+    pub fn new(parcel: &OpenParcel) -> WireParcel {
+        WireParcel {
+            name: parcel.name.clone(),
+            record: parcel.record.clone(),
+            secrets: WireSecrets::new(&parcel.secrets),
+        }
+    }
+
+    /// Back to an unlocked parcel.
+    pub fn open(&self) -> Option<OpenParcel> {
+        Some(OpenParcel {
+            name: self.name.clone(),
+            id: self.record.id_bytes(&self.name).ok()?,
+            record: self.record.clone(),
+            secrets: self.secrets.secrets()?,
+        })
+    }
+}
+
+/// Where the parcel's store is, as the client resolved it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireStore {
+    /// URL.
+    pub url: String,
+    /// S3 settings.
+    pub s3: S3Settings,
+    /// Retry settings.
+    pub retry: RetrySettings,
+}
+
+/// A request to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Lock (or reattach) and mount a parcel.
+    Resume {
+        /// The parcel, unlocked.
+        parcel: Box<WireParcel>,
+        /// Version to start from (default newest).
+        version: Option<u64>,
+        /// Mount point.
+        mount: PathBuf,
+        /// Its store.
+        store: WireStore,
+    },
+    /// Sessions and their counters (one, or all).
+    Status {
+        /// Only this parcel.
+        parcel: Option<String>,
+    },
+    /// Fetch every chunk of a session, answering when done.
+    Hoard {
+        /// Parcel.
+        parcel: String,
+    },
+    /// Unmount, drop local changes, wipe local state, release the lock.
+    Discard {
+        /// Parcel.
+        parcel: String,
+    },
+    /// Flush every session, unmount, exit (sessions stay resumable).
+    Shutdown,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Mounted.
+    Resumed {
+        /// Mount point.
+        mount: PathBuf,
+        /// True if an existing session was reattached.
+        reattached: bool,
+    },
+    /// Session counters.
+    Status {
+        /// One per session.
+        sessions: Vec<SessionStatus>,
+    },
+    /// Every chunk is local.
+    Hoarded {
+        /// Chunks in the parcel.
+        chunks: u64,
+    },
+    /// Done.
+    Done,
+    /// Failed.
+    Error {
+        /// Exit code for isrctl ([`crate::error::ErrorClass::exit_code`]).
+        exit_code: u8,
+        /// One-line message.
+        message: String,
+    },
+}
+
+/// Errors talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon answers on the socket.
+    #[error("cannot reach isrfsd at {}: {source}", socket.display())]
+    Connect {
+        /// Socket path.
+        socket: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The conversation failed.
+    #[error("talking to isrfsd: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon speaks another protocol version.
+    #[error(
+        "isrfsd speaks control protocol {0}, this isrctl speaks {PROTOCOL_VERSION}: restart isrfsd (`isrctl` starts the matching one)"
+    )]
+    Version(u32),
+    /// The daemon reported an error.
+    #[error("{message}")]
+    Daemon {
+        /// Exit code to use.
+        exit_code: u8,
+        /// Its message.
+        message: String,
+    },
+}
+
+impl crate::error::Classify for ControlError {
+    fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            ControlError::Daemon { exit_code, .. } => match exit_code {
+                2 => ErrorClass::Invalid,
+                3 => ErrorClass::WrongKey,
+                4 => ErrorClass::NotFound,
+                5 => ErrorClass::Conflict,
+                6 => ErrorClass::Unreachable,
+                7 => ErrorClass::Integrity,
+                _ => ErrorClass::Other,
+            },
+            _ => ErrorClass::Other,
+        }
+    }
+}
+
+/// Writes one message as a JSON line.
+pub fn send<T: Serialize>(stream: &mut impl Write, body: T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(&Envelope {
+        protocol: PROTOCOL_VERSION,
+        body,
+    })
+    .map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    stream.flush()
+}
+
+/// Reads one JSON line; `Ok(None)` at end of stream.
+pub fn receive<T: for<'de> Deserialize<'de>>(
+    reader: &mut impl BufRead,
+) -> std::io::Result<Option<Envelope<T>>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    serde_json::from_str(&line)
+        .map(Some)
+        .map_err(std::io::Error::other)
+}
+
+/// Sends one request to the daemon at `socket` and waits for its answer.
+pub fn call(socket: &Path, request: Request) -> Result<Response, ControlError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        socket: socket.to_owned(),
+        source,
+    })?;
+    send(&mut stream, request)?;
+    let mut reader = BufReader::new(stream);
+    let reply: Envelope<Response> = receive(&mut reader)?.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "isrfsd closed the connection",
+        )
+    })?;
+    if reply.protocol != PROTOCOL_VERSION {
+        return Err(ControlError::Version(reply.protocol));
+    }
+    match reply.body {
+        Response::Error { exit_code, message } => Err(ControlError::Daemon { exit_code, message }),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_round_trip_and_stay_redacted() {
+        let secrets = ParcelSecrets::generate(None);
+        let wire = WireSecrets::new(&secrets);
+        assert!(!format!("{wire:?}").contains(&hex::encode(secrets.parcel_key.as_bytes())));
+        let json = serde_json::to_string(&wire).unwrap();
+        let back: WireSecrets = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.secrets().unwrap().parcel_key, secrets.parcel_key);
+    }
+
+    #[test]
+    fn messages_are_versioned_json_lines() {
+        let mut buffer = Vec::new();
+        send(&mut buffer, Request::Status { parcel: None }).unwrap();
+        assert!(buffer.ends_with(b"\n"));
+        let text = String::from_utf8(buffer.clone()).unwrap();
+        assert!(
+            text.contains("\"protocol\":1") && text.contains("\"op\":\"status\""),
+            "{text}"
+        );
+        let back: Envelope<Request> = receive(&mut buffer.as_slice()).unwrap().unwrap();
+        assert!(matches!(back.body, Request::Status { parcel: None }));
+    }
+}

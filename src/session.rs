@@ -1,0 +1,453 @@
+//! A resumed parcel's lifecycle: lock, resume (or reattach after a restart),
+//! background prefetch, status, discard.
+//!
+//! Resuming takes the parcel's lock in the store with one create-only put of
+//! `parcels/<name>/lock` (holder, host, random nonce, time), writes a session
+//! record under the state directory, and opens the [`Image`] from the newest
+//! (or the requested) version. If a session record for the parcel already
+//! exists on this machine — the daemon was killed — resume *reattaches*: the
+//! lock in the store must still carry the record's nonce, and the image reopens
+//! with every fsynced write intact.
+//!
+//! Prefetch after resume: memory image files first, in order, then every other
+//! file in order ([`Priority::Memory`], then [`Priority::Prefetch`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::ChunkCache;
+use crate::chunk::ChunkTag;
+use crate::error::{Classify, ErrorClass};
+use crate::fetch::{FetchSettings, FetchStats, Fetcher, Priority};
+use crate::image::{Image, ImageError, ImageOptions};
+use crate::manifest::{Manifest, Timestamp};
+use crate::parcel::{self, LockRecord, OpenParcel, ParcelError, layout};
+use crate::store::{PutOutcome, StoreError, StoreHandle};
+
+/// Errors of session lifecycle operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Someone else holds the lock.
+    #[error(
+        "parcel {name} is locked by {holder} on {host} since {since}; if that machine is gone, run `isrctl unlock --force {name}` (its unsaved changes are then lost)"
+    )]
+    Locked {
+        /// Parcel.
+        name: String,
+        /// Lock holder.
+        holder: String,
+        /// Host.
+        host: String,
+        /// Since.
+        since: String,
+    },
+    /// This machine's session lost its lock (someone forced it).
+    #[error(
+        "the lock of parcel {name} was broken by someone else ({detail}); this machine's local changes are kept, not discarded"
+    )]
+    LockLost {
+        /// Parcel.
+        name: String,
+        /// Who holds it now, if anyone.
+        detail: String,
+    },
+    /// No such session.
+    #[error("parcel {0} is not resumed on this machine (`isrctl status` lists the sessions)")]
+    NotResumed(String),
+    /// Writing the session record failed.
+    #[error("session state {}: {source}", path.display())]
+    State {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Parcel-level failure.
+    #[error(transparent)]
+    Parcel(#[from] ParcelError),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Image failure.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+}
+
+impl Classify for SessionError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SessionError::Locked { .. } | SessionError::LockLost { .. } => ErrorClass::Conflict,
+            SessionError::NotResumed(_) => ErrorClass::NotFound,
+            SessionError::State { .. } => ErrorClass::Other,
+            SessionError::Parcel(e) => e.class(),
+            SessionError::Store(e) => e.class(),
+            SessionError::Image(_) => ErrorClass::Other,
+        }
+    }
+}
+
+/// What a session remembers on local disk (`<state>/sessions/<name>/session.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRecord {
+    /// Parcel name.
+    pub parcel: String,
+    /// Store URL.
+    pub store: String,
+    /// Version the session started from.
+    pub base_version: u64,
+    /// Nonce of the lock this session holds (32 hex digits).
+    pub lock_nonce: String,
+    /// Where it is mounted.
+    pub mount: PathBuf,
+    /// When it was resumed, RFC 3339.
+    pub since: String,
+}
+
+/// Where a parcel's session state lives.
+pub fn session_dir(state_dir: &Path, parcel: &str) -> PathBuf {
+    state_dir.join("sessions").join(parcel)
+}
+
+fn record_path(state_dir: &Path, parcel: &str) -> PathBuf {
+    session_dir(state_dir, parcel).join("session.toml")
+}
+
+/// The session record of `parcel` on this machine, if any.
+pub fn read_record(state_dir: &Path, parcel: &str) -> Result<Option<SessionRecord>, SessionError> {
+    let path = record_path(state_dir, parcel);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .map(Some)
+            .map_err(|e| SessionError::State {
+                path,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SessionError::State { path, source }),
+    }
+}
+
+fn write_record(state_dir: &Path, record: &SessionRecord) -> Result<(), SessionError> {
+    let path = record_path(state_dir, &record.parcel);
+    let state_error = |source| SessionError::State {
+        path: path.clone(),
+        source,
+    };
+    let dir = path.parent().expect("record has a directory");
+    std::fs::create_dir_all(dir).map_err(state_error)?;
+    let temp = dir.join("session.toml.tmp");
+    let text = toml::to_string(record).expect("record serialises");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(state_error)
+}
+
+fn user_name() -> String {
+    let uid = nix::unistd::geteuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| format!("uid {uid}"))
+}
+
+/// Takes the parcel's lock, or fails naming the holder.
+pub async fn take_lock(store: &StoreHandle, name: &str) -> Result<LockRecord, SessionError> {
+    let writer = store.writer("lock a parcel")?;
+    let lock = LockRecord {
+        holder: user_name(),
+        host: crate::import::host_name(),
+        nonce: hex::encode(rand::random::<[u8; 16]>()),
+        since: Timestamp::now().to_rfc3339(),
+    };
+    let text = toml::to_string(&lock).expect("lock serialises");
+    match writer
+        .put_new(&layout::lock(name), Bytes::from(text))
+        .await?
+    {
+        PutOutcome::Created => Ok(lock),
+        PutOutcome::AlreadyExists => {
+            let holder = parcel::read_lock(store, name).await?;
+            let (holder, host, since) =
+                holder
+                    .map(|l| (l.holder, l.host, l.since))
+                    .unwrap_or_else(|| {
+                        (
+                            "someone".into(),
+                            "another machine".into(),
+                            "just now".into(),
+                        )
+                    });
+            Err(SessionError::Locked {
+                name: name.to_owned(),
+                holder,
+                host,
+                since,
+            })
+        }
+    }
+}
+
+/// Removes the parcel's lock whoever holds it (`isrctl unlock --force`).
+pub async fn force_unlock(
+    store: &StoreHandle,
+    name: &str,
+) -> Result<Option<LockRecord>, SessionError> {
+    let lock = parcel::read_lock(store, name).await?;
+    store
+        .writer("unlock a parcel")?
+        .delete(&layout::lock(name))
+        .await?;
+    Ok(lock)
+}
+
+/// Checks that the store's lock is still the one `record` took.
+pub async fn check_lock(store: &StoreHandle, record: &SessionRecord) -> Result<(), SessionError> {
+    let current = parcel::read_lock(store, &record.parcel).await?;
+    match current {
+        Some(lock) if lock.nonce == record.lock_nonce => Ok(()),
+        other => Err(SessionError::LockLost {
+            name: record.parcel.clone(),
+            detail: other.map_or("no lock is held now".into(), |l| {
+                format!("now held by {} on {} since {}", l.holder, l.host, l.since)
+            }),
+        }),
+    }
+}
+
+/// Shared machinery a session runs on.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    /// Session state directory.
+    pub state_dir: PathBuf,
+    /// The machine's chunk cache.
+    pub cache: Arc<ChunkCache>,
+    /// Runtime for fetches.
+    pub runtime: tokio::runtime::Handle,
+    /// Fetch tuning.
+    pub fetch: FetchSettings,
+    /// Image tuning.
+    pub image: ImageOptions,
+}
+
+/// Counters of a session, for `isrctl status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// Parcel.
+    pub parcel: String,
+    /// Base version.
+    pub base_version: u64,
+    /// Mount point.
+    pub mount: PathBuf,
+    /// Distinct stored chunks the session needs.
+    pub chunks_total: u64,
+    /// Of which in the local cache.
+    pub chunks_local: u64,
+    /// Plaintext bytes written but not yet sealed.
+    pub dirty_bytes: u64,
+    /// Chunks this session wrote (sealed into the cache).
+    pub dirty_chunks: u64,
+    /// Fetch counters.
+    pub fetch: FetchStats,
+}
+
+/// Downloads every chunk of `base` into the cache and waits (`isrctl hoard`):
+/// afterwards the session works with the store unreachable.
+pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fetch::FetchError> {
+    let tags: Vec<ChunkTag> = parcel::distinct_chunks(base)
+        .into_iter()
+        .map(|(tag, ..)| tag)
+        .collect();
+    fetcher.prefetch(tags.iter().copied(), Priority::Prefetch);
+    for tag in &tags {
+        fetcher.fetch(*tag, Priority::Prefetch).await?;
+    }
+    Ok(tags.len() as u64)
+}
+
+/// A resumed parcel.
+#[derive(Debug)]
+pub struct Session {
+    /// What is remembered on disk.
+    pub record: SessionRecord,
+    /// The parcel's file tree.
+    pub image: Arc<Image>,
+    /// Its fetcher.
+    pub fetcher: Fetcher,
+    /// The base manifest.
+    pub base: Manifest,
+    store: StoreHandle,
+    context: SessionContext,
+}
+
+/// Whether a file is (part of) a memory image, prefetched first.
+fn is_memory_image(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+    name == "memory"
+        || name.starts_with("memory.")
+        || name.ends_with(".sav")
+        || name.ends_with(".mem")
+}
+
+impl Session {
+    /// Resumes `parcel` (at `version`, default newest) mounted at `mount`, or
+    /// reattaches to this machine's existing session of it.
+    pub async fn resume(
+        store: StoreHandle,
+        parcel: OpenParcel,
+        version: Option<u64>,
+        mount: PathBuf,
+        context: SessionContext,
+    ) -> Result<Session, SessionError> {
+        let name = parcel.name.clone();
+        let record = match read_record(&context.state_dir, &name)? {
+            Some(record) => {
+                check_lock(&store, &record).await?;
+                tracing::info!(parcel = %name, "reattaching to the existing session");
+                record
+            }
+            None => {
+                let base_version = parcel::resolve_version(&store, &name, version).await?;
+                let lock = take_lock(&store, &name).await?;
+                let record = SessionRecord {
+                    parcel: name.clone(),
+                    store: store.url().to_owned(),
+                    base_version,
+                    lock_nonce: lock.nonce,
+                    mount,
+                    since: lock.since,
+                };
+                if let Err(e) = write_record(&context.state_dir, &record) {
+                    let _ = store.writer("unlock")?.delete(&layout::lock(&name)).await;
+                    return Err(e);
+                }
+                record
+            }
+        };
+        let base = parcel::read_manifest(&store, &parcel, record.base_version).await?;
+        let fetcher = Fetcher::start(
+            store.reader().clone(),
+            context.cache.clone(),
+            context.fetch,
+            context.runtime.clone(),
+        );
+        let state = session_dir(&context.state_dir, &name).join("image.redb");
+        let (image_base, secrets, cache, fetch_handle, options) = (
+            base.clone(),
+            parcel.secrets.clone(),
+            context.cache.clone(),
+            fetcher.clone(),
+            context.image,
+        );
+        let image = tokio::task::spawn_blocking(move || {
+            Image::open(&state, &image_base, secrets, fetch_handle, cache, options)
+        })
+        .await
+        .expect("image open task")?;
+        let session = Session {
+            record,
+            image: Arc::new(image),
+            fetcher,
+            base,
+            store,
+            context,
+        };
+        session.start_prefetch();
+        Ok(session)
+    }
+
+    fn start_prefetch(&self) {
+        let (memory, rest): (Vec<_>, Vec<_>) = self
+            .base
+            .files()
+            .partition(|(path, _, _)| is_memory_image(path));
+        for (files, priority) in [(memory, Priority::Memory), (rest, Priority::Prefetch)] {
+            let tags: Vec<ChunkTag> = files
+                .iter()
+                .flat_map(|(_, _, chunks)| chunks.iter().filter_map(|c| c.tag()))
+                .collect();
+            self.fetcher.prefetch(tags, priority);
+        }
+    }
+
+    /// Current counters.
+    pub fn status(&self) -> SessionStatus {
+        let distinct = parcel::distinct_chunks(&self.base);
+        let chunks_local = distinct
+            .iter()
+            .filter(|(tag, ..)| self.context.cache.contains(tag))
+            .count() as u64;
+        SessionStatus {
+            parcel: self.record.parcel.clone(),
+            base_version: self.record.base_version,
+            mount: self.record.mount.clone(),
+            chunks_total: distinct.len() as u64,
+            chunks_local,
+            dirty_bytes: self.image.dirty_bytes(),
+            dirty_chunks: self.image.overlay_tags().len() as u64,
+            fetch: self.fetcher.stats(),
+        }
+    }
+
+    /// Drops every local change, wipes the session's state and releases the lock.
+    pub async fn discard(self) -> Result<(), SessionError> {
+        self.fetcher.stop();
+        let tags = self.image.overlay_tags();
+        self.context.cache.unpin(tags.iter());
+        let Session {
+            record,
+            image,
+            store,
+            context,
+            ..
+        } = self;
+        drop(image);
+        let dir = session_dir(&context.state_dir, &record.parcel);
+        std::fs::remove_dir_all(&dir)
+            .map_err(|source| SessionError::State { path: dir, source })?;
+        match check_lock(&store, &record).await {
+            Ok(()) => {
+                store
+                    .writer("unlock")?
+                    .delete(&layout::lock(&record.parcel))
+                    .await?
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "not releasing a lock this session no longer holds")
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_images_are_recognised() {
+        for yes in [
+            "memory.img",
+            "vm/memory.img",
+            "Memory.bin",
+            "vm.sav",
+            "ram.mem",
+        ] {
+            assert!(is_memory_image(yes), "{yes}");
+        }
+        for no in ["disk.img", "vm.toml", "notes/memoryless"] {
+            assert!(!is_memory_image(no), "{no}");
+        }
+    }
+}
