@@ -177,7 +177,7 @@ impl Daemon {
                 version,
                 mount,
                 store,
-            } => self.resume(parcel, version, mount, store),
+            } => self.resume(*parcel, version, mount, store),
             Request::Status { parcel } => {
                 let sessions = self.sessions.lock().expect("sessions lock");
                 let mut statuses: Vec<_> = sessions
