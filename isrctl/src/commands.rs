@@ -575,19 +575,6 @@ async fn verify(context: &CommandContext, args: VerifyArgs) -> anyhow::Result<Ex
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets() {
-        assert_eq!(parse_target("vm").unwrap(), ("vm", None));
-        assert_eq!(parse_target("vm@12").unwrap(), ("vm", Some(12)));
-        assert!(parse_target("vm@0").is_err());
-        assert!(parse_target("vm@x").is_err());
-    }
-}
-
 /// The daemon's socket, starting isrfsd first if nothing answers there.
 fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
     let runtime_dir = &context.config.runtime_dir;
@@ -833,4 +820,17 @@ async fn unlock(context: &CommandContext, args: UnlockArgs) -> anyhow::Result<Ex
         None => println!("{} was not locked", args.name),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("vm").unwrap(), ("vm", None));
+        assert_eq!(parse_target("vm@12").unwrap(), ("vm", Some(12)));
+        assert!(parse_target("vm@0").is_err());
+        assert!(parse_target("vm@x").is_err());
+    }
 }
