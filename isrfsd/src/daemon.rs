@@ -69,6 +69,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let listener =
         UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    let pid_file = config.runtime_dir.join("isrfsd.pid");
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -126,6 +128,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     tracing::info!("shutting down: flushing and unmounting every session");
     daemon.shut_down();
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&pid_file);
     Ok(())
 }
 

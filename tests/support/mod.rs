@@ -388,6 +388,72 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Fails loudly unless real FUSE mounts can be made here.
+    pub fn require_fuse() {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "this test mounts a real FUSE file system: it needs /dev/fuse (modprobe fuse) and root, \
+             or fuse3 installed for fusermount3 (apt-get install fuse3)"
+        );
+    }
+
+    /// The pid of this environment's isrfsd, if it runs.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.path("run/isrfsd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Kills this environment's isrfsd with SIGKILL (a crash).
+    pub fn kill_daemon(&self) {
+        if let Some(pid) = self.daemon_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            for _ in 0..200 {
+                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = std::fs::remove_file(self.path("run/isrfsd.pid"));
+        }
+    }
+
+    /// Asks this environment's isrfsd to flush, unmount and exit; detaches any
+    /// mount a killed daemon left under the environment.
+    pub fn stop_daemon(&self) {
+        let socket = isr::control::socket_path(&self.path("run"));
+        if isr::control::call(&socket, isr::control::Request::Shutdown).is_ok() {
+            for _ in 0..200 {
+                if !socket.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let root = self.dir.path().display().to_string();
+        for line in mounts.lines() {
+            if let Some(point) = line.split(' ').nth(1) {
+                if point.starts_with(&root) {
+                    let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop_daemon();
+    }
+}
+
 /// Deterministic pseudo-random bytes (blake3 XOF of `seed`).
 pub fn random_bytes(seed: &str, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
