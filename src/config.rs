@@ -31,6 +31,15 @@
 //! jobs = 0                       # encoder threads; 0 = one per core
 //! uploads = 16                   # concurrent store requests
 //!
+//! [fetch]                        # the daemon's chunk downloads
+//! parallel = 16                  # downloads in flight
+//! reserved_for_demand = 4        # of those, only for reads that are waiting
+//! give_up_after_secs = 300       # a failing chunk's readers get EIO after this
+//! prefetch = true                # fetch everything in the background after resume
+//!
+//! [cache]
+//! max_bytes = 68719476736        # local chunk cache size (64 GiB)
+//!
 //! [kdf]                          # argon2id cost of new passphrase keyslots
 //! memory_kib = 65536
 //! iterations = 3
@@ -38,11 +47,13 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
 use crate::error::{Classify, ErrorClass};
+use crate::fetch::FetchSettings;
 use crate::keys::KdfParams;
 use crate::store::{RetrySettings, S3Settings};
 
@@ -96,6 +107,25 @@ struct ConfigFile {
     import: ImportFile,
     #[serde(default)]
     kdf: KdfFile,
+    #[serde(default)]
+    fetch: FetchFile,
+    #[serde(default)]
+    cache: CacheFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchFile {
+    parallel: Option<usize>,
+    reserved_for_demand: Option<usize>,
+    give_up_after_secs: Option<u64>,
+    prefetch: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheFile {
+    max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,6 +186,12 @@ pub struct Config {
     pub import: ImportSettings,
     /// Key derivation cost for new keyslots.
     pub kdf: KdfParams,
+    /// The daemon's fetch scheduler.
+    pub fetch: FetchSettings,
+    /// Whether the daemon prefetches every chunk after resume.
+    pub prefetch: bool,
+    /// Local chunk cache size limit in bytes.
+    pub cache_max_bytes: u64,
 }
 
 /// Where configuration files are looked for, in order.
@@ -221,6 +257,7 @@ impl Config {
             default_dir("XDG_DATA_HOME", ".local/share", "/var/lib/isr").join("store");
         let defaults = RetrySettings::default();
         let kdf_defaults = KdfParams::default();
+        let fetch_defaults = FetchSettings::default();
         let config = Config {
             store: file
                 .store
@@ -258,6 +295,20 @@ impl Config {
                 iterations: file.kdf.iterations.unwrap_or(kdf_defaults.iterations),
                 parallelism: file.kdf.parallelism.unwrap_or(kdf_defaults.parallelism),
             },
+            fetch: FetchSettings {
+                parallel: file.fetch.parallel.unwrap_or(fetch_defaults.parallel),
+                reserved_for_demand: file
+                    .fetch
+                    .reserved_for_demand
+                    .unwrap_or(fetch_defaults.reserved_for_demand),
+                give_up_after: file
+                    .fetch
+                    .give_up_after_secs
+                    .map_or(fetch_defaults.give_up_after, Duration::from_secs),
+                ..fetch_defaults
+            },
+            prefetch: file.fetch.prefetch.unwrap_or(true),
+            cache_max_bytes: file.cache.max_bytes.unwrap_or(64 << 30),
         };
         config.validate()?;
         Ok(config)
@@ -281,6 +332,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "import.uploads",
                 reason: "must be between 1 and 1024".into(),
+            });
+        }
+        if !(1..=1024).contains(&self.fetch.parallel)
+            || self.fetch.reserved_for_demand >= self.fetch.parallel
+        {
+            return Err(ConfigError::Invalid {
+                key: "fetch",
+                reason: "parallel must be 1–1024 and reserved_for_demand smaller than parallel"
+                    .into(),
             });
         }
         if self.retry.attempts == 0 {
@@ -349,6 +409,11 @@ fn merge(into: &mut ConfigFile, from: ConfigFile) {
     take!(kdf.memory_kib);
     take!(kdf.iterations);
     take!(kdf.parallelism);
+    take!(fetch.parallel);
+    take!(fetch.reserved_for_demand);
+    take!(fetch.give_up_after_secs);
+    take!(fetch.prefetch);
+    take!(cache.max_bytes);
 }
 
 #[cfg(test)]
@@ -367,6 +432,11 @@ mod tests {
             chunk_size = 65536
             [kdf]
             memory_kib = 1024
+            [fetch]
+            parallel = 8
+            prefetch = false
+            [cache]
+            max_bytes = 1000000
         "#;
         let config = Config::from_toml(text, Path::new("c.toml")).unwrap();
         assert_eq!(config.store, "s3://bucket/prefix");
@@ -377,6 +447,9 @@ mod tests {
         );
         assert_eq!(config.import.chunk_size, 65536);
         assert_eq!(config.kdf.memory_kib, 1024);
+        assert_eq!(config.fetch.parallel, 8);
+        assert!(!config.prefetch);
+        assert_eq!(config.cache_max_bytes, 1_000_000);
     }
 
     #[test]

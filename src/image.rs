@@ -1026,6 +1026,36 @@ impl Image {
         })
     }
 
+    /// One character per chunk of `path`: `.` zero, `L` in the local cache,
+    /// `R` remote only, `D` changed by this session.
+    pub fn chunk_map(&self, path: &str) -> Result<String, ImageError> {
+        let node = self.file(path)?;
+        let overlay = self.overlay.read().expect("overlay lock");
+        let buffer = self.buffer.lock().expect("buffer lock");
+        Ok((0..node.size.div_ceil(self.chunk_size))
+            .map(|index| {
+                let key = (node.id, index);
+                if buffer.chunks.contains_key(&key) || overlay.contains_key(&key) {
+                    return 'D';
+                }
+                match self.committed_chunk(&node, index) {
+                    ChunkRef::Zero => '.',
+                    ChunkRef::Stored { tag, .. } if self.cache.contains(&tag) => 'L',
+                    ChunkRef::Stored { .. } => 'R',
+                }
+            })
+            .collect())
+    }
+
+    /// Every file path, in order.
+    pub fn file_paths(&self) -> Vec<String> {
+        let tree = self.tree.read().expect("tree lock");
+        tree.iter()
+            .filter(|(_, node)| node.kind == NodeKind::File)
+            .map(|(path, _)| path.clone())
+            .collect()
+    }
+
     /// Chunks sealed by this session and stored in the cache (for upload).
     pub fn overlay_tags(&self) -> Vec<ChunkTag> {
         self.overlay

@@ -239,6 +239,8 @@ pub struct SessionContext {
     pub fetch: FetchSettings,
     /// Image tuning.
     pub image: ImageOptions,
+    /// Prefetch every chunk in the background after resume.
+    pub prefetch: bool,
 }
 
 /// Counters of a session, for `isrctl status`.
@@ -276,6 +278,49 @@ pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fet
     Ok(tags.len() as u64)
 }
 
+/// What a session's counters are computed from; cheap to clone (the FUSE
+/// adapter keeps one for `.isr/stats`).
+#[derive(Debug, Clone)]
+pub struct StatusSource {
+    record: SessionRecord,
+    base: Arc<Manifest>,
+    image: Arc<Image>,
+    fetcher: Fetcher,
+    cache: Arc<ChunkCache>,
+}
+
+impl StatusSource {
+    /// Current counters.
+    pub fn status(&self) -> SessionStatus {
+        let distinct = parcel::distinct_chunks(&self.base);
+        let chunks_local = distinct
+            .iter()
+            .filter(|(tag, ..)| self.cache.contains(tag))
+            .count() as u64;
+        SessionStatus {
+            parcel: self.record.parcel.clone(),
+            base_version: self.record.base_version,
+            mount: self.record.mount.clone(),
+            chunks_total: distinct.len() as u64,
+            chunks_local,
+            dirty_bytes: self.image.dirty_bytes(),
+            dirty_chunks: self.image.overlay_tags().len() as u64,
+            fetch: self.fetcher.stats(),
+        }
+    }
+
+    /// Per-file chunk-state maps, one line per file: `path: map` (see [`Image::chunk_map`]).
+    pub fn chunk_maps(&self) -> String {
+        let mut out = String::new();
+        for path in self.image.file_paths() {
+            if let Ok(map) = self.image.chunk_map(&path) {
+                out.push_str(&format!("{path}: {map}\n"));
+            }
+        }
+        out
+    }
+}
+
 /// A resumed parcel.
 #[derive(Debug)]
 pub struct Session {
@@ -286,7 +331,7 @@ pub struct Session {
     /// Its fetcher.
     pub fetcher: Fetcher,
     /// The base manifest.
-    pub base: Manifest,
+    pub base: Arc<Manifest>,
     store: StoreHandle,
     context: SessionContext,
 }
@@ -359,11 +404,13 @@ impl Session {
             record,
             image: Arc::new(image),
             fetcher,
-            base,
+            base: Arc::new(base),
             store,
             context,
         };
-        session.start_prefetch();
+        if session.context.prefetch {
+            session.start_prefetch();
+        }
         Ok(session)
     }
 
@@ -381,23 +428,20 @@ impl Session {
         }
     }
 
+    /// Where the session's counters come from.
+    pub fn status_source(&self) -> StatusSource {
+        StatusSource {
+            record: self.record.clone(),
+            base: self.base.clone(),
+            image: self.image.clone(),
+            fetcher: self.fetcher.clone(),
+            cache: self.context.cache.clone(),
+        }
+    }
+
     /// Current counters.
     pub fn status(&self) -> SessionStatus {
-        let distinct = parcel::distinct_chunks(&self.base);
-        let chunks_local = distinct
-            .iter()
-            .filter(|(tag, ..)| self.context.cache.contains(tag))
-            .count() as u64;
-        SessionStatus {
-            parcel: self.record.parcel.clone(),
-            base_version: self.record.base_version,
-            mount: self.record.mount.clone(),
-            chunks_total: distinct.len() as u64,
-            chunks_local,
-            dirty_bytes: self.image.dirty_bytes(),
-            dirty_chunks: self.image.overlay_tags().len() as u64,
-            fetch: self.fetcher.stats(),
-        }
+        self.status_source().status()
     }
 
     /// Drops every local change, wipes the session's state and releases the lock.

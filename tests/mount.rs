@@ -125,7 +125,7 @@ fn random_read_write_workload_through_the_mount_matches_a_reference() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["disk.img", "logs", "vm.toml"]);
+    assert_eq!(names, vec![".isr", "disk.img", "logs", "vm.toml"]);
 
     // Discard: unmounted, lock released, the store still holds only version 1.
     env.ok(&["discard", "vm"]);
@@ -337,4 +337,134 @@ fn a_hoarded_parcel_reads_fully_without_its_store() {
     std::fs::rename(&env.store, env.path("store-away")).unwrap();
     assert_eq!(std::fs::read(mount.join("disk.img")).unwrap(), data);
     std::fs::rename(env.path("store-away"), &env.store).unwrap();
+}
+
+#[test]
+fn stats_and_chunk_maps_are_readable_inside_the_mount() {
+    Env::require_fuse();
+    let env = Env::local();
+    import(
+        &env,
+        "vm",
+        &[(
+            "disk.img",
+            support::random_bytes("stats", 3 * CHUNK as usize),
+        )],
+    );
+    let mount = resume(&env, "vm");
+    std::fs::read(mount.join("disk.img")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.join("disk.img"))
+        .unwrap()
+        .write_all_at(b"x", 0)
+        .unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mount.join(".isr/stats")).unwrap()).unwrap();
+    assert_eq!(stats["parcel"], "vm");
+    assert_eq!(stats["chunks_total"], 3);
+    let maps = std::fs::read_to_string(mount.join(".isr/chunks")).unwrap();
+    assert_eq!(maps.trim(), "disk.img: DLL", "{maps}");
+    let names: Vec<String> = std::fs::read_dir(mount.join(".isr"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert!(
+        std::fs::write(mount.join(".isr/new"), b"no").is_err(),
+        ".isr is read-only"
+    );
+}
+
+#[test]
+fn sigterm_flushes_unmounts_and_the_session_stays_resumable() {
+    Env::require_fuse();
+    let env = Env::local();
+    import(
+        &env,
+        "vm",
+        &[(
+            "disk.img",
+            support::random_bytes("term", 2 * CHUNK as usize),
+        )],
+    );
+    let mount = resume(&env, "vm");
+    std::fs::write(mount.join("notes.txt"), b"written before SIGTERM").unwrap();
+    let pid = env.daemon_pid().expect("isrfsd runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    for _ in 0..400 {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+        "isrfsd exited"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(mount.to_str().unwrap()), "unmounted");
+    assert!(
+        !isr::control::socket_path(&env.path("run")).exists(),
+        "socket removed"
+    );
+    let again = env.json(&["resume", "vm"]);
+    assert_eq!(again["reattached"], true);
+    assert_eq!(
+        std::fs::read(mount.join("notes.txt")).unwrap(),
+        b"written before SIGTERM"
+    );
+}
+
+#[test]
+fn with_the_store_stopped_local_reads_go_on_and_missing_ones_wait_for_it() {
+    Env::require_fuse();
+    let mut server = support::SeaweedFs::start();
+    let env = Env::s3(&server, "stopped");
+    env.append_config("\n[fetch]\nprefetch = false\n");
+    let data = support::random_bytes("stopped", 16 * CHUNK as usize);
+    import(&env, "vm", &[("disk.img", data.clone())]);
+    let mount = resume(&env, "vm");
+    let file = std::fs::File::open(mount.join("disk.img")).unwrap();
+    let mut chunk = vec![0u8; CHUNK as usize];
+    file.read_exact_at(&mut chunk, 0).unwrap();
+
+    server.kill();
+    file.read_exact_at(&mut chunk, 0).unwrap();
+    assert_eq!(
+        chunk,
+        data[..CHUNK as usize],
+        "a local chunk reads with the store down"
+    );
+    let reader = {
+        let path = mount.join("disk.img");
+        std::thread::spawn(move || {
+            let mut chunk = vec![0u8; CHUNK as usize];
+            std::fs::File::open(path)
+                .unwrap()
+                .read_exact_at(&mut chunk, 9 * CHUNK)
+                .map(|_| chunk)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !reader.is_finished(),
+        "a read of a missing chunk waits while the store is down"
+    );
+    server.restart();
+    let chunk = reader
+        .join()
+        .unwrap()
+        .expect("the read completes once the store is back");
+    assert_eq!(chunk, data[9 * CHUNK as usize..10 * CHUNK as usize]);
+    let status = status(&env, "vm");
+    assert!(
+        status["fetch"]["retries"].as_u64().unwrap() >= 1,
+        "{status:#}"
+    );
+    assert_eq!(status["fetch"]["failures"], 0);
 }

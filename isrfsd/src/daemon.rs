@@ -12,7 +12,6 @@ use isr::cache::ChunkCache;
 use isr::config::Config;
 use isr::control::{self, Request, Response};
 use isr::error::{Classify, ErrorClass};
-use isr::fetch::FetchSettings;
 use isr::image::ImageOptions;
 use isr::session::{Session, SessionContext, SessionError};
 use isr::store;
@@ -26,7 +25,7 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     pub cache_dir: Option<PathBuf>,
     pub config: Option<PathBuf>,
-    pub cache_size: u64,
+    pub cache_size: Option<u64>,
     pub fuse_threads: usize,
     pub allow_other: bool,
 }
@@ -77,15 +76,19 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         .thread_name("isrfsd-io")
         .enable_all()
         .build()?;
-    let cache = Arc::new(ChunkCache::open(&config.cache_dir, options.cache_size)?);
+    let cache = Arc::new(ChunkCache::open(
+        &config.cache_dir,
+        options.cache_size.unwrap_or(config.cache_max_bytes),
+    )?);
     let (shutdown, shutdown_requested) = std::sync::mpsc::channel();
     let daemon = Arc::new(Daemon {
         context: SessionContext {
             state_dir: config.state_dir.clone(),
             cache,
             runtime: runtime.handle().clone(),
-            fetch: FetchSettings::default(),
+            fetch: config.fetch,
             image: ImageOptions::default(),
+            prefetch: config.prefetch,
         },
         runtime,
         sessions: Mutex::new(HashMap::new()),
@@ -302,6 +305,7 @@ impl Daemon {
         config.clone_fd = true;
         let fs = ParcelFs::new(
             session.image.clone(),
+            session.status_source(),
             nix::unistd::geteuid().as_raw(),
             nix::unistd::getegid().as_raw(),
         );

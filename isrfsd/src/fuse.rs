@@ -1,6 +1,11 @@
 //! The FUSE edge: a thin `fuser::Filesystem` over [`isr::image::Image`].
 //! Inode numbers are the image's stable node ids (root = 1). Every
 //! [`ImageError`] becomes an errno here and nowhere else.
+//!
+//! A read-only virtual directory `.isr/` at the root shows the session:
+//! `.isr/stats` (the same JSON as `isrctl status --json`) and `.isr/chunks`
+//! (per file, one character per chunk: `.` zero, `L` local, `R` remote, `D`
+//! changed). They are generated on each read (direct I/O, size 0).
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -15,6 +20,13 @@ use fuser::{
 };
 use isr::image::{Image, ImageError, Node, NodeKind};
 use isr::manifest::Timestamp;
+use isr::session::StatusSource;
+
+/// Inode of the virtual `.isr` directory (image ids count up from 2).
+const ISR_DIR: u64 = u64::MAX - 1;
+const STATS_FILE: u64 = u64::MAX - 2;
+const CHUNKS_FILE: u64 = u64::MAX - 3;
+const ISR_DIR_NAME: &str = ".isr";
 
 const TTL: Duration = Duration::from_secs(1);
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -39,6 +51,7 @@ pub fn errno(error: &ImageError) -> Errno {
 /// One mounted parcel.
 pub struct ParcelFs {
     image: Arc<Image>,
+    status: StatusSource,
     uid: u32,
     gid: u32,
     io_errors: AtomicU64,
@@ -46,9 +59,10 @@ pub struct ParcelFs {
 
 impl ParcelFs {
     /// A file system serving `image`, owned by `uid`:`gid`.
-    pub fn new(image: Arc<Image>, uid: u32, gid: u32) -> ParcelFs {
+    pub fn new(image: Arc<Image>, status: StatusSource, uid: u32, gid: u32) -> ParcelFs {
         ParcelFs {
             image,
+            status,
             uid,
             gid,
             io_errors: AtomicU64::new(0),
@@ -83,6 +97,33 @@ impl ParcelFs {
         }
     }
 
+    fn virtual_attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, perm) = match ino {
+            ISR_DIR => (NodeKind::Directory, 0o555),
+            STATS_FILE | CHUNKS_FILE => (NodeKind::File, 0o444),
+            _ => return None,
+        };
+        let mut attr = self.attr(&self.image.lookup("").expect("root exists"));
+        attr.ino = INodeNo(ino);
+        attr.perm = perm;
+        if kind == NodeKind::File {
+            attr.kind = FileType::RegularFile;
+            attr.nlink = 1;
+        }
+        Some(attr)
+    }
+
+    fn virtual_content(&self, ino: u64) -> Vec<u8> {
+        match ino {
+            STATS_FILE => {
+                let mut json = serde_json::to_vec_pretty(&self.status.status()).unwrap_or_default();
+                json.push(b'\n');
+                json
+            }
+            _ => self.status.chunk_maps().into_bytes(),
+        }
+    }
+
     fn fail(&self, error: &ImageError) -> Errno {
         let errno = errno(error);
         if errno == Errno::EIO {
@@ -96,6 +137,9 @@ impl ParcelFs {
     }
 
     fn path(&self, ino: INodeNo) -> Result<String, Errno> {
+        if self.virtual_attr(ino.0).is_some() {
+            return Err(Errno::EACCES); // nothing can be created or changed in .isr
+        }
         self.image.path_of(ino.0).ok_or(Errno::ENOENT)
     }
 
@@ -131,6 +175,16 @@ impl Filesystem for ParcelFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let virtual_ino = match (parent.0, name.to_str()) {
+            (1, Some(ISR_DIR_NAME)) => Some(ISR_DIR),
+            (ISR_DIR, Some("stats")) => Some(STATS_FILE),
+            (ISR_DIR, Some("chunks")) => Some(CHUNKS_FILE),
+            (ISR_DIR, _) => return reply.error(Errno::ENOENT),
+            _ => None,
+        };
+        if let Some(attr) = virtual_ino.and_then(|ino| self.virtual_attr(ino)) {
+            return reply.entry(&TTL, &attr, Generation(0));
+        }
         match self.child(parent, name).and_then(|p| self.node(&p)) {
             Ok(node) => reply.entry(&TTL, &self.attr(&node), Generation(0)),
             Err(e) => reply.error(e),
@@ -138,6 +192,9 @@ impl Filesystem for ParcelFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(attr) = self.virtual_attr(ino.0) {
+            return reply.attr(&TTL, &attr);
+        }
         match self.path(ino).and_then(|p| self.node(&p)) {
             Ok(node) => reply.attr(&TTL, &self.attr(&node)),
             Err(e) => reply.error(e),
@@ -190,27 +247,33 @@ impl Filesystem for ParcelFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let listing = self
-            .path(ino)
-            .and_then(|p| self.image.list(&p).map_err(|e| self.fail(&e)));
-        let entries = match listing {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(e),
-        };
-        let dots = [
+        let mut entries: Vec<(INodeNo, FileType, String)> = vec![
             (ino, FileType::Directory, ".".to_owned()),
             (ino, FileType::Directory, "..".to_owned()),
         ];
-        let all = dots
-            .into_iter()
-            .chain(entries.into_iter().map(|(name, node)| {
-                let kind = if node.kind == NodeKind::Directory {
-                    FileType::Directory
-                } else {
-                    FileType::RegularFile
-                };
-                (INodeNo(node.id), kind, name)
-            }));
+        if ino.0 == ISR_DIR {
+            entries.push((INodeNo(STATS_FILE), FileType::RegularFile, "stats".into()));
+            entries.push((INodeNo(CHUNKS_FILE), FileType::RegularFile, "chunks".into()));
+        } else {
+            let listing = self
+                .path(ino)
+                .and_then(|p| self.image.list(&p).map_err(|e| self.fail(&e)));
+            match listing {
+                Ok(listing) => entries.extend(listing.into_iter().map(|(name, node)| {
+                    let kind = if node.kind == NodeKind::Directory {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    };
+                    (INodeNo(node.id), kind, name)
+                })),
+                Err(e) => return reply.error(e),
+            }
+            if ino.0 == 1 {
+                entries.push((INodeNo(ISR_DIR), FileType::Directory, ISR_DIR_NAME.into()));
+            }
+        }
+        let all = entries.into_iter();
         for (index, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(ino, index as u64 + 1, kind, name) {
                 break;
@@ -220,6 +283,9 @@ impl Filesystem for ParcelFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if matches!(ino.0, STATS_FILE | CHUNKS_FILE) {
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        }
         match self.path(ino).and_then(|p| self.node(&p)) {
             Ok(node) if node.kind == NodeKind::File => {
                 reply.opened(FileHandle(0), FopenFlags::empty())
@@ -240,6 +306,12 @@ impl Filesystem for ParcelFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if matches!(ino.0, STATS_FILE | CHUNKS_FILE) {
+            let content = self.virtual_content(ino.0);
+            let start = (offset as usize).min(content.len());
+            let end = (start + size as usize).min(content.len());
+            return reply.data(&content[start..end]);
+        }
         match self.path(ino).and_then(|p| {
             self.image
                 .read(&p, offset, size as usize)

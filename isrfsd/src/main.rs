@@ -30,9 +30,9 @@ struct Cli {
     /// Configuration file.
     #[arg(long, env = "ISR_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Largest size of the chunk cache in bytes.
-    #[arg(long, default_value_t = 64 << 30, value_name = "BYTES")]
-    cache_size: u64,
+    /// Largest size of the chunk cache in bytes (default: `[cache] max_bytes`, 64 GiB).
+    #[arg(long, value_name = "BYTES")]
+    cache_size: Option<u64>,
     /// FUSE worker threads per mount.
     #[arg(long, default_value_t = 4, value_name = "N")]
     fuse_threads: usize,

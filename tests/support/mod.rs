@@ -91,6 +91,8 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) {
 /// with its own ports and data directory; killed on drop.
 pub struct SeaweedFs {
     child: Child,
+    command: Vec<std::ffi::OsString>,
+    log_path: PathBuf,
     pub dir: tempfile::TempDir,
     pub s3_port: u16,
     pub access_key: String,
@@ -123,39 +125,43 @@ impl SeaweedFs {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let log_path = dir.path().join("weed.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(weed)
-            .arg("mini")
-            .arg(format!("-dir={}", data.display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
-            .arg(format!("-master.port={}", ports[0]))
-            .arg(format!("-master.port.grpc={}", ports[1]))
-            .arg(format!("-volume.port={}", ports[2]))
-            .arg(format!("-volume.port.grpc={}", ports[3]))
-            .arg(format!("-filer.port={}", ports[4]))
-            .arg(format!("-filer.port.grpc={}", ports[5]))
-            .arg(format!("-s3.port={}", ports[6]))
-            .arg(format!("-s3.port.grpc={}", ports[7]))
-            .arg(format!("-admin.port={}", ports[8]))
-            .arg(format!("-admin.port.grpc={}", ports[9]))
-            .arg(format!("-debug.port={}", ports[10]))
-            .args([
+        let mut command: Vec<std::ffi::OsString> = vec![weed.into(), "mini".into()];
+        command.push(format!("-dir={}", data.display()).into());
+        command.extend(["-ip=127.0.0.1".into(), "-ip.bind=127.0.0.1".into()]);
+        for (flag, port) in [
+            ("master.port", ports[0]),
+            ("master.port.grpc", ports[1]),
+            ("volume.port", ports[2]),
+            ("volume.port.grpc", ports[3]),
+            ("filer.port", ports[4]),
+            ("filer.port.grpc", ports[5]),
+            ("s3.port", ports[6]),
+            ("s3.port.grpc", ports[7]),
+            ("admin.port", ports[8]),
+            ("admin.port.grpc", ports[9]),
+            ("debug.port", ports[10]),
+        ] {
+            command.push(format!("-{flag}={port}").into());
+        }
+        command.extend(
+            [
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
                 "-webdav=false",
                 "-admin.ui=false",
                 // Never report anything off this machine.
                 "-master.telemetry=false",
-            ])
-            .arg(format!("-s3.config={}", s3_config.display()))
-            .arg(format!("-bucket={bucket}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start weed mini");
+            ]
+            .map(Into::into),
+        );
+        command.push(format!("-s3.config={}", s3_config.display()).into());
+        command.push(format!("-bucket={bucket}").into());
+        let mut child = spawn_logged(&command, &log_path);
         wait_for_port(ports[6], &mut child, "weed mini", &log_path);
         let server = SeaweedFs {
             child,
+            command,
+            log_path,
             dir,
             s3_port: ports[6],
             access_key,
@@ -218,11 +224,32 @@ impl SeaweedFs {
         )
     }
 
+    /// Starts the killed server again with the same ports and data.
+    pub fn restart(&mut self) {
+        self.child = spawn_logged(&self.command, &self.log_path);
+        wait_for_port(self.s3_port, &mut self.child, "weed mini", &self.log_path);
+        self.wait_until_bucket_ready();
+    }
+
     /// Kills the server (to test an unreachable store).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn_logged(command: &[std::ffi::OsString], log_path: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap();
+    Command::new(&command[0])
+        .args(&command[1..])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start weed mini")
 }
 
 impl Drop for SeaweedFs {
@@ -316,6 +343,13 @@ impl Env {
         )
         .unwrap();
         Env { dir, store, config }
+    }
+
+    /// Adds lines to the environment's configuration file.
+    pub fn append_config(&self, text: &str) {
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config.push_str(text);
+        std::fs::write(&self.config, config).unwrap();
     }
 
     /// A path inside the environment's temporary directory.
