@@ -468,3 +468,39 @@ fn with_the_store_stopped_local_reads_go_on_and_missing_ones_wait_for_it() {
     );
     assert_eq!(status["fetch"]["failures"], 0);
 }
+
+#[test]
+fn isrfsd_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let env = Env::local();
+    let notify = std::os::unix::net::UnixDatagram::bind(env.path("notify.sock")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut daemon = std::process::Command::new(support::binary("isrfsd"))
+        .args(["--no-detach", "--runtime-dir"])
+        .arg(env.path("run"))
+        .arg("--state-dir")
+        .arg(env.path("state"))
+        .arg("--cache-dir")
+        .arg(env.path("cache"))
+        .env("NOTIFY_SOCKET", env.path("notify.sock"))
+        .env("ISR_CONFIG", &env.config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut message = [0u8; 64];
+    let n = notify.recv(&mut message).expect("READY=1 from isrfsd");
+    assert_eq!(&message[..n], b"READY=1");
+    assert!(
+        isr::control::socket_path(&env.path("run")).exists(),
+        "ready means the socket answers"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = notify.recv(&mut message).expect("STOPPING=1 from isrfsd");
+    assert_eq!(&message[..n], b"STOPPING=1");
+    assert!(daemon.wait().unwrap().success());
+}

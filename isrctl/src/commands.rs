@@ -748,12 +748,37 @@ fn status(context: &CommandContext, name: Option<&str>) -> anyhow::Result<ExitCo
 fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
     let socket = daemon_socket_if_running(context)
         .ok_or_else(|| isr::session::SessionError::NotResumed(name.to_owned()))?;
-    match isr::control::call(
-        &socket,
-        isr::control::Request::Hoard {
-            parcel: name.to_owned(),
-        },
-    )? {
+    let call = {
+        let (socket, parcel) = (socket.clone(), name.to_owned());
+        std::thread::spawn(move || {
+            isr::control::call(&socket, isr::control::Request::Hoard { parcel })
+        })
+    };
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "   hoarding [{bar:30}] {pos}/{len} chunks, eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        while !call.is_finished() {
+            let request = isr::control::Request::Status {
+                parcel: Some(name.to_owned()),
+            };
+            if let Ok(isr::control::Response::Status { sessions }) =
+                isr::control::call(&socket, request)
+                && let Some(session) = sessions.first()
+            {
+                bar.set_length(session.chunks_total);
+                bar.set_position(session.chunks_local);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        bar.finish_and_clear();
+    }
+    match call.join().expect("hoard thread")? {
         isr::control::Response::Hoarded { chunks } => {
             if context.global.json {
                 output::json(&serde_json::json!({ "parcel": name, "chunks": chunks }))?;

@@ -127,8 +127,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             })?;
     }
     tracing::info!(socket = %socket.display(), state = %config.state_dir.display(), cache = %config.cache_dir.display(), "isrfsd ready");
+    notify_systemd("READY=1");
     let _ = shutdown_requested.recv();
     tracing::info!("shutting down: flushing and unmounting every session");
+    notify_systemd("STOPPING=1");
     daemon.shut_down();
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&pid_file);
@@ -349,5 +351,24 @@ impl Daemon {
                 }
             }
         }
+    }
+}
+
+/// Tells systemd (Type=notify) about our state, when it started us.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = address
+        .and_then(|address| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &address));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "could not notify systemd");
     }
 }
