@@ -170,6 +170,44 @@ struct WriteBack {
     generation: u64,
 }
 
+/// Recently decoded stored chunks (plaintext, by tag), so small reads do not
+/// decrypt a whole chunk each time. Tags name immutable content, so an entry
+/// can never be stale. Bounded by [`ImageOptions::decoded_cache_chunks`].
+#[derive(Debug, Default)]
+struct DecodedChunks {
+    entries: HashMap<ChunkTag, (Arc<Vec<u8>>, u64)>,
+    clock: u64,
+}
+
+impl DecodedChunks {
+    fn get(&mut self, tag: &ChunkTag) -> Option<Arc<Vec<u8>>> {
+        self.clock += 1;
+        let now = self.clock;
+        self.entries.get_mut(tag).map(|(data, last_use)| {
+            *last_use = now;
+            data.clone()
+        })
+    }
+
+    fn insert(&mut self, tag: ChunkTag, data: Arc<Vec<u8>>, capacity: usize) {
+        if capacity == 0 {
+            return;
+        }
+        if self.entries.len() >= capacity {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(t, _)| *t)
+            {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.entries.insert(tag, (data, self.clock));
+    }
+}
+
 /// Tuning of an open image.
 #[derive(Debug, Clone, Copy)]
 pub struct ImageOptions {
@@ -177,6 +215,8 @@ pub struct ImageOptions {
     pub write_back_limit: u64,
     /// zstd level for sealed chunks.
     pub zstd_level: i32,
+    /// Decoded chunks kept for small reads (0 disables).
+    pub decoded_cache_chunks: usize,
 }
 
 impl Default for ImageOptions {
@@ -184,6 +224,7 @@ impl Default for ImageOptions {
         ImageOptions {
             write_back_limit: 64 << 20,
             zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
+            decoded_cache_chunks: 256,
         }
     }
 }
@@ -203,6 +244,7 @@ pub struct Image {
     fetcher: Fetcher,
     cache: Arc<ChunkCache>,
     options: ImageOptions,
+    decoded: Mutex<DecodedChunks>,
     next_id: AtomicU64,
     poisoned: AtomicBool,
 }
@@ -251,6 +293,7 @@ impl Image {
             fetcher,
             cache,
             options,
+            decoded: Mutex::new(DecodedChunks::default()),
             next_id: AtomicU64::new(2),
             poisoned: AtomicBool::new(false),
         };
@@ -507,13 +550,38 @@ impl Image {
         }
     }
 
+    /// Plaintext of a stored chunk, from the decoded-chunk cache or fetched
+    /// (if needed) and decoded; as long as the plaintext (≤ chunk size).
+    fn stored_plaintext(
+        &self,
+        tag: ChunkTag,
+        key: &ChunkKey,
+        priority: Priority,
+    ) -> Result<Arc<Vec<u8>>, ImageError> {
+        if let Some(data) = self.decoded.lock().expect("decoded lock").get(&tag) {
+            return Ok(data);
+        }
+        let stored = self.fetcher.fetch_blocking(tag, priority)?;
+        let data = Arc::new(chunk::decode(
+            &self.secrets.dedup_secret,
+            tag,
+            key,
+            &stored,
+        )?);
+        self.decoded.lock().expect("decoded lock").insert(
+            tag,
+            data.clone(),
+            self.options.decoded_cache_chunks,
+        );
+        Ok(data)
+    }
+
     /// Plaintext of a committed chunk (fetching and decoding as needed), full chunk size.
     fn load_chunk(&self, chunk: &ChunkRef, priority: Priority) -> Result<Vec<u8>, ImageError> {
         let mut data = match chunk {
             ChunkRef::Zero => Vec::new(),
             ChunkRef::Stored { tag, key, .. } => {
-                let stored = self.fetcher.fetch_blocking(*tag, priority)?;
-                chunk::decode(&self.secrets.dedup_secret, *tag, key, &stored)?
+                self.stored_plaintext(*tag, key, priority)?.to_vec()
             }
         };
         data.resize(self.chunk_size as usize, 0);
@@ -540,12 +608,17 @@ impl Image {
             match buffered {
                 Some(bytes) => out.extend_from_slice(&bytes),
                 None => {
-                    let chunk = self.committed_chunk(&node, index);
-                    if matches!(chunk, ChunkRef::Zero) {
-                        out.resize(out.len() + take, 0);
-                    } else {
-                        let data = self.load_chunk(&chunk, Priority::Demand)?;
-                        out.extend_from_slice(&data[within..within + take]);
+                    match self.committed_chunk(&node, index) {
+                        ChunkRef::Zero => out.resize(out.len() + take, 0),
+                        ChunkRef::Stored { tag, key, .. } => {
+                            let data = self.stored_plaintext(tag, &key, Priority::Demand)?;
+                            // A base file's last chunk may be shorter than the range read.
+                            let available = data.len().saturating_sub(within).min(take);
+                            if available > 0 {
+                                out.extend_from_slice(&data[within..within + available]);
+                            }
+                            out.resize(out.len() + take - available, 0);
+                        }
                     }
                 }
             }
@@ -1161,6 +1234,7 @@ mod tests {
             let options = ImageOptions {
                 write_back_limit,
                 zstd_level: 3,
+                decoded_cache_chunks: 4,
             };
             Image::open(
                 &self.dir.path().join("session.redb"),
@@ -1422,6 +1496,19 @@ mod tests {
         assert!(
             !state.windows(32).any(|w| w == key.as_bytes()),
             "a chunk key is stored in the clear in the session state"
+        );
+    }
+
+    #[test]
+    fn growing_a_file_with_a_short_last_chunk_reads_zeros_past_the_old_end() {
+        let h = harness(&[("disk.img", pattern(6, 1000))]);
+        let image = h.open(1 << 30);
+        assert_eq!(image.read("disk.img", 0, 1000).unwrap(), pattern(6, 1000));
+        image.truncate("disk.img", 3000).unwrap();
+        assert_eq!(image.read("disk.img", 2000, 500).unwrap(), vec![0u8; 500]);
+        assert_eq!(
+            image.read("disk.img", 900, 200).unwrap()[..100],
+            pattern(6, 1000)[900..]
         );
     }
 }
