@@ -224,6 +224,26 @@ impl ChunkCache {
         }
     }
 
+    /// Deletes the given chunks unless a live session still pins them
+    /// (a discarded session's own chunks); returns how many were removed.
+    pub fn remove_unpinned<'a>(
+        &self,
+        tags: impl IntoIterator<Item = &'a ChunkTag>,
+    ) -> Result<u64, CacheError> {
+        let victims: Vec<ChunkTag> = {
+            let index = self.lock();
+            tags.into_iter()
+                .filter(|tag| index.entries.contains_key(tag) && !index.pins.contains_key(tag))
+                .copied()
+                .collect()
+        };
+        for tag in &victims {
+            self.store.delete_blocking(&layout::chunk(tag))?;
+            self.forget(tag);
+        }
+        Ok(victims.len() as u64)
+    }
+
     /// Evicts least-recently-used unpinned chunks until the cache fits its
     /// limit; returns how many were removed.
     pub fn evict_to_limit(&self) -> Result<u64, CacheError> {
@@ -331,5 +351,11 @@ mod tests {
         assert!(cache.stats().bytes <= 3000);
         cache.unpin([&chunks[0].0]);
         assert_eq!(cache.stats().pinned, 0);
+        cache.pin([&chunks[1].0]);
+        assert_eq!(
+            cache.remove_unpinned([&chunks[0].0, &chunks[1].0]).unwrap(),
+            1
+        );
+        assert!(!cache.contains(&chunks[0].0) && cache.contains(&chunks[1].0));
     }
 }

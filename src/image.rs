@@ -224,7 +224,7 @@ impl Default for ImageOptions {
         ImageOptions {
             write_back_limit: 64 << 20,
             zstd_level: chunk::DEFAULT_ZSTD_LEVEL,
-            decoded_cache_chunks: 256,
+            decoded_cache_chunks: 64,
         }
     }
 }
@@ -783,9 +783,11 @@ impl Image {
         }
         let mut overlay = self.overlay.write().expect("overlay lock");
         let mut buffer = self.buffer.lock().expect("buffer lock");
+        let mut superseded = Vec::new();
         for (key, chunk, generation) in sealed {
             if let Some(old) = overlay.insert(key, chunk).and_then(|c| c.tag()) {
                 self.cache.unpin([&old]);
+                superseded.push(old);
             }
             if buffer
                 .chunks
@@ -795,6 +797,12 @@ impl Image {
                 buffer.chunks.remove(&key);
                 buffer.bytes -= self.chunk_size;
             }
+        }
+        drop((overlay, buffer));
+        // Earlier versions of rewritten chunks: only this session had them
+        // (still-pinned ones — the same content elsewhere — are kept).
+        if let Err(e) = self.cache.remove_unpinned(superseded.iter()) {
+            tracing::warn!(error = %e, "could not remove superseded chunks from the cache");
         }
         Ok(())
     }
@@ -902,10 +910,16 @@ impl Image {
             .filter(|(file, index)| *file == id && *index >= keep)
             .copied()
             .collect();
+        let mut unreferenced = Vec::new();
         for key in &dropped {
             if let Some(tag) = overlay.remove(key).and_then(|c| c.tag()) {
                 self.cache.unpin([&tag]);
+                unreferenced.push(tag);
             }
+        }
+        // Chunks only this session wrote and no longer uses: nothing else needs them.
+        if let Err(e) = self.cache.remove_unpinned(unreferenced.iter()) {
+            tracing::warn!(error = %e, "could not remove dropped chunks from the cache");
         }
         dropped
     }

@@ -449,6 +449,10 @@ impl Session {
         self.fetcher.stop();
         let tags = self.image.overlay_tags();
         self.context.cache.unpin(tags.iter());
+        // The session's own chunks exist nowhere else: wipe them with its state.
+        if let Err(e) = self.context.cache.remove_unpinned(tags.iter()) {
+            tracing::warn!(error = %e, "could not remove the session's chunks from the cache");
+        }
         let Session {
             record,
             image,

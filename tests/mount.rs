@@ -28,6 +28,28 @@ fn resume(env: &Env, name: &str) -> PathBuf {
     PathBuf::from(value["mount"].as_str().unwrap())
 }
 
+/// The stored chunks of version 1 of `name`, read through the library.
+fn base_tags(env: &Env, name: &str) -> Vec<isr::chunk::ChunkTag> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = isr::store::open(&env.store, &Default::default(), support::quick_retry()).unwrap();
+    let credentials = vec![isr::keys::Credential::Passphrase(
+        isr::keys::Zeroizing::new(support::PASSPHRASE.into()),
+    )];
+    let parcel = runtime
+        .block_on(isr::parcel::open(&store, name, &credentials))
+        .unwrap();
+    let manifest = runtime
+        .block_on(isr::parcel::read_manifest(&store, &parcel, 1))
+        .unwrap();
+    isr::parcel::distinct_chunks(&manifest)
+        .into_iter()
+        .map(|(tag, ..)| tag)
+        .collect()
+}
+
 fn status(env: &Env, name: &str) -> serde_json::Value {
     env.json(&["status", name])[0].clone()
 }
@@ -127,8 +149,23 @@ fn random_read_write_workload_through_the_mount_matches_a_reference() {
     names.sort();
     assert_eq!(names, vec![".isr", "disk.img", "logs", "vm.toml"]);
 
-    // Discard: unmounted, lock released, the store still holds only version 1.
+    // Discard: unmounted, lock released, the session's own chunks and state
+    // wiped, the store still holds only version 1.
+    assert!(status(&env, "vm")["dirty_chunks"].as_u64().unwrap() > 0);
     env.ok(&["discard", "vm"]);
+    assert!(
+        !env.path("state/sessions/vm").exists(),
+        "session state wiped"
+    );
+    let base: std::collections::HashSet<String> =
+        base_tags(&env, "vm").iter().map(|t| t.to_hex()).collect();
+    for cached in support::local_chunk_files(&env.path("cache")) {
+        let name = cached.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            base.contains(&name),
+            "a chunk written by the discarded session is still cached: {name}"
+        );
+    }
     let store = PathBuf::from(&env.store);
     assert!(!store.join("parcels/vm/lock").exists());
     assert_eq!(env.json(&["ls"])[0]["newest_version"], 1);
@@ -211,21 +248,7 @@ fn a_corrupt_chunk_gives_eio_for_its_range_only() {
     let data = support::random_bytes("corrupt", 8 * CHUNK as usize);
     import(&env, "vm", &[("disk.img", data.clone())]);
     // Find chunk 3's object through the library and damage it in the store.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let store = isr::store::open(&env.store, &Default::default(), support::quick_retry()).unwrap();
-    let credentials = vec![isr::keys::Credential::Passphrase(
-        isr::keys::Zeroizing::new(support::PASSPHRASE.into()),
-    )];
-    let parcel = runtime
-        .block_on(isr::parcel::open(&store, "vm", &credentials))
-        .unwrap();
-    let manifest = runtime
-        .block_on(isr::parcel::read_manifest(&store, &parcel, 1))
-        .unwrap();
-    let tag = manifest.files().next().unwrap().2[3].tag().unwrap();
+    let tag = base_tags(&env, "vm")[3];
     let object = Path::new(&env.store).join(isr::parcel::layout::chunk(&tag));
     let mut bytes = std::fs::read(&object).unwrap();
     bytes[1000] ^= 0xff;
