@@ -44,13 +44,17 @@ fn tampered_chunks_are_each_named_and_export_writes_no_wrong_bytes() {
         0
     );
 
-    let mut victims = vm_chunks.iter();
+    // Victims among disk.img's full-size chunks (the small files' chunks are tiny).
+    let mut victims = vm_chunks
+        .iter()
+        .filter(|p| std::fs::metadata(p).unwrap().len() > 64 * 1024);
     let flipped = victims.next().unwrap().clone();
     let truncated = victims.next().unwrap().clone();
     let swapped = victims.next().unwrap().clone();
     let deleted = victims.next().unwrap().clone();
     let mut bytes = std::fs::read(&flipped).unwrap();
-    bytes[100] ^= 0x01;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
     std::fs::write(&flipped, bytes).unwrap();
     let bytes = std::fs::read(&truncated).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();

@@ -153,8 +153,21 @@ impl ParcelFs {
         })
     }
 
+    fn sync_file(&self, ino: INodeNo) -> Result<(), Errno> {
+        let path = self.path(ino)?;
+        self.image.fsync(&path).map_err(|e| self.fail(&e))
+    }
+
     fn node(&self, path: &str) -> Result<Node, Errno> {
         self.image.lookup(path).map_err(|e| self.fail(&e))
+    }
+}
+
+/// Replies to a request that returns no data.
+fn answer(reply: ReplyEmpty, result: Result<(), Errno>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
     }
 }
 
@@ -352,13 +365,8 @@ impl Filesystem for ParcelFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self
-            .path(ino)
-            .and_then(|p| self.image.fsync(&p).map_err(|e| self.fail(&e)))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        // Closing a file makes it durable, like fsync.
+        answer(reply, self.sync_file(ino));
     }
 
     fn fsync(
@@ -369,13 +377,7 @@ impl Filesystem for ParcelFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self
-            .path(ino)
-            .and_then(|p| self.image.fsync(&p).map_err(|e| self.fail(&e)))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, self.sync_file(ino));
     }
 
     fn create(
@@ -424,23 +426,19 @@ impl Filesystem for ParcelFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .child(parent, name)
-            .and_then(|p| self.image.unlink(&p).map_err(|e| self.fail(&e)))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.child(parent, name)
+                .and_then(|p| self.image.unlink(&p).map_err(|e| self.fail(&e))),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self
-            .child(parent, name)
-            .and_then(|p| self.image.rmdir(&p).map_err(|e| self.fail(&e)))
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.child(parent, name)
+                .and_then(|p| self.image.rmdir(&p).map_err(|e| self.fail(&e))),
+        );
     }
 
     fn rename(
@@ -457,10 +455,7 @@ impl Filesystem for ParcelFs {
             let to = self.child(newparent, newname)?;
             self.image.rename(&from, &to).map_err(|e| self.fail(&e))
         });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, result);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -505,9 +500,6 @@ impl Filesystem for ParcelFs {
                 Err(Errno::EOPNOTSUPP)
             }
         });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, result);
     }
 }
