@@ -368,6 +368,23 @@ pub fn decode(
     stored: &[u8],
 ) -> Result<Vec<u8>, ChunkError> {
     verify_tag(tag, stored)?;
+    decode_verified(secret, tag, key, stored)
+}
+
+/// [`decode`] for bytes already checked with [`verify_tag`] (the fetcher and
+/// the cache hand out only such bytes): everything but the tag hash.
+pub fn decode_verified(
+    secret: &DedupSecret,
+    tag: ChunkTag,
+    key: &ChunkKey,
+    stored: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
+    if stored.len() < STORED_OVERHEAD || stored.len() > MAX_STORED_LEN {
+        return Err(ChunkError::BadLength {
+            tag,
+            len: stored.len(),
+        });
+    }
     let header = &stored[..HEADER_LEN];
     let bad_header = |reason: String| ChunkError::BadHeader { tag, reason };
     if &header[0..4] != MAGIC {

@@ -561,8 +561,9 @@ impl Image {
         if let Some(data) = self.decoded.lock().expect("decoded lock").get(&tag) {
             return Ok(data);
         }
+        // The fetcher returns bytes already verified against the tag.
         let stored = self.fetcher.fetch_blocking(tag, priority)?;
-        let data = Arc::new(chunk::decode(
+        let data = Arc::new(chunk::decode_verified(
             &self.secrets.dedup_secret,
             tag,
             key,

@@ -419,16 +419,7 @@ fn sigterm_flushes_unmounts_and_the_session_stays_resumable() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    for _ in 0..400 {
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    assert!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
-        "isrfsd exited"
-    );
+    assert!(support::wait_for_exit(pid), "isrfsd exited");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains(mount.to_str().unwrap()), "unmounted");
     assert!(

@@ -448,12 +448,7 @@ impl Env {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            for _ in 0..200 {
-                if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_for_exit(pid);
             let _ = std::fs::remove_file(self.path("run/isrfsd.pid"));
         }
     }
@@ -486,6 +481,17 @@ impl Drop for Env {
     fn drop(&mut self) {
         self.stop_daemon();
     }
+}
+
+/// Waits (up to 10 s) until process `pid` is gone; true if it is.
+pub fn wait_for_exit(pid: i32) -> bool {
+    for _ in 0..1000 {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// Deterministic pseudo-random bytes (blake3 XOF of `seed`).
