@@ -208,6 +208,11 @@ pub struct LockRecord {
     pub nonce: String,
     /// When it was taken, RFC 3339.
     pub since: String,
+    /// The version the holder's session started from: `isrctl gc` keeps it
+    /// (the session's unchanged chunks are that version's). Absent in locks
+    /// taken for a single commit (rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_version: Option<u64>,
 }
 
 /// A parcel whose secrets are unlocked.

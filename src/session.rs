@@ -162,14 +162,20 @@ fn user_name() -> String {
         .unwrap_or_else(|| format!("uid {uid}"))
 }
 
-/// Takes the parcel's lock, or fails naming the holder.
-pub async fn take_lock(store: &StoreHandle, name: &str) -> Result<LockRecord, SessionError> {
+/// Takes the parcel's lock, or fails naming the holder. `base_version` is the
+/// version the holder works from (kept by garbage collection while locked).
+pub async fn take_lock(
+    store: &StoreHandle,
+    name: &str,
+    base_version: Option<u64>,
+) -> Result<LockRecord, SessionError> {
     let writer = store.writer("lock a parcel")?;
     let lock = LockRecord {
         holder: user_name(),
         host: crate::import::host_name(),
         nonce: hex::encode(rand::random::<[u8; 16]>()),
         since: Timestamp::now().to_rfc3339(),
+        base_version,
     };
     let text = toml::to_string(&lock).expect("lock serialises");
     match writer
@@ -364,7 +370,7 @@ impl Session {
             }
             None => {
                 let base_version = parcel::resolve_version(&store, &name, version).await?;
-                let lock = take_lock(&store, &name).await?;
+                let lock = take_lock(&store, &name, Some(base_version)).await?;
                 let record = SessionRecord {
                     parcel: name.clone(),
                     store: store.url().to_owned(),
