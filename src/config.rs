@@ -37,6 +37,12 @@
 //! give_up_after_secs = 300       # a failing chunk's readers get EIO after this
 //! prefetch = true                # fetch everything in the background after resume
 //!
+//! [upload]                     # the daemon's uploads of a session's changes
+//! trickle = true                 # upload changed chunks in the background while resumed
+//! quiet_secs = 30                # ... once nobody has changed them for this long
+//! rate_bytes_per_sec = 0         # trickle rate limit; 0 = a quarter of the observed download rate
+//! parallel = 8                   # uploads in flight during sync/checkin
+//!
 //! [cache]
 //! max_bytes = 68719476736        # local chunk cache size (64 GiB)
 //!
@@ -55,6 +61,7 @@ use crate::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::FetchSettings;
 use crate::keys::KdfParams;
+use crate::session::UploadSettings;
 use crate::store::{RetrySettings, S3Settings};
 
 /// Errors loading configuration.
@@ -111,6 +118,17 @@ struct ConfigFile {
     fetch: FetchFile,
     #[serde(default)]
     cache: CacheFile,
+    #[serde(default)]
+    upload: UploadFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadFile {
+    trickle: Option<bool>,
+    quiet_secs: Option<u64>,
+    rate_bytes_per_sec: Option<u64>,
+    parallel: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +210,8 @@ pub struct Config {
     pub prefetch: bool,
     /// Local chunk cache size limit in bytes.
     pub cache_max_bytes: u64,
+    /// How the daemon uploads a session's changes.
+    pub upload: UploadSettings,
 }
 
 /// Where configuration files are looked for, in order.
@@ -309,6 +329,23 @@ impl Config {
             },
             prefetch: file.fetch.prefetch.unwrap_or(true),
             cache_max_bytes: file.cache.max_bytes.unwrap_or(64 << 30),
+            upload: {
+                let defaults = UploadSettings::default();
+                UploadSettings {
+                    trickle: file.upload.trickle.unwrap_or(defaults.trickle),
+                    quiet: file
+                        .upload
+                        .quiet_secs
+                        .map_or(defaults.quiet, Duration::from_secs),
+                    rate_bytes_per_sec: file
+                        .upload
+                        .rate_bytes_per_sec
+                        .filter(|&rate| rate > 0)
+                        .or(defaults.rate_bytes_per_sec),
+                    parallel: file.upload.parallel.unwrap_or(defaults.parallel),
+                    ..defaults
+                }
+            },
         };
         config.validate()?;
         Ok(config)
@@ -341,6 +378,12 @@ impl Config {
                 key: "fetch",
                 reason: "parallel must be 1–1024 and reserved_for_demand smaller than parallel"
                     .into(),
+            });
+        }
+        if !(1..=256).contains(&self.upload.parallel) {
+            return Err(ConfigError::Invalid {
+                key: "upload.parallel",
+                reason: "must be between 1 and 256".into(),
             });
         }
         if self.retry.attempts == 0 {
@@ -414,6 +457,10 @@ fn merge(into: &mut ConfigFile, from: ConfigFile) {
     take!(fetch.give_up_after_secs);
     take!(fetch.prefetch);
     take!(cache.max_bytes);
+    take!(upload.trickle);
+    take!(upload.quiet_secs);
+    take!(upload.rate_bytes_per_sec);
+    take!(upload.parallel);
 }
 
 #[cfg(test)]

@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::{DedupSecret, ParcelKey, ParcelSecrets};
 use crate::parcel::{OpenParcel, ParcelRecord};
-use crate::session::SessionStatus;
+use crate::session::{CommitReport, SessionStatus};
 use crate::store::{RetrySettings, S3Settings};
 
 /// Version of this protocol.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Socket file name inside the runtime directory.
 pub const SOCKET_NAME: &str = "isrfsd.sock";
 
@@ -123,6 +123,15 @@ pub struct WireStore {
     pub retry: RetrySettings,
 }
 
+/// What the daemon needs to reopen a session it does not have open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reopen {
+    /// The parcel, unlocked.
+    pub parcel: WireParcel,
+    /// Its store.
+    pub store: WireStore,
+}
+
 /// A request to the daemon.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -153,6 +162,27 @@ pub enum Request {
         /// Parcel.
         parcel: String,
     },
+    /// Commit a version while the session stays mounted and writable.
+    Sync {
+        /// Parcel.
+        parcel: String,
+        /// Message recorded with the version.
+        message: String,
+    },
+    /// Commit a version, unmount, release the lock.
+    Checkin {
+        /// Parcel.
+        parcel: String,
+        /// Message recorded with the version.
+        message: String,
+        /// Also remove the parcel's chunks from the local cache.
+        wipe: bool,
+        /// Commit as version 1 of this new parcel instead (after the lock was lost).
+        save_as: Option<Box<WireParcel>>,
+        /// For a session the daemon does not have open (it was restarted):
+        /// what it needs to reopen it from the state directory.
+        reopen: Option<Box<Reopen>>,
+    },
     /// Flush every session, unmount, exit (sessions stay resumable).
     Shutdown,
 }
@@ -177,6 +207,11 @@ pub enum Response {
     Hoarded {
         /// Chunks in the parcel.
         chunks: u64,
+    },
+    /// A sync or checkin finished.
+    Committed {
+        /// What it did.
+        report: CommitReport,
     },
     /// Done.
     Done,
@@ -305,7 +340,7 @@ mod tests {
         assert!(buffer.ends_with(b"\n"));
         let text = String::from_utf8(buffer.clone()).unwrap();
         assert!(
-            text.contains("\"protocol\":1") && text.contains("\"op\":\"status\""),
+            text.contains("\"protocol\":2") && text.contains("\"op\":\"status\""),
             "{text}"
         );
         let back: Envelope<Request> = receive(&mut buffer.as_slice()).unwrap().unwrap();

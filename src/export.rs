@@ -221,23 +221,29 @@ pub async fn export(
                         for &index in indices {
                             let offset = index as u64 * chunk_size;
                             let expected = (size - offset).min(chunk_size);
-                            if plaintext.len() as u64 != expected {
+                            // A chunk may end early (the rest is zeros, and the
+                            // file was set to its size above) or run past the end
+                            // of the file with zeros (a session wrote it whole).
+                            let (within, beyond) =
+                                plaintext.split_at((expected as usize).min(plaintext.len()));
+                            if beyond.iter().any(|&b| b != 0) {
                                 return Err(ExportError::BadChunk {
                                     file: entry.path.clone(),
                                     offset,
                                     source: ChunkError::Decompress {
                                         tag: chunk.tag().expect("stored"),
                                         reason: format!(
-                                            "{} bytes where the file needs {expected}",
+                                            "{} bytes, not zeros past the file's {expected}",
                                             plaintext.len()
                                         ),
                                     },
                                 });
                             }
+                            let within_len = within.len();
                             let (file, plaintext, path) =
                                 (file.clone(), plaintext.clone(), partial.clone());
                             tokio::task::spawn_blocking(move || {
-                                file.write_all_at(&plaintext, offset)
+                                file.write_all_at(&plaintext[..within_len], offset)
                             })
                             .await
                             .expect("write task")

@@ -26,10 +26,11 @@
 //! key); `meta` counters. After a failed write of local state the image refuses
 //! further writes ([`ImageError::Poisoned`]) until it is reopened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
@@ -44,6 +45,11 @@ use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const OVERLAY: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("overlay");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Upload journal: chunk tag → when it was last written to (or found fresh
+/// in) the store, seconds since the Unix epoch; 0 = present, age unknown.
+const UPLOADED: TableDefinition<&[u8], u64> = TableDefinition::new("uploaded");
+/// Access trace: position → chunk tag, in order of first read.
+const TRACE: TableDefinition<u64, &[u8]> = TableDefinition::new("trace");
 const OVERLAY_KEY_CONTEXT: &str = "isr 2026 session overlay records v1";
 
 /// Errors of image operations; the FUSE adapter maps each to one errno.
@@ -76,6 +82,9 @@ pub enum ImageError {
     /// Local state (redb or the cache) failed; the image now refuses writes.
     #[error("session state: {0}")]
     State(String),
+    /// The session is being checked in: no more changes.
+    #[error("the parcel is being checked in; it is read-only until the checkin ends")]
+    Frozen,
     /// An earlier local-state failure: reopen the session.
     #[error(
         "an earlier write of session state failed; the session must be reopened before it accepts writes"
@@ -161,6 +170,41 @@ impl Node {
 struct Dirty {
     data: Vec<u8>,
     generation: u64,
+    /// Last change, for sealing chunks that have been quiet a while.
+    modified: Instant,
+}
+
+/// Which buffered chunks a seal takes.
+#[derive(Debug, Clone, Copy)]
+enum SealScope {
+    All,
+    File(u64),
+    QuietFor(Duration),
+}
+
+impl SealScope {
+    fn takes(self, key: (u64, u64), dirty: &Dirty, now: Instant) -> bool {
+        match self {
+            SealScope::All => true,
+            SealScope::File(id) => key.0 == id,
+            SealScope::QuietFor(quiet) => now.duration_since(dirty.modified) >= quiet,
+        }
+    }
+
+    fn covers_file(self, id: u64) -> bool {
+        match self {
+            SealScope::File(file) => file == id,
+            SealScope::All | SealScope::QuietFor(_) => true,
+        }
+    }
+}
+
+/// The order in which this session first read each stored chunk.
+#[derive(Debug, Default)]
+struct AccessTrace {
+    seen: HashSet<ChunkTag>,
+    order: Vec<ChunkTag>,
+    persisted: usize,
 }
 
 #[derive(Debug, Default)]
@@ -247,6 +291,15 @@ pub struct Image {
     decoded: Mutex<DecodedChunks>,
     next_id: AtomicU64,
     poisoned: AtomicBool,
+    /// Held shared by every change, exclusively by [`Image::snapshot`].
+    gate: RwLock<()>,
+    /// Set for the end of a checkin: changes fail with [`ImageError::Frozen`].
+    frozen: AtomicBool,
+    /// When each chunk of the overlay was sealed (since the image was opened).
+    sealed_at: Mutex<HashMap<ChunkTag, Instant>>,
+    /// The upload journal (mirror of the `uploaded` table).
+    uploaded: Mutex<HashMap<ChunkTag, u64>>,
+    trace: Mutex<AccessTrace>,
 }
 
 impl std::fmt::Debug for Image {
@@ -296,6 +349,11 @@ impl Image {
             decoded: Mutex::new(DecodedChunks::default()),
             next_id: AtomicU64::new(2),
             poisoned: AtomicBool::new(false),
+            gate: RwLock::new(()),
+            frozen: AtomicBool::new(false),
+            sealed_at: Mutex::new(HashMap::new()),
+            uploaded: Mutex::new(HashMap::new()),
+            trace: Mutex::new(AccessTrace::default()),
         };
         if !image.load()? {
             image.initialise(base)?;
@@ -340,6 +398,31 @@ impl Image {
         }
         let stored: Vec<ChunkTag> = overlay.values().filter_map(ChunkRef::tag).collect();
         self.cache.pin(stored.iter());
+        let now = Instant::now();
+        self.sealed_at
+            .lock()
+            .expect("sealed_at lock")
+            .extend(stored.iter().map(|tag| (*tag, now)));
+        let corrupt = |what: &str| ImageError::State(format!("corrupt {what} record"));
+        if let Ok(table) = read.open_table(UPLOADED) {
+            let mut uploaded = self.uploaded.lock().expect("uploaded lock");
+            for item in table.iter().map_err(state_error)? {
+                let (tag, at) = item.map_err(state_error)?;
+                let tag = ChunkTag(tag.value().try_into().map_err(|_| corrupt("upload"))?);
+                uploaded.insert(tag, at.value());
+            }
+        }
+        if let Ok(table) = read.open_table(TRACE) {
+            let mut trace = self.trace.lock().expect("trace lock");
+            for item in table.iter().map_err(state_error)? {
+                let (_, tag) = item.map_err(state_error)?;
+                let tag = ChunkTag(tag.value().try_into().map_err(|_| corrupt("trace"))?);
+                if trace.seen.insert(tag) {
+                    trace.order.push(tag);
+                }
+            }
+            trace.persisted = trace.order.len();
+        }
         Ok(true)
     }
 
@@ -383,6 +466,8 @@ impl Image {
                     .map_err(state_error)?;
             }
             write.open_table(OVERLAY).map_err(state_error)?;
+            write.open_table(UPLOADED).map_err(state_error)?;
+            write.open_table(TRACE).map_err(state_error)?;
             let mut meta = write.open_table(META).map_err(state_error)?;
             meta.insert("next_id", self.next_id.load(Ordering::SeqCst))
                 .map_err(state_error)?;
@@ -464,6 +549,18 @@ impl Image {
         } else {
             Ok(())
         }
+    }
+
+    /// Enters a change of the tree or of file contents: holds the snapshot
+    /// gate shared (so [`Image::snapshot`] sees each change entirely or not at
+    /// all) and refuses changes once the image is frozen for checkin.
+    fn begin_change(&self) -> Result<std::sync::RwLockReadGuard<'_, ()>, ImageError> {
+        let gate = self.gate.read().expect("gate lock");
+        if self.frozen.load(Ordering::SeqCst) {
+            return Err(ImageError::Frozen);
+        }
+        self.check_writable()?;
+        Ok(gate)
     }
 
     fn poison<T>(&self, error: ImageError) -> Result<T, ImageError> {
@@ -561,6 +658,12 @@ impl Image {
         if let Some(data) = self.decoded.lock().expect("decoded lock").get(&tag) {
             return Ok(data);
         }
+        {
+            let mut trace = self.trace.lock().expect("trace lock");
+            if trace.seen.insert(tag) {
+                trace.order.push(tag);
+            }
+        }
         // The fetcher returns bytes already verified against the tag.
         let stored = self.fetcher.fetch_blocking(tag, priority)?;
         let data = Arc::new(chunk::decode_verified(
@@ -630,7 +733,7 @@ impl Image {
 
     /// Writes `data` at `offset`, extending the file if needed.
     pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> Result<usize, ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         let node = self.file(path)?;
         let mut position = offset;
         let mut written = 0usize;
@@ -668,15 +771,17 @@ impl Image {
             let generation = buffer.generation;
             if let Some(dirty) = buffer.chunks.get_mut(&key) {
                 dirty.generation = generation;
+                dirty.modified = Instant::now();
                 change(&mut dirty.data);
                 return Ok(());
             }
             if let Some(data) = loaded.take() {
                 buffer.bytes += self.chunk_size;
-                let dirty = buffer
-                    .chunks
-                    .entry(key)
-                    .or_insert(Dirty { data, generation });
+                let dirty = buffer.chunks.entry(key).or_insert(Dirty {
+                    data,
+                    generation,
+                    modified: Instant::now(),
+                });
                 change(&mut dirty.data);
                 return Ok(());
             }
@@ -693,7 +798,14 @@ impl Image {
         let data = vec![0u8; self.chunk_size as usize];
         if buffer
             .chunks
-            .insert((node.id, index), Dirty { data, generation })
+            .insert(
+                (node.id, index),
+                Dirty {
+                    data,
+                    generation,
+                    modified: Instant::now(),
+                },
+            )
             .is_none()
         {
             buffer.bytes += self.chunk_size;
@@ -717,26 +829,45 @@ impl Image {
     /// Makes every write to `path` so far durable (the file's `fsync`).
     pub fn fsync(&self, path: &str) -> Result<(), ImageError> {
         let node = self.lookup(path)?;
-        self.seal(Some(node.id), &[])
+        self.seal(SealScope::File(node.id), &[])
     }
 
     /// Makes every write so far durable (sync of the whole session).
     pub fn flush_all(&self) -> Result<(), ImageError> {
-        self.seal(None, &[])
+        self.seal(SealScope::All, &[])
+    }
+
+    /// Seals the buffered chunks nobody has changed for `quiet` (the
+    /// trickle uploader's timer), so they can be uploaded.
+    pub fn seal_quiet(&self, quiet: Duration) -> Result<(), ImageError> {
+        let any_quiet = {
+            let buffer = self.buffer.lock().expect("buffer lock");
+            let now = Instant::now();
+            buffer
+                .chunks
+                .values()
+                .any(|dirty| now.duration_since(dirty.modified) >= quiet)
+        };
+        if any_quiet {
+            self.seal(SealScope::QuietFor(quiet), &[])
+        } else {
+            Ok(())
+        }
     }
 
     /// Seals the dirty chunks of file `id` (or all), then commits their overlay
     /// entries, the removal of `dropped` overlay entries and the entry records
     /// in one transaction.
-    fn seal(&self, id: Option<u64>, dropped: &[(u64, u64)]) -> Result<(), ImageError> {
+    fn seal(&self, scope: SealScope, dropped: &[(u64, u64)]) -> Result<(), ImageError> {
         self.check_writable()?;
         let _sealing = self.sealing.lock().expect("sealing lock");
+        let now = Instant::now();
         let snapshot: Vec<((u64, u64), Vec<u8>, u64)> = {
             let buffer = self.buffer.lock().expect("buffer lock");
             buffer
                 .chunks
                 .iter()
-                .filter(|((file, _), _)| id.is_none_or(|id| id == *file))
+                .filter(|(key, dirty)| scope.takes(**key, dirty, now))
                 .map(|(key, dirty)| (*key, dirty.data.clone(), dirty.generation))
                 .collect()
         };
@@ -771,7 +902,7 @@ impl Image {
                 }
                 let mut entries = write.open_table(ENTRIES)?;
                 for (path, node) in &tree {
-                    if id.is_none_or(|id| id == node.id) {
+                    if scope.covers_file(node.id) {
                         entries.insert(path.as_str(), node.encode().as_slice())?;
                     }
                 }
@@ -785,6 +916,16 @@ impl Image {
         let mut overlay = self.overlay.write().expect("overlay lock");
         let mut buffer = self.buffer.lock().expect("buffer lock");
         let mut superseded = Vec::new();
+        {
+            let mut sealed_at = self.sealed_at.lock().expect("sealed_at lock");
+            let now = Instant::now();
+            sealed_at.extend(
+                sealed
+                    .iter()
+                    .filter_map(|(_, c, _)| c.tag())
+                    .map(|t| (t, now)),
+            );
+        }
         for (key, chunk, generation) in sealed {
             if let Some(old) = overlay.insert(key, chunk).and_then(|c| c.tag()) {
                 self.cache.unpin([&old]);
@@ -864,7 +1005,7 @@ impl Image {
     }
 
     fn create_node(&self, path: &str, kind: NodeKind, mode: u32) -> Result<Node, ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         let node = {
             let mut tree = self.tree.write().expect("tree lock");
             self.check_new_path(&tree, path)?;
@@ -927,7 +1068,7 @@ impl Image {
 
     /// Removes a file.
     pub fn unlink(&self, path: &str) -> Result<(), ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         let node = self.file(path)?;
         self.tree.write().expect("tree lock").remove(path);
         let dropped = self.drop_chunks(node.id, 0);
@@ -936,7 +1077,7 @@ impl Image {
 
     /// Removes an empty directory.
     pub fn rmdir(&self, path: &str) -> Result<(), ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         if self.lookup(path)?.kind != NodeKind::Directory {
             return Err(ImageError::NotDirectory(path.to_owned()));
         }
@@ -949,7 +1090,7 @@ impl Image {
 
     /// Renames `from` to `to` atomically, replacing a file at `to`.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         validate_path(to).map_err(ImageError::Invalid)?;
         if to == from {
             return Ok(());
@@ -1016,7 +1157,7 @@ impl Image {
     /// Sets the size: shrinking drops data past it (the rest of the last chunk
     /// is zeroed), growing adds zeros. Durable when it returns.
     pub fn truncate(&self, path: &str, size: u64) -> Result<(), ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         let node = self.file(path)?;
         let keep = size.div_ceil(self.chunk_size);
         let mut dropped = Vec::new();
@@ -1036,13 +1177,13 @@ impl Image {
             n.size = size;
             n.mtime = Timestamp::now();
         })?;
-        self.seal(Some(node.id), &dropped)
+        self.seal(SealScope::File(node.id), &dropped)
     }
 
     /// Zeroes `len` bytes at `offset`: whole chunks become zero chunks (nothing
     /// stored or uploaded), partial ones are zeroed in place. The size is unchanged.
     pub fn punch_hole(&self, path: &str, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         let node = self.file(path)?;
         let end = node.size.min(offset.saturating_add(len));
         let mut position = offset;
@@ -1059,7 +1200,7 @@ impl Image {
             }
             position += take as u64;
         }
-        self.seal(Some(node.id), &[])
+        self.seal(SealScope::File(node.id), &[])
     }
 
     /// Sets permission bits and/or the modification time.
@@ -1069,7 +1210,7 @@ impl Image {
         mode: Option<u32>,
         mtime: Option<Timestamp>,
     ) -> Result<Node, ImageError> {
-        self.check_writable()?;
+        let _change = self.begin_change()?;
         let node = self.update_node(path, |n| {
             if let Some(mode) = mode {
                 n.mode = mode & 0o7777;
@@ -1158,6 +1299,144 @@ impl Image {
     pub fn dirty_bytes(&self) -> u64 {
         self.buffer.lock().expect("buffer lock").bytes
     }
+
+    /// Stops accepting changes (the end of a checkin): waits for changes in
+    /// progress, after which every change fails with [`ImageError::Frozen`]
+    /// (EROFS through FUSE). Reads keep working.
+    pub fn freeze(&self) {
+        let _gate = self.gate.write().expect("gate lock");
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Accepts changes again (a checkin that failed).
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// A consistent point-in-time manifest of the whole tree: with changes
+    /// held off, seals every buffered chunk and builds the manifest, so every
+    /// write, truncate or rename is in it entirely or not at all. Changes wait
+    /// for the seal (bounded by the write-back buffer), reads do not.
+    pub fn snapshot(&self, template: &Manifest) -> Result<Manifest, ImageError> {
+        let _gate = self.gate.write().expect("gate lock");
+        self.seal(SealScope::All, &[])?;
+        self.to_manifest(template)
+    }
+
+    /// Distinct overlay chunks sealed at least `quiet` ago that the upload
+    /// journal does not list yet: what the trickle uploader sends next.
+    pub fn upload_candidates(&self, quiet: Duration) -> Vec<ChunkTag> {
+        let overlay_tags: HashSet<ChunkTag> = self.overlay_tags().into_iter().collect();
+        let uploaded = self.uploaded.lock().expect("uploaded lock");
+        let sealed_at = self.sealed_at.lock().expect("sealed_at lock");
+        let now = Instant::now();
+        let mut candidates: Vec<(Instant, ChunkTag)> = overlay_tags
+            .into_iter()
+            .filter(|tag| !uploaded.contains_key(tag))
+            .filter_map(|tag| {
+                let sealed = sealed_at.get(&tag).copied().unwrap_or(now);
+                (now.duration_since(sealed) >= quiet).then_some((sealed, tag))
+            })
+            .collect();
+        candidates.sort();
+        candidates.into_iter().map(|(_, tag)| tag).collect()
+    }
+
+    /// When the upload journal says `tag` was last written to (or found in)
+    /// the store: seconds since the epoch, 0 when its age is unknown.
+    pub fn uploaded_at(&self, tag: &ChunkTag) -> Option<u64> {
+        self.uploaded
+            .lock()
+            .expect("uploaded lock")
+            .get(tag)
+            .copied()
+    }
+
+    /// Records uploads in the journal, durably (a restart does not send them again).
+    pub fn record_uploaded(&self, entries: &[(ChunkTag, u64)]) -> Result<(), ImageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let commit = || -> Result<(), redb::Error> {
+            let write = self.db.begin_write()?;
+            {
+                let mut table = write.open_table(UPLOADED)?;
+                for (tag, at) in entries {
+                    table.insert(tag.0.as_slice(), *at)?;
+                }
+            }
+            write.commit()?;
+            Ok(())
+        };
+        commit().map_err(state_error)?;
+        self.uploaded
+            .lock()
+            .expect("uploaded lock")
+            .extend(entries.iter().copied());
+        Ok(())
+    }
+
+    /// Distinct overlay chunks: (uploaded, pending upload, pending stored bytes).
+    pub fn upload_counts(&self) -> (u64, u64, u64) {
+        let overlay = self.overlay.read().expect("overlay lock");
+        let uploaded = self.uploaded.lock().expect("uploaded lock");
+        let mut seen = HashSet::new();
+        let (mut done, mut pending, mut pending_bytes) = (0, 0, 0);
+        for chunk in overlay.values() {
+            if let ChunkRef::Stored {
+                tag, stored_len, ..
+            } = chunk
+                && seen.insert(*tag)
+            {
+                if uploaded.contains_key(tag) {
+                    done += 1;
+                } else {
+                    pending += 1;
+                    pending_bytes += u64::from(*stored_len);
+                }
+            }
+        }
+        (done, pending, pending_bytes)
+    }
+
+    /// The access trace so far: stored chunks in the order they were first read.
+    pub fn trace(&self) -> Vec<ChunkTag> {
+        self.trace.lock().expect("trace lock").order.clone()
+    }
+
+    /// Appends the trace entries recorded since the last call to the state
+    /// file, so a restarted daemon continues the trace.
+    pub fn persist_trace(&self) -> Result<(), ImageError> {
+        let (start, fresh) = {
+            let trace = self.trace.lock().expect("trace lock");
+            (trace.persisted, trace.order[trace.persisted..].to_vec())
+        };
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let commit = || -> Result<(), redb::Error> {
+            let write = self.db.begin_write()?;
+            {
+                let mut table = write.open_table(TRACE)?;
+                for (offset, tag) in fresh.iter().enumerate() {
+                    table.insert((start + offset) as u64, tag.0.as_slice())?;
+                }
+            }
+            write.commit()?;
+            Ok(())
+        };
+        commit().map_err(state_error)?;
+        let mut trace = self.trace.lock().expect("trace lock");
+        trace.persisted = trace.persisted.max(start + fresh.len());
+        Ok(())
+    }
+}
+
+/// Seconds since the Unix epoch, for the upload journal.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

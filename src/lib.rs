@@ -17,7 +17,8 @@
 //! | [`export`] | version → files, and chunk verification |
 //! | [`fetch`] | scheduler: one download per chunk, priorities with a demand reservation, retries, verification |
 //! | [`image`] | one open parcel: base manifest + durable overlay, write-back buffer, read/write/truncate/punch-hole |
-//! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, status, discard |
+//! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, trickle upload, sync, checkin, discard |
+//! | [`trace`] | the access trace stored beside a version (first-read order of chunks), encrypted |
 //! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
 //! | [`error`] | error classes and exit codes |
@@ -38,3 +39,4 @@ pub mod parcel;
 pub mod progress;
 pub mod session;
 pub mod store;
+pub mod trace;

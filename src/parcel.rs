@@ -55,6 +55,10 @@ pub mod layout {
     pub fn manifest(name: &str, version: u64) -> String {
         format!("parcels/{name}/versions/{version:010}.manifest")
     }
+    /// `parcels/<name>/versions/<0000000042>.trace`.
+    pub fn trace(name: &str, version: u64) -> String {
+        format!("parcels/{name}/versions/{version:010}.trace")
+    }
     /// `parcels/<name>/lock`.
     pub fn lock(name: &str) -> String {
         format!("parcels/{name}/lock")

@@ -1,5 +1,6 @@
 //! A resumed parcel's lifecycle: lock, resume (or reattach after a restart),
-//! background prefetch, status, discard.
+//! background prefetch, trickle upload ([`trickle`]), sync and checkin
+//! ([`commit`]), status, discard.
 //!
 //! Resuming takes the parcel's lock in the store with one create-only put of
 //! `parcels/<name>/lock` (holder, host, random nonce, time), writes a session
@@ -9,11 +10,19 @@
 //! lock in the store must still carry the record's nonce, and the image reopens
 //! with every fsynced write intact.
 //!
-//! Prefetch after resume: memory image files first, in order, then every other
-//! file in order ([`Priority::Memory`], then [`Priority::Prefetch`]).
+//! Prefetch after resume: memory image files first, in order, then the chunks
+//! of the base version's access trace in the order the previous session first
+//! read them, then every other file in order ([`Priority::Memory`],
+//! [`Priority::Trace`], [`Priority::Prefetch`]).
+
+mod commit;
+mod trickle;
+
+pub use commit::CommitReport;
+pub use trickle::UploadSettings;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -46,7 +55,7 @@ pub enum SessionError {
     },
     /// This machine's session lost its lock (someone forced it).
     #[error(
-        "the lock of parcel {name} was broken by someone else ({detail}); this machine's local changes are kept, not discarded"
+        "the lock of parcel {name} was broken by someone else ({detail}); nothing was committed and this machine's changes are kept: save them as a new parcel with `isrctl checkin --as NEW-NAME {name}`, or drop them with `isrctl discard {name}`"
     )]
     LockLost {
         /// Parcel.
@@ -57,6 +66,24 @@ pub enum SessionError {
     /// No such session.
     #[error("parcel {0} is not resumed on this machine (`isrctl status` lists the sessions)")]
     NotResumed(String),
+    /// A chunk this session wrote is gone from the local cache before upload.
+    #[error(
+        "chunk {tag} written by this session is missing from the local cache, so it cannot be uploaded; the cache directory was changed behind isrfsd's back"
+    )]
+    MissingLocalChunk {
+        /// Chunk.
+        tag: ChunkTag,
+    },
+    /// Someone committed a version of the parcel while this session held its lock.
+    #[error(
+        "version {version} of parcel {name} was committed by someone else while this session held the lock; nothing was committed: save this session's changes with `isrctl checkin --as NEW-NAME {name}`"
+    )]
+    Diverged {
+        /// Parcel.
+        name: String,
+        /// The foreign version.
+        version: u64,
+    },
     /// Writing the session record failed.
     #[error("session state {}: {source}", path.display())]
     State {
@@ -81,6 +108,8 @@ impl Classify for SessionError {
         match self {
             SessionError::Locked { .. } | SessionError::LockLost { .. } => ErrorClass::Conflict,
             SessionError::NotResumed(_) => ErrorClass::NotFound,
+            SessionError::MissingLocalChunk { .. } => ErrorClass::Integrity,
+            SessionError::Diverged { .. } => ErrorClass::Conflict,
             SessionError::State { .. } => ErrorClass::Other,
             SessionError::Parcel(e) => e.class(),
             SessionError::Store(e) => e.class(),
@@ -105,6 +134,14 @@ pub struct SessionRecord {
     pub mount: PathBuf,
     /// When it was resumed, RFC 3339.
     pub since: String,
+    /// The newest version this session committed (by sync or checkin): the
+    /// parent of its next commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<u64>,
+    /// Set once checkin has committed: what is left is releasing the lock
+    /// and removing this state, which a rerun finishes.
+    #[serde(default)]
+    pub checked_in: bool,
 }
 
 /// Where a parcel's session state lives.
@@ -131,7 +168,8 @@ pub fn read_record(state_dir: &Path, parcel: &str) -> Result<Option<SessionRecor
     }
 }
 
-fn write_record(state_dir: &Path, record: &SessionRecord) -> Result<(), SessionError> {
+/// Writes the session record durably (temporary file, fsync, rename).
+pub fn write_record(state_dir: &Path, record: &SessionRecord) -> Result<(), SessionError> {
     let path = record_path(state_dir, &record.parcel);
     let state_error = |source| SessionError::State {
         path: path.clone(),
@@ -247,6 +285,8 @@ pub struct SessionContext {
     pub image: ImageOptions,
     /// Prefetch every chunk in the background after resume.
     pub prefetch: bool,
+    /// Trickle and commit uploads.
+    pub upload: UploadSettings,
 }
 
 /// Counters of a session, for `isrctl status`.
@@ -266,6 +306,18 @@ pub struct SessionStatus {
     pub dirty_bytes: u64,
     /// Chunks this session wrote (sealed into the cache).
     pub dirty_chunks: u64,
+    /// Of the distinct chunks this session wrote, how many are in the store.
+    pub uploaded_chunks: u64,
+    /// ... and how many are still to upload, with their stored size.
+    pub pending_chunks: u64,
+    /// Stored bytes still to upload.
+    pub pending_bytes: u64,
+    /// Stored bytes this daemon uploaded for the session (trickle and commits).
+    pub uploaded_bytes: u64,
+    /// The trickle uploader's current rate limit, bytes per second (0 = off).
+    pub trickle_rate: u64,
+    /// The newest version this session committed, if any.
+    pub committed_version: Option<u64>,
     /// Fetch counters.
     pub fetch: FetchStats,
 }
@@ -288,11 +340,12 @@ pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fet
 /// adapter keeps one for `.isr/stats`).
 #[derive(Debug, Clone)]
 pub struct StatusSource {
-    record: SessionRecord,
+    record: Arc<Mutex<SessionRecord>>,
     base: Arc<Manifest>,
     image: Arc<Image>,
     fetcher: Fetcher,
     cache: Arc<ChunkCache>,
+    uploads: Arc<trickle::UploadCounters>,
 }
 
 impl StatusSource {
@@ -303,14 +356,25 @@ impl StatusSource {
             .iter()
             .filter(|(tag, ..)| self.cache.contains(tag))
             .count() as u64;
+        let record = self.record.lock().expect("record lock").clone();
+        let (uploaded_chunks, pending_chunks, pending_bytes) = self.image.upload_counts();
         SessionStatus {
-            parcel: self.record.parcel.clone(),
-            base_version: self.record.base_version,
-            mount: self.record.mount.clone(),
+            parcel: record.parcel,
+            base_version: record.base_version,
+            mount: record.mount,
             chunks_total: distinct.len() as u64,
             chunks_local,
             dirty_bytes: self.image.dirty_bytes(),
             dirty_chunks: self.image.overlay_tags().len() as u64,
+            uploaded_chunks,
+            pending_chunks,
+            pending_bytes,
+            uploaded_bytes: self
+                .uploads
+                .bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            trickle_rate: self.uploads.rate.load(std::sync::atomic::Ordering::Relaxed),
+            committed_version: record.committed,
             fetch: self.fetcher.stats(),
         }
     }
@@ -330,16 +394,22 @@ impl StatusSource {
 /// A resumed parcel.
 #[derive(Debug)]
 pub struct Session {
-    /// What is remembered on disk.
-    pub record: SessionRecord,
+    record: Arc<Mutex<SessionRecord>>,
     /// The parcel's file tree.
     pub image: Arc<Image>,
     /// Its fetcher.
     pub fetcher: Fetcher,
     /// The base manifest.
     pub base: Arc<Manifest>,
+    parcel: OpenParcel,
     store: StoreHandle,
     context: SessionContext,
+    uploads: Arc<trickle::UploadCounters>,
+    trickle: trickle::Trickle,
+    /// One sync or checkin at a time.
+    commit_lock: tokio::sync::Mutex<()>,
+    /// What the checkin that ended this session did (later requests get it too).
+    checked_in: Mutex<Option<CommitReport>>,
 }
 
 /// Whether a file is (part of) a memory image, prefetched first.
@@ -349,6 +419,78 @@ fn is_memory_image(path: &str) -> bool {
         || name.starts_with("memory.")
         || name.ends_with(".sav")
         || name.ends_with(".mem")
+}
+
+/// Finishes a checkin whose commit is done but whose clean-up was cut short
+/// (the daemon was killed): releases the lock if this session still holds it
+/// and removes the session state. Returns the version it committed.
+pub async fn finish_checked_in(
+    store: &StoreHandle,
+    state_dir: &Path,
+    record: &SessionRecord,
+) -> Result<Option<u64>, SessionError> {
+    release_lock_if_held(store, record).await?;
+    if let Some(version) = record.committed {
+        note_last_checkin(state_dir, &record.parcel, version)?;
+    }
+    remove_state(state_dir, &record.parcel)?;
+    Ok(record.committed)
+}
+
+fn last_checkin_path(state_dir: &Path, parcel: &str) -> PathBuf {
+    state_dir.join("checked-in").join(parcel)
+}
+
+/// The version the last finished checkin of `parcel` on this machine
+/// committed, while the parcel has not been resumed here since: lets a
+/// repeated `isrctl checkin` (its first run was killed after finishing)
+/// answer instead of failing.
+pub fn last_checkin(state_dir: &Path, parcel: &str) -> Option<u64> {
+    std::fs::read_to_string(last_checkin_path(state_dir, parcel))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn note_last_checkin(state_dir: &Path, parcel: &str, version: u64) -> Result<(), SessionError> {
+    let path = last_checkin_path(state_dir, parcel);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        let temp = path.with_extension("tmp");
+        std::fs::write(&temp, format!("{version}\n"))?;
+        std::fs::File::open(&temp)?.sync_all()?;
+        std::fs::rename(&temp, &path)
+    };
+    write().map_err(|source| SessionError::State { path, source })
+}
+
+async fn release_lock_if_held(
+    store: &StoreHandle,
+    record: &SessionRecord,
+) -> Result<(), SessionError> {
+    match check_lock(store, record).await {
+        Ok(()) => {
+            store
+                .writer("unlock")?
+                .delete(&layout::lock(&record.parcel))
+                .await?;
+        }
+        Err(SessionError::LockLost { .. }) => {
+            tracing::info!(parcel = %record.parcel, "not releasing a lock this session no longer holds");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+fn remove_state(state_dir: &Path, parcel: &str) -> Result<(), SessionError> {
+    let dir = session_dir(state_dir, parcel);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SessionError::State { path: dir, source }),
+    }
 }
 
 impl Session {
@@ -362,7 +504,13 @@ impl Session {
         context: SessionContext,
     ) -> Result<Session, SessionError> {
         let name = parcel.name.clone();
-        let record = match read_record(&context.state_dir, &name)? {
+        let mut existing = read_record(&context.state_dir, &name)?;
+        if let Some(record) = existing.as_ref().filter(|r| r.checked_in) {
+            // A checkin committed, then was cut short: finish it, then resume afresh.
+            finish_checked_in(&store, &context.state_dir, record).await?;
+            existing = None;
+        }
+        let record = match existing {
             Some(record) => {
                 check_lock(&store, &record).await?;
                 tracing::info!(parcel = %name, "reattaching to the existing session");
@@ -371,6 +519,7 @@ impl Session {
             None => {
                 let base_version = parcel::resolve_version(&store, &name, version).await?;
                 let lock = take_lock(&store, &name, Some(base_version)).await?;
+                let _ = std::fs::remove_file(last_checkin_path(&context.state_dir, &name));
                 let record = SessionRecord {
                     parcel: name.clone(),
                     store: store.url().to_owned(),
@@ -378,6 +527,8 @@ impl Session {
                     lock_nonce: lock.nonce,
                     mount,
                     since: lock.since,
+                    committed: None,
+                    checked_in: false,
                 };
                 if let Err(e) = write_record(&context.state_dir, &record) {
                     let _ = store.writer("unlock")?.delete(&layout::lock(&name)).await;
@@ -386,6 +537,29 @@ impl Session {
                 record
             }
         };
+        Session::open(store, parcel, record, context).await
+    }
+
+    /// Reopens this machine's session of `parcel` without checking the lock
+    /// (for a checkin after a daemon restart: the commit checks it, and a
+    /// session that lost its lock can still be saved under a new name).
+    pub async fn reopen(
+        store: StoreHandle,
+        parcel: OpenParcel,
+        context: SessionContext,
+    ) -> Result<Session, SessionError> {
+        let record = read_record(&context.state_dir, &parcel.name)?
+            .ok_or_else(|| SessionError::NotResumed(parcel.name.clone()))?;
+        Session::open(store, parcel, record, context).await
+    }
+
+    async fn open(
+        store: StoreHandle,
+        parcel: OpenParcel,
+        record: SessionRecord,
+        context: SessionContext,
+    ) -> Result<Session, SessionError> {
+        let name = parcel.name.clone();
         let base = parcel::read_manifest(&store, &parcel, record.base_version).await?;
         let fetcher = Fetcher::start(
             store.reader().clone(),
@@ -401,18 +575,35 @@ impl Session {
             fetcher.clone(),
             context.image,
         );
-        let image = tokio::task::spawn_blocking(move || {
-            Image::open(&state, &image_base, secrets, fetch_handle, cache, options)
-        })
-        .await
-        .expect("image open task")?;
+        let image = Arc::new(
+            tokio::task::spawn_blocking(move || {
+                Image::open(&state, &image_base, secrets, fetch_handle, cache, options)
+            })
+            .await
+            .expect("image open task")?,
+        );
+        let uploads = Arc::new(trickle::UploadCounters::default());
+        let trickle = trickle::Trickle::start(trickle::TrickleParts {
+            image: image.clone(),
+            store: store.clone(),
+            cache: context.cache.clone(),
+            fetcher: fetcher.clone(),
+            settings: context.upload,
+            counters: uploads.clone(),
+            runtime: context.runtime.clone(),
+        });
         let session = Session {
-            record,
-            image: Arc::new(image),
+            record: Arc::new(Mutex::new(record)),
+            image,
             fetcher,
             base: Arc::new(base),
+            parcel,
             store,
             context,
+            uploads,
+            trickle,
+            commit_lock: tokio::sync::Mutex::new(()),
+            checked_in: Mutex::new(None),
         };
         if session.context.prefetch {
             session.start_prefetch();
@@ -420,18 +611,47 @@ impl Session {
         Ok(session)
     }
 
+    /// The session record as it is now.
+    pub fn record(&self) -> SessionRecord {
+        self.record.lock().expect("record lock").clone()
+    }
+
     fn start_prefetch(&self) {
         let (memory, rest): (Vec<_>, Vec<_>) = self
             .base
             .files()
             .partition(|(path, _, _)| is_memory_image(path));
-        for (files, priority) in [(memory, Priority::Memory), (rest, Priority::Prefetch)] {
-            let tags: Vec<ChunkTag> = files
+        let tags_of = |files: &[(&str, u64, &[crate::chunk::ChunkRef])]| -> Vec<ChunkTag> {
+            files
                 .iter()
                 .flat_map(|(_, _, chunks)| chunks.iter().filter_map(|c| c.tag()))
-                .collect();
-            self.fetcher.prefetch(tags, priority);
-        }
+                .collect()
+        };
+        let (memory, rest) = (tags_of(&memory), tags_of(&rest));
+        self.fetcher.prefetch(memory, Priority::Memory);
+        self.fetcher
+            .prefetch(rest.iter().copied(), Priority::Prefetch);
+        // The previous session's first reads jump ahead of the sweep when the
+        // trace arrives (a queued chunk moves up to the higher priority).
+        let (store, parcel, version, fetcher) = (
+            self.store.clone(),
+            self.parcel.clone(),
+            self.record().base_version,
+            self.fetcher.clone(),
+        );
+        let in_base: std::collections::HashSet<ChunkTag> = rest.into_iter().collect();
+        self.context.runtime.spawn(async move {
+            match read_trace(&store, &parcel, version).await {
+                Ok(Some(trace)) => {
+                    let tags: Vec<ChunkTag> =
+                        trace.into_iter().filter(|t| in_base.contains(t)).collect();
+                    tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), "prefetching in access-trace order");
+                    fetcher.prefetch(tags, Priority::Trace);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "ignoring the access trace"),
+            }
+        });
     }
 
     /// Where the session's counters come from.
@@ -442,6 +662,7 @@ impl Session {
             image: self.image.clone(),
             fetcher: self.fetcher.clone(),
             cache: self.context.cache.clone(),
+            uploads: self.uploads.clone(),
         }
     }
 
@@ -450,39 +671,57 @@ impl Session {
         self.status_source().status()
     }
 
-    /// Drops every local change, wipes the session's state and releases the lock.
-    pub async fn discard(self) -> Result<(), SessionError> {
+    /// Stops the background work and removes the session: releases the lock
+    /// if still held, unpins this session's chunks and deletes `remove` from
+    /// the cache (those nobody else pins), then removes the session state.
+    async fn close(&self, remove: &[ChunkTag]) -> Result<(), SessionError> {
+        self.trickle.stop();
         self.fetcher.stop();
         let tags = self.image.overlay_tags();
         self.context.cache.unpin(tags.iter());
-        // The session's own chunks exist nowhere else: wipe them with its state.
-        if let Err(e) = self.context.cache.remove_unpinned(tags.iter()) {
+        if let Err(e) = self.context.cache.remove_unpinned(remove.iter()) {
             tracing::warn!(error = %e, "could not remove the session's chunks from the cache");
         }
-        let Session {
-            record,
-            image,
-            store,
-            context,
-            ..
-        } = self;
-        drop(image);
-        let dir = session_dir(&context.state_dir, &record.parcel);
-        std::fs::remove_dir_all(&dir)
-            .map_err(|source| SessionError::State { path: dir, source })?;
-        match check_lock(&store, &record).await {
-            Ok(()) => {
-                store
-                    .writer("unlock")?
-                    .delete(&layout::lock(&record.parcel))
-                    .await?
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "not releasing a lock this session no longer holds")
-            }
-        }
-        Ok(())
+        let record = self.record();
+        release_lock_if_held(&self.store, &record).await?;
+        remove_state(&self.context.state_dir, &record.parcel)
     }
+
+    /// Drops every local change, wipes the session's state and releases the lock.
+    pub async fn discard(&self) -> Result<(), SessionError> {
+        // The session's own chunks exist nowhere else: wipe them with its state.
+        let own = self.image.overlay_tags();
+        self.close(&own).await
+    }
+}
+
+/// The access trace stored beside `version`, if there is one.
+pub async fn read_trace(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    version: u64,
+) -> Result<Option<Vec<ChunkTag>>, SessionError> {
+    let key = layout::trace(&parcel.name, version);
+    let bytes = match store.reader().get(&key).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    crate::trace::open(
+        &bytes,
+        &parcel.secrets.parcel_key,
+        &parcel.id,
+        version,
+        &key,
+    )
+    .map(Some)
+    .map_err(|e| {
+        SessionError::Store(StoreError::Permanent {
+            store: store.url().to_owned(),
+            key,
+            source: e.into(),
+        })
+    })
 }
 
 #[cfg(test)]

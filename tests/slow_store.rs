@@ -80,6 +80,7 @@ fn a_missing_chunk_read_blocks_then_returns_the_right_bytes_while_prefetch_runs(
         },
         image: ImageOptions::default(),
         prefetch: true,
+        upload: Default::default(),
     };
     let session = runtime
         .block_on(Session::resume(

@@ -103,13 +103,13 @@ pub struct VerifyArgs {
     deep: bool,
 }
 
-struct CommandContext {
-    global: GlobalOptions,
-    config: Config,
+pub(crate) struct CommandContext {
+    pub(crate) global: GlobalOptions,
+    pub(crate) config: Config,
 }
 
 impl CommandContext {
-    fn store(&self) -> anyhow::Result<StoreHandle> {
+    pub(crate) fn store(&self) -> anyhow::Result<StoreHandle> {
         Ok(store::open(
             &self.config.store,
             &self.config.s3,
@@ -117,7 +117,7 @@ impl CommandContext {
         )?)
     }
 
-    fn credentials(
+    pub(crate) fn credentials(
         &self,
         parcel: &str,
         purpose: Purpose,
@@ -130,7 +130,11 @@ impl CommandContext {
         )
     }
 
-    async fn open_parcel(&self, store: &StoreHandle, name: &str) -> anyhow::Result<OpenParcel> {
+    pub(crate) async fn open_parcel(
+        &self,
+        store: &StoreHandle,
+        name: &str,
+    ) -> anyhow::Result<OpenParcel> {
         parcel::require_record(store, name).await?;
         let credentials = self.credentials(name, Purpose::Unlock)?;
         Ok(parcel::open(store, name, &credentials).await?)
@@ -199,6 +203,8 @@ pub async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<Exit
         Command::Hoard(args) => hoard(&context, &args.name),
         Command::Discard(args) => discard(&context, &args.name).await,
         Command::Unlock(args) => unlock(&context, args).await,
+        Command::Sync(args) => crate::checkin::sync(&context, args).await,
+        Command::Checkin(args) => crate::checkin::checkin(&context, args).await,
         Command::NewKeyFile { .. } => unreachable!("handled above"),
     };
     match result {
@@ -576,7 +582,7 @@ async fn verify(context: &CommandContext, args: VerifyArgs) -> anyhow::Result<Ex
 }
 
 /// The daemon's socket, starting isrfsd first if nothing answers there.
-fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
+pub(crate) fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
     let runtime_dir = &context.config.runtime_dir;
     let socket = isr::control::socket_path(runtime_dir);
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
@@ -640,7 +646,7 @@ fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn daemon_socket_if_running(context: &CommandContext) -> Option<PathBuf> {
+pub(crate) fn daemon_socket_if_running(context: &CommandContext) -> Option<PathBuf> {
     let socket = isr::control::socket_path(&context.config.runtime_dir);
     std::os::unix::net::UnixStream::connect(&socket)
         .is_ok()
@@ -723,6 +729,8 @@ fn status(context: &CommandContext, name: Option<&str>) -> anyhow::Result<ExitCo
                     output::bytes(s.dirty_bytes),
                     s.dirty_chunks
                 ),
+                format!("{} up, {} to go", s.uploaded_chunks, s.pending_chunks),
+                s.committed_version.map_or("-".into(), |v| v.to_string()),
                 output::bytes(s.fetch.fetched_bytes),
                 s.fetch.in_flight.to_string(),
                 (s.fetch.failures + s.fetch.verify_failures).to_string(),
@@ -736,6 +744,8 @@ fn status(context: &CommandContext, name: Option<&str>) -> anyhow::Result<ExitCo
             "MOUNT",
             "LOCAL/TOTAL",
             "DIRTY",
+            "UPLOAD",
+            "SYNCED",
             "FETCHED",
             "IN FLIGHT",
             "ERRORS",

@@ -4,6 +4,7 @@
 //! calls the library and maps errors to the documented exit codes. No logic of
 //! its own beyond presentation.
 
+mod checkin;
 mod commands;
 mod credentials;
 mod output;
@@ -116,6 +117,21 @@ enum Command {
     Status(commands::StatusArgs),
     /// Fetch every chunk of a resumed parcel and wait, so it keeps working offline.
     Hoard(commands::NameArgs),
+    /// Commit a resumed parcel's current state as a new version; it stays mounted.
+    ///
+    /// The version is one point in time: every write either made it entirely
+    /// or not at all. Only chunks not yet in the store are uploaded (most are
+    /// usually there already: the daemon trickles changes up in the background).
+    Sync(crate::checkin::SyncArgs),
+    /// Commit a resumed parcel as a new version, unmount it, release its lock.
+    ///
+    /// From the start of the checkin the mount is read-only. Only chunks not
+    /// yet in the store are uploaded; the version becomes visible in one step.
+    /// The local cache is kept (the next resume here is fast) unless --wipe.
+    /// Interrupted or killed, run it again: it finishes without uploading
+    /// twice or making a second version. If someone broke the lock, nothing is
+    /// committed and the changes are kept: save them with --as NEW-NAME.
+    Checkin(crate::checkin::CheckinArgs),
     /// Unmount a resumed parcel, drop its local changes and release its lock.
     Discard(commands::NameArgs),
     /// Break a parcel's lock (the holder's unsaved changes can no longer be committed).

@@ -13,7 +13,7 @@ use isr::config::Config;
 use isr::control::{self, Request, Response};
 use isr::error::{Classify, ErrorClass};
 use isr::image::ImageOptions;
-use isr::session::{Session, SessionContext, SessionError};
+use isr::session::{CommitReport, Session, SessionContext, SessionError};
 use isr::store;
 
 use crate::fuse::ParcelFs;
@@ -31,7 +31,7 @@ pub struct Options {
 }
 
 struct Mounted {
-    session: Session,
+    session: Arc<Session>,
     mount: Option<fuser::BackgroundSession>,
 }
 
@@ -39,6 +39,12 @@ struct Daemon {
     runtime: tokio::runtime::Runtime,
     context: SessionContext,
     sessions: Mutex<HashMap<String, Mounted>>,
+    /// Per parcel: held by resume, sync, checkin and discard, so they run one
+    /// at a time and a request sees the previous one's end state.
+    parcel_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Checkins this daemon finished: a repeated request (its client was
+    /// killed) gets the same answer.
+    checked_in: Mutex<HashMap<String, CommitReport>>,
     fuse_threads: usize,
     allow_other: bool,
     shutdown: std::sync::mpsc::Sender<()>,
@@ -89,9 +95,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             fetch: config.fetch,
             image: ImageOptions::default(),
             prefetch: config.prefetch,
+            upload: config.upload,
         },
         runtime,
         sessions: Mutex::new(HashMap::new()),
+        parcel_locks: Mutex::new(HashMap::new()),
+        checked_in: Mutex::new(HashMap::new()),
         fuse_threads: options.fuse_threads,
         allow_other: options.allow_other,
         shutdown: shutdown.clone(),
@@ -185,7 +194,45 @@ impl Daemon {
                 version,
                 mount,
                 store,
-            } => self.resume(*parcel, version, mount, store),
+            } => {
+                let lock = self.parcel_lock(&parcel.name);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                self.resume(*parcel, version, mount, store)
+            }
+            Request::Sync { parcel, message } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                let Some(session) = self.live_session(&parcel) else {
+                    let e = SessionError::NotResumed(parcel.clone());
+                    return error_response(
+                        e.class(),
+                        format!(
+                            "{e}; after a restart of isrfsd, `isrctl resume {parcel}` reattaches it"
+                        ),
+                    );
+                };
+                match self.runtime.block_on(session.commit(&message, None)) {
+                    Ok(report) => Response::Committed { report },
+                    Err(e) => error_response(e.class(), e.to_string()),
+                }
+            }
+            Request::Checkin {
+                parcel,
+                message,
+                wipe,
+                save_as,
+                reopen,
+            } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                self.checkin(
+                    &parcel,
+                    &message,
+                    wipe,
+                    save_as.as_deref(),
+                    reopen.as_deref(),
+                )
+            }
             Request::Status { parcel } => {
                 let sessions = self.sessions.lock().expect("sessions lock");
                 let mut statuses: Vec<_> = sessions
@@ -219,6 +266,8 @@ impl Daemon {
                 }
             }
             Request::Discard { parcel } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
                 let mounted = self.sessions.lock().expect("sessions lock").remove(&parcel);
                 let Some(mounted) = mounted else {
                     let e = SessionError::NotResumed(parcel);
@@ -239,6 +288,145 @@ impl Daemon {
         }
     }
 
+    fn parcel_lock(&self, parcel: &str) -> Arc<Mutex<()>> {
+        self.parcel_locks
+            .lock()
+            .expect("parcel locks")
+            .entry(parcel.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn live_session(&self, parcel: &str) -> Option<Arc<Session>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(parcel)
+            .map(|m| m.session.clone())
+    }
+
+    /// Checkin: commit, unmount, release the lock, remove the session state.
+    fn checkin(
+        &self,
+        parcel: &str,
+        message: &str,
+        wipe: bool,
+        save_as: Option<&control::WireParcel>,
+        reopen: Option<&control::Reopen>,
+    ) -> Response {
+        let save_as = match save_as.map(|w| w.open()) {
+            None => None,
+            Some(Some(open)) => Some(open),
+            Some(None) => {
+                return error_response(
+                    ErrorClass::Invalid,
+                    "malformed parcel secrets in the request".into(),
+                );
+            }
+        };
+        let session = match self.live_session(parcel) {
+            Some(session) => session,
+            None => {
+                if let Some(report) = self.checked_in.lock().expect("checked_in").get(parcel) {
+                    return Response::Committed {
+                        report: CommitReport {
+                            already_done: true,
+                            ..report.clone()
+                        },
+                    };
+                }
+                match self.reopen_for_checkin(parcel, reopen) {
+                    Ok(Ok(session)) => Arc::new(session),
+                    Ok(Err(report)) => return Response::Committed { report },
+                    Err(response) => return response,
+                }
+            }
+        };
+        let report = match self
+            .runtime
+            .block_on(session.checkin(message, save_as.as_ref()))
+        {
+            Ok(report) => report,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        if report.already_done {
+            return Response::Committed { report };
+        }
+        let mounted = self.sessions.lock().expect("sessions lock").remove(parcel);
+        if let Some(mount) = mounted.and_then(|m| m.mount) {
+            if let Err(e) = mount.umount_and_join() {
+                tracing::warn!(parcel, error = %e, "unmount after checkin failed");
+            }
+        }
+        if let Err(e) = self.runtime.block_on(session.finish_checkin(wipe)) {
+            return error_response(
+                e.class(),
+                format!(
+                    "version {} of {} is committed, but cleaning up failed: {e}; run `isrctl checkin {parcel}` again to finish",
+                    report.version, report.parcel
+                ),
+            );
+        }
+        tracing::info!(parcel, version = report.version, "checked in");
+        self.checked_in
+            .lock()
+            .expect("checked_in")
+            .insert(parcel.to_owned(), report.clone());
+        Response::Committed { report }
+    }
+
+    /// Opens a session this daemon does not have (it was restarted) for
+    /// checkin, without mounting it; or finishes a checkin that committed but
+    /// was cut short, answering with what it committed.
+    fn reopen_for_checkin(
+        &self,
+        parcel: &str,
+        reopen: Option<&control::Reopen>,
+    ) -> Result<Result<Session, CommitReport>, Response> {
+        let fail = |e: SessionError| error_response(e.class(), e.to_string());
+        let record = isr::session::read_record(&self.context.state_dir, parcel)
+            .map_err(fail)?
+            .ok_or_else(|| fail(SessionError::NotResumed(parcel.to_owned())))?;
+        let Some(reopen) = reopen else {
+            // isrctl resends with the parcel's secrets.
+            return Err(fail(SessionError::NotResumed(parcel.to_owned())));
+        };
+        let Some(open) = reopen.parcel.open() else {
+            return Err(error_response(
+                ErrorClass::Invalid,
+                "malformed parcel secrets in the request".into(),
+            ));
+        };
+        let store = store::open(&reopen.store.url, &reopen.store.s3, reopen.store.retry)
+            .map_err(|e| error_response(e.class(), e.to_string()))?;
+        if std::fs::metadata(&record.mount).is_err() {
+            // A mount left by a killed daemon answers ENOTCONN: detach it.
+            let _ = nix::mount::umount2(&record.mount, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if record.checked_in {
+            let version = self
+                .runtime
+                .block_on(isr::session::finish_checked_in(
+                    &store,
+                    &self.context.state_dir,
+                    &record,
+                ))
+                .map_err(fail)?;
+            return Ok(Err(CommitReport::finished_earlier(
+                parcel,
+                version.unwrap_or(record.base_version),
+            )));
+        }
+        let context = SessionContext {
+            prefetch: false,
+            ..self.context.clone()
+        };
+        self.runtime
+            .block_on(Session::reopen(store, open, context))
+            .map(Ok)
+            .map_err(fail)
+    }
+
     fn resume(
         &self,
         parcel: control::WireParcel,
@@ -253,7 +441,7 @@ impl Daemon {
             .get(&parcel.name)
         {
             return Response::Resumed {
-                mount: existing.session.record.mount.clone(),
+                mount: existing.session.record().mount.clone(),
                 reattached: true,
             };
         }
@@ -281,7 +469,7 @@ impl Daemon {
             Ok(session) => session,
             Err(e) => return error_response(e.class(), e.to_string()),
         };
-        let mount = session.record.mount.clone();
+        let mount = session.record().mount.clone();
         if std::fs::metadata(&mount).is_err() {
             // A mount left by a killed daemon answers ENOTCONN: detach it first.
             let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
@@ -314,10 +502,14 @@ impl Daemon {
         match fuser::spawn_mount(fs, &mount, &config) {
             Ok(background) => {
                 tracing::info!(parcel = %parcel.name, mount = %mount.display(), reattaching, "mounted");
+                self.checked_in
+                    .lock()
+                    .expect("checked_in")
+                    .remove(&parcel.name);
                 self.sessions.lock().expect("sessions lock").insert(
                     parcel.name.clone(),
                     Mounted {
-                        session,
+                        session: Arc::new(session),
                         mount: Some(background),
                     },
                 );

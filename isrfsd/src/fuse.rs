@@ -41,6 +41,7 @@ pub fn errno(error: &ImageError) -> Errno {
         ImageError::IsDirectory(_) => Errno::EISDIR,
         ImageError::NotEmpty(_) => Errno::ENOTEMPTY,
         ImageError::Invalid(_) => Errno::EINVAL,
+        ImageError::Frozen => Errno::EROFS,
         ImageError::Fetch(_)
         | ImageError::Chunk(_)
         | ImageError::State(_)

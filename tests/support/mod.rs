@@ -345,6 +345,61 @@ impl Env {
         Env { dir, store, config }
     }
 
+    /// A second machine on the same store: its own state, cache, runtime
+    /// directory and daemon, the same configuration.
+    pub fn another_machine(&self) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::copy(&self.config, &config).unwrap();
+        Env {
+            dir,
+            store: self.store.clone(),
+            config,
+        }
+    }
+
+    /// Opens `name` through the library (for checks the CLI does not print).
+    pub fn open_parcel(
+        &self,
+        name: &str,
+    ) -> (
+        tokio::runtime::Runtime,
+        isr::store::StoreHandle,
+        isr::parcel::OpenParcel,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = isr::config::Config::load(Some(&self.config)).unwrap();
+        let store = isr::store::open(&self.store, &config.s3, quick_retry()).unwrap();
+        let credentials = vec![isr::keys::Credential::Passphrase(
+            isr::keys::Zeroizing::new(PASSPHRASE.into()),
+        )];
+        let parcel = runtime
+            .block_on(isr::parcel::open(&store, name, &credentials))
+            .unwrap();
+        (runtime, store, parcel)
+    }
+
+    /// Version `version` of `name`, decrypted.
+    pub fn manifest(&self, name: &str, version: u64) -> isr::manifest::Manifest {
+        let (runtime, store, parcel) = self.open_parcel(name);
+        runtime
+            .block_on(isr::parcel::read_manifest(&store, &parcel, version))
+            .unwrap()
+    }
+
+    /// The committed version numbers of `name`.
+    pub fn versions(&self, name: &str) -> Vec<u64> {
+        self.json(&["history", name])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect()
+    }
+
     /// Adds lines to the environment's configuration file.
     pub fn append_config(&self, text: &str) {
         let mut config = std::fs::read_to_string(&self.config).unwrap();

@@ -1,0 +1,248 @@
+//! `isrctl sync` and `isrctl checkin`: ask isrfsd to commit a resumed
+//! parcel's state as a new version (checkin also unmounts and releases it).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use isr::control::{ControlError, Reopen, Request, Response, WireParcel, WireStore};
+use isr::keys::ParcelSecrets;
+use isr::parcel::{self, OpenParcel};
+use isr::session::{CommitReport, SessionError};
+
+use crate::commands::{CommandContext, daemon_socket_if_running, ensure_daemon};
+use crate::credentials::Purpose;
+use crate::output;
+
+/// `isrctl checkin`.
+#[derive(Debug, Args)]
+pub struct CheckinArgs {
+    /// Parcel.
+    name: String,
+    /// A message recorded with the version (shown by `isrctl history`).
+    #[arg(long, short, default_value = "")]
+    message: String,
+    /// Also remove the parcel's chunks from this machine's cache.
+    #[arg(long)]
+    wipe: bool,
+    /// Save the session as version 1 of a new parcel NEW-NAME instead (for a
+    /// session whose lock someone broke); it shares the parcel's credentials.
+    #[arg(long = "as", value_name = "NEW-NAME")]
+    save_as: Option<String>,
+}
+
+/// `isrctl sync`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Parcel.
+    name: String,
+    /// A message recorded with the version (shown by `isrctl history`).
+    #[arg(long, short, default_value = "")]
+    message: String,
+}
+
+fn wire_store(context: &CommandContext) -> WireStore {
+    WireStore {
+        url: context.config.store.clone(),
+        s3: context.config.s3.clone(),
+        retry: context.config.retry,
+    }
+}
+
+/// Creates (or, on a rerun, reopens) the parcel a lost session is saved
+/// into: same chunk size and dedup secret as `original`, so every chunk the
+/// session uses is already valid for it.
+async fn save_as_parcel(
+    context: &CommandContext,
+    original: &OpenParcel,
+    new_name: &str,
+) -> anyhow::Result<OpenParcel> {
+    let store = context.store()?;
+    parcel::validate_name(new_name)?;
+    let credentials = context.credentials(new_name, Purpose::Unlock)?;
+    if parcel::read_record(&store, new_name).await?.is_some() {
+        let existing = parcel::open(&store, new_name, &credentials).await?;
+        let fresh = parcel::list_versions(&store, new_name).await?.is_empty();
+        if !fresh
+            || existing.secrets.dedup_secret.as_bytes() != original.secrets.dedup_secret.as_bytes()
+        {
+            return Err(parcel::ParcelError::Exists {
+                name: new_name.to_owned(),
+            }
+            .into());
+        }
+        return Ok(existing);
+    }
+    let secrets = ParcelSecrets::generate(Some(original.secrets.dedup_secret.clone()));
+    Ok(parcel::create(
+        &store,
+        new_name,
+        original.record.chunk_size,
+        secrets,
+        &credentials,
+        context.config.kdf,
+    )
+    .await?)
+}
+
+/// Sends `make(reopen)` to the daemon; if it does not have the session open
+/// (it was restarted) but this machine has its state, unlocks the parcel and
+/// sends it again with what the daemon needs to reopen it.
+async fn call_reopening(
+    context: &CommandContext,
+    name: &str,
+    unlocked: Option<&OpenParcel>,
+    make: impl Fn(Option<Box<Reopen>>) -> Request,
+) -> anyhow::Result<Response> {
+    if let Some(socket) = daemon_socket_if_running(context) {
+        let request = make(None);
+        match call_with_progress(context, socket, name, request).await {
+            Err(ControlError::Daemon { exit_code: 4, .. })
+                if isr::session::read_record(&context.config.state_dir, name)?.is_some() => {}
+            other => return Ok(other?),
+        }
+    }
+    if isr::session::read_record(&context.config.state_dir, name)?.is_none() {
+        if let Some(version) = isr::session::last_checkin(&context.config.state_dir, name) {
+            // An earlier run finished the checkin (and was then interrupted).
+            return Ok(Response::Committed {
+                report: CommitReport::finished_earlier(name, version),
+            });
+        }
+        return Err(SessionError::NotResumed(name.to_owned()).into());
+    }
+    let parcel = match unlocked {
+        Some(parcel) => parcel.clone(),
+        None => context.open_parcel(&context.store()?, name).await?,
+    };
+    let socket = ensure_daemon(context)?;
+    let reopen = Reopen {
+        parcel: WireParcel::new(&parcel),
+        store: wire_store(context),
+    };
+    Ok(call_with_progress(context, socket, name, make(Some(Box::new(reopen)))).await?)
+}
+
+/// One control call; on a terminal, a progress line from the session's
+/// upload counters while it runs.
+async fn call_with_progress(
+    context: &CommandContext,
+    socket: PathBuf,
+    name: &str,
+    request: Request,
+) -> Result<Response, ControlError> {
+    let call = {
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || isr::control::call(&socket, request))
+    };
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) || context.global.json {
+        return call.await.expect("control call task");
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("   {spinner} {msg}").expect("valid template"),
+    );
+    while !call.is_finished() {
+        let status = Request::Status {
+            parcel: Some(name.to_owned()),
+        };
+        let socket = socket.clone();
+        if let Ok(Ok(Response::Status { sessions })) =
+            tokio::task::spawn_blocking(move || isr::control::call(&socket, status)).await
+            && let Some(session) = sessions.first()
+        {
+            bar.set_message(format!(
+                "{name}: {} chunks uploaded, {} ({}) to go",
+                session.uploaded_chunks,
+                session.pending_chunks,
+                output::bytes(session.pending_bytes)
+            ));
+        }
+        bar.tick();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+    call.await.expect("control call task")
+}
+
+fn print_report(context: &CommandContext, report: &CommitReport, what: &str) -> anyhow::Result<()> {
+    if context.global.json {
+        return output::json(report);
+    }
+    if !report.committed {
+        println!(
+            "{}: nothing changed since version {}; no new version",
+            report.parcel, report.version
+        );
+    } else if report.already_done {
+        println!(
+            "{}: already {what} as version {}",
+            report.parcel, report.version
+        );
+    } else {
+        println!(
+            "{}: {what} as version {} (parent {}): {} new chunks ({}); uploaded {} chunks ({}) in {:.1} s, {} were already in the store",
+            report.parcel,
+            report.version,
+            report.parent.map_or("none".into(), |p| p.to_string()),
+            report.new_chunks,
+            output::bytes(report.new_bytes),
+            report.uploaded_chunks,
+            output::bytes(report.uploaded_bytes),
+            report.seconds,
+            report.present_chunks,
+        );
+    }
+    Ok(())
+}
+
+/// `isrctl checkin NAME`.
+pub async fn checkin(context: &CommandContext, args: CheckinArgs) -> anyhow::Result<ExitCode> {
+    let name = args.name.as_str();
+    let (unlocked, save_as) = match &args.save_as {
+        Some(new_name) => {
+            let original = context.open_parcel(&context.store()?, name).await?;
+            let target = save_as_parcel(context, &original, new_name).await?;
+            (Some(original), Some(target))
+        }
+        None => (None, None),
+    };
+    let save_as_wire = save_as.as_ref().map(|p| Box::new(WireParcel::new(p)));
+    let response = call_reopening(context, name, unlocked.as_ref(), |reopen| {
+        Request::Checkin {
+            parcel: name.to_owned(),
+            message: args.message.clone(),
+            wipe: args.wipe,
+            save_as: save_as_wire.clone(),
+            reopen,
+        }
+    })
+    .await?;
+    let Response::Committed { report } = response else {
+        anyhow::bail!("isrfsd answered checkin with {response:?}");
+    };
+    print_report(context, &report, "checked in")?;
+    if !context.global.json {
+        println!(
+            "{name}: unmounted, lock released, local cache {}",
+            if args.wipe { "wiped" } else { "kept" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isrctl sync NAME`.
+pub async fn sync(context: &CommandContext, args: SyncArgs) -> anyhow::Result<ExitCode> {
+    let socket = daemon_socket_if_running(context)
+        .ok_or_else(|| SessionError::NotResumed(args.name.clone()))?;
+    let request = Request::Sync {
+        parcel: args.name.clone(),
+        message: args.message.clone(),
+    };
+    let response = call_with_progress(context, socket, &args.name, request).await?;
+    let Response::Committed { report } = response else {
+        anyhow::bail!("isrfsd answered sync with {response:?}");
+    };
+    print_report(context, &report, "synced")?;
+    Ok(ExitCode::SUCCESS)
+}

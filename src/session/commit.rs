@@ -1,0 +1,397 @@
+//! Sync and checkin: a session's state back to the store as a new version.
+//!
+//! Both take a point-in-time snapshot of the image ([`Image::snapshot`]),
+//! upload the chunks the snapshot references that the store may lack, and
+//! commit the manifest with one create-only put carrying the lock's nonce.
+//! Checkin first freezes the image (changes fail with EROFS, reads go on), and
+//! afterwards the daemon unmounts and [`Session::close`]s it.
+//!
+//! Every step can be cut short and run again:
+//! - uploads are create-only and recorded in the upload journal;
+//! - the commit is one create-only put, so a version is either whole or absent;
+//! - a rerun that finds the newest version carries this session's lock nonce
+//!   knows an earlier run committed it, and commits again only if the image
+//!   changed since (never a duplicate version);
+//! - `checked_in` in the session record marks a committed checkin whose
+//!   clean-up a rerun (or the next resume) finishes.
+//!
+//! Garbage collection deletes unreferenced chunks older than its grace period
+//! G. So that a chunk this commit relies on cannot be one of them, every chunk
+//! the new version references beyond its base version is confirmed written
+//! (or refreshed) less than G/2 before the commit; if uploading takes longer
+//! than G/2 the confirmation is repeated. The base version's own chunks are
+//! safe because gc keeps the version a lock names.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::trickle::{local_chunk, upload_new};
+use super::{Session, SessionError, check_lock, write_record};
+use crate::chunk::{ChunkRef, ChunkTag};
+use crate::image::unix_now;
+use crate::manifest::{Manifest, Timestamp};
+use crate::parcel::{self, OpenParcel, ParcelError, layout};
+
+/// What a sync or checkin did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitReport {
+    /// Parcel the version was committed to.
+    pub parcel: String,
+    /// The version now holding the session's state.
+    pub version: u64,
+    /// False when nothing had changed since `version`, so no version was made.
+    pub committed: bool,
+    /// Its parent version.
+    pub parent: Option<u64>,
+    /// Chunks uploaded by this commit.
+    pub uploaded_chunks: u64,
+    /// Stored bytes uploaded by this commit.
+    pub uploaded_bytes: u64,
+    /// Chunks rewritten only to restart gc's grace period for them.
+    pub refreshed_chunks: u64,
+    /// Chunks already in the store (trickle upload, an earlier run, dedup).
+    pub present_chunks: u64,
+    /// Distinct stored chunks of the version that its parent does not have.
+    pub new_chunks: u64,
+    /// Their stored bytes.
+    pub new_bytes: u64,
+    /// Wall time of the commit.
+    pub seconds: f64,
+    /// True when an earlier request already did this checkin.
+    #[serde(default)]
+    pub already_done: bool,
+}
+
+impl CommitReport {
+    /// The answer for a checkin an earlier request committed (`version`).
+    pub fn finished_earlier(parcel: &str, version: u64) -> CommitReport {
+        CommitReport {
+            parcel: parcel.to_owned(),
+            version,
+            committed: true,
+            parent: None,
+            uploaded_chunks: 0,
+            uploaded_bytes: 0,
+            refreshed_chunks: 0,
+            present_chunks: 0,
+            new_chunks: 0,
+            new_bytes: 0,
+            seconds: 0.0,
+            already_done: true,
+        }
+    }
+}
+
+fn stored_chunks(manifest: &Manifest) -> impl Iterator<Item = (ChunkTag, u64)> + '_ {
+    manifest.files().flat_map(|(_, _, chunks)| {
+        chunks.iter().filter_map(|chunk| match chunk {
+            ChunkRef::Stored {
+                tag, stored_len, ..
+            } => Some((*tag, u64::from(*stored_len))),
+            ChunkRef::Zero => None,
+        })
+    })
+}
+
+fn nonce_bytes(hex_nonce: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(hex_nonce, &mut out).ok()?;
+    Some(out)
+}
+
+#[derive(Debug, Default)]
+struct UploadTally {
+    uploaded_chunks: u64,
+    uploaded_bytes: u64,
+    refreshed_chunks: u64,
+    present_chunks: u64,
+}
+
+impl Session {
+    /// Commits the session's current state as a new version while it stays
+    /// mounted and writable (`isrctl sync`), or, with `save_as`, as version 1
+    /// of that new parcel (which must share this parcel's dedup secret and
+    /// chunk size).
+    pub async fn commit(
+        &self,
+        message: &str,
+        save_as: Option<&OpenParcel>,
+    ) -> Result<CommitReport, SessionError> {
+        let _one_at_a_time = self.commit_lock.lock().await;
+        if let Some(report) = self.checked_in.lock().expect("checked_in lock").clone() {
+            return Ok(CommitReport {
+                already_done: true,
+                ..report
+            });
+        }
+        self.commit_locked(message, save_as).await
+    }
+
+    async fn commit_locked(
+        &self,
+        message: &str,
+        save_as: Option<&OpenParcel>,
+    ) -> Result<CommitReport, SessionError> {
+        let started = Instant::now();
+        let (image, base) = (self.image.clone(), self.base.clone());
+        let snapshot = tokio::task::spawn_blocking(move || {
+            image.persist_trace()?;
+            image.snapshot(&base)
+        })
+        .await
+        .expect("snapshot task")?;
+        let trace = self.image.trace();
+        let record = self.record();
+        let nonce = nonce_bytes(&record.lock_nonce);
+
+        // Where the new version goes, and what it is compared with.
+        let (target, version, parent) = match save_as {
+            Some(new) => (new, 1, None),
+            None => {
+                check_lock(&self.store, &record).await?;
+                let mut parent = record.committed.unwrap_or(record.base_version);
+                let newest = parcel::list_versions(&self.store, &self.parcel.name)
+                    .await?
+                    .last()
+                    .copied()
+                    .unwrap_or(parent);
+                if newest > parent {
+                    let manifest = parcel::read_manifest(&self.store, &self.parcel, newest).await?;
+                    if manifest.lock_nonce.is_none() || manifest.lock_nonce != nonce {
+                        return Err(SessionError::Diverged {
+                            name: self.parcel.name.clone(),
+                            version: newest,
+                        });
+                    }
+                    parent = newest; // an earlier run of this commit got that far
+                }
+                (&self.parcel, newest + 1, Some(parent))
+            }
+        };
+        let parent_manifest = match parent {
+            Some(v) if v == record.base_version => Some((*self.base).clone()),
+            Some(v) => Some(parcel::read_manifest(&self.store, &self.parcel, v).await?),
+            None => None,
+        };
+        let parent_tags: HashSet<ChunkTag> = parent_manifest
+            .as_ref()
+            .map(|m| stored_chunks(m).map(|(tag, _)| tag).collect())
+            .unwrap_or_default();
+        let mut new_chunks = HashSet::new();
+        let new_bytes: u64 = stored_chunks(&snapshot)
+            .filter(|(tag, _)| !parent_tags.contains(tag) && new_chunks.insert(*tag))
+            .map(|(_, len)| len)
+            .sum();
+        if let (Some(parent), Some(parent_manifest)) = (parent, &parent_manifest)
+            && parent_manifest.entries == snapshot.entries
+        {
+            self.note_committed(parent)?;
+            return Ok(CommitReport {
+                parcel: self.parcel.name.clone(),
+                version: parent,
+                committed: false,
+                parent: parent_manifest.parent,
+                uploaded_chunks: 0,
+                uploaded_bytes: 0,
+                refreshed_chunks: 0,
+                present_chunks: 0,
+                new_chunks: 0,
+                new_bytes: 0,
+                seconds: started.elapsed().as_secs_f64(),
+                already_done: false,
+            });
+        }
+
+        // Chunks beyond the base version: this session's (and its syncs').
+        let base_tags: HashSet<ChunkTag> = stored_chunks(&self.base).map(|(t, _)| t).collect();
+        let mut needed: Vec<ChunkTag> = stored_chunks(&snapshot)
+            .map(|(tag, _)| tag)
+            .filter(|tag| save_as.is_some() || !base_tags.contains(tag))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        needed.sort();
+        // Pinned for the upload: a write after the snapshot may supersede them.
+        self.context.cache.pin(needed.iter());
+        let uploaded = self.ensure_uploaded(&needed, save_as.is_some()).await;
+        self.context.cache.unpin(needed.iter());
+        let tally = uploaded?;
+
+        if save_as.is_none() {
+            check_lock(&self.store, &record).await?;
+        }
+        let manifest = Manifest {
+            version,
+            parent,
+            created: Timestamp::now(),
+            lock_nonce: if save_as.is_some() { None } else { nonce },
+            host: crate::import::host_name(),
+            message: message.to_owned(),
+            ..snapshot
+        };
+        match parcel::commit(&self.store, target, &manifest).await {
+            Ok(()) => {}
+            Err(ParcelError::VersionExists { name, version }) => {
+                return Err(SessionError::Diverged { name, version });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(parcel = %target.name, version, "committed");
+        // The trace only orders prefetching: losing it costs speed, not data.
+        let sealed = crate::trace::seal(&trace, &target.secrets.parcel_key, &target.id, version);
+        let writer = self.store.writer("store the access trace")?;
+        if let Err(e) = writer
+            .put_new(&layout::trace(&target.name, version), sealed.into())
+            .await
+        {
+            tracing::warn!(error = %e, "could not store the access trace");
+        }
+        if save_as.is_none() {
+            self.note_committed(version)?;
+        }
+        Ok(CommitReport {
+            parcel: target.name.clone(),
+            version,
+            committed: true,
+            parent,
+            uploaded_chunks: tally.uploaded_chunks,
+            uploaded_bytes: tally.uploaded_bytes,
+            refreshed_chunks: tally.refreshed_chunks,
+            present_chunks: tally.present_chunks,
+            new_chunks: new_chunks.len() as u64,
+            new_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+            already_done: false,
+        })
+    }
+
+    fn note_committed(&self, version: u64) -> Result<(), SessionError> {
+        let mut record = self.record.lock().expect("record lock");
+        if record.committed != Some(version) {
+            let mut updated = record.clone();
+            updated.committed = Some(version);
+            write_record(&self.context.state_dir, &updated)?;
+            *record = updated;
+        }
+        Ok(())
+    }
+
+    /// Makes sure every chunk in `needed` is in the store: journal entries
+    /// younger than gc's half grace are trusted; the rest are put create-only.
+    /// `check_all` ignores the journal (a new parcel: trust nothing).
+    async fn ensure_uploaded(
+        &self,
+        needed: &[ChunkTag],
+        check_all: bool,
+    ) -> Result<UploadTally, SessionError> {
+        let half_grace = self.context.upload.gc_grace.as_secs() / 2;
+        let fresh_since = unix_now().saturating_sub(half_grace);
+        let mut tally = UploadTally::default();
+        let to_send: Vec<ChunkTag> = needed
+            .iter()
+            .filter(|tag| {
+                let trusted = !check_all
+                    && self
+                        .image
+                        .uploaded_at(tag)
+                        .is_some_and(|at| at != 0 && at >= fresh_since);
+                if trusted {
+                    tally.present_chunks += 1;
+                }
+                !trusted
+            })
+            .copied()
+            .collect();
+        let mut results = futures::stream::iter(to_send.into_iter().map(|tag| async move {
+            let bytes = local_chunk(&self.context.cache, &tag)?;
+            upload_new(&self.store, &tag, bytes).await
+        }))
+        .buffer_unordered(self.context.upload.parallel.max(1));
+        let mut journal = Vec::new();
+        while let Some(result) = results.next().await {
+            let (tag, at, uploaded) = result?;
+            match uploaded {
+                Some(bytes) => {
+                    tally.uploaded_chunks += 1;
+                    tally.uploaded_bytes += bytes;
+                    self.uploads.add(bytes);
+                }
+                None => tally.present_chunks += 1,
+            }
+            journal.push((tag, at));
+            if journal.len() >= 256 {
+                self.image.record_uploaded(&journal)?;
+                journal.clear();
+            }
+        }
+        self.image.record_uploaded(&journal)?;
+        Ok(tally)
+    }
+
+    /// Checkin: freezes the image, commits (to this parcel, or with
+    /// `save_as` to a new one), and marks the session checked in. The caller
+    /// unmounts and then calls [`Session::finish_checkin`]. On error the image
+    /// is writable again and nothing is lost.
+    pub async fn checkin(
+        &self,
+        message: &str,
+        save_as: Option<&OpenParcel>,
+    ) -> Result<CommitReport, SessionError> {
+        let _one_at_a_time = self.commit_lock.lock().await;
+        if let Some(report) = self.checked_in.lock().expect("checked_in lock").clone() {
+            return Ok(CommitReport {
+                already_done: true,
+                ..report
+            });
+        }
+        let image = self.image.clone();
+        tokio::task::spawn_blocking(move || image.freeze())
+            .await
+            .expect("freeze task");
+        let report = match self.commit_locked(message, save_as).await {
+            Ok(report) => report,
+            Err(e) => {
+                self.image.thaw();
+                return Err(e);
+            }
+        };
+        {
+            let mut record = self.record.lock().expect("record lock");
+            let mut updated = record.clone();
+            updated.checked_in = true;
+            if save_as.is_none() {
+                updated.committed = Some(report.version);
+            }
+            if let Err(e) = write_record(&self.context.state_dir, &updated) {
+                drop(record);
+                self.image.thaw();
+                return Err(e);
+            }
+            *record = updated;
+        }
+        *self.checked_in.lock().expect("checked_in lock") = Some(report.clone());
+        Ok(report)
+    }
+
+    /// After checkin and unmount: releases the lock, keeps the session's
+    /// chunks in the cache (the next resume here is warm) or with `wipe`
+    /// removes every chunk of the version, and removes the session state.
+    pub async fn finish_checkin(&self, wipe: bool) -> Result<(), SessionError> {
+        let remove: Vec<ChunkTag> = if wipe {
+            let image = self.image.clone();
+            let mut tags: HashSet<ChunkTag> = stored_chunks(&self.base).map(|(t, _)| t).collect();
+            tags.extend(image.overlay_tags());
+            tags.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let record = self.record();
+        if let Some(version) = record.committed {
+            super::note_last_checkin(&self.context.state_dir, &record.parcel, version)?;
+        }
+        self.close(&remove).await
+    }
+}
