@@ -138,6 +138,10 @@ pub struct SessionRecord {
     /// parent of its next commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed: Option<u64>,
+    /// The newest version when the lock was taken: versions after it can
+    /// only come from this session (or from someone who broke the lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_at_resume: Option<u64>,
     /// Set once checkin has committed: what is left is releasing the lock
     /// and removing this state, which a rerun finishes.
     #[serde(default)]
@@ -520,6 +524,13 @@ impl Session {
                 let base_version = parcel::resolve_version(&store, &name, version).await?;
                 let lock = take_lock(&store, &name, Some(base_version)).await?;
                 let _ = std::fs::remove_file(last_checkin_path(&context.state_dir, &name));
+                let newest = match parcel::list_versions(&store, &name).await {
+                    Ok(versions) => versions.last().copied(),
+                    Err(e) => {
+                        let _ = store.writer("unlock")?.delete(&layout::lock(&name)).await;
+                        return Err(e.into());
+                    }
+                };
                 let record = SessionRecord {
                     parcel: name.clone(),
                     store: store.url().to_owned(),
@@ -528,6 +539,7 @@ impl Session {
                     mount,
                     since: lock.since,
                     committed: None,
+                    newest_at_resume: newest,
                     checked_in: false,
                 };
                 if let Err(e) = write_record(&context.state_dir, &record) {

@@ -158,7 +158,8 @@ impl Session {
                     .last()
                     .copied()
                     .unwrap_or(parent);
-                if newest > parent {
+                let newest_at_resume = record.newest_at_resume.unwrap_or(record.base_version);
+                if newest > parent.max(newest_at_resume) {
                     let manifest = parcel::read_manifest(&self.store, &self.parcel, newest).await?;
                     if manifest.lock_nonce.is_none() || manifest.lock_nonce != nonce {
                         return Err(SessionError::Diverged {
@@ -188,6 +189,9 @@ impl Session {
         if let (Some(parent), Some(parent_manifest)) = (parent, &parent_manifest)
             && parent_manifest.entries == snapshot.entries
         {
+            // No new version; the trace still helps the next resume of this
+            // one if it has none yet.
+            self.store_trace(&self.parcel, parent, &trace).await;
             self.note_committed(parent)?;
             return Ok(CommitReport {
                 parcel: self.parcel.name.clone(),
@@ -240,15 +244,7 @@ impl Session {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(parcel = %target.name, version, "committed");
-        // The trace only orders prefetching: losing it costs speed, not data.
-        let sealed = crate::trace::seal(&trace, &target.secrets.parcel_key, &target.id, version);
-        let writer = self.store.writer("store the access trace")?;
-        if let Err(e) = writer
-            .put_new(&layout::trace(&target.name, version), sealed.into())
-            .await
-        {
-            tracing::warn!(error = %e, "could not store the access trace");
-        }
+        self.store_trace(target, version, &trace).await;
         if save_as.is_none() {
             self.note_committed(version)?;
         }
@@ -266,6 +262,25 @@ impl Session {
             seconds: started.elapsed().as_secs_f64(),
             already_done: false,
         })
+    }
+
+    /// Stores the access trace beside `version` unless it has one. The trace
+    /// only orders prefetching: failing to store it costs speed, not data.
+    async fn store_trace(&self, parcel: &OpenParcel, version: u64, trace: &[ChunkTag]) {
+        if trace.is_empty() {
+            return;
+        }
+        let sealed = crate::trace::seal(trace, &parcel.secrets.parcel_key, &parcel.id, version);
+        let stored = match self.store.writer("store the access trace") {
+            Ok(writer) => writer
+                .put_new(&layout::trace(&parcel.name, version), sealed.into())
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, "could not store the access trace");
+        }
     }
 
     fn note_committed(&self, version: u64) -> Result<(), SessionError> {
