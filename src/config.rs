@@ -40,7 +40,7 @@
 //! [upload]                     # the daemon's uploads of a session's changes
 //! trickle = true                 # upload changed chunks in the background while resumed
 //! quiet_secs = 30                # ... once nobody has changed them for this long
-//! rate_bytes_per_sec = 0         # trickle rate limit; 0 = a quarter of the observed download rate
+//! rate_bytes_per_sec = 0         # trickle rate limit; 0 = half the observed rate of one upload
 //! parallel = 8                   # uploads in flight during sync/checkin
 //!
 //! [cache]

@@ -599,7 +599,6 @@ impl Session {
             image: image.clone(),
             store: store.clone(),
             cache: context.cache.clone(),
-            fetcher: fetcher.clone(),
             settings: context.upload,
             counters: uploads.clone(),
             runtime: context.runtime.clone(),

@@ -552,9 +552,24 @@ fn resume_of_an_old_version_commits_the_newest_with_its_parent() {
     let history = env.json(&["history", "vm"]);
     assert_eq!(history[2]["parent"], 1);
     assert_eq!(history[2]["message"], "from one");
-    // Nothing changed: no empty version.
-    resume(&env, "vm");
-    let report = env.json(&["checkin", "vm"]);
+    assert!(
+        !support::local_chunk_files(&env.path("cache")).is_empty(),
+        "checkin keeps the cache"
+    );
+    // Nothing changed: no empty version. --wipe empties this machine's cache.
+    let mount = resume(&env, "vm");
+    assert_eq!(std::fs::read(mount.join("a.txt")).unwrap(), b"three");
+    let report = env.json(&["checkin", "--wipe", "vm"]);
     assert_eq!(report["committed"], false);
     assert_eq!(env.versions("vm"), vec![1, 2, 3]);
+    let cached: HashSet<String> = support::local_chunk_files(&env.path("cache"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for (tag, _) in stored(&env.manifest("vm", 3)) {
+        assert!(
+            !cached.contains(&tag.to_string()),
+            "checkin --wipe leaves no chunk of the version in the cache"
+        );
+    }
 }

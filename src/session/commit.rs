@@ -399,6 +399,7 @@ impl Session {
             let image = self.image.clone();
             let mut tags: HashSet<ChunkTag> = stored_chunks(&self.base).map(|(t, _)| t).collect();
             tags.extend(image.overlay_tags());
+            tags.extend(image.trace()); // everything this session read
             tags.into_iter().collect()
         } else {
             Vec::new()

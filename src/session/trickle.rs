@@ -5,9 +5,11 @@
 //! file), so a restarted daemon does not send them again and checkin is
 //! mostly the manifest.
 //!
-//! Rate: `upload.rate_bytes_per_sec`, or by default a quarter of the fastest
-//! download rate the session's fetcher has shown (1 MiB/s until it has shown
-//! one, never below 256 KiB/s). Uploads are paced chunk by chunk.
+//! Rate: `upload.rate_bytes_per_sec`, or by default half of the best rate a
+//! single upload has achieved lately (each put's bytes over its duration: with
+//! one put in flight, what the link gives one request), starting at 1 MiB/s
+//! and never below 256 KiB/s. Uploads go one at a time, paced chunk by chunk,
+//! so demand fetches never queue behind a burst of them.
 //!
 //! The same loop also persists the access trace once a second.
 
@@ -21,7 +23,6 @@ use tokio::sync::Notify;
 use super::SessionError;
 use crate::cache::ChunkCache;
 use crate::chunk::ChunkTag;
-use crate::fetch::Fetcher;
 use crate::image::{Image, unix_now};
 use crate::parcel::layout;
 use crate::store::{PutOutcome, StoreHandle};
@@ -33,7 +34,7 @@ pub struct UploadSettings {
     pub trickle: bool,
     /// How long a chunk must be unchanged before the trickle uploader takes it.
     pub quiet: Duration,
-    /// Trickle rate limit; `None` = a quarter of the observed download rate.
+    /// Trickle rate limit; `None` = half the observed single-upload rate.
     pub rate_bytes_per_sec: Option<u64>,
     /// Uploads in flight during sync and checkin.
     pub parallel: usize,
@@ -57,6 +58,9 @@ impl Default for UploadSettings {
 const TICK: Duration = Duration::from_secs(1);
 const UNOBSERVED_RATE: u64 = 1 << 20;
 const MIN_AUTO_RATE: u64 = 256 << 10;
+/// How the remembered best upload rate decays with each upload, so the
+/// estimate follows a link that got slower.
+const RATE_DECAY: f64 = 0.98;
 
 /// Upload counters of a session (trickle and commits).
 #[derive(Debug, Default)]
@@ -81,7 +85,6 @@ pub(super) struct TrickleParts {
     pub image: Arc<Image>,
     pub store: StoreHandle,
     pub cache: Arc<ChunkCache>,
-    pub fetcher: Fetcher,
     pub settings: UploadSettings,
     pub counters: Arc<UploadCounters>,
     pub runtime: tokio::runtime::Handle,
@@ -143,17 +146,18 @@ pub(super) async fn upload_new(
 
 async fn run(parts: TrickleParts, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
     let settings = parts.settings;
-    let mut last_fetched = parts.fetcher.stats().fetched_bytes;
-    let mut last_sample = Instant::now();
-    let mut peak_download = 0u64;
+    let mut best_upload = 0f64; // bytes per second one put achieved
+    let mut more_work = false;
     loop {
+        let pause = if more_work { Duration::ZERO } else { TICK };
         tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = wake.notified() => {}
         }
         if stop.load(Ordering::SeqCst) {
             return;
         }
+        more_work = false;
         let image = parts.image.clone();
         let sealed = tokio::task::spawn_blocking(move || {
             image.seal_quiet(settings.quiet)?;
@@ -163,30 +167,30 @@ async fn run(parts: TrickleParts, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
         if let Ok(Err(e)) = sealed {
             tracing::warn!(error = %e, "trickle: sealing quiet chunks failed");
         }
-        let fetched = parts.fetcher.stats().fetched_bytes;
-        let elapsed = last_sample.elapsed().as_secs_f64();
-        if elapsed >= 0.5 {
-            let rate = (fetched.saturating_sub(last_fetched) as f64 / elapsed) as u64;
-            peak_download = peak_download.max(rate);
-            (last_fetched, last_sample) = (fetched, Instant::now());
-        }
         if !settings.trickle {
             parts.counters.rate.store(0, Ordering::Relaxed);
             continue;
         }
-        let rate = settings
-            .rate_bytes_per_sec
-            .unwrap_or(if peak_download == 0 {
+        let rate_now = |best_upload: f64| {
+            settings.rate_bytes_per_sec.unwrap_or(if best_upload == 0.0 {
                 UNOBSERVED_RATE
             } else {
-                (peak_download / 4).max(MIN_AUTO_RATE)
-            });
-        parts.counters.rate.store(rate, Ordering::Relaxed);
+                ((best_upload / 2.0) as u64).max(MIN_AUTO_RATE)
+            })
+        };
+        parts
+            .counters
+            .rate
+            .store(rate_now(best_upload), Ordering::Relaxed);
         // Up to one tick's worth of bytes, paced, then look again (chunks
         // rewritten meanwhile drop out of the candidates).
-        let mut budget = rate as i64;
+        let mut budget = rate_now(best_upload) as i64;
         for tag in parts.image.upload_candidates(settings.quiet) {
-            if stop.load(Ordering::SeqCst) || budget <= 0 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if budget <= 0 {
+                more_work = true;
                 break;
             }
             let Ok(bytes) = local_chunk(&parts.cache, &tag) else {
@@ -196,6 +200,10 @@ async fn run(parts: TrickleParts, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
             let len = bytes.len() as u64;
             match upload_new(&parts.store, &tag, bytes).await {
                 Ok((tag, at, uploaded)) => {
+                    if uploaded.is_some() {
+                        let seconds = started.elapsed().as_secs_f64().max(1e-6);
+                        best_upload = (best_upload * RATE_DECAY).max(len as f64 / seconds);
+                    }
                     if let Err(e) = parts.image.record_uploaded(&[(tag, at)]) {
                         tracing::warn!(error = %e, "trickle: journal write failed");
                         break;
@@ -210,6 +218,8 @@ async fn run(parts: TrickleParts, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
                 }
             }
             budget -= len as i64;
+            let rate = rate_now(best_upload);
+            parts.counters.rate.store(rate, Ordering::Relaxed);
             let pace = Duration::from_secs_f64(len as f64 / rate as f64);
             if let Some(rest) = pace.checked_sub(started.elapsed()) {
                 tokio::time::sleep(rest).await;
