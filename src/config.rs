@@ -44,6 +44,13 @@
 //! memory_kib = 65536
 //! iterations = 3
 //! parallelism = 1
+//!
+//! [gc]
+//! grace_secs = 86400             # `isrctl gc` deletes no chunk written or refreshed more
+//!                                # recently than this; writers (import, checkin) refresh
+//!                                # chunks they reuse that are older than a quarter of it
+//!                                # and commit within half of it (see isr::gc). Every
+//!                                # machine writing to a store must use the same value.
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -111,6 +118,14 @@ struct ConfigFile {
     fetch: FetchFile,
     #[serde(default)]
     cache: CacheFile,
+    #[serde(default)]
+    gc: GcFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcFile {
+    grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +182,32 @@ pub struct ImportSettings {
     pub uploads: usize,
 }
 
+/// Garbage collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcSettings {
+    /// Unreferenced chunks written or refreshed less than this many seconds
+    /// ago are kept (default 86400, one day).
+    pub grace_secs: u64,
+}
+
+impl GcSettings {
+    /// Default grace period: one day.
+    pub const DEFAULT_GRACE_SECS: u64 = 86_400;
+
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_secs)
+    }
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        GcSettings {
+            grace_secs: GcSettings::DEFAULT_GRACE_SECS,
+        }
+    }
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -192,6 +233,8 @@ pub struct Config {
     pub prefetch: bool,
     /// Local chunk cache size limit in bytes.
     pub cache_max_bytes: u64,
+    /// Garbage collection.
+    pub gc: GcSettings,
 }
 
 /// Where configuration files are looked for, in order.
@@ -309,6 +352,9 @@ impl Config {
             },
             prefetch: file.fetch.prefetch.unwrap_or(true),
             cache_max_bytes: file.cache.max_bytes.unwrap_or(64 << 30),
+            gc: GcSettings {
+                grace_secs: file.gc.grace_secs.unwrap_or(GcSettings::DEFAULT_GRACE_SECS),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -341,6 +387,12 @@ impl Config {
                 key: "fetch",
                 reason: "parallel must be 1–1024 and reserved_for_demand smaller than parallel"
                     .into(),
+            });
+        }
+        if self.gc.grace_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "gc.grace_secs",
+                reason: "must be at least 1: imports and checkins commit within half of it".into(),
             });
         }
         if self.retry.attempts == 0 {
@@ -414,6 +466,7 @@ fn merge(into: &mut ConfigFile, from: ConfigFile) {
     take!(fetch.give_up_after_secs);
     take!(fetch.prefetch);
     take!(cache.max_bytes);
+    take!(gc.grace_secs);
 }
 
 #[cfg(test)]
@@ -437,6 +490,8 @@ mod tests {
             prefetch = false
             [cache]
             max_bytes = 1000000
+            [gc]
+            grace_secs = 3600
         "#;
         let config = Config::from_toml(text, Path::new("c.toml")).unwrap();
         assert_eq!(config.store, "s3://bucket/prefix");
@@ -450,6 +505,10 @@ mod tests {
         assert_eq!(config.fetch.parallel, 8);
         assert!(!config.prefetch);
         assert_eq!(config.cache_max_bytes, 1_000_000);
+        assert_eq!(config.gc.grace(), Duration::from_secs(3600));
+        let defaults = Config::from_toml("", Path::new("c.toml")).unwrap();
+        assert_eq!(defaults.gc, GcSettings::default());
+        assert_eq!(defaults.gc.grace_secs, 86_400);
     }
 
     #[test]
@@ -459,6 +518,8 @@ mod tests {
         assert!(err.to_string().contains("c.toml"), "{err}");
         let err = Config::from_toml("[import]\nchunksize = 1\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("chunksize"), "{err}");
+        let err = Config::from_toml("[gc]\ngrace = 1\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("grace"), "{err}");
     }
 
     #[test]
@@ -466,6 +527,7 @@ mod tests {
         assert!(Config::from_toml("[import]\nchunk_size = 1000\n", Path::new("c")).is_err());
         assert!(Config::from_toml("[import]\nzstd_level = 40\n", Path::new("c")).is_err());
         assert!(Config::from_toml("[retry]\nattempts = 0\n", Path::new("c")).is_err());
+        assert!(Config::from_toml("[gc]\ngrace_secs = 0\n", Path::new("c")).is_err());
     }
 
     #[test]

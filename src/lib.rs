@@ -15,6 +15,7 @@
 //! | [`parcel`] | store layout, `parcel.toml`, versions, create-only commit, locks |
 //! | [`import`] | files → chunks → committed version, in parallel with bounded memory |
 //! | [`export`] | version → files, and chunk verification |
+//! | [`gc`] | garbage collection: old versions (oldest prefix), then unreferenced chunks past a grace period |
 //! | [`fetch`] | scheduler: one download per chunk, priorities with a demand reservation, retries, verification |
 //! | [`image`] | one open parcel: base manifest + durable overlay, write-back buffer, read/write/truncate/punch-hole |
 //! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, status, discard |
@@ -30,6 +31,7 @@ pub mod control;
 pub mod error;
 pub mod export;
 pub mod fetch;
+pub mod gc;
 pub mod image;
 pub mod import;
 pub mod keys;

@@ -240,6 +240,7 @@ async fn import(context: &CommandContext, args: ImportArgs) -> anyhow::Result<Ex
         message: args.message.clone(),
         dedup_with: args.dedup_with.as_deref(),
         chunk_size: args.chunk_size,
+        gc_grace: context.config.gc.grace(),
     };
     let summary = isr::import::import(&store, &request, &credentials, &Bar::new()).await?;
     if context.global.json {
