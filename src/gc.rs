@@ -157,6 +157,9 @@ pub struct GcReport {
     pub store: String,
     /// Nothing was deleted on purpose.
     pub dry_run: bool,
+    /// The deletions listed were carried out (false in a dry run, or when a
+    /// problem stopped gc before it deleted anything).
+    pub applied: bool,
     /// Grace period used.
     pub grace_secs: u64,
     /// Per parcel.
@@ -283,6 +286,7 @@ pub async fn collect<U: Unlocker>(
     let mut report = GcReport {
         store: store.url().to_owned(),
         dry_run: options.dry_run,
+        applied: false,
         grace_secs: options.grace.as_secs(),
         parcels: Vec::new(),
         chunks_swept: false,
@@ -369,6 +373,7 @@ pub async fn collect<U: Unlocker>(
         plans.push(plan);
     }
     let deleting = writer.is_some() && report.problems.is_empty();
+    report.applied = deleting;
 
     // Phase 2: delete versions, oldest first, after pointing the hint past them.
     if deleting {

@@ -18,6 +18,7 @@
 //! | [`gc`] | garbage collection: old versions (oldest prefix), then unreferenced chunks past a grace period |
 //! | [`fetch`] | scheduler: one download per chunk, priorities with a demand reservation, retries, verification |
 //! | [`image`] | one open parcel: base manifest + durable overlay, write-back buffer, read/write/truncate/punch-hole |
+//! | [`maintenance`] | rollback to an earlier version; passwd (re-wrap the parcel key) |
 //! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, status, discard |
 //! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
@@ -35,6 +36,7 @@ pub mod gc;
 pub mod image;
 pub mod import;
 pub mod keys;
+pub mod maintenance;
 pub mod manifest;
 pub mod parcel;
 pub mod progress;

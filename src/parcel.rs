@@ -436,15 +436,17 @@ pub async fn create(
     Ok(parcel)
 }
 
-/// Writes one keyslot per credential, at the first free slot numbers.
+/// Writes one keyslot per credential, at the first free slot numbers
+/// (create-only, so a slot in use is never overwritten); returns the numbers.
 pub async fn write_keyslots(
     store: &StoreHandle,
     parcel: &OpenParcel,
     credentials: &[Credential],
     kdf: KdfParams,
-) -> Result<(), ParcelError> {
+) -> Result<Vec<u32>, ParcelError> {
     let writer = store.writer("write keyslots")?;
     let mut number = 0;
+    let mut written = Vec::new();
     for credential in credentials {
         let slot = keys::seal_keyslot(&parcel.secrets, credential, kdf, &parcel.id)?;
         let slot = Bytes::from(slot);
@@ -457,11 +459,12 @@ pub async fn write_keyslots(
             let key = layout::keyslot(&parcel.name, number);
             number += 1;
             if writer.put_new(&key, slot.clone()).await? == PutOutcome::Created {
+                written.push(number - 1);
                 break;
             }
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Finishes creating a parcel whose creation was interrupted between writing

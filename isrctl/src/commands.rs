@@ -103,13 +103,13 @@ pub struct VerifyArgs {
     deep: bool,
 }
 
-struct CommandContext {
-    global: GlobalOptions,
-    config: Config,
+pub(crate) struct CommandContext {
+    pub(crate) global: GlobalOptions,
+    pub(crate) config: Config,
 }
 
 impl CommandContext {
-    fn store(&self) -> anyhow::Result<StoreHandle> {
+    pub(crate) fn store(&self) -> anyhow::Result<StoreHandle> {
         Ok(store::open(
             &self.config.store,
             &self.config.s3,
@@ -117,7 +117,7 @@ impl CommandContext {
         )?)
     }
 
-    fn credentials(
+    pub(crate) fn credentials(
         &self,
         parcel: &str,
         purpose: Purpose,
@@ -130,7 +130,11 @@ impl CommandContext {
         )
     }
 
-    async fn open_parcel(&self, store: &StoreHandle, name: &str) -> anyhow::Result<OpenParcel> {
+    pub(crate) async fn open_parcel(
+        &self,
+        store: &StoreHandle,
+        name: &str,
+    ) -> anyhow::Result<OpenParcel> {
         parcel::require_record(store, name).await?;
         let credentials = self.credentials(name, Purpose::Unlock)?;
         Ok(parcel::open(store, name, &credentials).await?)
@@ -155,7 +159,7 @@ fn parse_target(target: &str) -> anyhow::Result<(&str, Option<u64>)> {
 /// A command-line value that makes no sense (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct InvalidArgument(String);
+pub(crate) struct InvalidArgument(pub(crate) String);
 
 fn exit_code_for(error: &anyhow::Error) -> Option<ExitCode> {
     error
@@ -199,6 +203,9 @@ pub async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<Exit
         Command::Hoard(args) => hoard(&context, &args.name),
         Command::Discard(args) => discard(&context, &args.name).await,
         Command::Unlock(args) => unlock(&context, args).await,
+        Command::Gc(args) => crate::maintenance::gc(&context, args).await,
+        Command::Passwd(args) => crate::maintenance::passwd(&context, args).await,
+        Command::Rollback(args) => crate::maintenance::rollback(&context, args).await,
         Command::NewKeyFile { .. } => unreachable!("handled above"),
     };
     match result {
