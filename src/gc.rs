@@ -307,11 +307,17 @@ pub async fn collect<U: Unlocker>(
         let lock = parcel::read_lock(store, &name).await?;
         let versions = parcel::list_versions(store, &name).await?;
         let base = lock.as_ref().and_then(|l| l.base_version);
-        let open = match unlocker.unlock(store, &name).await {
-            Ok(open) => Some(open),
-            Err(error) => {
-                report.problems.push(unlock_problem(&name, &error));
-                None
+        // A parcel without versions (an interrupted import) uses no chunk yet,
+        // so it needs no key; one committed meanwhile is unlocked in phase 3.
+        let open = if versions.is_empty() {
+            None
+        } else {
+            match unlocker.unlock(store, &name).await {
+                Ok(open) => Some(open),
+                Err(error) => {
+                    report.problems.push(unlock_problem(&name, &error));
+                    None
+                }
             }
         };
         let mut plan = Plan {
@@ -429,6 +435,9 @@ pub async fn collect<U: Unlocker>(
             continue;
         }
         let plan = plans.iter().find(|p| p.name == name);
+        if versions.is_empty() {
+            continue;
+        }
         let open = match opened.get(&name) {
             Some(open) => open.clone(),
             None => match unlocker.unlock(store, &name).await {
@@ -790,6 +799,36 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((report.chunks_deleted, report.chunks_in_grace), (0, 8));
+    }
+
+    #[tokio::test]
+    async fn a_parcel_without_versions_needs_no_key() {
+        let (memory, store, _dir) = three_versions().await;
+        parcel::create(
+            &store,
+            "unfinished",
+            65536,
+            crate::keys::ParcelSecrets::generate(None),
+            &credentials("unknown"),
+            KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+        )
+        .await
+        .unwrap();
+        age_everything(&memory, &store);
+        let report = collect(
+            &store,
+            &options(Some(1), Duration::ZERO),
+            &WithCredentials(credentials(PASS)),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.chunks_deleted, 8);
     }
 
     #[tokio::test]

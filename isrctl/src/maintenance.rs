@@ -62,7 +62,8 @@ pub struct RollbackArgs {
     /// Parcel.
     name: String,
     /// The version whose content the new version gets.
-    version: u64,
+    #[arg(value_name = "VERSION")]
+    to_version: u64,
     /// Message recorded with the new version (default "rollback to version VERSION").
     #[arg(long, short)]
     message: Option<String>,
@@ -339,13 +340,14 @@ pub async fn passwd(context: &CommandContext, args: PasswdArgs) -> anyhow::Resul
 }
 
 pub async fn rollback(context: &CommandContext, args: RollbackArgs) -> anyhow::Result<ExitCode> {
-    if args.version == 0 {
+    if args.to_version == 0 {
         return Err(InvalidArgument("versions are numbered from 1".into()).into());
     }
     let store = context.store()?;
     store.writer("roll back a parcel")?;
     let parcel = context.open_parcel(&store, &args.name).await?;
-    let summary = isr::maintenance::rollback(&store, &parcel, args.version, args.message).await?;
+    let summary =
+        isr::maintenance::rollback(&store, &parcel, args.to_version, args.message).await?;
     if context.global.json {
         output::json(&summary)?;
     } else {
@@ -355,4 +357,23 @@ pub async fn rollback(context: &CommandContext, args: RollbackArgs) -> anyhow::R
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        crate::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn version_lists() {
+        assert_eq!(versions_text(&[]), "none");
+        assert_eq!(versions_text(&[3]), "3");
+        assert_eq!(versions_text(&[1, 2, 3]), "1–3");
+        assert_eq!(versions_text(&[1, 3]), "1, 3");
+    }
 }
