@@ -288,7 +288,9 @@ pub async fn passwd(context: &CommandContext, args: PasswdArgs) -> anyhow::Resul
         ))
         .into());
     };
-    let result = isr::maintenance::change_credential(
+    // A key file created above stays even if this fails: a new keyslot may
+    // already need it.
+    let summary = isr::maintenance::change_credential(
         &store,
         &args.name,
         &current,
@@ -296,14 +298,7 @@ pub async fn passwd(context: &CommandContext, args: PasswdArgs) -> anyhow::Resul
         context.config.kdf,
         args.replace_all,
     )
-    .await;
-    if result.is_err() && created_key_file {
-        // Nothing uses the key file we just made.
-        if let Some(path) = &args.new_key_file {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-    let summary = result?;
+    .await?;
     if context.global.json {
         output::json(&summary)?;
     } else {
