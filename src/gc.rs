@@ -97,14 +97,6 @@ impl Unlocker for WithCredentials {
 /// Fatal errors (reported problems with single parcels are not errors).
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
-    /// The store cannot list (plain HTTP).
-    #[error(
-        "store {store} cannot list, and gc must see every parcel and chunk; run gc against the store itself (a directory or s3://)"
-    )]
-    NotListable {
-        /// Store URL.
-        store: String,
-    },
     /// A store operation failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -116,7 +108,6 @@ pub enum GcError {
 impl Classify for GcError {
     fn class(&self) -> ErrorClass {
         match self {
-            GcError::NotListable { .. } => ErrorClass::Invalid,
             GcError::Store(e) => e.class(),
             GcError::Parcel(e) => e.class(),
         }
@@ -274,8 +265,10 @@ pub async fn collect<U: Unlocker>(
 ) -> Result<GcReport, GcError> {
     let lister = store
         .lister()
-        .ok_or_else(|| GcError::NotListable {
+        .ok_or_else(|| StoreError::Unsupported {
             store: store.url().to_owned(),
+            operation: "collect garbage",
+            hint: "gc must list every parcel and chunk, which HTTP cannot; run it against the store itself (a directory or s3://)",
         })?
         .clone();
     let writer = if options.dry_run {

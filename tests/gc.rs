@@ -625,5 +625,5 @@ fn http_stores_find_the_versions_gc_kept() {
     let stderr = backend
         .env
         .fails(&["--store", &url, "gc", "--keep-last", "1"], 2);
-    assert!(stderr.contains("cannot list"), "{stderr}");
+    assert!(stderr.contains("cannot collect garbage"), "{stderr}");
 }
