@@ -50,6 +50,13 @@
 //! memory_kib = 65536
 //! iterations = 3
 //! parallelism = 1
+//!
+//! [gc]
+//! grace_secs = 86400             # `isrctl gc` deletes no chunk written or refreshed more
+//!                                # recently than this; writers (import, checkin) refresh
+//!                                # chunks they reuse that are older than a quarter of it
+//!                                # and commit within half of it (see isr::gc). Every
+//!                                # machine writing to a store must use the same value.
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -120,6 +127,8 @@ struct ConfigFile {
     cache: CacheFile,
     #[serde(default)]
     upload: UploadFile,
+    #[serde(default)]
+    gc: GcFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +138,12 @@ struct UploadFile {
     quiet_secs: Option<u64>,
     rate_bytes_per_sec: Option<u64>,
     parallel: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcFile {
+    grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,6 +200,32 @@ pub struct ImportSettings {
     pub uploads: usize,
 }
 
+/// Garbage collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcSettings {
+    /// Unreferenced chunks written or refreshed less than this many seconds
+    /// ago are kept (default 86400, one day).
+    pub grace_secs: u64,
+}
+
+impl GcSettings {
+    /// Default grace period: one day.
+    pub const DEFAULT_GRACE_SECS: u64 = 86_400;
+
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_secs)
+    }
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        GcSettings {
+            grace_secs: GcSettings::DEFAULT_GRACE_SECS,
+        }
+    }
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -212,6 +253,8 @@ pub struct Config {
     pub cache_max_bytes: u64,
     /// How the daemon uploads a session's changes.
     pub upload: UploadSettings,
+    /// Garbage collection.
+    pub gc: GcSettings,
 }
 
 /// Where configuration files are looked for, in order.
@@ -343,8 +386,13 @@ impl Config {
                         .filter(|&rate| rate > 0)
                         .or(defaults.rate_bytes_per_sec),
                     parallel: file.upload.parallel.unwrap_or(defaults.parallel),
-                    ..defaults
+                    gc_grace: Duration::from_secs(
+                        file.gc.grace_secs.unwrap_or(GcSettings::DEFAULT_GRACE_SECS),
+                    ),
                 }
+            },
+            gc: GcSettings {
+                grace_secs: file.gc.grace_secs.unwrap_or(GcSettings::DEFAULT_GRACE_SECS),
             },
         };
         config.validate()?;
@@ -384,6 +432,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "upload.parallel",
                 reason: "must be between 1 and 256".into(),
+            });
+        }
+        if self.gc.grace_secs == 0 {
+            return Err(ConfigError::Invalid {
+                key: "gc.grace_secs",
+                reason: "must be at least 1: imports and checkins commit within half of it".into(),
             });
         }
         if self.retry.attempts == 0 {
@@ -461,6 +515,7 @@ fn merge(into: &mut ConfigFile, from: ConfigFile) {
     take!(upload.quiet_secs);
     take!(upload.rate_bytes_per_sec);
     take!(upload.parallel);
+    take!(gc.grace_secs);
 }
 
 #[cfg(test)]
@@ -484,6 +539,8 @@ mod tests {
             prefetch = false
             [cache]
             max_bytes = 1000000
+            [gc]
+            grace_secs = 3600
         "#;
         let config = Config::from_toml(text, Path::new("c.toml")).unwrap();
         assert_eq!(config.store, "s3://bucket/prefix");
@@ -497,6 +554,10 @@ mod tests {
         assert_eq!(config.fetch.parallel, 8);
         assert!(!config.prefetch);
         assert_eq!(config.cache_max_bytes, 1_000_000);
+        assert_eq!(config.gc.grace(), Duration::from_secs(3600));
+        let defaults = Config::from_toml("", Path::new("c.toml")).unwrap();
+        assert_eq!(defaults.gc, GcSettings::default());
+        assert_eq!(defaults.gc.grace_secs, 86_400);
     }
 
     #[test]
@@ -506,6 +567,8 @@ mod tests {
         assert!(err.to_string().contains("c.toml"), "{err}");
         let err = Config::from_toml("[import]\nchunksize = 1\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("chunksize"), "{err}");
+        let err = Config::from_toml("[gc]\ngrace = 1\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("grace"), "{err}");
     }
 
     #[test]
@@ -513,6 +576,7 @@ mod tests {
         assert!(Config::from_toml("[import]\nchunk_size = 1000\n", Path::new("c")).is_err());
         assert!(Config::from_toml("[import]\nzstd_level = 40\n", Path::new("c")).is_err());
         assert!(Config::from_toml("[retry]\nattempts = 0\n", Path::new("c")).is_err());
+        assert!(Config::from_toml("[gc]\ngrace_secs = 0\n", Path::new("c")).is_err());
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub fn classify(error: &(dyn std::error::Error + 'static)) -> ErrorClass {
             crate::config::ConfigError,
             crate::import::ImportError,
             crate::export::ExportError,
+            crate::gc::GcError,
             crate::cache::CacheError,
             crate::session::SessionError,
             crate::control::ControlError

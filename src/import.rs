@@ -15,6 +15,15 @@
 //! when every chunk is stored and the store is synced is the manifest committed
 //! with one create-only put, so a killed import leaves no visible version and a
 //! rerun finishes without re-uploading.
+//!
+//! Garbage collection's invariant (see [`crate::gc`]): every chunk a commit
+//! newly references was written or refreshed less than half the grace period
+//! `G` before the commit. Chunks of the parent version are exempt (the commit
+//! only succeeds while the parent is the newest version, which gc keeps). Any
+//! other chunk found in the store is checked with `modified` instead of
+//! `exists` and refreshed with `put_replace` when it is older than `G/4`; and
+//! if the pass over the files took `G/4` or longer, it is run again (it then
+//! mostly checks) before committing.
 
 use std::collections::HashSet;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -58,6 +67,18 @@ pub enum ImportError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// Every pass took too long for garbage collection's grace period.
+    #[error(
+        "import of {parcel} did not commit: each of {passes} passes over its files took longer than a quarter of the gc grace period ({grace_secs} s), so its chunks could be collected before the commit; raise [gc] grace_secs (on every machine using the store) or import from faster storage"
+    )]
+    TooSlow {
+        /// Parcel.
+        parcel: String,
+        /// Passes made.
+        passes: u32,
+        /// Grace period in seconds.
+        grace_secs: u64,
+    },
     /// Reading an input failed.
     #[error("reading {}: {source}", path.display())]
     Read {
@@ -79,7 +100,7 @@ impl Classify for ImportError {
         match self {
             ImportError::SourceMissing { .. } => ErrorClass::NotFound,
             ImportError::Source { .. } | ImportError::Option { .. } => ErrorClass::Invalid,
-            ImportError::Read { .. } => ErrorClass::Other,
+            ImportError::Read { .. } | ImportError::TooSlow { .. } => ErrorClass::Other,
             ImportError::Parcel(e) => e.class(),
             ImportError::Store(e) => e.class(),
         }
@@ -105,7 +126,14 @@ pub struct ImportRequest<'a> {
     pub message: String,
     /// Parcel whose dedup secret a new parcel shares.
     pub dedup_with: Option<&'a str>,
+    /// Garbage collection's grace period (`[gc] grace_secs`): chunks reused
+    /// from outside the parent version are refreshed when older than a
+    /// quarter of it, and the import commits within half of it.
+    pub gc_grace: Duration,
 }
+
+/// How many passes an import makes before giving up on the grace period.
+const MAX_PASSES: u32 = 3;
 
 /// What an import did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -128,6 +156,13 @@ pub struct ImportSummary {
     pub uploaded_chunks: u64,
     /// Bytes uploaded.
     pub uploaded_bytes: u64,
+    /// Of the deduplicated chunks, those rewritten to restart their age for
+    /// garbage collection (found in the store, not in the parent version, and
+    /// older than a quarter of the grace period).
+    pub refreshed_chunks: u64,
+    /// Passes over the files (more than one when a pass took a quarter of the
+    /// grace period or longer).
+    pub passes: u32,
     /// Stored size of the distinct chunks this version references.
     pub stored_bytes: u64,
     /// Wall time.
@@ -313,7 +348,17 @@ struct Counters {
     dedup: AtomicU64,
     uploaded: AtomicU64,
     uploaded_bytes: AtomicU64,
+    refreshed: AtomicU64,
     stored_bytes: AtomicU64,
+}
+
+/// Which chunks found in the store must be young enough (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct Freshness {
+    /// Chunks of the parent version: found is enough.
+    pub(crate) exempt: HashSet<ChunkTag>,
+    /// Other chunks found older than this are refreshed.
+    pub(crate) refresh_after: Duration,
 }
 
 fn reader_thread(
@@ -397,6 +442,7 @@ async fn store_chunk(
     writer: &dyn WriteStore,
     seen: &Mutex<HashSet<ChunkTag>>,
     counters: &Counters,
+    freshness: Option<&Freshness>,
     encoded: EncodedChunk,
 ) -> Result<ChunkRef, StoreError> {
     let chunk = encoded.chunk_ref();
@@ -413,10 +459,22 @@ async fn store_chunk(
     let len = stored.len() as u64;
     counters.stored_bytes.fetch_add(len, Ordering::Relaxed);
     let key = layout::chunk(&tag);
-    let outcome = if writer.exists(&key).await? {
-        PutOutcome::AlreadyExists
-    } else {
-        writer.put_new(&key, Bytes::from(stored)).await?
+    let outcome = match freshness {
+        Some(freshness) if !freshness.exempt.contains(&tag) => match writer.modified(&key).await? {
+            None => writer.put_new(&key, Bytes::from(stored)).await?,
+            Some(modified) => {
+                let age = std::time::SystemTime::now()
+                    .duration_since(modified)
+                    .unwrap_or(Duration::ZERO);
+                if age >= freshness.refresh_after {
+                    writer.put_replace(&key, Bytes::from(stored)).await?;
+                    counters.refreshed.fetch_add(1, Ordering::Relaxed);
+                }
+                PutOutcome::AlreadyExists
+            }
+        },
+        _ if writer.exists(&key).await? => PutOutcome::AlreadyExists,
+        _ => writer.put_new(&key, Bytes::from(stored)).await?,
     };
     match outcome {
         PutOutcome::Created => {
@@ -430,13 +488,16 @@ async fn store_chunk(
     Ok(chunk)
 }
 
-/// Chunks, encodes and stores `files` (path, size); returns one chunk list per file.
+/// Chunks, encodes and stores `files` (path, size); returns one chunk list per
+/// file. With `freshness`, chunks found in the store outside its exempt set
+/// are refreshed when older than its limit (see the module doc).
 pub(crate) async fn store_files(
     writer: &Arc<dyn WriteStore>,
     secrets: &ParcelSecrets,
     chunk_size: u32,
     settings: ImportSettings,
     files: Vec<(PathBuf, u64)>,
+    freshness: Option<&Freshness>,
     progress: &dyn Progress,
 ) -> Result<(Vec<Vec<ChunkRef>>, ImportCounts), ImportError> {
     let jobs = match settings.jobs {
@@ -487,7 +548,8 @@ pub(crate) async fn store_files(
             let (seen, counters) = (&seen, &counters);
             async move {
                 let job = item?;
-                let chunk = store_chunk(writer.as_ref(), seen, counters, job.encoded).await?;
+                let chunk =
+                    store_chunk(writer.as_ref(), seen, counters, freshness, job.encoded).await?;
                 Ok::<_, ImportError>((job.file, job.index, job.len, chunk))
             }
         })
@@ -522,6 +584,7 @@ pub(crate) async fn store_files(
         dedup: counters.dedup.into_inner(),
         uploaded: counters.uploaded.into_inner(),
         uploaded_bytes: counters.uploaded_bytes.into_inner(),
+        refreshed: counters.refreshed.into_inner(),
         stored_bytes: counters.stored_bytes.into_inner(),
     };
     Ok((chunk_lists, counts))
@@ -534,6 +597,7 @@ pub(crate) struct ImportCounts {
     dedup: u64,
     uploaded: u64,
     uploaded_bytes: u64,
+    refreshed: u64,
     stored_bytes: u64,
 }
 
@@ -643,43 +707,82 @@ pub async fn import(
         .filter_map(|s| s.size.map(|size| (s.source.clone(), size)))
         .collect();
     let logical_bytes: u64 = files.iter().map(|(_, size)| size).sum();
-    progress.start(&format!("importing {}", request.name), logical_bytes);
-    let (chunk_lists, counts) = store_files(
-        &writer,
-        &parcel.secrets,
-        chunk_size,
-        request.settings,
-        files,
-        progress,
-    )
-    .await?;
-    progress.finish();
+    // Chunks of the parent need no refresh (see the module doc).
+    let exempt = match parent {
+        Some(parent) => {
+            let manifest = parcel::read_manifest(store, &parcel, parent).await?;
+            parcel::distinct_chunks(&manifest)
+                .into_iter()
+                .map(|(tag, ..)| tag)
+                .collect()
+        }
+        None => HashSet::new(),
+    };
+    let freshness = Freshness {
+        exempt,
+        refresh_after: request.gc_grace / 4,
+    };
+    let mut passes = 0;
+    let mut earlier_uploads = (0, 0);
+    let (manifest, counts) = loop {
+        passes += 1;
+        let pass_started = Instant::now();
+        progress.start(&format!("importing {}", request.name), logical_bytes);
+        let (chunk_lists, counts) = store_files(
+            &writer,
+            &parcel.secrets,
+            chunk_size,
+            request.settings,
+            files.clone(),
+            Some(&freshness),
+            progress,
+        )
+        .await?;
+        progress.finish();
 
-    let mut chunk_lists = chunk_lists.into_iter();
-    let entries: Vec<Entry> = sources
-        .iter()
-        .map(|source| Entry {
-            path: source.parcel_path.clone(),
-            mode: source.mode,
-            mtime: source.mtime,
-            kind: match source.size {
-                None => EntryKind::Directory,
-                Some(size) => EntryKind::File {
-                    size,
-                    chunks: chunk_lists.next().expect("one chunk list per file"),
+        let mut chunk_lists = chunk_lists.into_iter();
+        let entries: Vec<Entry> = sources
+            .iter()
+            .map(|source| Entry {
+                path: source.parcel_path.clone(),
+                mode: source.mode,
+                mtime: source.mtime,
+                kind: match source.size {
+                    None => EntryKind::Directory,
+                    Some(size) => EntryKind::File {
+                        size,
+                        chunks: chunk_lists.next().expect("one chunk list per file"),
+                    },
                 },
-            },
-        })
-        .collect();
-    let manifest = Manifest {
-        version,
-        parent,
-        created: Timestamp::now(),
-        lock_nonce: None,
-        host: host_name(),
-        message: request.message.clone(),
-        chunk_size,
-        entries,
+            })
+            .collect();
+        let manifest = Manifest {
+            version,
+            parent,
+            created: Timestamp::now(),
+            lock_nonce: None,
+            host: host_name(),
+            message: request.message.clone(),
+            chunk_size,
+            entries,
+        };
+        if pass_started.elapsed() < freshness.refresh_after {
+            break (manifest, counts);
+        }
+        if passes >= MAX_PASSES {
+            return Err(ImportError::TooSlow {
+                parcel: request.name.to_owned(),
+                passes,
+                grace_secs: request.gc_grace.as_secs(),
+            });
+        }
+        tracing::info!(
+            parcel = request.name,
+            seconds = pass_started.elapsed().as_secs_f64(),
+            "the pass took a quarter of the gc grace period or longer; checking the chunks again before committing"
+        );
+        earlier_uploads.0 += counts.uploaded;
+        earlier_uploads.1 += counts.uploaded_bytes;
     };
     parcel::commit(store, &parcel, &manifest).await?;
     let seconds = started
@@ -693,9 +796,12 @@ pub async fn import(
         logical_bytes,
         chunks: manifest.chunk_count(),
         zero_chunks: counts.zero,
-        deduplicated_chunks: counts.dedup,
-        uploaded_chunks: counts.uploaded,
-        uploaded_bytes: counts.uploaded_bytes,
+        // Chunks an earlier pass uploaded were found again by the last one.
+        deduplicated_chunks: counts.dedup.saturating_sub(earlier_uploads.0),
+        uploaded_chunks: counts.uploaded + earlier_uploads.0,
+        uploaded_bytes: counts.uploaded_bytes + earlier_uploads.1,
+        refreshed_chunks: counts.refreshed,
+        passes,
         stored_bytes: counts.stored_bytes,
         seconds,
         bytes_per_second: logical_bytes as f64 / seconds,
@@ -728,6 +834,7 @@ mod tests {
             message: String::new(),
             dedup_with: None,
             chunk_size: None,
+            gc_grace: Duration::from_secs(86_400),
         }
     }
 
@@ -763,6 +870,58 @@ mod tests {
             Err(ImportError::Parcel(ParcelError::Exists { .. }))
         ));
         assert_eq!(memory.count("parcels/p/versions/"), 2);
+    }
+
+    #[tokio::test]
+    async fn reused_chunks_outside_the_parent_are_refreshed_when_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = |seed: &str| {
+            let mut out = vec![0u8; 2 * 65536];
+            blake3::Hasher::new()
+                .update(seed.as_bytes())
+                .finalize_xof()
+                .fill(&mut out);
+            out
+        };
+        let memory = MemoryStore::new();
+        let store = StoreHandle::full(memory.clone());
+        let mut versions = Vec::new();
+        for (i, other) in ["b", "c", "b"].iter().enumerate() {
+            let source = dir.path().join(format!("v{i}"));
+            std::fs::create_dir(&source).unwrap();
+            std::fs::write(source.join("disk"), [part("a"), part(other)].concat()).unwrap();
+            let paths = [source];
+            // Before the third import everything is old and version 1 is
+            // gone (as after gc): B's chunks are orphans, A's are the parent's.
+            if i == 2 {
+                let old = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+                for key in memory_keys(&memory).await {
+                    memory.set_modified(&key, old);
+                }
+                store
+                    .writer("test")
+                    .unwrap()
+                    .delete(&layout::manifest("p", 1))
+                    .await
+                    .unwrap();
+            }
+            let summary = import(&store, &request("p", &paths, i > 0), &pass(), &NoProgress)
+                .await
+                .unwrap();
+            versions.push(summary);
+        }
+        assert_eq!(
+            versions[1].refreshed_chunks, 0,
+            "young chunks are left alone"
+        );
+        assert_eq!(versions[2].uploaded_chunks, 0);
+        assert_eq!(versions[2].refreshed_chunks, 2, "B's chunks, not A's");
+        assert_eq!(versions[2].passes, 1);
+    }
+
+    async fn memory_keys(memory: &MemoryStore) -> Vec<String> {
+        use crate::store::ListStore;
+        memory.list("").await.unwrap()
     }
 
     #[test]

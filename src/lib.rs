@@ -15,10 +15,12 @@
 //! | [`parcel`] | store layout, `parcel.toml`, versions, create-only commit, locks |
 //! | [`import`] | files → chunks → committed version, in parallel with bounded memory |
 //! | [`export`] | version → files, and chunk verification |
+//! | [`gc`] | garbage collection: old versions (oldest prefix), then unreferenced chunks past a grace period |
 //! | [`fetch`] | scheduler: one download per chunk, priorities with a demand reservation, retries, verification |
 //! | [`image`] | one open parcel: base manifest + durable overlay, write-back buffer, read/write/truncate/punch-hole |
 //! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, trickle upload, sync, checkin, discard |
 //! | [`trace`] | the access trace stored beside a version (first-read order of chunks), encrypted |
+//! | [`maintenance`] | rollback to an earlier version; passwd (re-wrap the parcel key) |
 //! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
 //! | [`error`] | error classes and exit codes |
@@ -31,9 +33,11 @@ pub mod control;
 pub mod error;
 pub mod export;
 pub mod fetch;
+pub mod gc;
 pub mod image;
 pub mod import;
 pub mod keys;
+pub mod maintenance;
 pub mod manifest;
 pub mod parcel;
 pub mod progress;

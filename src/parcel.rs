@@ -6,11 +6,17 @@
 //! parcels/<name>/parcel.toml                     public: format, id, chunk size, created
 //! parcels/<name>/keyslots/<n>                    wrapped parcel secrets (see crate::keys)
 //! parcels/<name>/versions/<0000000042>.manifest  create-only, encrypted (see crate::manifest)
+//! parcels/<name>/versions/<0000000042>.trace     optional: access order of the session that made it
+//! parcels/<name>/versions/oldest                 hint: the oldest version gc kept (decimal text)
 //! parcels/<name>/lock                            create-only: holder, host, nonce, since
 //! ```
 //!
 //! A version exists exactly when its manifest object exists: committing is one
 //! create-only put, so two clients racing for version N+1 cannot both win.
+//! Versions are contiguous: they start at 1, and garbage collection
+//! ([`crate::gc`]) only ever deletes the oldest ones, writing the first one it
+//! kept into the `oldest` hint, so stores that cannot list find every version
+//! by probing from the hint (see [`list_versions`]).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -55,9 +61,15 @@ pub mod layout {
     pub fn manifest(name: &str, version: u64) -> String {
         format!("parcels/{name}/versions/{version:010}.manifest")
     }
-    /// `parcels/<name>/versions/<0000000042>.trace`.
+    /// `parcels/<name>/versions/<0000000042>.trace`: the access order of the
+    /// session that committed the version (optional).
     pub fn trace(name: &str, version: u64) -> String {
         format!("parcels/{name}/versions/{version:010}.trace")
+    }
+    /// `parcels/<name>/versions/oldest`: the oldest version garbage collection
+    /// kept, as decimal text (a hint for stores that cannot list).
+    pub fn oldest_hint(name: &str) -> String {
+        format!("parcels/{name}/versions/oldest")
     }
     /// `parcels/<name>/lock`.
     pub fn lock(name: &str) -> String {
@@ -213,8 +225,8 @@ pub struct LockRecord {
     /// When it was taken, RFC 3339.
     pub since: String,
     /// The version the holder's session started from: `isrctl gc` keeps it
-    /// (the session's unchanged chunks are that version's). Absent in locks
-    /// taken for a single commit (rollback).
+    /// (the session's unchanged chunks are that version's), and every newer
+    /// one. A rollback's lock names the version it copies, for the same reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_version: Option<u64>,
 }
@@ -323,6 +335,47 @@ pub async fn open(
     })
 }
 
+/// Like [`open`], and also says which keyslot number opened (for `passwd`).
+pub async fn open_slot(
+    store: &StoreHandle,
+    name: &str,
+    credentials: &[Credential],
+) -> Result<(OpenParcel, u32), ParcelError> {
+    let record = require_record(store, name).await?;
+    let id = record.id_bytes(name)?;
+    let slots = read_keyslots(store, name).await?;
+    if slots.is_empty() {
+        return Err(ParcelError::NoVersions {
+            name: name.to_owned(),
+        });
+    }
+    for credential in credentials {
+        for (number, slot) in &slots {
+            match keys::unlock(name, &id, &[(*number, slot.clone())], credential) {
+                Ok(secrets) => {
+                    let parcel = OpenParcel {
+                        name: name.to_owned(),
+                        record,
+                        id,
+                        secrets,
+                    };
+                    return Ok((parcel, *number));
+                }
+                Err(e @ KeyError::CorruptSlot { .. }) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
+    }
+    // Nothing opened: the same error `open` gives.
+    Err(match unlock_any(name, &id, &slots, credentials) {
+        Err(e) => e,
+        Ok(_) => KeyError::WrongPassphrase {
+            parcel: name.to_owned(),
+        }
+        .into(),
+    })
+}
+
 fn unlock_any(
     name: &str,
     id: &[u8; 16],
@@ -383,15 +436,17 @@ pub async fn create(
     Ok(parcel)
 }
 
-/// Writes one keyslot per credential, at the first free slot numbers.
+/// Writes one keyslot per credential, at the first free slot numbers
+/// (create-only, so a slot in use is never overwritten); returns the numbers.
 pub async fn write_keyslots(
     store: &StoreHandle,
     parcel: &OpenParcel,
     credentials: &[Credential],
     kdf: KdfParams,
-) -> Result<(), ParcelError> {
+) -> Result<Vec<u32>, ParcelError> {
     let writer = store.writer("write keyslots")?;
     let mut number = 0;
+    let mut written = Vec::new();
     for credential in credentials {
         let slot = keys::seal_keyslot(&parcel.secrets, credential, kdf, &parcel.id)?;
         let slot = Bytes::from(slot);
@@ -404,11 +459,12 @@ pub async fn write_keyslots(
             let key = layout::keyslot(&parcel.name, number);
             number += 1;
             if writer.put_new(&key, slot.clone()).await? == PutOutcome::Created {
+                written.push(number - 1);
                 break;
             }
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Finishes creating a parcel whose creation was interrupted between writing
@@ -432,7 +488,8 @@ pub async fn complete_creation(
     Ok(parcel)
 }
 
-/// Committed versions of the parcel, ascending.
+/// Committed versions of the parcel, ascending. Listing stores list
+/// `versions/` (ignoring traces and the `oldest` hint); others probe.
 pub async fn list_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, ParcelError> {
     validate_name(name)?;
     match store.lister() {
@@ -457,17 +514,51 @@ pub async fn list_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, 
     }
 }
 
-/// On stores that cannot list: versions are contiguous from 1, so find the
-/// newest by exponential probing, then binary search.
+/// Versions a stale `oldest` hint may lag behind the oldest version (a gc
+/// killed between its deletions and rewriting the hint, or two gcs at once).
+const HINT_SLACK: u64 = 16;
+
+/// The `oldest` hint gc leaves after deleting versions, if any.
+pub async fn read_oldest_hint(store: &StoreHandle, name: &str) -> Result<Option<u64>, ParcelError> {
+    match store.reader().get(&layout::oldest_hint(name)).await {
+        Ok(bytes) => {
+            let hint = std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .filter(|&v| v > 0);
+            if hint.is_none() {
+                tracing::warn!(parcel = name, "ignoring an unreadable versions/oldest hint");
+            }
+            Ok(hint)
+        }
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// On stores that cannot list: versions are contiguous from the oldest kept
+/// one (1, or the `oldest` hint gc writes), so find the first by probing from
+/// there and the newest by exponential probing, then binary search.
 async fn probe_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, ParcelError> {
     let exists = |v: u64| async move { store.reader().exists(&layout::manifest(name, v)).await };
-    if !exists(1).await? {
-        return Ok(Vec::new());
+    let (start, slack) = match read_oldest_hint(store, name).await? {
+        Some(hint) => (hint, HINT_SLACK),
+        None => (1, 1),
+    };
+    let mut oldest = None;
+    for version in start..start.saturating_add(slack) {
+        if exists(version).await? {
+            oldest = Some(version);
+            break;
+        }
     }
-    let (mut present, mut absent) = (1u64, 2u64);
+    let Some(oldest) = oldest else {
+        return Ok(Vec::new());
+    };
+    let (mut present, mut absent) = (oldest, oldest + 1);
     while exists(absent).await? {
         present = absent;
-        absent *= 2;
+        absent = oldest + 2 * (absent - oldest);
     }
     while absent - present > 1 {
         let middle = present + (absent - present) / 2;
@@ -477,7 +568,7 @@ async fn probe_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, Par
             absent = middle;
         }
     }
-    Ok((1..=present).collect())
+    Ok((oldest..=present).collect())
 }
 
 /// Names of every parcel in the store.
@@ -704,6 +795,37 @@ mod tests {
             Err(ParcelError::VersionNotFound { .. })
         ));
         assert_eq!(list_parcels(&store).await.unwrap(), vec!["p".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn probing_starts_at_the_oldest_hint_and_listing_ignores_it() {
+        let memory = MemoryStore::new();
+        let probing = StoreHandle::read_only(memory.clone());
+        let listing = StoreHandle::full(memory.clone());
+        for v in 5..=9 {
+            memory.overwrite(&layout::manifest("p", v), Bytes::new());
+        }
+        memory.overwrite(&layout::trace("p", 5), Bytes::new());
+        assert!(probe_versions(&probing, "p").await.unwrap().is_empty());
+        memory.overwrite(&layout::oldest_hint("p"), Bytes::from_static(b"5\n"));
+        assert_eq!(
+            probe_versions(&probing, "p").await.unwrap(),
+            vec![5, 6, 7, 8, 9]
+        );
+        // A stale hint (older than the oldest version) is walked forward.
+        memory.overwrite(&layout::oldest_hint("p"), Bytes::from_static(b"2"));
+        assert_eq!(
+            probe_versions(&probing, "p").await.unwrap(),
+            vec![5, 6, 7, 8, 9]
+        );
+        assert_eq!(
+            list_versions(&listing, "p").await.unwrap(),
+            vec![5, 6, 7, 8, 9]
+        );
+        assert_eq!(
+            layout::trace("p", 42),
+            "parcels/p/versions/0000000042.trace"
+        );
     }
 
     #[tokio::test]

@@ -3,8 +3,11 @@
 //! A store is a flat namespace of immutable objects under '/'-separated keys (the
 //! layout is in [`crate::parcel::layout`]). Capabilities are separate traits:
 //! - [`ReadStore`]: `get`, `exists` — every backend;
-//! - [`ListStore`]: `list` — every backend but plain HTTP;
-//! - [`WriteStore`]: create-only `put_new`, `delete`, `sync` — local, S3, memory.
+//! - [`ListStore`]: `list`, and `list_info`/`list_modified` with sizes and
+//!   last-modified times — every backend but plain HTTP;
+//! - [`WriteStore`]: create-only `put_new`, `delete`, `sync`, plus `modified`
+//!   and `put_replace` (for garbage collection's grace period, see
+//!   [`crate::gc`]) — local, S3, memory.
 //!
 //! Backends: [`local::LocalStore`] (a directory; `file:///path` or a plain path),
 //! [`s3::S3Store`] (`s3://bucket/prefix`, via object_store), [`http::HttpStore`]
@@ -27,6 +30,7 @@ pub mod s3;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -146,19 +150,56 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     async fn exists(&self, key: &str) -> Result<bool, StoreError>;
 }
 
+/// One listed object: key, size and last-modified time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Object key.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// When the object was last written (local: file mtime; S3: `Last-Modified`,
+    /// set by the server's clock; memory: time of the put).
+    pub modified: SystemTime,
+}
+
 /// Listing objects.
 #[async_trait]
 pub trait ListStore: ReadStore {
     /// Every key starting with `prefix` (which should end in '/'), in any order.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Like [`ListStore::list`], with each object's size and last-modified time.
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+    /// Like [`ListStore::list`], with each object's last-modified time.
+    async fn list_modified(&self, prefix: &str) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        Ok(self
+            .list_info(prefix)
+            .await?
+            .into_iter()
+            .map(|object| (object.key, object.modified))
+            .collect())
+    }
 }
 
-/// Writing objects. Objects are immutable: puts are create-only.
+/// Writing objects. Objects are immutable: puts are create-only, except
+/// [`WriteStore::put_replace`], which rewrites an object with the bytes it
+/// already has (see there).
 #[async_trait]
 pub trait WriteStore: ReadStore {
     /// Stores `data` under `key` unless an object already exists there.
     /// Atomic: concurrent puts of one key create it exactly once.
     async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError>;
+    /// Stores `data` under `key` whether or not an object exists there,
+    /// atomically replacing it (readers see the old or the new object, never a
+    /// mix), and sets its last-modified time to now.
+    ///
+    /// For chunks this is only ever called with the bytes the chunk already
+    /// has (its name is the hash of its bytes): it *refreshes* the chunk's age,
+    /// so garbage collection's grace period starts again for it (see
+    /// [`crate::gc`]). The only other use is small mutable hint objects
+    /// (`parcels/<name>/versions/oldest`).
+    async fn put_replace(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
+    /// When the object was last written, or `None` if it does not exist.
+    async fn modified(&self, key: &str) -> Result<Option<SystemTime>, StoreError>;
     /// Removes an object; removing a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Makes every earlier successful put durable (a barrier before a commit).

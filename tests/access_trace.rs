@@ -104,6 +104,7 @@ fn the_trace_is_stored_with_the_version_and_replayed_first() {
         message: String::new(),
         dedup_with: None,
         chunk_size: None,
+        gc_grace: Duration::from_secs(86_400),
     };
     runtime
         .block_on(import(

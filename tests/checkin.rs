@@ -573,3 +573,119 @@ fn resume_of_an_old_version_commits_the_newest_with_its_parent() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// gc running while sessions trickle and check in loses no chunk of any
+// committed version, and frees the chunks of the versions it deletes.
+
+fn chunk_objects(env: &Env, name: &str) -> usize {
+    let (runtime, store, _) = env.open_parcel(name);
+    runtime
+        .block_on(store.lister().unwrap().list("chunks/"))
+        .unwrap()
+        .len()
+}
+
+fn gc_during_checkins(env: &Env) {
+    Env::require_fuse();
+    env.append_config(
+        "\n[gc]\ngrace_secs = 4\n\n[upload]\nquiet_secs = 1\nrate_bytes_per_sec = 104857600\n",
+    );
+    let size = 4 * MIB as usize;
+    import_dir(
+        env,
+        "vm",
+        &[("disk.img", &support::random_bytes("gc-base", size))],
+    );
+    let admin = env.another_machine();
+    let stop = Arc::new(AtomicBool::new(false));
+    let collector = {
+        let (stop, admin_config, store) = (stop.clone(), admin.config.clone(), admin.store.clone());
+        let admin_dir = admin.dir.path().to_owned();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let output = std::process::Command::new(support::binary("isrctl"))
+                    .args(["gc", "--keep-last", "2"])
+                    .env("ISR_STORE", &store)
+                    .env("ISR_CONFIG", &admin_config)
+                    .env("ISR_STATE_DIR", admin_dir.join("state"))
+                    .env("ISR_CACHE_DIR", admin_dir.join("cache"))
+                    .env("ISR_RUNTIME_DIR", admin_dir.join("run"))
+                    .env("ISR_PASSPHRASE", support::PASSPHRASE)
+                    .env("HOME", &admin_dir)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .unwrap();
+                // gc may refuse a run that raced with a resume (exit 5); it never deletes then.
+                assert!(
+                    matches!(output.status.code(), Some(0) | Some(5)),
+                    "gc failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                runs += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            runs
+        })
+    };
+    let mut state = 0x6c_u64;
+    for round in 0..8u64 {
+        let mount = resume(env, "vm");
+        let disk = OpenOptions::new()
+            .write(true)
+            .open(mount.join("disk.img"))
+            .unwrap();
+        // Alternate between two contents per region, so chunks gc orphaned
+        // come back and must be refreshed, not trusted.
+        let seed = format!("gc-{}", round % 2);
+        let offset = (xorshift(&mut state) % 4) * MIB;
+        disk.write_all_at(&support::random_bytes(&seed, MIB as usize), offset)
+            .unwrap();
+        disk.sync_all().unwrap();
+        drop(disk);
+        std::thread::sleep(Duration::from_millis(1500 + xorshift(&mut state) % 3000));
+        let expected = support::file_hash(&mount.join("disk.img"));
+        env.json(&["checkin", "vm"]);
+        assert_eq!(
+            export_hash(env, "vm", "disk.img"),
+            expected,
+            "round {round}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let runs = collector.join().unwrap();
+    for version in env.versions("vm") {
+        let verify = env.ok(&["verify", &format!("vm@{version}")]);
+        assert!(verify.contains(" 0 bad"), "{verify}");
+    }
+    std::thread::sleep(Duration::from_secs(5)); // past the grace period
+    let before = chunk_objects(env, "vm");
+    let versions_before = env.versions("vm");
+    admin.ok(&["gc", "--keep-last", "1"]);
+    let after = chunk_objects(env, "vm");
+    let newest = *versions_before.last().unwrap();
+    let needed = stored(&env.manifest("vm", newest)).len();
+    println!(
+        "gc ran {runs} times during 8 checkins; then --keep-last 1: versions {versions_before:?} → {:?}, chunk objects {before} → {after} (the newest version needs {needed})",
+        env.versions("vm")
+    );
+    assert_eq!(env.versions("vm"), vec![newest]);
+    assert_eq!(
+        after, needed,
+        "exactly the newest version's chunks are left"
+    );
+    let verify = env.ok(&["verify", "vm"]);
+    assert!(verify.contains(" 0 bad"), "{verify}");
+}
+
+#[test]
+fn gc_during_checkins_local() {
+    gc_during_checkins(&Env::local());
+}
+
+#[test]
+fn gc_during_checkins_s3() {
+    let server = s3_server();
+    gc_during_checkins(&Env::s3(&server, "gc-checkin"));
+}

@@ -52,6 +52,7 @@ fn a_missing_chunk_read_blocks_then_returns_the_right_bytes_while_prefetch_runs(
         message: String::new(),
         dedup_with: None,
         chunk_size: None,
+        gc_grace: std::time::Duration::from_secs(86_400),
     };
     runtime
         .block_on(import(

@@ -159,7 +159,7 @@ fn parse_target(target: &str) -> anyhow::Result<(&str, Option<u64>)> {
 /// A command-line value that makes no sense (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct InvalidArgument(String);
+pub(crate) struct InvalidArgument(pub(crate) String);
 
 fn exit_code_for(error: &anyhow::Error) -> Option<ExitCode> {
     error
@@ -205,6 +205,9 @@ pub async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<Exit
         Command::Unlock(args) => unlock(&context, args).await,
         Command::Sync(args) => crate::checkin::sync(&context, args).await,
         Command::Checkin(args) => crate::checkin::checkin(&context, args).await,
+        Command::Gc(args) => crate::maintenance::gc(&context, args).await,
+        Command::Passwd(args) => crate::maintenance::passwd(&context, args).await,
+        Command::Rollback(args) => crate::maintenance::rollback(&context, args).await,
         Command::NewKeyFile { .. } => unreachable!("handled above"),
     };
     match result {
@@ -246,6 +249,7 @@ async fn import(context: &CommandContext, args: ImportArgs) -> anyhow::Result<Ex
         message: args.message.clone(),
         dedup_with: args.dedup_with.as_deref(),
         chunk_size: args.chunk_size,
+        gc_grace: context.config.gc.grace(),
     };
     let summary = isr::import::import(&store, &request, &credentials, &Bar::new()).await?;
     if context.global.json {

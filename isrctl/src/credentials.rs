@@ -17,11 +17,13 @@ pub enum Purpose {
     Create,
 }
 
-fn terminal_available() -> bool {
+/// Whether a passphrase can be asked for on a terminal.
+pub fn terminal_available() -> bool {
     std::io::stdin().is_terminal() || std::fs::File::open("/dev/tty").is_ok()
 }
 
-fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+/// The first line of a passphrase file (must not be empty).
+pub fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .with_context(|| format!("cannot read passphrase file {}", path.display()))?,
@@ -33,7 +35,8 @@ fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
     Ok(Zeroizing::new(line.to_owned()))
 }
 
-fn prompt(parcel: &str, purpose: Purpose) -> anyhow::Result<Zeroizing<String>> {
+/// Asks for a parcel's passphrase on the terminal (twice when creating).
+pub fn prompt(parcel: &str, purpose: Purpose) -> anyhow::Result<Zeroizing<String>> {
     let first = Zeroizing::new(
         rpassword::prompt_password(format!("Passphrase for parcel {parcel}: "))
             .context("reading the passphrase")?,
@@ -60,6 +63,24 @@ pub fn gather(
     passphrase_file: Option<&Path>,
     key_file: Option<&Path>,
 ) -> anyhow::Result<Vec<Credential>> {
+    let mut credentials = given(passphrase_file, key_file)?;
+    if credentials.is_empty() {
+        if !terminal_available() {
+            return Err(KeyError::NoCredential {
+                parcel: parcel.to_owned(),
+            }
+            .into());
+        }
+        credentials.push(Credential::Passphrase(prompt(parcel, purpose)?));
+    }
+    Ok(credentials)
+}
+
+/// The credentials given by option or environment, without prompting.
+pub fn given(
+    passphrase_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> anyhow::Result<Vec<Credential>> {
     let mut credentials = Vec::new();
     if let Some(path) = key_file {
         credentials.push(Credential::from_key_file(path)?);
@@ -74,15 +95,6 @@ pub fn gather(
         credentials.push(Credential::Passphrase(Zeroizing::new(passphrase)));
     } else if let Some(path) = passphrase_file {
         credentials.push(Credential::Passphrase(read_passphrase_file(path)?));
-    }
-    if credentials.is_empty() {
-        if !terminal_available() {
-            return Err(KeyError::NoCredential {
-                parcel: parcel.to_owned(),
-            }
-            .into());
-        }
-        credentials.push(Credential::Passphrase(prompt(parcel, purpose)?));
     }
     Ok(credentials)
 }

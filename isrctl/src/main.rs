@@ -7,6 +7,7 @@
 mod checkin;
 mod commands;
 mod credentials;
+mod maintenance;
 mod output;
 
 use std::path::PathBuf;
@@ -136,6 +137,31 @@ enum Command {
     Discard(commands::NameArgs),
     /// Break a parcel's lock (the holder's unsaved changes can no longer be committed).
     Unlock(commands::UnlockArgs),
+    /// Delete old versions and the chunks no remaining version uses.
+    ///
+    /// Versions: with --keep-last and/or --keep-days, a version is kept if it is
+    /// among the newest N or younger than D days, or is the base of the parcel's
+    /// current session; the newest is always kept, and only the oldest versions
+    /// before the first kept one are deleted. Without either option no version
+    /// is deleted. Chunks: deleted when no remaining version of any parcel uses
+    /// them and they were written more than the grace period ago (so uploads of
+    /// a running import or checkin are safe). Every parcel must unlock (its
+    /// manifests are encrypted); if one does not, nothing is deleted.
+    Gc(maintenance::GcArgs),
+    /// Change the passphrase (or key file) that unlocks a parcel.
+    ///
+    /// Unlocks with the current credentials, writes a keyslot for the new
+    /// passphrase (asked twice, or --new-passphrase-file) or key file
+    /// (--new-key-file), then deletes the keyslot the current credentials
+    /// opened; other keyslots stay unless --replace-all. Chunks and manifests
+    /// are not touched: the parcel key itself stays the same.
+    Passwd(maintenance::PasswdArgs),
+    /// Make a new version whose content is an earlier version's.
+    ///
+    /// Takes the parcel's lock (fails with exit code 5 if it is locked),
+    /// commits version newest+1 with VERSION's files and VERSION as its parent,
+    /// and releases the lock. Nothing is uploaded and no version is removed.
+    Rollback(maintenance::RollbackArgs),
     /// Write a new random key file (mode 0600) for unattended machines.
     ///
     /// Use it with `--key-file FILE` (or ISR_KEY_FILE) when importing, to add a

@@ -16,11 +16,13 @@
 //!   clean-up a rerun (or the next resume) finishes.
 //!
 //! Garbage collection deletes unreferenced chunks older than its grace period
-//! G. So that a chunk this commit relies on cannot be one of them, every chunk
-//! the new version references beyond its base version is confirmed written
-//! (or refreshed) less than G/2 before the commit; if uploading takes longer
-//! than G/2 the confirmation is repeated. The base version's own chunks are
-//! safe because gc keeps the version a lock names.
+//! G (see [`crate::gc`]). So that a chunk this commit relies on cannot be one
+//! of them, every chunk the new version references beyond its base version
+//! is confirmed written less than G/4 ago (the upload journal's time), or is
+//! uploaded, or — found in the store older than that — refreshed with
+//! `put_replace`; if that pass took G/4 or longer it is repeated, so the
+//! commit lands within G/2 of every confirmation. The base version's own
+//! chunks are safe because gc keeps the version a lock names.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -220,7 +222,9 @@ impl Session {
         needed.sort();
         // Pinned for the upload: a write after the snapshot may supersede them.
         self.context.cache.pin(needed.iter());
-        let uploaded = self.ensure_uploaded(&needed, save_as.is_some()).await;
+        let uploaded = self
+            .ensure_uploaded_in_time(&needed, save_as.is_some())
+            .await;
         self.context.cache.unpin(needed.iter());
         let tally = uploaded?;
 
@@ -294,16 +298,49 @@ impl Session {
         Ok(())
     }
 
-    /// Makes sure every chunk in `needed` is in the store: journal entries
-    /// younger than gc's half grace are trusted; the rest are put create-only.
-    /// `check_all` ignores the journal (a new parcel: trust nothing).
+    /// [`Session::ensure_uploaded`], repeated while a pass takes a quarter
+    /// of gc's grace period or longer (then the earliest confirmation could
+    /// be too old by the time of the commit).
+    async fn ensure_uploaded_in_time(
+        &self,
+        needed: &[ChunkTag],
+        check_all: bool,
+    ) -> Result<UploadTally, SessionError> {
+        let quarter = self.context.upload.gc_grace / 4;
+        let mut total = UploadTally::default();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let tally = self.ensure_uploaded(needed, check_all).await?;
+            total.uploaded_chunks += tally.uploaded_chunks;
+            total.uploaded_bytes += tally.uploaded_bytes;
+            total.refreshed_chunks += tally.refreshed_chunks;
+            total.present_chunks = tally.present_chunks;
+            if started.elapsed() < quarter {
+                return Ok(total);
+            }
+            tracing::warn!("uploading took a quarter of gc's grace period; confirming again");
+        }
+        Err(SessionError::State {
+            path: self.context.state_dir.clone(),
+            source: std::io::Error::other(format!(
+                "every pass over the chunks to upload took longer than a quarter of [gc] grace_secs ({} s); raise it on every machine using the store, then run the command again",
+                self.context.upload.gc_grace.as_secs()
+            )),
+        })
+    }
+
+    /// Makes sure every chunk in `needed` is in the store and young enough
+    /// for gc: journal entries younger than G/4 are trusted; the rest are put
+    /// create-only, and one found already there but older than G/4 (or of
+    /// unknown age) is refreshed. `check_all` ignores the journal (a new
+    /// parcel: trust nothing).
     async fn ensure_uploaded(
         &self,
         needed: &[ChunkTag],
         check_all: bool,
     ) -> Result<UploadTally, SessionError> {
-        let half_grace = self.context.upload.gc_grace.as_secs() / 2;
-        let fresh_since = unix_now().saturating_sub(half_grace);
+        let quarter = self.context.upload.gc_grace.as_secs() / 4;
+        let fresh_since = unix_now().saturating_sub(quarter);
         let mut tally = UploadTally::default();
         let to_send: Vec<ChunkTag> = needed
             .iter()
@@ -322,18 +359,39 @@ impl Session {
             .collect();
         let mut results = futures::stream::iter(to_send.into_iter().map(|tag| async move {
             let bytes = local_chunk(&self.context.cache, &tag)?;
-            upload_new(&self.store, &tag, bytes).await
+            type Outcome = Result<(ChunkTag, u64, Option<u64>, bool), SessionError>;
+            let (tag, at, uploaded) = upload_new(&self.store, &tag, bytes.clone()).await?;
+            if uploaded.is_some() {
+                return Outcome::Ok((tag, at, uploaded, false));
+            }
+            // Already there: from this session's trickle, an earlier run, or
+            // an orphan of unknown age that gc may be about to collect.
+            let writer = self.store.writer("refresh chunks")?;
+            let key = layout::chunk(&tag);
+            let modified = writer.modified(&key).await?.and_then(|time| {
+                time.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            });
+            match modified {
+                Some(at) if at >= fresh_since => Ok((tag, at, None, false)),
+                _ => {
+                    writer.put_replace(&key, bytes).await?;
+                    Ok((tag, unix_now(), None, true))
+                }
+            }
         }))
         .buffer_unordered(self.context.upload.parallel.max(1));
         let mut journal = Vec::new();
         while let Some(result) = results.next().await {
-            let (tag, at, uploaded) = result?;
+            let (tag, at, uploaded, refreshed) = result?;
             match uploaded {
                 Some(bytes) => {
                     tally.uploaded_chunks += 1;
                     tally.uploaded_bytes += bytes;
                     self.uploads.add(bytes);
                 }
+                None if refreshed => tally.refreshed_chunks += 1,
                 None => tally.present_chunks += 1,
             }
             journal.push((tag, at));

@@ -172,11 +172,13 @@ async fn run(parts: TrickleParts, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
             continue;
         }
         let rate_now = |best_upload: f64| {
-            settings.rate_bytes_per_sec.unwrap_or(if best_upload == 0.0 {
-                UNOBSERVED_RATE
-            } else {
-                ((best_upload / 2.0) as u64).max(MIN_AUTO_RATE)
-            })
+            settings
+                .rate_bytes_per_sec
+                .unwrap_or(if best_upload == 0.0 {
+                    UNOBSERVED_RATE
+                } else {
+                    ((best_upload / 2.0) as u64).max(MIN_AUTO_RATE)
+                })
         };
         parts
             .counters

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListStore, PutOutcome, ReadStore, StoreError, WriteStore};
+use super::{ListStore, ObjectInfo, PutOutcome, ReadStore, StoreError, WriteStore};
 
 /// What the next operations do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +121,10 @@ impl<S: ListStore> ListStore for FaultyStore<S> {
         self.check(prefix).await?;
         self.inner.list(prefix).await
     }
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.check(prefix).await?;
+        self.inner.list_info(prefix).await
+    }
 }
 
 #[async_trait]
@@ -128,6 +132,14 @@ impl<S: WriteStore> WriteStore for FaultyStore<S> {
     async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         self.check(key).await?;
         self.inner.put_new(key, data).await
+    }
+    async fn put_replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.check(key).await?;
+        self.inner.put_replace(key, data).await
+    }
+    async fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>, StoreError> {
+        self.check(key).await?;
+        self.inner.modified(key).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.check(key).await?;

@@ -4,6 +4,9 @@
 //! then `link(2)` it into place, which fails atomically if the name exists; so an
 //! object is either absent or complete, even across a crash. [`WriteStore::sync`]
 //! calls `syncfs(2)` so directory entries are durable before a commit.
+//! [`WriteStore::put_replace`] writes a temporary file, `fdatasync`s it and
+//! `rename(2)`s it over the old one, so the object is replaced atomically and
+//! its mtime (the object's last-modified time) is the time of the write.
 
 use std::fs;
 use std::io::{ErrorKind, Write};
@@ -12,7 +15,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListStore, PutOutcome, ReadStore, StoreError, WriteStore, check_key};
+use super::{ListStore, ObjectInfo, PutOutcome, ReadStore, StoreError, WriteStore, check_key};
 
 const TEMP_PREFIX: &str = ".tmp-";
 
@@ -120,6 +123,35 @@ impl LocalStore {
         result.map_err(|e| self.io_error(key, e))
     }
 
+    /// Unconditional put, synchronously: a temporary file, `fdatasync`ed, then
+    /// renamed over whatever is at `key`.
+    pub fn put_replace_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        let dir = path.parent().expect("keys have a parent (the root)");
+        let name = path
+            .file_name()
+            .expect("keys end in a name")
+            .to_string_lossy();
+        fs::create_dir_all(dir).map_err(|e| self.io_error(key, e))?;
+        let temp = dir.join(format!(
+            "{TEMP_PREFIX}{name}-{:016x}",
+            rand::random::<u64>()
+        ));
+        let result = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)?;
+            file.write_all(data)?;
+            file.sync_data()?;
+            fs::rename(&temp, &path)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result.map_err(|e| self.io_error(key, e))
+    }
+
     /// Reads an object synchronously.
     pub fn get_blocking(&self, key: &str) -> Result<Bytes, StoreError> {
         let path = self.path(key)?;
@@ -140,6 +172,40 @@ impl LocalStore {
     /// Every key under `prefix`, synchronously.
     pub fn list_blocking(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut keys = Vec::new();
+        self.walk(prefix, |key, _| {
+            keys.push(key);
+            Ok(())
+        })?;
+        Ok(keys)
+    }
+
+    /// Every object under `prefix` with its size and mtime, synchronously.
+    pub fn list_info_blocking(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut objects = Vec::new();
+        self.walk(prefix, |key, entry| {
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Deleted since the directory was read.
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(self.io_error(&key, e)),
+            };
+            let modified = meta.modified().map_err(|e| self.io_error(&key, e))?;
+            objects.push(ObjectInfo {
+                key,
+                size: meta.len(),
+                modified,
+            });
+            Ok(())
+        })?;
+        Ok(objects)
+    }
+
+    /// Calls `found` with the key and directory entry of every object under `prefix`.
+    fn walk(
+        &self,
+        prefix: &str,
+        mut found: impl FnMut(String, &fs::DirEntry) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let start = self.root.join(prefix.trim_end_matches('/'));
         let mut pending = vec![start];
         while let Some(dir) = pending.pop() {
@@ -158,11 +224,11 @@ impl LocalStore {
                 if file_type.is_dir() {
                     pending.push(entry.path());
                 } else if let Ok(relative) = entry.path().strip_prefix(&self.root) {
-                    keys.push(relative.to_string_lossy().into_owned());
+                    found(relative.to_string_lossy().into_owned(), &entry)?;
                 }
             }
         }
-        Ok(keys)
+        Ok(())
     }
 }
 
@@ -193,6 +259,11 @@ impl ListStore for LocalStore {
         self.blocking(prefix, |this, prefix| this.list_blocking(&prefix))
             .await
     }
+
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.blocking(prefix, |this, prefix| this.list_info_blocking(&prefix))
+            .await
+    }
 }
 
 #[async_trait]
@@ -202,6 +273,23 @@ impl WriteStore for LocalStore {
             this.put_new_blocking(&key, &data, true)
         })
         .await
+    }
+
+    async fn put_replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.blocking(key, move |this, key| this.put_replace_blocking(&key, &data))
+            .await
+    }
+
+    async fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>, StoreError> {
+        let path = self.path(key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.is_file() => {
+                meta.modified().map(Some).map_err(|e| self.io_error(key, e))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_error(key, e)),
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -236,6 +324,38 @@ mod tests {
     async fn local_store_contract() {
         let dir = tempfile::tempdir().unwrap();
         check_store_contract(&StoreHandle::full(LocalStore::new(dir.path()))).await;
+    }
+
+    #[tokio::test]
+    async fn put_replace_refreshes_an_aged_file_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store
+            .put_new("chunks/ab/x", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30);
+        fs::File::options()
+            .write(true)
+            .open(dir.path().join("chunks/ab/x"))
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        assert_eq!(store.modified("chunks/ab/x").await.unwrap(), Some(long_ago));
+        assert_eq!(
+            store.list_modified("chunks/").await.unwrap(),
+            vec![("chunks/ab/x".to_string(), long_ago)]
+        );
+        store
+            .put_replace("chunks/ab/x", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(store.modified("chunks/ab/x").await.unwrap().unwrap() > long_ago);
+        assert_eq!(
+            fs::read_dir(dir.path().join("chunks/ab")).unwrap().count(),
+            1
+        );
+        assert_eq!(store.modified("chunks/ab/none").await.unwrap(), None);
     }
 
     #[tokio::test]

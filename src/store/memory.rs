@@ -2,16 +2,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListStore, PutOutcome, ReadStore, StoreError, WriteStore, check_key};
+use super::{ListStore, ObjectInfo, PutOutcome, ReadStore, StoreError, WriteStore, check_key};
 
-/// Objects in a map, shared between clones.
+/// Objects in a map with the time each was put, shared between clones.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
-    objects: Arc<Mutex<BTreeMap<String, Bytes>>>,
+    objects: Arc<Mutex<BTreeMap<String, (Bytes, SystemTime)>>>,
 }
 
 impl MemoryStore {
@@ -25,7 +26,18 @@ impl MemoryStore {
         self.objects
             .lock()
             .expect("not poisoned")
-            .insert(key.to_owned(), data);
+            .insert(key.to_owned(), (data, SystemTime::now()));
+    }
+
+    /// Sets an object's last-modified time (to simulate age); false if absent.
+    pub fn set_modified(&self, key: &str, time: SystemTime) -> bool {
+        match self.objects.lock().expect("not poisoned").get_mut(key) {
+            Some(object) => {
+                object.1 = time;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Number of objects whose key starts with `prefix`.
@@ -46,7 +58,7 @@ impl ReadStore for MemoryStore {
         let objects = self.objects.lock().expect("not poisoned");
         objects
             .get(key)
-            .cloned()
+            .map(|(data, _)| data.clone())
             .ok_or_else(|| StoreError::NotFound {
                 store: self.url().into(),
                 key: key.into(),
@@ -69,6 +81,19 @@ impl ListStore for MemoryStore {
             .cloned()
             .collect())
     }
+
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let objects = self.objects.lock().expect("not poisoned");
+        Ok(objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(key, (data, modified))| ObjectInfo {
+                key: key.clone(),
+                size: data.len() as u64,
+                modified: *modified,
+            })
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -79,8 +104,23 @@ impl WriteStore for MemoryStore {
         if objects.contains_key(key) {
             return Ok(PutOutcome::AlreadyExists);
         }
-        objects.insert(key.to_owned(), data);
+        objects.insert(key.to_owned(), (data, SystemTime::now()));
         Ok(PutOutcome::Created)
+    }
+
+    async fn put_replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        check_key(self.url(), key)?;
+        self.objects
+            .lock()
+            .expect("not poisoned")
+            .insert(key.to_owned(), (data, SystemTime::now()));
+        Ok(())
+    }
+
+    async fn modified(&self, key: &str) -> Result<Option<SystemTime>, StoreError> {
+        check_key(self.url(), key)?;
+        let objects = self.objects.lock().expect("not poisoned");
+        Ok(objects.get(key).map(|(_, modified)| *modified))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -102,5 +142,23 @@ mod tests {
     #[tokio::test]
     async fn memory_store_contract() {
         check_store_contract(&StoreHandle::full(MemoryStore::new())).await;
+    }
+
+    #[tokio::test]
+    async fn put_replace_refreshes_an_aged_object() {
+        let store = MemoryStore::new();
+        store
+            .put_new("chunks/ab/x", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let long_ago = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        assert!(store.set_modified("chunks/ab/x", long_ago));
+        assert_eq!(store.modified("chunks/ab/x").await.unwrap(), Some(long_ago));
+        store
+            .put_replace("chunks/ab/x", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(store.modified("chunks/ab/x").await.unwrap().unwrap() > long_ago);
+        assert!(!store.set_modified("chunks/ab/missing", long_ago));
     }
 }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 
-use super::{ListStore, PutOutcome, ReadStore, RetrySettings, StoreError, WriteStore};
+use super::{ListStore, ObjectInfo, PutOutcome, ReadStore, RetrySettings, StoreError, WriteStore};
 
 /// A store whose operations retry transient failures.
 #[derive(Debug)]
@@ -87,6 +87,10 @@ impl<S: ListStore> ListStore for Retrying<S> {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.run(prefix, || self.inner.list(prefix)).await
     }
+
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.run(prefix, || self.inner.list_info(prefix)).await
+    }
 }
 
 #[async_trait]
@@ -94,6 +98,15 @@ impl<S: WriteStore> WriteStore for Retrying<S> {
     async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         self.run(key, || self.inner.put_new(key, data.clone()))
             .await
+    }
+
+    async fn put_replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.run(key, || self.inner.put_replace(key, data.clone()))
+            .await
+    }
+
+    async fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>, StoreError> {
+        self.run(key, || self.inner.modified(key)).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -1,7 +1,9 @@
 //! An S3-compatible store (AWS S3, SeaweedFS, MinIO, Ceph RGW, …) via object_store.
 //!
 //! Create-only puts use `If-None-Match: *` (object_store's `PutMode::Create`), so
-//! committing a version is one atomic conditional write. Retries are
+//! committing a version is one atomic conditional write; `put_replace` is a
+//! plain (overwriting) PUT, and last-modified times are the server's
+//! `Last-Modified` (listings give milliseconds, HEAD whole seconds). Retries are
 //! object_store's own, configured from [`RetrySettings`]: it knows which S3
 //! answers are worth retrying (5xx, 429, transport failures) and which are not
 //! (other 4xx). What still fails after its retries is reported as
@@ -9,7 +11,7 @@
 //! [`StoreError::Permanent`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,7 +24,8 @@ use object_store::{
 };
 
 use super::{
-    ListStore, PutOutcome, ReadStore, RetrySettings, S3Settings, StoreError, WriteStore, check_key,
+    ListStore, ObjectInfo, PutOutcome, ReadStore, RetrySettings, S3Settings, StoreError,
+    WriteStore, check_key,
 };
 
 /// An S3 bucket (and optional prefix) used as a store.
@@ -176,6 +179,15 @@ impl ReadStore for S3Store {
 #[async_trait]
 impl ListStore for S3Store {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list_info(prefix)
+            .await?
+            .into_iter()
+            .map(|object| object.key)
+            .collect())
+    }
+
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         let trimmed = prefix.trim_end_matches('/');
         let path = self.path(trimmed)?;
         let strip = if self.prefix.is_empty() {
@@ -192,10 +204,11 @@ impl ListStore for S3Store {
         Ok(objects
             .into_iter()
             .filter_map(|meta| {
-                meta.location
-                    .as_ref()
-                    .strip_prefix(&strip)
-                    .map(str::to_owned)
+                Some(ObjectInfo {
+                    key: meta.location.as_ref().strip_prefix(&strip)?.to_owned(),
+                    size: meta.size,
+                    modified: SystemTime::from(meta.last_modified),
+                })
             })
             .collect())
     }
@@ -220,6 +233,36 @@ impl WriteStore for S3Store {
                 key: key.to_owned(),
                 source: "the bucket does not exist (create it first)".into(),
             }),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    async fn put_replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        match self
+            .client
+            .put_opts(
+                &path,
+                PutPayload::from_bytes(data),
+                PutMode::Overwrite.into(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::Permanent {
+                store: self.url.clone(),
+                key: key.to_owned(),
+                source: "the bucket does not exist (create it first)".into(),
+            }),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    async fn modified(&self, key: &str) -> Result<Option<SystemTime>, StoreError> {
+        let path = self.path(key)?;
+        match self.client.head(&path).await {
+            Ok(meta) => Ok(Some(SystemTime::from(meta.last_modified))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error(key, e)),
         }
     }
