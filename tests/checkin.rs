@@ -630,6 +630,7 @@ fn gc_during_checkins(env: &Env) {
         })
     };
     let mut state = 0x6c_u64;
+    let mut refreshed = 0;
     for round in 0..8u64 {
         let mount = resume(env, "vm");
         let disk = OpenOptions::new()
@@ -646,7 +647,8 @@ fn gc_during_checkins(env: &Env) {
         drop(disk);
         std::thread::sleep(Duration::from_millis(1500 + xorshift(&mut state) % 3000));
         let expected = support::file_hash(&mount.join("disk.img"));
-        env.json(&["checkin", "vm"]);
+        let report = env.json(&["checkin", "vm"]);
+        refreshed += report["refreshed_chunks"].as_u64().unwrap();
         assert_eq!(
             export_hash(env, "vm", "disk.img"),
             expected,
@@ -667,7 +669,7 @@ fn gc_during_checkins(env: &Env) {
     let newest = *versions_before.last().unwrap();
     let needed = stored(&env.manifest("vm", newest)).len();
     println!(
-        "gc ran {runs} times during 8 checkins; then --keep-last 1: versions {versions_before:?} → {:?}, chunk objects {before} → {after} (the newest version needs {needed})",
+        "gc ran {runs} times during 8 checkins ({refreshed} chunks refreshed); then --keep-last 1: versions {versions_before:?} → {:?}, chunk objects {before} → {after} (the newest version needs {needed})",
         env.versions("vm")
     );
     assert_eq!(env.versions("vm"), vec![newest]);
