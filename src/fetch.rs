@@ -402,10 +402,14 @@ async fn dispatch(inner: Arc<Inner>) {
 }
 
 /// Downloads one chunk with retries, verifies it and puts it in the cache.
+/// How many "not found" answers make a chunk missing.
+const NOT_FOUND_ATTEMPTS: u32 = 3;
+
 async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
     let key = layout::chunk(&tag);
     let started = Instant::now();
     let mut backoff = inner.settings.initial_backoff;
+    let mut not_found_answers = 0u32;
     loop {
         let error = match inner.store.get(&key).await {
             Ok(bytes) => {
@@ -438,12 +442,23 @@ async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 return Ok(bytes);
             }
-            Err(StoreError::NotFound { .. }) => return Err(FetchError::Missing { tag }),
+            // A chunk a manifest references should exist: a store that is
+            // still starting (SeaweedFS loading its volumes) or an eventually
+            // consistent one can answer 404 for a moment, so ask again a few
+            // times before telling readers it is missing.
+            Err(StoreError::NotFound { .. }) if not_found_answers + 1 >= NOT_FOUND_ATTEMPTS => {
+                return Err(FetchError::Missing { tag });
+            }
             Err(e) => e,
         };
+        if error.is_not_found() {
+            not_found_answers += 1;
+        }
         let retryable = matches!(
             error,
-            StoreError::Transient { .. } | StoreError::Unreachable { .. }
+            StoreError::Transient { .. }
+                | StoreError::Unreachable { .. }
+                | StoreError::NotFound { .. }
         );
         if !retryable || started.elapsed() + backoff > inner.settings.give_up_after {
             return Err(FetchError::Store {

@@ -106,15 +106,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
     });
     {
-        let shutdown = shutdown.clone();
-        daemon.runtime.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
+        // Handlers are installed before READY=1, so an early SIGTERM is
+        // never met by the default action (death without clean-up).
+        use tokio::signal::unix::{SignalKind, signal};
+        let (term, int) = daemon.runtime.block_on(async {
+            (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
+            )
+        });
+        let (mut term, mut int) = (term?, int?);
+        let shutdown = shutdown.clone();
+        daemon.runtime.spawn(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
