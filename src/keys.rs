@@ -384,6 +384,16 @@ pub fn unlock(
     slots: &[(u32, Vec<u8>)],
     credential: &Credential,
 ) -> Result<ParcelSecrets, KeyError> {
+    unlock_slot(parcel, parcel_id, slots, credential).map(|(secrets, _)| secrets)
+}
+
+/// Like [`unlock`], and also says which keyslot number opened.
+pub fn unlock_slot(
+    parcel: &str,
+    parcel_id: &[u8; 16],
+    slots: &[(u32, Vec<u8>)],
+    credential: &Credential,
+) -> Result<(ParcelSecrets, u32), KeyError> {
     let mut tried_any = false;
     for (number, slot) in slots {
         let corrupt = |reason: &str| KeyError::CorruptSlot {
@@ -441,7 +451,7 @@ pub fn unlock(
             };
             parcel_key.zeroize();
             dedup_secret.zeroize();
-            return Ok(secrets);
+            return Ok((secrets, *number));
         }
     }
     let parcel = parcel.to_owned();

@@ -318,21 +318,9 @@ pub async fn open(
     name: &str,
     credentials: &[Credential],
 ) -> Result<OpenParcel, ParcelError> {
-    let record = require_record(store, name).await?;
-    let id = record.id_bytes(name)?;
-    let slots = read_keyslots(store, name).await?;
-    if slots.is_empty() {
-        return Err(ParcelError::NoVersions {
-            name: name.to_owned(),
-        });
-    }
-    let secrets = unlock_any(name, &id, &slots, credentials)?;
-    Ok(OpenParcel {
-        name: name.to_owned(),
-        record,
-        id,
-        secrets,
-    })
+    open_slot(store, name, credentials)
+        .await
+        .map(|(parcel, _)| parcel)
 }
 
 /// Like [`open`], and also says which keyslot number opened (for `passwd`).
@@ -349,43 +337,18 @@ pub async fn open_slot(
             name: name.to_owned(),
         });
     }
-    for credential in credentials {
-        for (number, slot) in &slots {
-            match keys::unlock(name, &id, &[(*number, slot.clone())], credential) {
-                Ok(secrets) => {
-                    let parcel = OpenParcel {
-                        name: name.to_owned(),
-                        record,
-                        id,
-                        secrets,
-                    };
-                    return Ok((parcel, *number));
-                }
-                Err(e @ KeyError::CorruptSlot { .. }) => return Err(e.into()),
-                Err(_) => {}
-            }
-        }
-    }
-    // Nothing opened: the same error `open` gives.
-    Err(match unlock_any(name, &id, &slots, credentials) {
-        Err(e) => e,
-        Ok(_) => KeyError::WrongPassphrase {
-            parcel: name.to_owned(),
-        }
-        .into(),
-    })
-}
-
-fn unlock_any(
-    name: &str,
-    id: &[u8; 16],
-    slots: &[(u32, Vec<u8>)],
-    credentials: &[Credential],
-) -> Result<ParcelSecrets, ParcelError> {
     let mut last_error = None;
     for credential in credentials {
-        match keys::unlock(name, id, slots, credential) {
-            Ok(secrets) => return Ok(secrets),
+        match keys::unlock_slot(name, &id, &slots, credential) {
+            Ok((secrets, number)) => {
+                let parcel = OpenParcel {
+                    name: name.to_owned(),
+                    record,
+                    id,
+                    secrets,
+                };
+                return Ok((parcel, number));
+            }
             Err(e @ KeyError::CorruptSlot { .. }) => return Err(e.into()),
             Err(e) => last_error = Some(e),
         }

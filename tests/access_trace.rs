@@ -10,13 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isr::cache::ChunkCache;
-use isr::config::ImportSettings;
 use isr::fetch::FetchSettings;
 use isr::image::ImageOptions;
-use isr::import::{ImportRequest, import};
-use isr::keys::{Credential, KdfParams, Zeroizing};
 use isr::parcel::layout;
-use isr::progress::NoProgress;
 use isr::session::{Session, SessionContext};
 use isr::store::StoreHandle;
 use isr::store::faulty::FaultyStore;
@@ -84,36 +80,13 @@ fn the_trace_is_stored_with_the_version_and_replayed_first() {
     std::fs::create_dir(dir.path().join("src")).unwrap();
     std::fs::write(dir.path().join("src/disk.img"), &data).unwrap();
     let memory = MemoryStore::new();
-    let credentials = vec![Credential::Passphrase(Zeroizing::new("pw".into()))];
-    let paths = [dir.path().join("src")];
-    let request = ImportRequest {
-        name: "vm",
-        paths: &paths,
-        new_version: false,
-        settings: ImportSettings {
-            chunk_size: CHUNK as u32,
-            zstd_level: 3,
-            jobs: 2,
-            uploads: 4,
-        },
-        kdf: KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        },
-        message: String::new(),
-        dedup_with: None,
-        chunk_size: None,
-        gc_grace: Duration::from_secs(86_400),
-    };
-    runtime
-        .block_on(import(
-            &StoreHandle::full(memory.clone()),
-            &request,
-            &credentials,
-            &NoProgress,
-        ))
-        .unwrap();
+    let credentials = support::import_with_library(
+        &runtime,
+        &StoreHandle::full(memory.clone()),
+        "vm",
+        &dir.path().join("src"),
+        CHUNK as u32,
+    );
     let slow = FaultyStore::new(memory.clone());
     slow.set_latency(Duration::from_millis(20));
     let store = StoreHandle::full(slow);

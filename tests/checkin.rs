@@ -17,16 +17,6 @@ use support::{Env, SeaweedFs};
 
 const MIB: u64 = 1 << 20;
 
-fn import_dir(env: &Env, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
-    let source = env.path(&format!("src-{name}"));
-    std::fs::create_dir_all(&source).unwrap();
-    for (file, data) in files {
-        std::fs::write(source.join(file), data).unwrap();
-    }
-    env.ok(&["import", name, source.to_str().unwrap()]);
-    source
-}
-
 fn resume(env: &Env, target: &str) -> PathBuf {
     PathBuf::from(env.json(&["resume", target])["mount"].as_str().unwrap())
 }
@@ -164,8 +154,7 @@ fn kill_during_checkin(env: &Env) {
     Env::require_fuse();
     env.append_config("\n[upload]\ntrickle = false\n");
     let size = 16 * MIB as usize;
-    import_dir(
-        env,
+    env.import_files(
         "vm",
         &[("disk.img", &support::random_bytes("kill-base", size))],
     );
@@ -276,12 +265,11 @@ fn check_one_instant(dir: &Path) -> u64 {
 fn sync_is_one_instant(env: &Env) {
     Env::require_fuse();
     env.append_config("\n[upload]\nquiet_secs = 1\n");
-    import_dir(
-        env,
+    env.import_files(
         "log",
         &[
-            ("log.bin", &vec![0u8; SLOTS as usize * RECORD]),
-            ("head.bin", &[0u8; 8]),
+            ("log.bin", vec![0u8; SLOTS as usize * RECORD]),
+            ("head.bin", vec![0u8; 8]),
         ],
     );
     let mount = resume(env, "log");
@@ -351,8 +339,7 @@ fn sync_is_one_instant_s3() {
 fn two_machines(a: &Env) {
     Env::require_fuse();
     let b = a.another_machine();
-    import_dir(
-        a,
+    a.import_files(
         "vm",
         &[(
             "disk.img",
@@ -425,8 +412,7 @@ fn two_machines_s3() {
 
 fn force_unlock_keeps_changes(a: &Env) {
     Env::require_fuse();
-    import_dir(
-        a,
+    a.import_files(
         "vm",
         &[(
             "disk.img",
@@ -490,8 +476,7 @@ fn wait_until_uploaded(env: &Env, name: &str) -> serde_json::Value {
 fn trickle_upload(env: &Env) {
     Env::require_fuse();
     env.append_config("\n[upload]\nquiet_secs = 1\nrate_bytes_per_sec = 104857600\n");
-    import_dir(
-        env,
+    env.import_files(
         "vm",
         &[(
             "disk.img",
@@ -541,7 +526,7 @@ fn trickle_upload_s3() {
 fn resume_of_an_old_version_commits_the_newest_with_its_parent() {
     Env::require_fuse();
     let env = Env::local();
-    let source = import_dir(&env, "vm", &[("a.txt", b"one")]);
+    let source = env.import_files("vm", &[("a.txt", b"one")]);
     std::fs::write(source.join("a.txt"), b"two").unwrap();
     env.ok(&["import", "--new-version", "vm", source.to_str().unwrap()]);
     let mount = resume(&env, "vm@1");
@@ -592,8 +577,7 @@ fn gc_during_checkins(env: &Env) {
         "\n[gc]\ngrace_secs = 4\n\n[upload]\nquiet_secs = 1\nrate_bytes_per_sec = 104857600\n",
     );
     let size = 4 * MIB as usize;
-    import_dir(
-        env,
+    env.import_files(
         "vm",
         &[("disk.img", &support::random_bytes("gc-base", size))],
     );

@@ -13,16 +13,6 @@ use support::Env;
 
 const CHUNK: u64 = 128 * 1024;
 
-fn import(env: &Env, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
-    let source = env.path(&format!("src-{name}"));
-    std::fs::create_dir_all(&source).unwrap();
-    for (file, data) in files {
-        std::fs::write(source.join(file), data).unwrap();
-    }
-    env.ok(&["import", name, source.to_str().unwrap()]);
-    source
-}
-
 fn resume(env: &Env, name: &str) -> PathBuf {
     let value = env.json(&["resume", name]);
     PathBuf::from(value["mount"].as_str().unwrap())
@@ -67,8 +57,7 @@ fn random_read_write_workload_through_the_mount_matches_a_reference() {
     let env = Env::local();
     let size = 16 << 20;
     let initial = support::random_bytes("workload", size);
-    import(
-        &env,
+    env.import_files(
         "vm",
         &[
             ("disk.img", initial.clone()),
@@ -182,7 +171,7 @@ fn concurrent_readers_cause_one_fetch_per_chunk() {
     Env::require_fuse();
     let env = Env::local();
     let data = support::random_bytes("readers", 4 << 20);
-    import(&env, "vm", &[("disk.img", data.clone())]);
+    env.import_files("vm", &[("disk.img", data.clone())]);
     let mount = resume(&env, "vm");
     let readers: Vec<_> = (0..8)
         .map(|_| {
@@ -205,8 +194,7 @@ fn concurrent_readers_cause_one_fetch_per_chunk() {
 fn a_second_machine_is_refused_with_the_holders_name() {
     Env::require_fuse();
     let a = Env::local();
-    import(
-        &a,
+    a.import_files(
         "vm",
         &[("disk.img", support::random_bytes("machines", 1 << 20))],
     );
@@ -246,7 +234,7 @@ fn a_corrupt_chunk_gives_eio_for_its_range_only() {
     Env::require_fuse();
     let env = Env::local();
     let data = support::random_bytes("corrupt", 8 * CHUNK as usize);
-    import(&env, "vm", &[("disk.img", data.clone())]);
+    env.import_files("vm", &[("disk.img", data.clone())]);
     // Find chunk 3's object through the library and damage it in the store.
     let tag = base_tags(&env, "vm")[3];
     let object = Path::new(&env.store).join(isr::parcel::layout::chunk(&tag));
@@ -282,7 +270,7 @@ fn fsynced_writes_survive_kill_9_of_the_daemon_twenty_times() {
     Env::require_fuse();
     let env = Env::local();
     let size: u64 = 64 << 20;
-    import(&env, "vm", &[("disk.img", vec![0u8; size as usize])]);
+    env.import_files("vm", &[("disk.img", vec![0u8; size as usize])]);
     let blocks = size / 4096;
     let mut acknowledged: Vec<u64> = Vec::new();
     let mut next_record = 0u64;
@@ -352,7 +340,7 @@ fn a_hoarded_parcel_reads_fully_without_its_store() {
     Env::require_fuse();
     let env = Env::local();
     let data = support::random_bytes("hoard", 6 << 20);
-    import(&env, "vm", &[("disk.img", data.clone())]);
+    env.import_files("vm", &[("disk.img", data.clone())]);
     let mount = resume(&env, "vm");
     let hoarded = env.json(&["hoard", "vm"]);
     assert!(hoarded["chunks"].as_u64().unwrap() >= 48);
@@ -366,8 +354,7 @@ fn a_hoarded_parcel_reads_fully_without_its_store() {
 fn stats_and_chunk_maps_are_readable_inside_the_mount() {
     Env::require_fuse();
     let env = Env::local();
-    import(
-        &env,
+    env.import_files(
         "vm",
         &[(
             "disk.img",
@@ -403,8 +390,7 @@ fn stats_and_chunk_maps_are_readable_inside_the_mount() {
 fn sigterm_flushes_unmounts_and_the_session_stays_resumable() {
     Env::require_fuse();
     let env = Env::local();
-    import(
-        &env,
+    env.import_files(
         "vm",
         &[(
             "disk.img",
@@ -441,7 +427,7 @@ fn with_the_store_stopped_local_reads_go_on_and_missing_ones_wait_for_it() {
     let env = Env::s3(&server, "stopped");
     env.append_config("\n[fetch]\nprefetch = false\n");
     let data = support::random_bytes("stopped", 16 * CHUNK as usize);
-    import(&env, "vm", &[("disk.img", data.clone())]);
+    env.import_files("vm", &[("disk.img", data.clone())]);
     let mount = resume(&env, "vm");
     let file = std::fs::File::open(mount.join("disk.img")).unwrap();
     let mut chunk = vec![0u8; CHUNK as usize];

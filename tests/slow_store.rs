@@ -8,12 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isr::cache::ChunkCache;
-use isr::config::ImportSettings;
 use isr::fetch::FetchSettings;
 use isr::image::ImageOptions;
-use isr::import::{ImportRequest, import};
-use isr::keys::{Credential, KdfParams, Zeroizing};
-use isr::progress::NoProgress;
 use isr::session::{Session, SessionContext};
 use isr::store::StoreHandle;
 use isr::store::faulty::FaultyStore;
@@ -32,36 +28,13 @@ fn a_missing_chunk_read_blocks_then_returns_the_right_bytes_while_prefetch_runs(
     std::fs::write(dir.path().join("src/disk.img"), &data).unwrap();
 
     let memory = MemoryStore::new();
-    let credentials = vec![Credential::Passphrase(Zeroizing::new("pw".into()))];
-    let paths = [dir.path().join("src")];
-    let request = ImportRequest {
-        name: "vm",
-        paths: &paths,
-        new_version: false,
-        settings: ImportSettings {
-            chunk_size: 128 * 1024,
-            zstd_level: 3,
-            jobs: 2,
-            uploads: 4,
-        },
-        kdf: KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        },
-        message: String::new(),
-        dedup_with: None,
-        chunk_size: None,
-        gc_grace: std::time::Duration::from_secs(86_400),
-    };
-    runtime
-        .block_on(import(
-            &StoreHandle::full(memory.clone()),
-            &request,
-            &credentials,
-            &NoProgress,
-        ))
-        .unwrap();
+    let credentials = support::import_with_library(
+        &runtime,
+        &StoreHandle::full(memory.clone()),
+        "vm",
+        &dir.path().join("src"),
+        128 * 1024,
+    );
 
     // The session sees the same objects through a store answering in 100 ms.
     let slow = FaultyStore::new(memory);

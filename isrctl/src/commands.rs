@@ -352,17 +352,6 @@ struct VersionListing {
     new_bytes: u64,
 }
 
-fn stored_chunks(manifest: &Manifest) -> impl Iterator<Item = (ChunkTag, u64)> + '_ {
-    manifest.files().flat_map(|(_, _, chunks)| {
-        chunks.iter().filter_map(|chunk| match chunk {
-            ChunkRef::Stored {
-                tag, stored_len, ..
-            } => Some((*tag, u64::from(*stored_len))),
-            ChunkRef::Zero => None,
-        })
-    })
-}
-
 async fn version_listings(
     store: &StoreHandle,
     parcel: &OpenParcel,
@@ -373,7 +362,7 @@ async fn version_listings(
         let manifest = parcel::read_manifest(store, parcel, version).await?;
         let mut distinct = HashSet::new();
         let (mut stored_bytes, mut new_bytes) = (0, 0);
-        for (tag, len) in stored_chunks(&manifest) {
+        for (tag, len) in manifest.stored_chunks() {
             if distinct.insert(tag) {
                 stored_bytes += len;
                 if !previous.contains(&tag) {

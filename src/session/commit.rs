@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::trickle::{local_chunk, upload_new};
 use super::{Session, SessionError, check_lock, write_record};
-use crate::chunk::{ChunkRef, ChunkTag};
+use crate::chunk::ChunkTag;
 use crate::image::unix_now;
 use crate::manifest::{Manifest, Timestamp};
 use crate::parcel::{self, OpenParcel, ParcelError, layout};
@@ -87,17 +87,6 @@ impl CommitReport {
     }
 }
 
-fn stored_chunks(manifest: &Manifest) -> impl Iterator<Item = (ChunkTag, u64)> + '_ {
-    manifest.files().flat_map(|(_, _, chunks)| {
-        chunks.iter().filter_map(|chunk| match chunk {
-            ChunkRef::Stored {
-                tag, stored_len, ..
-            } => Some((*tag, u64::from(*stored_len))),
-            ChunkRef::Zero => None,
-        })
-    })
-}
-
 fn nonce_bytes(hex_nonce: &str) -> Option<[u8; 16]> {
     let mut out = [0u8; 16];
     hex::decode_to_slice(hex_nonce, &mut out).ok()?;
@@ -123,13 +112,19 @@ impl Session {
         save_as: Option<&OpenParcel>,
     ) -> Result<CommitReport, SessionError> {
         let _one_at_a_time = self.commit_lock.lock().await;
-        if let Some(report) = self.checked_in.lock().expect("checked_in lock").clone() {
-            return Ok(CommitReport {
-                already_done: true,
-                ..report
-            });
+        if let Some(report) = self.earlier_checkin() {
+            return Ok(report);
         }
         self.commit_locked(message, save_as).await
+    }
+
+    /// The answer of the checkin that already ended this session, if any.
+    fn earlier_checkin(&self) -> Option<CommitReport> {
+        let report = self.checked_in.lock().expect("checked_in lock").clone()?;
+        Some(CommitReport {
+            already_done: true,
+            ..report
+        })
     }
 
     async fn commit_locked(
@@ -181,10 +176,11 @@ impl Session {
         };
         let parent_tags: HashSet<ChunkTag> = parent_manifest
             .as_ref()
-            .map(|m| stored_chunks(m).map(|(tag, _)| tag).collect())
+            .map(|m| m.stored_chunks().map(|(tag, _)| tag).collect())
             .unwrap_or_default();
         let mut new_chunks = HashSet::new();
-        let new_bytes: u64 = stored_chunks(&snapshot)
+        let new_bytes: u64 = snapshot
+            .stored_chunks()
             .filter(|(tag, _)| !parent_tags.contains(tag) && new_chunks.insert(*tag))
             .map(|(_, len)| len)
             .sum();
@@ -212,8 +208,9 @@ impl Session {
         }
 
         // Chunks beyond the base version: this session's (and its syncs').
-        let base_tags: HashSet<ChunkTag> = stored_chunks(&self.base).map(|(t, _)| t).collect();
-        let mut needed: Vec<ChunkTag> = stored_chunks(&snapshot)
+        let base_tags: HashSet<ChunkTag> = self.base.stored_chunks().map(|(t, _)| t).collect();
+        let mut needed: Vec<ChunkTag> = snapshot
+            .stored_chunks()
             .map(|(tag, _)| tag)
             .filter(|tag| save_as.is_some() || !base_tags.contains(tag))
             .collect::<HashSet<_>>()
@@ -414,11 +411,8 @@ impl Session {
         save_as: Option<&OpenParcel>,
     ) -> Result<CommitReport, SessionError> {
         let _one_at_a_time = self.commit_lock.lock().await;
-        if let Some(report) = self.checked_in.lock().expect("checked_in lock").clone() {
-            return Ok(CommitReport {
-                already_done: true,
-                ..report
-            });
+        if let Some(report) = self.earlier_checkin() {
+            return Ok(report);
         }
         let image = self.image.clone();
         tokio::task::spawn_blocking(move || image.freeze())
@@ -455,7 +449,7 @@ impl Session {
     pub async fn finish_checkin(&self, wipe: bool) -> Result<(), SessionError> {
         let remove: Vec<ChunkTag> = if wipe {
             let image = self.image.clone();
-            let mut tags: HashSet<ChunkTag> = stored_chunks(&self.base).map(|(t, _)| t).collect();
+            let mut tags: HashSet<ChunkTag> = self.base.stored_chunks().map(|(t, _)| t).collect();
             tags.extend(image.overlay_tags());
             tags.extend(image.trace()); // everything this session read
             tags.into_iter().collect()

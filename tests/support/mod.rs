@@ -400,6 +400,18 @@ impl Env {
             .collect()
     }
 
+    /// Imports `files` (name, contents) as a new parcel `name` through
+    /// `isrctl import`; returns the source directory.
+    pub fn import_files<D: AsRef<[u8]>>(&self, name: &str, files: &[(&str, D)]) -> PathBuf {
+        let source = self.path(&format!("src-{name}"));
+        std::fs::create_dir_all(&source).unwrap();
+        for (file, data) in files {
+            std::fs::write(source.join(file), data.as_ref()).unwrap();
+        }
+        self.ok(&["import", name, source.to_str().unwrap()]);
+        source
+    }
+
     /// Adds lines to the environment's configuration file.
     pub fn append_config(&self, text: &str) {
         let mut config = std::fs::read_to_string(&self.config).unwrap();
@@ -682,4 +694,48 @@ pub fn small_tree(root: &Path, seed: &str) {
     std::fs::write(root.join("disk.img"), random_bytes(seed, 700_000)).unwrap();
     std::fs::write(root.join("sub/deeper/notes.txt"), b"hello\n".repeat(1000)).unwrap();
     std::fs::write(root.join("sub/empty"), b"").unwrap();
+}
+
+/// Imports the directory `source` as parcel `name` into `store` through the
+/// library (for tests that wrap a store in memory); returns the credentials.
+pub fn import_with_library(
+    runtime: &tokio::runtime::Runtime,
+    store: &isr::store::StoreHandle,
+    name: &str,
+    source: &Path,
+    chunk_size: u32,
+) -> Vec<isr::keys::Credential> {
+    let credentials = vec![isr::keys::Credential::Passphrase(
+        isr::keys::Zeroizing::new("pw".into()),
+    )];
+    let paths = [source.to_owned()];
+    let request = isr::import::ImportRequest {
+        name,
+        paths: &paths,
+        new_version: false,
+        settings: isr::config::ImportSettings {
+            chunk_size,
+            zstd_level: 3,
+            jobs: 2,
+            uploads: 4,
+        },
+        kdf: isr::keys::KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        },
+        message: String::new(),
+        dedup_with: None,
+        chunk_size: None,
+        gc_grace: Duration::from_secs(86_400),
+    };
+    runtime
+        .block_on(isr::import::import(
+            store,
+            &request,
+            &credentials,
+            &isr::progress::NoProgress,
+        ))
+        .unwrap();
+    credentials
 }
