@@ -81,24 +81,20 @@ impl LocalStore {
             })?
     }
 
-    /// Create-only put, synchronously. With `durable`, the data is fsynced
-    /// before it is linked into place (a cache of refetchable chunks skips that;
-    /// readers verify tags, so a torn file after a crash is detected and dropped).
-    pub fn put_new_blocking(
+    /// Writes `data` to a new temporary file beside `key`'s final place
+    /// (fdatasynced with `durable`); returns the final and temporary paths.
+    fn write_temporary(
         &self,
         key: &str,
         data: &[u8],
         durable: bool,
-    ) -> Result<PutOutcome, StoreError> {
+    ) -> Result<(PathBuf, PathBuf), StoreError> {
         let path = self.path(key)?;
         let dir = path.parent().expect("keys have a parent (the root)");
         let name = path
             .file_name()
             .expect("keys end in a name")
             .to_string_lossy();
-        if path.exists() {
-            return Ok(PutOutcome::AlreadyExists);
-        }
         fs::create_dir_all(dir).map_err(|e| self.io_error(key, e))?;
         let temp = dir.join(format!(
             "{TEMP_PREFIX}{name}-{:016x}",
@@ -113,12 +109,33 @@ impl LocalStore {
             if durable {
                 file.sync_data()?;
             }
-            match fs::hard_link(&temp, &path) {
-                Ok(()) => Ok(PutOutcome::Created),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyExists),
-                Err(e) => Err(e),
-            }
+            Ok(())
         })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&temp);
+            return Err(self.io_error(key, e));
+        }
+        Ok((path, temp))
+    }
+
+    /// Create-only put, synchronously. With `durable`, the data is fsynced
+    /// before it is linked into place (a cache of refetchable chunks skips that;
+    /// readers verify tags, so a torn file after a crash is detected and dropped).
+    pub fn put_new_blocking(
+        &self,
+        key: &str,
+        data: &[u8],
+        durable: bool,
+    ) -> Result<PutOutcome, StoreError> {
+        if self.path(key)?.exists() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        let (path, temp) = self.write_temporary(key, data, durable)?;
+        let result = match fs::hard_link(&temp, &path) {
+            Ok(()) => Ok(PutOutcome::Created),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyExists),
+            Err(e) => Err(e),
+        };
         let _ = fs::remove_file(&temp);
         result.map_err(|e| self.io_error(key, e))
     }
@@ -126,30 +143,11 @@ impl LocalStore {
     /// Unconditional put, synchronously: a temporary file, `fdatasync`ed, then
     /// renamed over whatever is at `key`.
     pub fn put_replace_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
-        let path = self.path(key)?;
-        let dir = path.parent().expect("keys have a parent (the root)");
-        let name = path
-            .file_name()
-            .expect("keys end in a name")
-            .to_string_lossy();
-        fs::create_dir_all(dir).map_err(|e| self.io_error(key, e))?;
-        let temp = dir.join(format!(
-            "{TEMP_PREFIX}{name}-{:016x}",
-            rand::random::<u64>()
-        ));
-        let result = (|| {
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&temp)?;
-            file.write_all(data)?;
-            file.sync_data()?;
-            fs::rename(&temp, &path)
-        })();
-        if result.is_err() {
+        let (path, temp) = self.write_temporary(key, data, true)?;
+        fs::rename(&temp, &path).map_err(|e| {
             let _ = fs::remove_file(&temp);
-        }
-        result.map_err(|e| self.io_error(key, e))
+            self.io_error(key, e)
+        })
     }
 
     /// Reads an object synchronously.
