@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
