@@ -66,7 +66,8 @@ pub fn classify(error: &(dyn std::error::Error + 'static)) -> ErrorClass {
             crate::gc::GcError,
             crate::cache::CacheError,
             crate::session::SessionError,
-            crate::control::ControlError
+            crate::control::ControlError,
+            crate::vmm::config::VmConfigError
         );
         current = error.source();
     }

@@ -21,6 +21,7 @@
 //! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, trickle upload, sync, checkin, discard |
 //! | [`trace`] | the access trace stored beside a version (first-read order of chunks), encrypted |
 //! | [`maintenance`] | rollback to an earlier version; passwd (re-wrap the parcel key) |
+//! | [`vmm`] | the parcel's VM: `vm.toml` ([`vmm::config`]); later the adapters that run it |
 //! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
 //! | [`error`] | error classes and exit codes |
@@ -44,3 +45,4 @@ pub mod progress;
 pub mod session;
 pub mod store;
 pub mod trace;
+pub mod vmm;
