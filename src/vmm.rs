@@ -4,6 +4,9 @@
 //!
 //! - [`libvirt`]: domain XML for `virsh create` and the `virsh` steps to resume
 //!   (create or restore) and suspend (save) it.
+//! - [`virtualbox`]: VMDK descriptors over the parcel's raw disks and the
+//!   `VBoxManage` steps to register, start, save and unregister the VM.
 
 pub mod config;
 pub mod libvirt;
+pub mod virtualbox;
