@@ -1,5 +1,12 @@
 //! The virtual machine side of a parcel: how the VM in a parcel is described
-//! ([`config`], the parcel's `vm.toml`), and later the adapters that run it
-//! (QEMU over QMP, libvirt, VirtualBox, or none).
+//! ([`config`], the parcel's `vm.toml`), and the adapters that run it
+//! (QEMU over QMP, libvirt, VirtualBox, or none):
+//!
+//! - [`libvirt`]: domain XML for `virsh create` and the `virsh` steps to resume
+//!   (create or restore) and suspend (save) it.
+//! - [`virtualbox`]: VMDK descriptors over the parcel's raw disks and the
+//!   `VBoxManage` steps to register, start, save and unregister the VM.
 
 pub mod config;
+pub mod libvirt;
+pub mod virtualbox;
