@@ -142,6 +142,9 @@ fn resume_and_check(
         image.display(),
         started.elapsed().as_secs_f64()
     );
+    vm.qmp()
+        .wait_event("RESUME", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("QEMU says the VM resumed: {e}"));
     let lines = wait_for(&mut vm, "two counter lines after resume", RUN_LIMIT, |l| {
         counters(l).len() >= 2
     });

@@ -138,6 +138,9 @@ pub struct Qmp {
     writer: UnixStream,
     /// Asynchronous events received so far and not yet taken, oldest first.
     events: VecDeque<Value>,
+    /// The `id` of the last command sent (QEMU echoes it in the reply, so a late
+    /// reply to a command that timed out is not taken for the next one's).
+    last_id: u64,
 }
 
 impl Qmp {
@@ -155,6 +158,7 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
             events: VecDeque::new(),
+            last_id: 0,
         };
         let greeting = qmp.read_message("greeting")?;
         if greeting.get("QMP").is_none() {
@@ -206,7 +210,9 @@ impl Qmp {
     /// Runs a command and returns its `return` value. Events that arrive first are
     /// kept (see [`Qmp::take_events`]).
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
-        let mut message = json!({ "execute": command });
+        self.last_id += 1;
+        let id = self.last_id;
+        let mut message = json!({ "execute": command, "id": id });
         if let Some(arguments) = arguments {
             message["arguments"] = arguments;
         }
@@ -223,6 +229,9 @@ impl Qmp {
             if reply.get("event").is_some() {
                 self.events.push_back(reply);
                 continue;
+            }
+            if reply.get("id").is_some_and(|reply_id| *reply_id != id) {
+                continue; // the late answer to an earlier command
             }
             if let Some(error) = reply.get("error") {
                 let text = |key: &str| {
@@ -256,6 +265,43 @@ impl Qmp {
     /// Whether an event named `name` was received (and not yet taken).
     pub fn has_event(&self, name: &str) -> bool {
         self.events.iter().any(|e| e["event"] == name)
+    }
+
+    /// Waits up to `limit` for an event named `name` (or takes one already
+    /// received), and returns it; events before it stay kept.
+    pub fn wait_event(&mut self, name: &str, limit: Duration) -> Result<Value, QemuError> {
+        let what = format!("waiting for event {name}");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(at) = self.events.iter().position(|e| e["event"] == name) {
+                return Ok(self.events.remove(at).unwrap_or_default());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QemuError::Protocol {
+                    command: what,
+                    reason: format!("no {name} event within {} ms", limit.as_millis()),
+                });
+            }
+            let previous = self.writer.read_timeout().ok().flatten();
+            self.set_timeout(left)?;
+            let message = self.read_message(&what);
+            self.writer
+                .set_read_timeout(previous)
+                .map_err(io("QMP socket timeout"))?;
+            match message {
+                Ok(message) if message.get("event").is_some() => self.events.push_back(message),
+                Ok(message) => {
+                    return Err(QemuError::Protocol {
+                        command: what,
+                        reason: format!("unexpected message {message}"),
+                    });
+                }
+                Err(QemuError::Protocol { reason, .. })
+                    if reason == "QEMU did not answer in time" => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -1010,6 +1056,152 @@ vnc_port = 5903
         assert!(!v(8, 2).unwrap().has_mapped_ram());
         assert!(!v(7, 2).unwrap().has_mapped_ram());
         assert_eq!(v(10, 0).unwrap().to_string(), "10.0");
+    }
+
+    /// A fake QEMU on a Unix socket: sends the greeting, then for each command
+    /// line read, the next scripted reply lines (none = stay silent; `None` in the
+    /// script = close the connection).
+    fn fake_qemu(
+        dir: &Path,
+        script: Vec<Option<Vec<&'static str>>>,
+    ) -> (PathBuf, std::thread::JoinHandle<Vec<Value>>) {
+        use std::os::unix::net::UnixListener;
+        let socket = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = BufReader::new(stream);
+            writeln!(
+                writer,
+                r#"{{"QMP": {{"version": {{"qemu": {{"major": 10, "minor": 0, "micro": 2}}}}, "capabilities": []}}}}"#
+            )
+            .unwrap();
+            let mut received = Vec::new();
+            let mut script = script.into_iter();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                received.push(serde_json::from_str(&line).unwrap());
+                line.clear();
+                match script.next() {
+                    Some(Some(replies)) => {
+                        for reply in replies {
+                            writeln!(writer, "{reply}").unwrap();
+                        }
+                    }
+                    Some(None) | None => break,
+                }
+            }
+            received
+        });
+        (socket, handle)
+    }
+
+    #[test]
+    fn qmp_commands_events_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, server) = fake_qemu(
+            dir.path(),
+            vec![
+                Some(vec![r#"{"return": {}}"#]),
+                Some(vec![
+                    r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+                    r#"{"return": {"status": "paused", "running": false}}"#,
+                ]),
+                Some(vec![
+                    r#"{"error": {"class": "GenericError", "desc": "Could not create 'x'"}}"#,
+                ]),
+                Some(vec![r#"{"return": {}}"#, r#"{"event": "RESUME"}"#]),
+                Some(vec!["this is not json"]),
+                Some(vec![]),
+                Some(vec![
+                    r#"{"return": {"status": "late"}, "id": 6}"#,
+                    r#"{"return": {"status": "running"}, "id": 7}"#,
+                ]),
+                None,
+            ],
+        );
+        let mut qmp = Qmp::connect(&socket, Duration::from_secs(5)).unwrap();
+        let status = qmp.execute("query-status", None).unwrap();
+        assert_eq!(status["status"], "paused");
+        assert!(qmp.has_event("STOP"));
+
+        let error = qmp
+            .execute("migrate", Some(json!({ "uri": "file:x" })))
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "QMP migrate: QEMU says GenericError: Could not create 'x'"
+        );
+
+        qmp.execute("cont", None).unwrap();
+        let resume = qmp.wait_event("RESUME", Duration::from_secs(5)).unwrap();
+        assert_eq!(resume["event"], "RESUME");
+        let events = qmp.take_events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["event"], "STOP");
+        assert!(!qmp.has_event("STOP"));
+
+        let error = qmp.execute("query-migrate", None).unwrap_err().to_string();
+        assert!(error.starts_with("QMP query-migrate: not JSON"), "{error}");
+
+        qmp.set_timeout(Duration::from_millis(200)).unwrap();
+        let error = qmp.execute("query-status", None).unwrap_err().to_string();
+        assert_eq!(error, "QMP query-status: QEMU did not answer in time");
+        let error = qmp
+            .wait_event("SHUTDOWN", Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no SHUTDOWN event"), "{error}");
+        qmp.set_timeout(Duration::from_secs(5)).unwrap();
+        let status = qmp.execute("query-status", None).unwrap();
+        assert_eq!(status["status"], "running", "the late reply is skipped");
+
+        let error = qmp.execute("quit", None).unwrap_err().to_string();
+        assert!(error.contains("closed the connection"), "{error}");
+
+        let received = server.join().unwrap();
+        let commands: Vec<&str> = received
+            .iter()
+            .map(|m| m["execute"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            commands,
+            [
+                "qmp_capabilities",
+                "query-status",
+                "migrate",
+                "cont",
+                "query-migrate",
+                "query-status",
+                "query-status",
+                "quit"
+            ]
+        );
+        assert_eq!(received[2]["arguments"]["uri"], "file:x");
+        assert_eq!(received[6]["id"], 7);
+        assert!(received[1].get("arguments").is_none());
+    }
+
+    #[test]
+    fn connecting_to_something_that_is_not_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = Qmp::connect(&dir.path().join("none.sock"), Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("none.sock"), "{error}");
+
+        let socket = dir.path().join("silent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            writeln!(stream, r#"{{"hello": 1}}"#).unwrap();
+        });
+        let error = Qmp::connect(&socket, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected the QMP greeting"), "{error}");
+        server.join().unwrap();
     }
 
     #[test]
