@@ -292,3 +292,88 @@ fn a_failed_suspend_leaves_no_memory_image() {
     }
     panic!("the suspend always completed before QEMU could be killed");
 }
+
+#[test]
+fn qemu_accepts_every_disk_bus_nic_and_vnc_and_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let parcel = dir.path().join("parcel");
+    std::fs::create_dir_all(&parcel).unwrap();
+    for name in ["system.img", "data.img", "extra.img"] {
+        let file = std::fs::File::create(parcel.join(name)).unwrap();
+        file.set_len(64 * 1024 * 1024).unwrap();
+    }
+    let ports = support::free_ports(2);
+    let config = VmConfig::parse(&format!(
+        r#"
+vmm = "qemu"
+memory = 64
+cpus = 2
+[[disk]]
+file = "system.img"
+interface = "sata"
+[[disk]]
+file = "data.img"
+interface = "ide"
+[[disk]]
+file = "extra.img"
+read_only = true
+[[nic]]
+mode = "user"
+model = "e1000"
+forward = [{{ host = {}, guest = 22 }}]
+[[nic]]
+mode = "user"
+forward = [{{ host = {}, guest = 53, protocol = "udp" }}]
+[display]
+type = "vnc"
+"#,
+        ports[0], ports[1]
+    ))
+    .unwrap();
+    let run = runtime(dir.path(), "run");
+    let mut vm = QemuVm::boot(&config, &parcel, &run)
+        .unwrap_or_else(|e| panic!("start: {e}; {}", output(&run)));
+    let status = vm.qmp().execute("query-status", None).unwrap();
+    assert_eq!(status["status"], "running", "{status}");
+
+    let blocks = vm.qmp().execute("query-block", None).unwrap();
+    let devices: Vec<(String, bool)> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| {
+            let inserted = b.get("inserted")?;
+            Some((
+                inserted["file"].as_str()?.rsplit('/').next()?.to_owned(),
+                inserted["ro"].as_bool()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            ("system.img".to_owned(), false),
+            ("data.img".to_owned(), false),
+            ("extra.img".to_owned(), true)
+        ]
+    );
+
+    let vnc = vm.qmp().execute("query-vnc", None).unwrap();
+    eprintln!("vnc: {vnc}");
+    assert_eq!(vnc["enabled"], true, "{vnc}");
+    assert_eq!(vnc["host"], "127.0.0.1", "{vnc}");
+    let vnc_port: u16 = vnc["service"].as_str().unwrap().parse().unwrap();
+    assert!(vnc_port >= 5900, "{vnc}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", vnc_port)).is_ok());
+
+    // The forwarded TCP port listens on loopback (user-mode networking accepts
+    // the connection even with nothing behind it in the guest).
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", ports[0])).is_ok(),
+        "hostfwd on 127.0.0.1:{}",
+        ports[0]
+    );
+    assert!(vm.is_running());
+    vm.kill();
+    assert!(!vm.is_running());
+}

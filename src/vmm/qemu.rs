@@ -98,6 +98,14 @@ pub enum QemuError {
         /// QEMU's error, or what else went wrong.
         reason: String,
     },
+    /// The VM description asks for something QEMU cannot do.
+    #[error("vm.toml: {field}: {reason}")]
+    Unsupported {
+        /// The field, e.g. `disk[1].read_only`.
+        field: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The QEMU process failed; the message gives the cause and points at its log.
     #[error("{what}{} (QEMU's log: {})", cause_text(source.as_deref()), log.display())]
     Process {
@@ -121,6 +129,7 @@ impl Classify for QemuError {
             QemuError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ErrorClass::NotFound
             }
+            QemuError::Unsupported { .. } => ErrorClass::Invalid,
             _ => ErrorClass::Other,
         }
     }
@@ -403,7 +412,22 @@ fn option_path(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
-/// The QEMU command line for `config`, whose files are in `parcel_dir`.
+/// Checks that QEMU can run `config` as described (what `vm.toml` allows but QEMU
+/// refuses): QEMU's IDE/SATA disks (`ide-hd`) cannot be read-only.
+pub fn check_config(config: &VmConfig) -> Result<(), QemuError> {
+    for (i, disk) in config.disks.iter().enumerate() {
+        if disk.read_only && disk.interface != DiskInterface::Virtio {
+            return Err(QemuError::Unsupported {
+                field: format!("disk[{i}].read_only"),
+                reason: "QEMU cannot attach a read-only IDE or SATA disk: use interface = \"virtio\", or remove read_only".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The QEMU command line for `config`, whose files are in `parcel_dir` (see
+/// [`check_config`] for what QEMU will refuse).
 pub fn qemu_command(config: &VmConfig, parcel_dir: &Path, runtime: &QemuRuntime) -> Command {
     let mut command = Command::new(&runtime.binary);
     command.args(qemu_args(config, parcel_dir, runtime));
@@ -724,6 +748,7 @@ impl QemuVm {
         parcel_dir: &Path,
         runtime: QemuRuntime,
     ) -> Result<QemuVm, QemuError> {
+        check_config(config)?;
         let version = qemu_version(&runtime.binary)?;
         std::fs::create_dir_all(&runtime.dir).map_err(io(format!(
             "creating QEMU's runtime directory {}",
@@ -1031,6 +1056,27 @@ vnc_port = 5903
         let args = strings(&qemu_args(&sdl, Path::new("/p"), &runtime()));
         assert_eq!(values(&args, "-display"), ["sdl"]);
         assert!(!args.contains(&"-full-screen".to_owned()));
+    }
+
+    #[test]
+    fn read_only_disks_only_on_virtio() {
+        let config = |interface: &str| {
+            VmConfig::parse(&format!(
+                "vmm = \"qemu\"\nmemory = 512\n[[disk]]\nfile = \"a\"\n[[disk]]\nfile = \"b\"\n\
+                 interface = \"{interface}\"\nread_only = true\n"
+            ))
+            .unwrap()
+        };
+        check_config(&config("virtio")).unwrap();
+        for interface in ["ide", "sata"] {
+            let error = check_config(&config(interface)).unwrap_err();
+            assert_eq!(error.class(), ErrorClass::Invalid);
+            let message = error.to_string();
+            assert!(
+                message.starts_with("vm.toml: disk[1].read_only: QEMU cannot"),
+                "{message}"
+            );
+        }
     }
 
     #[test]
