@@ -743,7 +743,9 @@ impl QemuVm {
         Ok(vm)
     }
 
-    fn start(
+    /// Starts QEMU as `runtime` says (booting, or with `-incoming defer` waiting
+    /// for [`load_memory`] through [`QemuVm::qmp`]) and connects over QMP.
+    pub fn start(
         config: &VmConfig,
         parcel_dir: &Path,
         runtime: QemuRuntime,
