@@ -2,6 +2,9 @@
 //! ([`config`], the parcel's `vm.toml`), and the adapters that run it
 //! (QEMU over QMP, libvirt, VirtualBox, or none):
 //!
+//! - [`qemu`]: QEMU driven over QMP: command line from `vm.toml`, suspend to
+//!   and resume from a memory image (`file:` + mapped-ram on QEMU ≥ 9,
+//!   `exec:cat` before).
 //! - [`libvirt`]: domain XML for `virsh create` and the `virsh` steps to resume
 //!   (create or restore) and suspend (save) it.
 //! - [`virtualbox`]: VMDK descriptors over the parcel's raw disks and the
@@ -9,4 +12,5 @@
 
 pub mod config;
 pub mod libvirt;
+pub mod qemu;
 pub mod virtualbox;

@@ -1,0 +1,1263 @@
+//! Running a parcel's VM in QEMU, driven over QMP.
+//!
+//! - [`Qmp`]: a small synchronous QMP client (Unix socket, greeting,
+//!   `qmp_capabilities`, commands with a read timeout; asynchronous events are kept
+//!   so callers can look for `STOP`, `RESUME`, `MIGRATION`, …).
+//! - [`qemu_command`]: the QEMU command line for a [`VmConfig`] whose files are in a
+//!   parcel directory, and [`QemuRuntime`], the per-run settings (binary,
+//!   accelerator, runtime directory, whether to wait for an incoming migration).
+//! - [`qemu_version`] / [`parse_version`]: `qemu-system-x86_64 --version`.
+//! - [`save_memory`] / [`load_memory`]: suspend (stop, migrate the VM's state into
+//!   a file, quit) and resume (load the file into a QEMU started with
+//!   `-incoming defer`, then `cont`). QEMU 9 and later use a `file:` URI with the
+//!   `mapped-ram` capability (RAM at fixed offsets: a sparse image whose unchanged
+//!   pages stay at the same place from one suspend to the next); older QEMU
+//!   streams through `exec:cat`.
+//! - [`QemuVm`]: a supervised QEMU process: [`QemuVm::boot`],
+//!   [`QemuVm::resume_from`], [`QemuVm::suspend_to`], [`QemuVm::kill`].
+//!
+//! The saved state is written under a temporary name beside the destination and
+//! renamed into place only once QEMU reports the migration completed and the file
+//! is synced: a failed or interrupted suspend never leaves a partial image under
+//! the final name.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::error::{Classify, ErrorClass};
+use crate::vmm::config::{DiskInterface, DisplayKind, NicMode, NicModel, Protocol, VmConfig};
+
+/// The accelerator used unless the runtime says otherwise. `tcg` (emulation)
+/// works everywhere, including hosts whose `/dev/kvm` cannot run stock kernels;
+/// set [`QemuRuntime::accel`] to `"kvm"` (or `"kvm:tcg"`) where KVM works.
+pub const DEFAULT_ACCEL: &str = "tcg";
+
+/// How long one QMP command may take to answer.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long QEMU may take to open its QMP socket after it starts.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `migrate-set-parameters max-bandwidth` while saving or loading (bytes/s): QEMU's
+/// default cap (32 MiB/s) would make a suspend needlessly slow.
+pub const MAX_BANDWIDTH: u64 = 100 * 1024 * 1024 * 1024;
+
+/// First QEMU version with the `mapped-ram` migration capability.
+pub const MAPPED_RAM_SINCE: QemuVersion = QemuVersion { major: 9, minor: 0 };
+
+/// Errors running QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// QEMU answered a command with an error.
+    #[error("QMP {command}: QEMU says {class}: {desc}")]
+    Command {
+        /// The command.
+        command: String,
+        /// QEMU's error class, e.g. `GenericError`.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// QEMU broke the QMP protocol, closed the connection, or did not answer.
+    #[error("QMP {command}: {reason}")]
+    Protocol {
+        /// The command being run (or `greeting`).
+        command: String,
+        /// What happened.
+        reason: String,
+    },
+    /// `--version` could not be read.
+    #[error("cannot tell the version of {}: {reason}", binary.display())]
+    Version {
+        /// The QEMU binary.
+        binary: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A migration (suspend or resume) failed.
+    #[error("{what} failed: {reason}")]
+    Migration {
+        /// `saving the VM's memory to …` / `loading …`.
+        what: String,
+        /// QEMU's error, or what else went wrong.
+        reason: String,
+    },
+    /// The VM description asks for something QEMU cannot do.
+    #[error("vm.toml: {field}: {reason}")]
+    Unsupported {
+        /// The field, e.g. `disk[1].read_only`.
+        field: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The QEMU process failed; the message gives the cause and points at its log.
+    #[error("{what}{} (QEMU's log: {})", cause_text(source.as_deref()), log.display())]
+    Process {
+        /// What failed.
+        what: String,
+        /// QEMU's stdout/stderr log.
+        log: PathBuf,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<Box<QemuError>>,
+    },
+}
+
+fn cause_text(cause: Option<&QemuError>) -> String {
+    cause.map(|c| format!(": {c}")).unwrap_or_default()
+}
+
+impl Classify for QemuError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            QemuError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                ErrorClass::NotFound
+            }
+            QemuError::Unsupported { .. } => ErrorClass::Invalid,
+            _ => ErrorClass::Other,
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
+    let what = what.into();
+    move |source| QemuError::Io { what, source }
+}
+
+/// A QMP connection.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Asynchronous events received so far and not yet taken, oldest first.
+    events: VecDeque<Value>,
+    /// The `id` of the last command sent (QEMU echoes it in the reply, so a late
+    /// reply to a command that timed out is not taken for the next one's).
+    last_id: u64,
+}
+
+impl Qmp {
+    /// Connects to QEMU's QMP socket, reads the greeting and enters command mode.
+    pub fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, QemuError> {
+        let stream = UnixStream::connect(socket).map_err(io(format!(
+            "cannot connect to QEMU's QMP socket {}",
+            socket.display()
+        )))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(io("QMP socket timeout"))?;
+        let writer = stream.try_clone().map_err(io("QMP socket"))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: VecDeque::new(),
+            last_id: 0,
+        };
+        let greeting = qmp.read_message("greeting")?;
+        if greeting.get("QMP").is_none() {
+            return Err(QemuError::Protocol {
+                command: "greeting".into(),
+                reason: format!("expected the QMP greeting, got {greeting}"),
+            });
+        }
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    /// Sets how long a command may take to answer.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), QemuError> {
+        self.writer
+            .set_read_timeout(Some(timeout))
+            .map_err(io("QMP socket timeout"))
+    }
+
+    fn read_message(&mut self, command: &str) -> Result<Value, QemuError> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(QemuError::Protocol {
+                command: command.into(),
+                reason: "QEMU closed the connection (did it exit?)".into(),
+            }),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| QemuError::Protocol {
+                command: command.into(),
+                reason: format!("not JSON ({e}): {:?}", line.trim()),
+            }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(QemuError::Protocol {
+                    command: command.into(),
+                    reason: "QEMU did not answer in time".into(),
+                })
+            }
+            Err(e) => Err(QemuError::Protocol {
+                command: command.into(),
+                reason: format!("reading the answer: {e} (did QEMU exit?)"),
+            }),
+        }
+    }
+
+    /// Runs a command and returns its `return` value. Events that arrive first are
+    /// kept (see [`Qmp::take_events`]).
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
+        self.last_id += 1;
+        let id = self.last_id;
+        let mut message = json!({ "execute": command, "id": id });
+        if let Some(arguments) = arguments {
+            message["arguments"] = arguments;
+        }
+        let mut text = message.to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .map_err(|e| QemuError::Protocol {
+                command: command.into(),
+                reason: format!("sending the command: {e} (did QEMU exit?)"),
+            })?;
+        loop {
+            let reply = self.read_message(command)?;
+            if reply.get("event").is_some() {
+                self.events.push_back(reply);
+                continue;
+            }
+            if reply.get("id").is_some_and(|reply_id| *reply_id != id) {
+                continue; // the late answer to an earlier command
+            }
+            if let Some(error) = reply.get("error") {
+                let text = |key: &str| {
+                    error
+                        .get(key)
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_owned()
+                };
+                return Err(QemuError::Command {
+                    command: command.into(),
+                    class: text("class"),
+                    desc: text("desc"),
+                });
+            }
+            if let Some(value) = reply.get("return") {
+                return Ok(value.clone());
+            }
+            return Err(QemuError::Protocol {
+                command: command.into(),
+                reason: format!("unexpected reply {reply}"),
+            });
+        }
+    }
+
+    /// Takes the events received so far.
+    pub fn take_events(&mut self) -> Vec<Value> {
+        self.events.drain(..).collect()
+    }
+
+    /// Whether an event named `name` was received (and not yet taken).
+    pub fn has_event(&self, name: &str) -> bool {
+        self.events.iter().any(|e| e["event"] == name)
+    }
+
+    /// Waits up to `limit` for an event named `name` (or takes one already
+    /// received), and returns it; events before it stay kept.
+    pub fn wait_event(&mut self, name: &str, limit: Duration) -> Result<Value, QemuError> {
+        let what = format!("waiting for event {name}");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(at) = self.events.iter().position(|e| e["event"] == name) {
+                return Ok(self.events.remove(at).unwrap_or_default());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QemuError::Protocol {
+                    command: what,
+                    reason: format!("no {name} event within {} ms", limit.as_millis()),
+                });
+            }
+            let previous = self.writer.read_timeout().ok().flatten();
+            self.set_timeout(left)?;
+            let message = self.read_message(&what);
+            self.writer
+                .set_read_timeout(previous)
+                .map_err(io("QMP socket timeout"))?;
+            match message {
+                Ok(message) if message.get("event").is_some() => self.events.push_back(message),
+                Ok(message) => {
+                    return Err(QemuError::Protocol {
+                        command: what,
+                        reason: format!("unexpected message {message}"),
+                    });
+                }
+                Err(QemuError::Protocol { reason, .. })
+                    if reason == "QEMU did not answer in time" => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A QEMU version, from `--version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion {
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+}
+
+impl QemuVersion {
+    /// Whether this QEMU has the `mapped-ram` migration capability.
+    pub fn has_mapped_ram(self) -> bool {
+        self >= MAPPED_RAM_SINCE
+    }
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Reads (major, minor) from `QEMU emulator version 10.0.2 (Debian …)`.
+pub fn parse_version(text: &str) -> Option<QemuVersion> {
+    let rest = &text[text.find("version ")? + "version ".len()..];
+    let number: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let mut parts = number.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some(QemuVersion { major, minor })
+}
+
+/// Runs `binary --version`.
+pub fn qemu_version(binary: &Path) -> Result<QemuVersion, QemuError> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| QemuError::Version {
+            binary: binary.to_owned(),
+            reason: format!("cannot run it: {e}"),
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    parse_version(&text).ok_or_else(|| QemuError::Version {
+        binary: binary.to_owned(),
+        reason: format!("unexpected output {:?}", text.lines().next().unwrap_or("")),
+    })
+}
+
+/// Per-run settings for QEMU (not part of the parcel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuRuntime {
+    /// The QEMU binary, e.g. `qemu-system-x86_64`.
+    pub binary: PathBuf,
+    /// `-accel` value: `tcg` (the default, [`DEFAULT_ACCEL`]), `kvm`, `kvm:tcg`, …
+    pub accel: String,
+    /// A private directory for the QMP socket, the serial console log and QEMU's
+    /// own log.
+    pub dir: PathBuf,
+    /// Start with `-incoming defer` (to load a saved state).
+    pub incoming: bool,
+}
+
+impl QemuRuntime {
+    /// Settings with the default accelerator, booting (not incoming).
+    pub fn new(binary: impl Into<PathBuf>, dir: impl Into<PathBuf>) -> QemuRuntime {
+        QemuRuntime {
+            binary: binary.into(),
+            accel: DEFAULT_ACCEL.into(),
+            dir: dir.into(),
+            incoming: false,
+        }
+    }
+
+    /// The QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    /// The guest's serial console (first serial port), appended to.
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// QEMU's own stdout and stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+}
+
+/// A path as a value inside a QEMU `key=value,…` option (commas doubled).
+fn option_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// Checks that QEMU can run `config` as described (what `vm.toml` allows but QEMU
+/// refuses): QEMU's IDE/SATA disks (`ide-hd`) cannot be read-only.
+pub fn check_config(config: &VmConfig) -> Result<(), QemuError> {
+    for (i, disk) in config.disks.iter().enumerate() {
+        if disk.read_only && disk.interface != DiskInterface::Virtio {
+            return Err(QemuError::Unsupported {
+                field: format!("disk[{i}].read_only"),
+                reason: "QEMU cannot attach a read-only IDE or SATA disk: use interface = \"virtio\", or remove read_only".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The QEMU command line for `config`, whose files are in `parcel_dir` (see
+/// [`check_config`] for what QEMU will refuse).
+pub fn qemu_command(config: &VmConfig, parcel_dir: &Path, runtime: &QemuRuntime) -> Command {
+    let mut command = Command::new(&runtime.binary);
+    command.args(qemu_args(config, parcel_dir, runtime));
+    command
+}
+
+/// The arguments of [`qemu_command`].
+pub fn qemu_args(config: &VmConfig, parcel_dir: &Path, runtime: &QemuRuntime) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&["-nodefaults", "-no-user-config", "-machine", "pc"]);
+    push(&["-accel", &runtime.accel]);
+    push(&["-m", &config.memory_mib().to_string()]);
+    push(&["-smp", &config.cpus.to_string()]);
+    let mut ahci = false;
+    for (i, disk) in config.disks.iter().enumerate() {
+        let mut drive = format!(
+            "file={},if=none,id=disk{i},format=raw,cache=writeback,discard=unmap,detect-zeroes=unmap",
+            option_path(&parcel_dir.join(&disk.file))
+        );
+        if disk.read_only {
+            drive.push_str(",readonly=on");
+        }
+        let device = match disk.interface {
+            DiskInterface::Virtio => format!("virtio-blk-pci,drive=disk{i}"),
+            DiskInterface::Ide => format!("ide-hd,drive=disk{i}"),
+            DiskInterface::Sata => {
+                if !ahci {
+                    push(&["-device", "ahci,id=ahci"]);
+                    ahci = true;
+                }
+                format!("ide-hd,drive=disk{i},bus=ahci.{i}")
+            }
+        };
+        push(&["-drive", &drive, "-device", &device]);
+    }
+    if let Some(kernel) = &config.kernel {
+        args.push("-kernel".into());
+        args.push(parcel_dir.join(kernel).into());
+        if let Some(initrd) = &config.initrd {
+            args.push("-initrd".into());
+            args.push(parcel_dir.join(initrd).into());
+        }
+        if let Some(append) = &config.append {
+            args.push("-append".into());
+            args.push(append.into());
+        }
+    }
+    for (i, nic) in config.nics.iter().enumerate() {
+        let NicMode::User = nic.mode;
+        let mut netdev = format!("user,id=net{i}");
+        for forward in &nic.forward {
+            let protocol = match forward.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            };
+            netdev.push_str(&format!(
+                ",hostfwd={protocol}:127.0.0.1:{}-:{}",
+                forward.host, forward.guest
+            ));
+        }
+        let model = match nic.model {
+            NicModel::Virtio => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+        };
+        args.extend(
+            [
+                "-netdev",
+                &netdev,
+                "-device",
+                &format!("{model},netdev=net{i}"),
+            ]
+            .map(OsString::from),
+        );
+    }
+    let display = &config.display;
+    match display.kind {
+        DisplayKind::None => args.extend(["-display", "none"].map(OsString::from)),
+        DisplayKind::Vnc => {
+            // Display N listens on 5900 + N; without a port, the first free one.
+            let vnc = match display.vnc_port {
+                Some(port) => format!("127.0.0.1:{}", port - 5900),
+                None => "127.0.0.1:0,to=99".into(),
+            };
+            args.extend(["-device", "VGA", "-display", "none", "-vnc", &vnc].map(OsString::from));
+        }
+        DisplayKind::Sdl | DisplayKind::Gtk => {
+            let kind = if display.kind == DisplayKind::Sdl {
+                "sdl"
+            } else {
+                "gtk"
+            };
+            args.extend(["-device", "VGA", "-display", kind].map(OsString::from));
+            if display.fullscreen {
+                args.push("-full-screen".into());
+            }
+        }
+    }
+    args.push("-serial".into());
+    args.push(format!("file:{}", runtime.serial_log().display()).into());
+    args.push("-qmp".into());
+    args.push(
+        format!(
+            "unix:{},server=on,wait=off",
+            option_path(&runtime.qmp_socket())
+        )
+        .into(),
+    );
+    if runtime.incoming {
+        args.extend(["-incoming", "defer"].map(OsString::from));
+    }
+    args.extend(config.extra_args.iter().map(OsString::from));
+    args
+}
+
+/// `path` quoted for `sh -c`.
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
+/// The temporary name a memory image is written under before it is complete.
+pub fn partial_name(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.partial"))
+}
+
+fn set_migration_options(qmp: &mut Qmp, version: QemuVersion) -> Result<(), QemuError> {
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": MAX_BANDWIDTH })),
+    )?;
+    if version.has_mapped_ram() {
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "mapped-ram", "state": true }] })),
+        )?;
+    }
+    Ok(())
+}
+
+fn migration_error(status: &Value) -> String {
+    status
+        .get("error-desc")
+        .and_then(Value::as_str)
+        .unwrap_or("QEMU gave no reason")
+        .to_owned()
+}
+
+/// Suspends: stops the VM, saves its state into `dest` (QEMU ≥ 9: `file:` with
+/// `mapped-ram`; older: `exec:cat`), and quits QEMU. The state is written to
+/// [`partial_name`]`(dest)` and renamed to `dest` only after QEMU reports the
+/// migration completed and the file is synced; on any error the partial file is
+/// removed and `dest` is untouched.
+pub fn save_memory(qmp: &mut Qmp, dest: &Path, version: QemuVersion) -> Result<(), QemuError> {
+    let what = || format!("saving the VM's memory to {}", dest.display());
+    let partial = partial_name(dest);
+    let result = save_to_partial(qmp, &partial, version).and_then(|()| {
+        let file = File::open(&partial).map_err(io(format!("opening {}", partial.display())))?;
+        file.sync_all()
+            .map_err(io(format!("syncing {}", partial.display())))?;
+        std::fs::rename(&partial, dest).map_err(io(format!(
+            "renaming {} to {}",
+            partial.display(),
+            dest.display()
+        )))?;
+        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io(format!("syncing {}", parent.display())))?;
+        }
+        Ok(())
+    });
+    if let Err(error) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(match error {
+            QemuError::Migration { .. } => error,
+            other => QemuError::Migration {
+                what: what(),
+                reason: other.to_string(),
+            },
+        });
+    }
+    // The state is safely in place; QEMU may go (and may close the connection
+    // before it answers).
+    match qmp.execute("quit", None) {
+        Ok(_) | Err(QemuError::Protocol { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn save_to_partial(qmp: &mut Qmp, partial: &Path, version: QemuVersion) -> Result<(), QemuError> {
+    let _ = std::fs::remove_file(partial);
+    qmp.execute("stop", None)?;
+    set_migration_options(qmp, version)?;
+    let uri = if version.has_mapped_ram() {
+        format!("file:{}", partial.display())
+    } else {
+        format!("exec:cat > {}", shell_quote(partial))
+    };
+    qmp.execute("migrate", Some(json!({ "uri": uri })))?;
+    loop {
+        let status = qmp.execute("query-migrate", None)?;
+        match status.get("status").and_then(Value::as_str) {
+            Some("completed") => return Ok(()),
+            Some(state @ ("failed" | "cancelled")) => {
+                return Err(QemuError::Migration {
+                    what: format!("saving the VM's memory to {}", partial.display()),
+                    reason: format!("migration {state}: {}", migration_error(&status)),
+                });
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Resumes: loads `src` into a QEMU started with `-incoming defer` and continues
+/// the VM (a VM stopped before saving comes back paused), then checks it runs.
+pub fn load_memory(qmp: &mut Qmp, src: &Path, version: QemuVersion) -> Result<(), QemuError> {
+    let what = || format!("loading the VM's memory from {}", src.display());
+    if !src.is_file() {
+        return Err(QemuError::Migration {
+            what: what(),
+            reason: "no such file".into(),
+        });
+    }
+    set_migration_options(qmp, version)?;
+    let uri = if version.has_mapped_ram() {
+        format!("file:{}", src.display())
+    } else {
+        format!("exec:cat {}", shell_quote(src))
+    };
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+    loop {
+        let migration = qmp.execute("query-migrate", None)?;
+        let state = migration.get("status").and_then(Value::as_str);
+        if matches!(state, Some("failed" | "cancelled")) {
+            return Err(QemuError::Migration {
+                what: what(),
+                reason: format!(
+                    "migration {}: {}",
+                    state.unwrap_or("?"),
+                    migration_error(&migration)
+                ),
+            });
+        }
+        let run_state = run_status(qmp)?;
+        match run_state.as_str() {
+            "running" => return Ok(()),
+            "paused" | "postmigrate" | "prelaunch" if state == Some("completed") => break,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    qmp.execute("cont", None)?;
+    match run_status(qmp)?.as_str() {
+        "running" => Ok(()),
+        other => Err(QemuError::Migration {
+            what: what(),
+            reason: format!("the VM is {other} after `cont`, not running"),
+        }),
+    }
+}
+
+fn run_status(qmp: &mut Qmp) -> Result<String, QemuError> {
+    let status = qmp.execute("query-status", None)?;
+    Ok(status
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_owned())
+}
+
+/// A QEMU process running a parcel's VM, supervised over QMP; killed on drop.
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Child,
+    qmp: Qmp,
+    runtime: QemuRuntime,
+    version: QemuVersion,
+}
+
+impl QemuVm {
+    /// Cold-boots the VM.
+    pub fn boot(
+        config: &VmConfig,
+        parcel_dir: &Path,
+        runtime: &QemuRuntime,
+    ) -> Result<QemuVm, QemuError> {
+        let runtime = QemuRuntime {
+            incoming: false,
+            ..runtime.clone()
+        };
+        QemuVm::start(config, parcel_dir, runtime)
+    }
+
+    /// Starts QEMU waiting for a saved state, loads `memory_image` and runs the VM.
+    pub fn resume_from(
+        config: &VmConfig,
+        parcel_dir: &Path,
+        runtime: &QemuRuntime,
+        memory_image: &Path,
+    ) -> Result<QemuVm, QemuError> {
+        let runtime = QemuRuntime {
+            incoming: true,
+            ..runtime.clone()
+        };
+        let mut vm = QemuVm::start(config, parcel_dir, runtime)?;
+        if let Err(e) = load_memory(&mut vm.qmp, memory_image, vm.version) {
+            return Err(vm.fail(format!("resuming from {}", memory_image.display()), e));
+        }
+        Ok(vm)
+    }
+
+    /// Starts QEMU as `runtime` says (booting, or with `-incoming defer` waiting
+    /// for [`load_memory`] through [`QemuVm::qmp`]) and connects over QMP.
+    pub fn start(
+        config: &VmConfig,
+        parcel_dir: &Path,
+        runtime: QemuRuntime,
+    ) -> Result<QemuVm, QemuError> {
+        check_config(config)?;
+        let version = qemu_version(&runtime.binary)?;
+        std::fs::create_dir_all(&runtime.dir).map_err(io(format!(
+            "creating QEMU's runtime directory {}",
+            runtime.dir.display()
+        )))?;
+        let socket = runtime.qmp_socket();
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io(format!("removing the old {}", socket.display()))(e));
+            }
+            _ => {}
+        }
+        let log_path = runtime.qemu_log();
+        let log =
+            File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(io("QEMU log"))?;
+        let mut child = qemu_command(config, parcel_dir, &runtime)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io(format!("starting {}", runtime.binary.display())))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let qmp = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(QemuError::Process {
+                    what: format!("QEMU exited at start ({status})"),
+                    log: log_path,
+                    source: None,
+                });
+            }
+            if socket.exists() {
+                match Qmp::connect(&socket, QMP_TIMEOUT) {
+                    Ok(qmp) => break qmp,
+                    Err(e) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(QemuError::Process {
+                            what: "cannot talk to QEMU over QMP".into(),
+                            log: log_path,
+                            source: Some(Box::new(e)),
+                        });
+                    }
+                    Err(_) => {}
+                }
+            } else if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(QemuError::Process {
+                    what: format!(
+                        "QEMU did not open its QMP socket {} within {} s",
+                        socket.display(),
+                        START_TIMEOUT.as_secs()
+                    ),
+                    log: log_path,
+                    source: None,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(QemuVm {
+            child,
+            qmp,
+            runtime,
+            version,
+        })
+    }
+
+    /// Kills QEMU and wraps `error` with what failed and where the log is.
+    fn fail(&mut self, what: String, error: QemuError) -> QemuError {
+        // A QEMU that closed the connection is usually exiting: say how it ended.
+        let what = match self.wait_exit(Duration::from_millis(500)) {
+            Some(status) => format!("{what}: QEMU exited ({status})"),
+            None => what,
+        };
+        self.kill();
+        QemuError::Process {
+            what,
+            log: self.runtime.qemu_log(),
+            source: Some(Box::new(error)),
+        }
+    }
+
+    /// Suspends the VM into `memory_image` (see [`save_memory`]) and waits for QEMU
+    /// to exit. On error QEMU is killed and no file is left under `memory_image`.
+    pub fn suspend_to(&mut self, memory_image: &Path) -> Result<(), QemuError> {
+        let what = format!("suspending the VM to {}", memory_image.display());
+        if let Err(e) = save_memory(&mut self.qmp, memory_image, self.version) {
+            return Err(self.fail(what, e));
+        }
+        match self.wait_exit(START_TIMEOUT) {
+            Some(_) => Ok(()),
+            None => {
+                self.kill();
+                Ok(())
+            }
+        }
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the QEMU process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The QEMU version in use.
+    pub fn version(&self) -> QemuVersion {
+        self.version
+    }
+
+    /// The runtime settings (socket, logs).
+    pub fn runtime(&self) -> &QemuRuntime {
+        &self.runtime
+    }
+
+    /// The QMP connection, for anything else.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// Kills QEMU (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The value after each occurrence of `flag`.
+    fn values(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
+    fn runtime() -> QemuRuntime {
+        QemuRuntime::new("/usr/bin/qemu-system-x86_64", "/run/isr/p")
+    }
+
+    #[test]
+    fn the_test_guest_command_line() {
+        let config = VmConfig::parse(
+            "vmm = \"qemu\"\nmemory = 256\ncpus = 2\nkernel = \"vmlinuz\"\ninitrd = \"initrd.img\"\n\
+             append = \"console=ttyS0 quiet\"\nextra_args = [\"-no-reboot\"]\n\
+             [[disk]]\nfile = \"disk.img\"\n",
+        )
+        .unwrap();
+        let args = strings(&qemu_args(&config, Path::new("/mnt/p"), &runtime()));
+        assert_eq!(
+            qemu_command(&config, Path::new("/mnt/p"), &runtime()).get_program(),
+            "/usr/bin/qemu-system-x86_64"
+        );
+        assert!(args.contains(&"-nodefaults".to_owned()), "{args:?}");
+        assert!(args.contains(&"-no-user-config".to_owned()), "{args:?}");
+        assert_eq!(values(&args, "-accel"), ["tcg"]);
+        assert_eq!(values(&args, "-m"), ["256"]);
+        assert_eq!(values(&args, "-smp"), ["2"]);
+        assert_eq!(
+            values(&args, "-drive"),
+            [
+                "file=/mnt/p/disk.img,if=none,id=disk0,format=raw,cache=writeback,discard=unmap,detect-zeroes=unmap"
+            ]
+        );
+        assert_eq!(values(&args, "-device"), ["virtio-blk-pci,drive=disk0"]);
+        assert_eq!(values(&args, "-kernel"), ["/mnt/p/vmlinuz"]);
+        assert_eq!(values(&args, "-initrd"), ["/mnt/p/initrd.img"]);
+        assert_eq!(values(&args, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(values(&args, "-display"), ["none"]);
+        assert!(values(&args, "-vnc").is_empty());
+        assert_eq!(values(&args, "-serial"), ["file:/run/isr/p/serial.log"]);
+        assert_eq!(
+            values(&args, "-qmp"),
+            ["unix:/run/isr/p/qmp.sock,server=on,wait=off"]
+        );
+        assert!(values(&args, "-incoming").is_empty());
+        assert_eq!(args.last().unwrap(), "-no-reboot", "extra args come last");
+
+        let incoming = QemuRuntime {
+            incoming: true,
+            accel: "kvm".into(),
+            ..runtime()
+        };
+        let args = strings(&qemu_args(&config, Path::new("/mnt/p"), &incoming));
+        assert_eq!(values(&args, "-incoming"), ["defer"]);
+        assert_eq!(values(&args, "-accel"), ["kvm"]);
+    }
+
+    #[test]
+    fn disks_nics_and_displays() {
+        let config = VmConfig::parse(
+            r#"
+vmm = "qemu"
+memory = "1G"
+[[disk]]
+file = "a,b.img"
+interface = "sata"
+[[disk]]
+file = "data.img"
+interface = "ide"
+read_only = true
+[[disk]]
+file = "more.img"
+interface = "sata"
+[[nic]]
+mode = "user"
+model = "e1000"
+forward = [{ host = 2222, guest = 22 }, { host = 5353, guest = 53, protocol = "udp" }]
+[[nic]]
+mode = "user"
+[display]
+type = "vnc"
+vnc_port = 5903
+"#,
+        )
+        .unwrap();
+        let args = strings(&qemu_args(&config, Path::new("/p"), &runtime()));
+        let drives = values(&args, "-drive");
+        assert_eq!(drives.len(), 3);
+        assert!(
+            drives[0].starts_with("file=/p/a,,b.img,if=none,id=disk0,"),
+            "{drives:?}"
+        );
+        for drive in &drives {
+            assert!(drive.contains(",discard=unmap,"), "{drive}");
+            assert!(drive.contains(",format=raw,"), "{drive}");
+        }
+        assert!(drives[1].ends_with(",readonly=on"), "{drives:?}");
+        assert!(!drives[0].contains("readonly"), "{drives:?}");
+        assert_eq!(
+            values(&args, "-device"),
+            [
+                "ahci,id=ahci",
+                "ide-hd,drive=disk0,bus=ahci.0",
+                "ide-hd,drive=disk1",
+                "ide-hd,drive=disk2,bus=ahci.2",
+                "e1000,netdev=net0",
+                "virtio-net-pci,netdev=net1",
+                "VGA",
+            ]
+        );
+        assert_eq!(
+            values(&args, "-netdev"),
+            [
+                "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp:127.0.0.1:5353-:53",
+                "user,id=net1",
+            ]
+        );
+        assert_eq!(values(&args, "-vnc"), ["127.0.0.1:3"]);
+        assert_eq!(values(&args, "-display"), ["none"]);
+        assert!(values(&args, "-kernel").is_empty());
+
+        let any_port = VmConfig::parse(
+            "vmm = \"qemu\"\nmemory = 512\n[[disk]]\nfile = \"d\"\n[display]\ntype = \"vnc\"\n",
+        )
+        .unwrap();
+        let args = strings(&qemu_args(&any_port, Path::new("/p"), &runtime()));
+        let vnc = values(&args, "-vnc");
+        assert_eq!(vnc, ["127.0.0.1:0,to=99"]);
+        assert!(vnc.iter().all(|v| v.starts_with("127.0.0.1:")));
+
+        let kiosk = VmConfig::parse(
+            "vmm = \"qemu\"\nmemory = 512\n[[disk]]\nfile = \"d\"\n[display]\ntype = \"gtk\"\nfullscreen = true\n",
+        )
+        .unwrap();
+        let args = strings(&qemu_args(&kiosk, Path::new("/p"), &runtime()));
+        assert_eq!(values(&args, "-display"), ["gtk"]);
+        assert!(args.contains(&"-full-screen".to_owned()));
+        let sdl = VmConfig::parse(
+            "vmm = \"qemu\"\nmemory = 512\n[[disk]]\nfile = \"d\"\n[display]\ntype = \"sdl\"\n",
+        )
+        .unwrap();
+        let args = strings(&qemu_args(&sdl, Path::new("/p"), &runtime()));
+        assert_eq!(values(&args, "-display"), ["sdl"]);
+        assert!(!args.contains(&"-full-screen".to_owned()));
+    }
+
+    #[test]
+    fn read_only_disks_only_on_virtio() {
+        let config = |interface: &str| {
+            VmConfig::parse(&format!(
+                "vmm = \"qemu\"\nmemory = 512\n[[disk]]\nfile = \"a\"\n[[disk]]\nfile = \"b\"\n\
+                 interface = \"{interface}\"\nread_only = true\n"
+            ))
+            .unwrap()
+        };
+        check_config(&config("virtio")).unwrap();
+        for interface in ["ide", "sata"] {
+            let error = check_config(&config(interface)).unwrap_err();
+            assert_eq!(error.class(), ErrorClass::Invalid);
+            let message = error.to_string();
+            assert!(
+                message.starts_with("vm.toml: disk[1].read_only: QEMU cannot"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn versions() {
+        let v = |major, minor| Some(QemuVersion { major, minor });
+        assert_eq!(
+            parse_version(
+                "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright (c) 2003-2025"
+            ),
+            v(10, 0)
+        );
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u13)"),
+            v(7, 2)
+        );
+        assert_eq!(parse_version("QEMU emulator version 9.1.0"), v(9, 1));
+        assert_eq!(parse_version("QEMU emulator version 8.2"), v(8, 2));
+        assert_eq!(parse_version("QEMU emulator version 10"), None);
+        assert_eq!(parse_version("qemu-img"), None);
+        assert_eq!(parse_version(""), None);
+        assert!(v(9, 0).unwrap().has_mapped_ram());
+        assert!(v(10, 0).unwrap().has_mapped_ram());
+        assert!(!v(8, 2).unwrap().has_mapped_ram());
+        assert!(!v(7, 2).unwrap().has_mapped_ram());
+        assert_eq!(v(10, 0).unwrap().to_string(), "10.0");
+    }
+
+    /// A fake QEMU on a Unix socket: sends the greeting, then for each command
+    /// line read, the next scripted reply lines (none = stay silent; `None` in the
+    /// script = close the connection).
+    fn fake_qemu(
+        dir: &Path,
+        script: Vec<Option<Vec<&'static str>>>,
+    ) -> (PathBuf, std::thread::JoinHandle<Vec<Value>>) {
+        use std::os::unix::net::UnixListener;
+        let socket = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = BufReader::new(stream);
+            writeln!(
+                writer,
+                r#"{{"QMP": {{"version": {{"qemu": {{"major": 10, "minor": 0, "micro": 2}}}}, "capabilities": []}}}}"#
+            )
+            .unwrap();
+            let mut received = Vec::new();
+            let mut script = script.into_iter();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                received.push(serde_json::from_str(&line).unwrap());
+                line.clear();
+                match script.next() {
+                    Some(Some(replies)) => {
+                        for reply in replies {
+                            writeln!(writer, "{reply}").unwrap();
+                        }
+                    }
+                    Some(None) | None => break,
+                }
+            }
+            received
+        });
+        (socket, handle)
+    }
+
+    #[test]
+    fn qmp_commands_events_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, server) = fake_qemu(
+            dir.path(),
+            vec![
+                Some(vec![r#"{"return": {}}"#]),
+                Some(vec![
+                    r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+                    r#"{"return": {"status": "paused", "running": false}}"#,
+                ]),
+                Some(vec![
+                    r#"{"error": {"class": "GenericError", "desc": "Could not create 'x'"}}"#,
+                ]),
+                Some(vec![r#"{"return": {}}"#, r#"{"event": "RESUME"}"#]),
+                Some(vec!["this is not json"]),
+                Some(vec![]),
+                Some(vec![
+                    r#"{"return": {"status": "late"}, "id": 6}"#,
+                    r#"{"return": {"status": "running"}, "id": 7}"#,
+                ]),
+                None,
+            ],
+        );
+        let mut qmp = Qmp::connect(&socket, Duration::from_secs(5)).unwrap();
+        let status = qmp.execute("query-status", None).unwrap();
+        assert_eq!(status["status"], "paused");
+        assert!(qmp.has_event("STOP"));
+
+        let error = qmp
+            .execute("migrate", Some(json!({ "uri": "file:x" })))
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "QMP migrate: QEMU says GenericError: Could not create 'x'"
+        );
+
+        qmp.execute("cont", None).unwrap();
+        let resume = qmp.wait_event("RESUME", Duration::from_secs(5)).unwrap();
+        assert_eq!(resume["event"], "RESUME");
+        let events = qmp.take_events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["event"], "STOP");
+        assert!(!qmp.has_event("STOP"));
+
+        let error = qmp.execute("query-migrate", None).unwrap_err().to_string();
+        assert!(error.starts_with("QMP query-migrate: not JSON"), "{error}");
+
+        qmp.set_timeout(Duration::from_millis(200)).unwrap();
+        let error = qmp.execute("query-status", None).unwrap_err().to_string();
+        assert_eq!(error, "QMP query-status: QEMU did not answer in time");
+        let error = qmp
+            .wait_event("SHUTDOWN", Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no SHUTDOWN event"), "{error}");
+        qmp.set_timeout(Duration::from_secs(5)).unwrap();
+        let status = qmp.execute("query-status", None).unwrap();
+        assert_eq!(status["status"], "running", "the late reply is skipped");
+
+        let error = qmp.execute("quit", None).unwrap_err().to_string();
+        assert!(error.contains("closed the connection"), "{error}");
+
+        let received = server.join().unwrap();
+        let commands: Vec<&str> = received
+            .iter()
+            .map(|m| m["execute"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            commands,
+            [
+                "qmp_capabilities",
+                "query-status",
+                "migrate",
+                "cont",
+                "query-migrate",
+                "query-status",
+                "query-status",
+                "quit"
+            ]
+        );
+        assert_eq!(received[2]["arguments"]["uri"], "file:x");
+        assert_eq!(received[6]["id"], 7);
+        assert!(received[1].get("arguments").is_none());
+    }
+
+    #[test]
+    fn connecting_to_something_that_is_not_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = Qmp::connect(&dir.path().join("none.sock"), Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("none.sock"), "{error}");
+
+        let socket = dir.path().join("silent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            writeln!(stream, r#"{{"hello": 1}}"#).unwrap();
+        });
+        let error = Qmp::connect(&socket, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected the QMP greeting"), "{error}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn partial_names_and_quoting() {
+        assert_eq!(
+            partial_name(Path::new("/p/memory.img")),
+            Path::new("/p/.memory.img.partial")
+        );
+        assert_eq!(shell_quote(Path::new("/a b/it's")), "'/a b/it'\\''s'");
+    }
+}
