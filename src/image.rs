@@ -1317,10 +1317,18 @@ impl Image {
     /// held off, seals every buffered chunk and builds the manifest, so every
     /// write, truncate or rename is in it entirely or not at all. Changes wait
     /// for the seal (bounded by the write-back buffer), reads do not.
-    pub fn snapshot(&self, template: &Manifest) -> Result<Manifest, ImageError> {
+    ///
+    /// The overlay chunks the manifest references are pinned in the cache
+    /// before changes resume (a later write would otherwise supersede and
+    /// delete them before they are uploaded); they are returned, and the
+    /// caller unpins them when done.
+    pub fn snapshot(&self, template: &Manifest) -> Result<(Manifest, Vec<ChunkTag>), ImageError> {
         let _gate = self.gate.write().expect("gate lock");
         self.seal(SealScope::All, &[])?;
-        self.to_manifest(template)
+        let manifest = self.to_manifest(template)?;
+        let pinned = self.overlay_tags();
+        self.cache.pin(pinned.iter());
+        Ok((manifest, pinned))
     }
 
     /// Distinct overlay chunks sealed at least `quiet` ago that the upload
@@ -1756,6 +1764,29 @@ mod tests {
             reopened.next_id.load(Ordering::SeqCst) > id,
             "ids are never reused"
         );
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_chunks_cached_until_unpinned() {
+        let h = harness(&[("disk.img", pattern(6, 2 * CHUNK as usize))]);
+        let image = h.open(1 << 30);
+        image.write("disk.img", 0, b"first").unwrap();
+        let (manifest, pinned) = image.snapshot(&h.base).unwrap();
+        let EntryKind::File { chunks, .. } = &manifest.entries[0].kind else {
+            panic!("file")
+        };
+        let tag = chunks[0].tag().unwrap();
+        assert_eq!(pinned, vec![tag]);
+        // A write after the snapshot supersedes the chunk in the overlay; the
+        // snapshot's copy must stay until it has been uploaded.
+        image.write("disk.img", 0, b"second").unwrap();
+        image.fsync("disk.img").unwrap();
+        assert_ne!(image.overlay_tags(), vec![tag]);
+        assert!(
+            image.cache.get(&tag).unwrap().is_some(),
+            "superseded but pinned"
+        );
+        image.cache.unpin(pinned.iter());
     }
 
     #[test]

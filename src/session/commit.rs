@@ -134,12 +134,26 @@ impl Session {
     ) -> Result<CommitReport, SessionError> {
         let started = Instant::now();
         let (image, base) = (self.image.clone(), self.base.clone());
-        let snapshot = tokio::task::spawn_blocking(move || {
+        let (snapshot, pinned) = tokio::task::spawn_blocking(move || {
             image.persist_trace()?;
             image.snapshot(&base)
         })
         .await
         .expect("snapshot task")?;
+        let result = self
+            .commit_snapshot(snapshot, message, save_as, started)
+            .await;
+        self.context.cache.unpin(pinned.iter());
+        result
+    }
+
+    async fn commit_snapshot(
+        &self,
+        snapshot: Manifest,
+        message: &str,
+        save_as: Option<&OpenParcel>,
+        started: Instant,
+    ) -> Result<CommitReport, SessionError> {
         let trace = self.image.trace();
         let record = self.record();
         let nonce = nonce_bytes(&record.lock_nonce);
@@ -217,13 +231,10 @@ impl Session {
             .into_iter()
             .collect();
         needed.sort();
-        // Pinned for the upload: a write after the snapshot may supersede them.
-        self.context.cache.pin(needed.iter());
-        let uploaded = self
+        // (The snapshot pinned them: a write after it may supersede them.)
+        let tally = self
             .ensure_uploaded_in_time(&needed, save_as.is_some())
-            .await;
-        self.context.cache.unpin(needed.iter());
-        let tally = uploaded?;
+            .await?;
 
         if save_as.is_none() {
             check_lock(&self.store, &record).await?;
