@@ -58,33 +58,18 @@ fn output(runtime: &QemuRuntime) -> String {
     )
 }
 
-/// Polls the VM's serial console until `done` holds; panics if QEMU exits or the
-/// liveness guard passes.
+/// Polls the VM's serial console until `done` holds (see [`guest::poll_serial`]).
 fn wait_for(
     vm: &mut QemuVm,
     what: &str,
     limit: Duration,
     done: impl Fn(&[GuestLine]) -> bool,
 ) -> Vec<GuestLine> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let lines = serial_lines(vm.runtime());
-        if done(&lines) {
-            return lines;
-        }
-        assert!(
-            vm.is_running(),
-            "QEMU exited while waiting for {what}; {}",
-            output(vm.runtime())
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no {what} within {} s (liveness guard); {}",
-            limit.as_secs(),
-            output(vm.runtime())
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let runtime = vm.runtime().clone();
+    let exited = || (!vm.is_running()).then(|| "not running".to_owned());
+    guest::poll_serial(&runtime.serial_log(), what, limit, done, exited, || {
+        output(&runtime)
+    })
 }
 
 fn counters(lines: &[GuestLine]) -> Vec<(u64, String)> {

@@ -151,44 +151,27 @@ impl Qemu {
     }
 
     /// Polls the serial console until `done` holds for the lines so far, and
-    /// returns them. Panics with the console output if QEMU exits or `limit`
-    /// (a liveness guard, not a timing assertion) passes first.
+    /// returns them (see [`poll_serial`]).
     pub fn wait_for(
         &mut self,
         what: &str,
         limit: Duration,
         done: impl Fn(&[GuestLine]) -> bool,
     ) -> Vec<GuestLine> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let lines = self.lines();
-            if done(&lines) {
-                return lines;
+        let serial = self.serial.clone();
+        let child = &mut self.child;
+        let exited = || child.try_wait().ok().flatten().map(|s| s.to_string());
+        let output = {
+            let serial = serial.clone();
+            move || {
+                format!(
+                    "serial console:\n{}\nqemu stderr:\n{}",
+                    String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()),
+                    std::fs::read_to_string(serial.with_extension("stderr")).unwrap_or_default()
+                )
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "QEMU exited ({status}) while waiting for {what}; {}",
-                    self.output()
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "no {what} within {} s (liveness guard); {}",
-                    limit.as_secs(),
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Console and QEMU's stderr, for failure messages.
-    pub fn output(&self) -> String {
-        format!(
-            "serial console:\n{}\nqemu stderr:\n{}",
-            String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()),
-            std::fs::read_to_string(self.serial.with_extension("stderr")).unwrap_or_default()
-        )
+        };
+        poll_serial(&serial, what, limit, done, exited, output)
     }
 
     /// Kills QEMU (SIGKILL: like pulling the plug) and waits for it.
@@ -221,4 +204,41 @@ pub fn counting(lines: &[GuestLine], count: usize) -> Option<(String, Vec<u64>)>
         }
     }
     None
+}
+
+/// Polls the guest's serial console file until `done` holds for the lines so
+/// far, and returns them. Panics with `output()` if `exited()` reports that
+/// QEMU exited, or when `limit` (a liveness guard, not a timing assertion)
+/// passes first.
+pub fn poll_serial(
+    serial: &Path,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&[GuestLine]) -> bool,
+    mut exited: impl FnMut() -> Option<String>,
+    output: impl Fn() -> String,
+) -> Vec<GuestLine> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let lines = parse_lines(&String::from_utf8_lossy(
+            &std::fs::read(serial).unwrap_or_default(),
+        ));
+        if done(&lines) {
+            return lines;
+        }
+        if let Some(status) = exited() {
+            panic!(
+                "QEMU exited ({status}) while waiting for {what}; {}",
+                output()
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no {what} within {} s (liveness guard); {}",
+                limit.as_secs(),
+                output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
