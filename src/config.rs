@@ -51,6 +51,11 @@
 //! iterations = 3
 //! parallelism = 1
 //!
+//! [vmm]                          # how isrfsd runs a parcel's VM (`isrctl resume`)
+//! qemu = "qemu-system-x86_64"    # the QEMU binary (a name on PATH, or a path)
+//! accel = "tcg"                  # QEMU's -accel: "tcg" (works anywhere), "kvm", "kvm:tcg"
+//! libvirt_uri = "qemu:///session"  # libvirt connection for `--vmm libvirt`
+//!
 //! [gc]
 //! grace_secs = 86400             # `isrctl gc` deletes no chunk written or refreshed more
 //!                                # recently than this; writers (import, checkin) refresh
@@ -129,6 +134,37 @@ struct ConfigFile {
     upload: UploadFile,
     #[serde(default)]
     gc: GcFile,
+    #[serde(default)]
+    vmm: VmmFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmmFile {
+    qemu: Option<PathBuf>,
+    accel: Option<String>,
+    libvirt_uri: Option<String>,
+}
+
+/// How the daemon runs a parcel's VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct VmmSettings {
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// QEMU's `-accel` value.
+    pub accel: String,
+    /// The libvirt connection URI.
+    pub libvirt_uri: String,
+}
+
+impl Default for VmmSettings {
+    fn default() -> Self {
+        VmmSettings {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel: crate::vmm::qemu::DEFAULT_ACCEL.to_owned(),
+            libvirt_uri: crate::vmm::libvirt::SESSION_URI.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,6 +291,8 @@ pub struct Config {
     pub upload: UploadSettings,
     /// Garbage collection.
     pub gc: GcSettings,
+    /// Running VMs.
+    pub vmm: VmmSettings,
 }
 
 /// Where configuration files are looked for, in order.
@@ -394,6 +432,14 @@ impl Config {
             gc: GcSettings {
                 grace_secs: file.gc.grace_secs.unwrap_or(GcSettings::DEFAULT_GRACE_SECS),
             },
+            vmm: {
+                let defaults = VmmSettings::default();
+                VmmSettings {
+                    qemu: file.vmm.qemu.unwrap_or(defaults.qemu),
+                    accel: file.vmm.accel.unwrap_or(defaults.accel),
+                    libvirt_uri: file.vmm.libvirt_uri.unwrap_or(defaults.libvirt_uri),
+                }
+            },
         };
         config.validate()?;
         Ok(config)
@@ -516,6 +562,9 @@ fn merge(into: &mut ConfigFile, from: ConfigFile) {
     take!(upload.rate_bytes_per_sec);
     take!(upload.parallel);
     take!(gc.grace_secs);
+    take!(vmm.qemu);
+    take!(vmm.accel);
+    take!(vmm.libvirt_uri);
 }
 
 #[cfg(test)]

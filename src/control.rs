@@ -17,9 +17,11 @@ use crate::keys::{DedupSecret, ParcelKey, ParcelSecrets};
 use crate::parcel::{OpenParcel, ParcelRecord};
 use crate::session::{CommitReport, SessionStatus};
 use crate::store::{RetrySettings, S3Settings};
+use crate::vmm::config::VmmKind;
+use crate::vmm::supervise::{SuspendReport, VmStatus};
 
 /// Version of this protocol.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Socket file name inside the runtime directory.
 pub const SOCKET_NAME: &str = "isrfsd.sock";
 
@@ -146,6 +148,10 @@ pub enum Request {
         mount: PathBuf,
         /// Its store.
         store: WireStore,
+        /// Who runs the VM after mounting (default: the session's earlier
+        /// choice, else the parcel's `vm.toml`, else nobody).
+        #[serde(default)]
+        vmm: Option<VmmKind>,
     },
     /// Sessions and their counters (one, or all).
     Status {
@@ -183,7 +189,20 @@ pub enum Request {
         /// what it needs to reopen it from the state directory.
         reopen: Option<Box<Reopen>>,
     },
-    /// Flush every session, unmount, exit (sessions stay resumable).
+    /// Save the VM's memory into the mount, stop it, then check in as
+    /// [`Request::Checkin`] does.
+    Suspend {
+        /// Parcel.
+        parcel: String,
+        /// Message recorded with the version.
+        message: String,
+        /// Also remove the parcel's chunks from the local cache.
+        wipe: bool,
+        /// For a session the daemon does not have open (see [`Request::Checkin`]).
+        reopen: Option<Box<Reopen>>,
+    },
+    /// Flush every session, unmount, exit (sessions stay resumable; running
+    /// VMs are saved into their mounts first).
     Shutdown,
 }
 
@@ -197,6 +216,9 @@ pub enum Response {
         mount: PathBuf,
         /// True if an existing session was reattached.
         reattached: bool,
+        /// The VM started from the mount, if any.
+        #[serde(default)]
+        vm: Option<Box<VmStatus>>,
     },
     /// Session counters.
     Status {
@@ -212,6 +234,14 @@ pub enum Response {
     Committed {
         /// What it did.
         report: CommitReport,
+    },
+    /// A suspend finished: the VM's memory was saved (unless no VM was running
+    /// under isrfsd), then the session was checked in.
+    Suspended {
+        /// The save, if isrfsd ran the VM.
+        saved: Option<Box<SuspendReport>>,
+        /// The checkin.
+        report: Box<CommitReport>,
     },
     /// Done.
     Done,
@@ -340,7 +370,7 @@ mod tests {
         assert!(buffer.ends_with(b"\n"));
         let text = String::from_utf8(buffer.clone()).unwrap();
         assert!(
-            text.contains("\"protocol\":2") && text.contains("\"op\":\"status\""),
+            text.contains("\"protocol\":3") && text.contains("\"op\":\"status\""),
             "{text}"
         );
         let back: Envelope<Request> = receive(&mut buffer.as_slice()).unwrap().unwrap();

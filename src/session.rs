@@ -324,6 +324,9 @@ pub struct SessionStatus {
     pub committed_version: Option<u64>,
     /// Fetch counters.
     pub fetch: FetchStats,
+    /// The VM isrfsd runs from this session's mount, if any (filled in by the daemon).
+    #[serde(default)]
+    pub vm: Option<crate::vmm::supervise::VmStatus>,
 }
 
 /// Downloads every chunk of `base` into the cache and waits (`isrctl hoard`):
@@ -380,6 +383,7 @@ impl StatusSource {
             trickle_rate: self.uploads.rate.load(std::sync::atomic::Ordering::Relaxed),
             committed_version: record.committed,
             fetch: self.fetcher.stats(),
+            vm: None,
         }
     }
 

@@ -9,8 +9,12 @@
 //!   (create or restore) and suspend (save) it.
 //! - [`virtualbox`]: VMDK descriptors over the parcel's raw disks and the
 //!   `VBoxManage` steps to register, start, save and unregister the VM.
+//! - [`supervise`]: one parcel's VM as isrfsd runs it from the mount, with any
+//!   of the adapters: start (boot, or resume from the memory image, which is
+//!   then consumed), status, suspend into the mount, kill.
 
 pub mod config;
 pub mod libvirt;
 pub mod qemu;
+pub mod supervise;
 pub mod virtualbox;

@@ -1,5 +1,6 @@
-//! `isrctl sync` and `isrctl checkin`: ask isrfsd to commit a resumed
-//! parcel's state as a new version (checkin also unmounts and releases it).
+//! `isrctl sync`, `isrctl checkin` and `isrctl suspend`: ask isrfsd to commit a
+//! resumed parcel's state as a new version (checkin also unmounts and releases
+//! it; suspend first saves the VM's memory into the mount and stops the VM).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,19 @@ pub struct CheckinArgs {
     /// session whose lock someone broke); it shares the parcel's credentials.
     #[arg(long = "as", value_name = "NEW-NAME")]
     save_as: Option<String>,
+}
+
+/// `isrctl suspend`.
+#[derive(Debug, Args)]
+pub struct SuspendArgs {
+    /// Parcel.
+    name: String,
+    /// A message recorded with the version (shown by `isrctl history`).
+    #[arg(long, short, default_value = "")]
+    message: String,
+    /// Also remove the parcel's chunks from this machine's cache.
+    #[arg(long)]
+    wipe: bool,
 }
 
 /// `isrctl sync`.
@@ -244,5 +258,42 @@ pub async fn sync(context: &CommandContext, args: SyncArgs) -> anyhow::Result<Ex
         anyhow::bail!("isrfsd answered sync with {response:?}");
     };
     print_report(context, &report, "synced")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isrctl suspend NAME`.
+pub async fn suspend(context: &CommandContext, args: SuspendArgs) -> anyhow::Result<ExitCode> {
+    let name = args.name.as_str();
+    let response = call_reopening(context, name, None, |reopen| Request::Suspend {
+        parcel: name.to_owned(),
+        message: args.message.clone(),
+        wipe: args.wipe,
+        reopen,
+    })
+    .await?;
+    let (saved, report) = match response {
+        Response::Suspended { saved, report } => (saved, *report),
+        // A rerun after the checkin was finished by an earlier run.
+        Response::Committed { report } => (None, report),
+        other => anyhow::bail!("isrfsd answered suspend with {other:?}"),
+    };
+    if context.global.json {
+        return output::json(&serde_json::json!({ "saved": saved, "checkin": report }))
+            .map(|()| ExitCode::SUCCESS);
+    }
+    match &saved {
+        Some(saved) => println!(
+            "{name}: VM memory saved to {} ({}) in {:.1} s",
+            saved.memory_image.display(),
+            output::bytes(saved.memory_bytes),
+            saved.seconds
+        ),
+        None => println!("{name}: no VM running under isrfsd; checking in the files as they are"),
+    }
+    print_report(context, &report, "checked in")?;
+    println!(
+        "{name}: unmounted, lock released, local cache {}; `isrctl resume {name}` continues it on any machine",
+        if args.wipe { "wiped" } else { "kept" }
+    );
     Ok(ExitCode::SUCCESS)
 }

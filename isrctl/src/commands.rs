@@ -13,6 +13,7 @@ use isr::import::ImportRequest;
 use isr::manifest::Manifest;
 use isr::parcel::{self, OpenParcel};
 use isr::store::{self, StoreHandle};
+use isr::vmm::supervise::{VmState, VmStatus};
 
 use crate::credentials::{self, Purpose};
 use crate::output::{self, Bar};
@@ -74,6 +75,19 @@ pub struct ResumeArgs {
     /// Mount point (default: <runtime dir>/mnt/NAME).
     #[arg(long, value_name = "DIR")]
     mount: Option<PathBuf>,
+    /// Who runs the VM from the mount: qemu (isrfsd starts and supervises it),
+    /// libvirt (a transient domain via virsh), virtualbox (VMDK descriptors
+    /// over the raw disks, then VBoxManage), none (mount only). Default: the
+    /// `vmm` of the parcel's vm.toml; none without one.
+    #[arg(long, value_name = "VMM", value_parser = parse_vmm)]
+    vmm: Option<isr::vmm::config::VmmKind>,
+    /// Stay until the VM exits (resume returns once it runs otherwise).
+    #[arg(long)]
+    foreground: bool,
+}
+
+fn parse_vmm(text: &str) -> Result<isr::vmm::config::VmmKind, String> {
+    text.parse()
 }
 
 /// `isrctl status`.
@@ -205,6 +219,7 @@ pub async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<Exit
         Command::Unlock(args) => unlock(&context, args).await,
         Command::Sync(args) => crate::checkin::sync(&context, args).await,
         Command::Checkin(args) => crate::checkin::checkin(&context, args).await,
+        Command::Suspend(args) => crate::checkin::suspend(&context, args).await,
         Command::Gc(args) => crate::maintenance::gc(&context, args).await,
         Command::Passwd(args) => crate::maintenance::passwd(&context, args).await,
         Command::Rollback(args) => crate::maintenance::rollback(&context, args).await,
@@ -663,23 +678,122 @@ async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Result<Ex
             s3: context.config.s3.clone(),
             retry: context.config.retry,
         },
+        vmm: args.vmm,
     };
+    let call_socket = socket.clone();
     let response =
-        tokio::task::spawn_blocking(move || isr::control::call(&socket, request)).await??;
-    let isr::control::Response::Resumed { mount, reattached } = response else {
+        tokio::task::spawn_blocking(move || isr::control::call(&call_socket, request)).await??;
+    let isr::control::Response::Resumed {
+        mount,
+        reattached,
+        vm,
+    } = response
+    else {
         anyhow::bail!("isrfsd answered resume with {response:?}");
     };
+    if args.foreground && vm.as_ref().is_none_or(|vm| vm.state != VmState::Running) {
+        return Err(InvalidArgument(format!(
+            "--foreground waits for a VM isrfsd runs, and {name} has none running (its vm.toml names no VMM, or --vmm none, or the steps were only printed)"
+        ))
+        .into());
+    }
     if context.global.json {
-        output::json(
-            &serde_json::json!({ "parcel": name, "mount": mount, "reattached": reattached }),
-        )?;
+        output::json(&serde_json::json!({
+            "parcel": name, "mount": mount, "reattached": reattached, "vm": vm,
+        }))?;
     } else {
         if reattached {
             eprintln!("isrctl: reattached to the existing session of {name}");
         }
         println!("{}", mount.display());
+        if let Some(vm) = &vm {
+            print_vm(name, vm);
+        }
+    }
+    if args.foreground {
+        let code = wait_for_vm_exit(&socket, name).await?;
+        return Ok(code);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the VM of a resumed parcel is doing, on stderr (stdout keeps the mount path).
+fn print_vm(name: &str, vm: &VmStatus) {
+    match vm.state {
+        VmState::Handed => {
+            eprintln!(
+                "isrctl: {} is not installed here; to run the VM of {name}, run:",
+                vm.steps
+                    .first()
+                    .and_then(|s| s.first())
+                    .map_or("its VMM", String::as_str)
+            );
+            for step in &vm.steps {
+                eprintln!("  {}", step.join(" "));
+            }
+        }
+        _ => {
+            let how = if vm.resumed_from_memory {
+                "resumed from its memory image"
+            } else {
+                "booted"
+            };
+            let mut line = format!(
+                "isrctl: the VM of {name} runs ({}, {how} in {:.1} s",
+                vm.kind, vm.start_seconds
+            );
+            if let Some(pid) = vm.pid {
+                line.push_str(&format!(", pid {pid}"));
+            }
+            if let Some(serial) = &vm.serial_log {
+                line.push_str(&format!(", serial console {}", serial.display()));
+            }
+            if let Some(vnc) = &vm.vnc {
+                line.push_str(&format!(", VNC {vnc}"));
+            }
+            eprintln!("{line}); `isrctl suspend {name}` saves it and checks it in");
+        }
+    }
+}
+
+/// `--foreground`: polls the daemon until the VM stops running.
+async fn wait_for_vm_exit(socket: &std::path::Path, name: &str) -> anyhow::Result<ExitCode> {
+    loop {
+        let (socket, parcel) = (socket.to_owned(), name.to_owned());
+        let request = isr::control::Request::Status {
+            parcel: Some(parcel),
+        };
+        let response =
+            tokio::task::spawn_blocking(move || isr::control::call(&socket, request)).await?;
+        let vm = match response {
+            Ok(isr::control::Response::Status { sessions }) => {
+                sessions.into_iter().next().and_then(|s| s.vm)
+            }
+            // Checked in or discarded from elsewhere: nothing runs any more.
+            Err(isr::control::ControlError::Daemon { exit_code: 4, .. }) => None,
+            Ok(other) => anyhow::bail!("isrfsd answered status with {other:?}"),
+            Err(e) => return Err(e.into()),
+        };
+        match vm {
+            Some(vm) if matches!(vm.state, VmState::Running | VmState::Busy) => {}
+            Some(vm) if vm.state == VmState::Saved => {
+                eprintln!("isrctl: the VM of {name} was suspended");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(vm) => {
+                eprintln!(
+                    "isrctl: the VM of {name} stopped ({}); the parcel stays mounted: `isrctl checkin {name}` commits its disks, `isrctl resume {name}` starts it again",
+                    vm.exit.as_deref().unwrap_or("exited")
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            None => {
+                eprintln!("isrctl: {name} is no longer resumed here");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn status(context: &CommandContext, name: Option<&str>) -> anyhow::Result<ExitCode> {

@@ -106,13 +106,18 @@ enum Command {
     /// Lists every bad chunk (missing, truncated, replaced, undecryptable) and
     /// exits with code 7 if there is any.
     Verify(commands::VerifyArgs),
-    /// Lock a parcel and mount its newest (or given) version, lazily.
+    /// Lock a parcel, mount its newest (or given) version lazily, start its VM.
     ///
     /// Asks isrfsd (started if it is not running) to take the parcel's lock in
     /// the store and mount it; prints the mount path and returns. Reads of data
-    /// not yet local wait for exactly that chunk while the rest is prefetched.
-    /// After a crash of isrfsd, resume reattaches the session with every
-    /// fsynced write intact.
+    /// not yet local wait for exactly that chunk while the rest is prefetched
+    /// (the memory image first). Then starts the VM its vm.toml describes (see
+    /// --vmm): from the memory image when the parcel has one (the image is
+    /// consumed: after a crash the VM boots from its disks), otherwise it
+    /// boots; returns once the VM runs (the VM's details go to stderr, its
+    /// serial console to <runtime dir>/vm/NAME/serial.log). After a crash of
+    /// isrfsd or QEMU, resume reattaches the session with every fsynced write
+    /// intact and starts the VM again.
     Resume(commands::ResumeArgs),
     /// Show resumed sessions: mount, chunks local/total, dirty data, fetches, errors.
     Status(commands::StatusArgs),
@@ -133,6 +138,16 @@ enum Command {
     /// twice or making a second version. If someone broke the lock, nothing is
     /// committed and the changes are kept: save them with --as NEW-NAME.
     Checkin(crate::checkin::CheckinArgs),
+    /// Save the VM's memory into the mount, stop it, and check the parcel in.
+    ///
+    /// For a VM isrfsd runs (QEMU): stops the guest, migrates its memory into
+    /// the parcel's memory image (QEMU >= 9: mapped-ram, so unchanged memory
+    /// gives unchanged chunks), quits QEMU, then checks in as `isrctl checkin`
+    /// does. If the save fails, nothing is committed and the VM goes on
+    /// running; if QEMU died, nothing is committed and `isrctl resume` boots it
+    /// again. Without a VM under isrfsd (--vmm none) it is `isrctl checkin`.
+    /// Interrupted, run it again.
+    Suspend(crate::checkin::SuspendArgs),
     /// Unmount a resumed parcel, drop its local changes and release its lock.
     Discard(commands::NameArgs),
     /// Break a parcel's lock (the holder's unsaved changes can no longer be committed).

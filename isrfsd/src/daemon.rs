@@ -1,4 +1,5 @@
-//! The daemon: control socket, sessions and their mounts, shutdown.
+//! The daemon: control socket, sessions and their mounts, the VMs it runs
+//! from those mounts ([`isr::vmm::supervise`]), shutdown.
 
 use std::collections::HashMap;
 use std::io::BufReader;
@@ -15,6 +16,8 @@ use isr::error::{Classify, ErrorClass};
 use isr::image::ImageOptions;
 use isr::session::{CommitReport, Session, SessionContext, SessionError};
 use isr::store;
+use isr::vmm::config::VmmKind;
+use isr::vmm::supervise::{self, SupervisedVm, VmState, VmStatus};
 
 use crate::fuse::ParcelFs;
 
@@ -33,6 +36,46 @@ pub struct Options {
 struct Mounted {
     session: Arc<Session>,
     mount: Option<fuser::BackgroundSession>,
+    vm: Arc<VmSlot>,
+}
+
+/// The VM a session's mount runs, if any.
+#[derive(Default)]
+struct VmSlot {
+    /// Who runs it, chosen at the first resume (a reattach keeps it).
+    kind: Mutex<Option<VmmKind>>,
+    /// Held while the VM is started, suspended or stopped.
+    vm: Mutex<Option<SupervisedVm>>,
+    /// Its last status, answered while `vm` is busy.
+    summary: Mutex<Option<VmStatus>>,
+}
+
+impl VmSlot {
+    /// The VM's status; `busy` while another request is changing it.
+    fn status(&self) -> Option<VmStatus> {
+        match self.vm.try_lock() {
+            Ok(mut vm) => {
+                let status = vm.as_mut().map(SupervisedVm::status);
+                *self.summary.lock().expect("vm summary") = status.clone();
+                status
+            }
+            Err(_) => self
+                .summary
+                .lock()
+                .expect("vm summary")
+                .clone()
+                .map(|status| VmStatus {
+                    state: VmState::Busy,
+                    ..status
+                }),
+        }
+    }
+
+    fn remember(&self, vm: &mut SupervisedVm) -> VmStatus {
+        let status = vm.status();
+        *self.summary.lock().expect("vm summary") = Some(status.clone());
+        status
+    }
 }
 
 struct Daemon {
@@ -48,6 +91,10 @@ struct Daemon {
     fuse_threads: usize,
     allow_other: bool,
     shutdown: std::sync::mpsc::Sender<()>,
+    /// VMs' runtime files go under `<runtime dir>/vm/<parcel>/`.
+    runtime_dir: PathBuf,
+    /// How VMs are run.
+    vmm: isr::config::VmmSettings,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT or a shutdown request.
@@ -104,6 +151,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         fuse_threads: options.fuse_threads,
         allow_other: options.allow_other,
         shutdown: shutdown.clone(),
+        runtime_dir: config.runtime_dir.clone(),
+        vmm: config.vmm.clone(),
     });
     {
         // Handlers are installed before READY=1, so an early SIGTERM is
@@ -197,10 +246,21 @@ impl Daemon {
                 version,
                 mount,
                 store,
+                vmm,
             } => {
                 let lock = self.parcel_lock(&parcel.name);
                 let _one_at_a_time = lock.lock().expect("parcel lock");
-                self.resume(*parcel, version, mount, store)
+                self.resume(*parcel, version, mount, store, vmm)
+            }
+            Request::Suspend {
+                parcel,
+                message,
+                wipe,
+                reopen,
+            } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                self.suspend(&parcel, &message, wipe, reopen.as_deref())
             }
             Request::Sync { parcel, message } => {
                 let lock = self.parcel_lock(&parcel);
@@ -241,7 +301,11 @@ impl Daemon {
                 let mut statuses: Vec<_> = sessions
                     .iter()
                     .filter(|(name, _)| parcel.as_ref().is_none_or(|p| p == *name))
-                    .map(|(_, m)| m.session.status())
+                    .map(|(_, m)| {
+                        let mut status = m.session.status();
+                        status.vm = m.vm.status();
+                        status
+                    })
                     .collect();
                 statuses.sort_by(|a, b| a.parcel.cmp(&b.parcel));
                 if let Some(name) = parcel
@@ -276,6 +340,9 @@ impl Daemon {
                     let e = SessionError::NotResumed(parcel);
                     return error_response(e.class(), e.to_string());
                 };
+                if let Some(vm) = mounted.vm.vm.lock().expect("vm lock").as_mut() {
+                    vm.kill();
+                }
                 if let Some(mount) = mounted.mount {
                     let _ = mount.umount_and_join();
                 }
@@ -298,6 +365,114 @@ impl Daemon {
             .entry(parcel.to_owned())
             .or_default()
             .clone()
+    }
+
+    fn vm_slot(&self, parcel: &str) -> Option<Arc<VmSlot>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(parcel)
+            .map(|m| m.vm.clone())
+    }
+
+    /// Suspend: save the VM's memory into the mount and stop it, then check in.
+    fn suspend(
+        &self,
+        parcel: &str,
+        message: &str,
+        wipe: bool,
+        reopen: Option<&control::Reopen>,
+    ) -> Response {
+        let mut saved = None;
+        if let Some(slot) = self.vm_slot(parcel) {
+            let mut guard = slot.vm.lock().expect("vm lock");
+            if let Some(vm) = guard.as_mut() {
+                match vm.suspend() {
+                    Ok(report) => {
+                        tracing::info!(
+                            parcel,
+                            seconds = report.seconds,
+                            bytes = report.memory_bytes,
+                            "VM saved"
+                        );
+                        slot.remember(vm);
+                        saved = Some(report);
+                    }
+                    Err(e) => {
+                        let next = match vm.state() {
+                            VmState::Running => format!(
+                                "the VM goes on running; fix the cause and run `isrctl suspend {parcel}` again"
+                            ),
+                            _ => format!(
+                                "`isrctl resume {parcel}` starts the VM again (it boots from its disks), `isrctl checkin {parcel}` commits the disks as they are (as after a power cut), `isrctl discard {parcel}` drops the session's changes"
+                            ),
+                        };
+                        slot.remember(vm);
+                        return error_response(
+                            e.class(),
+                            format!(
+                                "suspending {parcel} failed: {e}; nothing was committed: {next}"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        match self.checkin(parcel, message, wipe, None, reopen) {
+            Response::Committed { report } => Response::Suspended {
+                saved: saved.map(Box::new),
+                report: Box::new(report),
+            },
+            other => other,
+        }
+    }
+
+    /// Starts the session's VM unless it runs already (or nobody is to run it),
+    /// and answers with its status.
+    fn ensure_vm(
+        &self,
+        parcel: &str,
+        requested: Option<VmmKind>,
+    ) -> Result<Option<VmStatus>, Response> {
+        let Some((slot, mount)) = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(parcel)
+            .map(|m| (m.vm.clone(), m.session.record().mount.clone()))
+        else {
+            return Ok(None);
+        };
+        let fail = |e: supervise::VmError| {
+            error_response(
+                e.class(),
+                format!(
+                    "{parcel} is mounted at {}, but its VM did not start: {e}; fix that and run `isrctl resume {parcel}` again, or `isrctl resume --vmm none {parcel}` to only mount it",
+                    mount.display()
+                ),
+            )
+        };
+        let mut kind = slot.kind.lock().expect("vm kind");
+        let chosen = match (requested, *kind) {
+            (Some(k), _) | (None, Some(k)) => k,
+            (None, None) => supervise::chosen_kind(parcel, None, &mount).map_err(fail)?,
+        };
+        *kind = Some(chosen);
+        let mut guard = slot.vm.lock().expect("vm lock");
+        if let Some(vm) = guard.as_mut()
+            && matches!(vm.state(), VmState::Running | VmState::Handed)
+        {
+            return Ok(Some(slot.remember(vm)));
+        }
+        if chosen == VmmKind::None {
+            return Ok(guard.as_mut().map(|vm| slot.remember(vm)));
+        }
+        let dir = self.runtime_dir.join("vm").join(parcel);
+        let mut vm = SupervisedVm::start(parcel, chosen, &mount, &dir, &self.vmm).map_err(fail)?;
+        let status = slot.remember(&mut vm);
+        tracing::info!(parcel, vmm = %chosen, from_memory = status.resumed_from_memory, seconds = status.start_seconds, "VM started");
+        *guard = Some(vm);
+        Ok(Some(status))
     }
 
     fn live_session(&self, parcel: &str) -> Option<Arc<Session>> {
@@ -327,6 +502,17 @@ impl Daemon {
                 );
             }
         };
+        if let Some(slot) = self.vm_slot(parcel)
+            && let Some(vm) = slot.vm.lock().expect("vm lock").as_mut()
+            && vm.state() == VmState::Running
+        {
+            return error_response(
+                ErrorClass::Conflict,
+                format!(
+                    "the VM of {parcel} is running: `isrctl suspend {parcel}` saves its memory and checks in; to check in its disks alone, stop the VM first"
+                ),
+            );
+        }
         let session = match self.live_session(parcel) {
             Some(session) => session,
             None => {
@@ -436,16 +622,22 @@ impl Daemon {
         version: Option<u64>,
         mount: PathBuf,
         wire_store: control::WireStore,
+        vmm: Option<VmmKind>,
     ) -> Response {
-        if let Some(existing) = self
+        let existing = self
             .sessions
             .lock()
             .expect("sessions lock")
             .get(&parcel.name)
-        {
-            return Response::Resumed {
-                mount: existing.session.record().mount.clone(),
-                reattached: true,
+            .map(|m| m.session.record().mount.clone());
+        if let Some(mount) = existing {
+            return match self.ensure_vm(&parcel.name, vmm) {
+                Ok(vm) => Response::Resumed {
+                    mount,
+                    reattached: true,
+                    vm: vm.map(Box::new),
+                },
+                Err(response) => response,
             };
         }
         let Some(open) = parcel.open() else {
@@ -514,11 +706,16 @@ impl Daemon {
                     Mounted {
                         session: Arc::new(session),
                         mount: Some(background),
+                        vm: Arc::default(),
                     },
                 );
-                Response::Resumed {
-                    mount,
-                    reattached: reattaching,
+                match self.ensure_vm(&parcel.name, vmm) {
+                    Ok(vm) => Response::Resumed {
+                        mount,
+                        reattached: reattaching,
+                        vm: vm.map(Box::new),
+                    },
+                    Err(response) => response,
                 }
             }
             Err(e) => error_response(
@@ -536,6 +733,20 @@ impl Daemon {
             .drain()
             .collect();
         for (name, mounted) in sessions {
+            if let Some(vm) = mounted.vm.vm.lock().expect("vm lock").as_mut()
+                && vm.state() == VmState::Running
+            {
+                // Saved into the mount: `isrctl resume` later continues it.
+                match vm.suspend() {
+                    Ok(report) => {
+                        tracing::info!(parcel = %name, seconds = report.seconds, "VM saved at shutdown")
+                    }
+                    Err(e) => {
+                        tracing::error!(parcel = %name, error = %e, "could not save the VM at shutdown; stopping it");
+                        vm.kill();
+                    }
+                }
+            }
             if let Err(e) = mounted.session.image.flush_all() {
                 tracing::error!(parcel = %name, error = %e, "flush failed at shutdown");
             }

@@ -109,7 +109,7 @@ impl Classify for VmConfigError {
 }
 
 /// Who runs the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmmKind {
     /// QEMU, driven over QMP.
@@ -120,6 +120,40 @@ pub enum VmmKind {
     Virtualbox,
     /// Nobody: isr only mounts the parcel.
     None,
+}
+
+impl VmmKind {
+    /// The name used in `vm.toml` and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Qemu => "qemu",
+            VmmKind::Libvirt => "libvirt",
+            VmmKind::Virtualbox => "virtualbox",
+            VmmKind::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmmKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<VmmKind, String> {
+        match text {
+            "qemu" => Ok(VmmKind::Qemu),
+            "libvirt" => Ok(VmmKind::Libvirt),
+            "virtualbox" => Ok(VmmKind::Virtualbox),
+            "none" => Ok(VmmKind::None),
+            other => Err(format!(
+                "unknown VMM {other:?}: use qemu, libvirt, virtualbox or none"
+            )),
+        }
+    }
 }
 
 /// A disk's bus.

@@ -835,10 +835,20 @@ impl QemuVm {
     }
 
     /// Suspends the VM into `memory_image` (see [`save_memory`]) and waits for QEMU
-    /// to exit. On error QEMU is killed and no file is left under `memory_image`.
+    /// to exit. On error no file is left under `memory_image`; if QEMU is still
+    /// alive the VM is continued (`cont`) and goes on running as if nothing had
+    /// happened ([`QemuVm::is_running`] tells), otherwise QEMU is killed.
     pub fn suspend_to(&mut self, memory_image: &Path) -> Result<(), QemuError> {
         let what = format!("suspending the VM to {}", memory_image.display());
         if let Err(e) = save_memory(&mut self.qmp, memory_image, self.version) {
+            if self.is_running() && self.qmp.execute("cont", None).is_ok() {
+                tracing::warn!(error = %e, "suspend failed; the VM goes on running");
+                return Err(QemuError::Process {
+                    what: format!("{what} (the VM goes on running)"),
+                    log: self.runtime.qemu_log(),
+                    source: Some(Box::new(e)),
+                });
+            }
             return Err(self.fail(what, e));
         }
         match self.wait_exit(START_TIMEOUT) {
@@ -866,6 +876,11 @@ impl QemuVm {
     /// Whether the QEMU process is still alive.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// How QEMU ended, once it has.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// QEMU's process id.

@@ -3,7 +3,13 @@
 //! The guest prints `ISR-BOOT boot=ID` once per boot from disk, then every second
 //! `ISR-COUNTER n=N boot=ID` on its serial console (after appending the same line to
 //! `counter.log` on its disk and syncing).
+//!
+//! Given a second UART ([`control_args`]), it also takes commands from the host
+//! ([`send_control`]: `fill MB`, `trim`) and answers each with an `ISR-CTL …` console
+//! line ([`GuestLine::Control`]); see the script's header for the formats.
 
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,6 +80,9 @@ pub enum GuestLine {
     Boot { boot: String },
     /// `ISR-COUNTER n=N boot=ID`.
     Counter { n: u64, boot: String },
+    /// `ISR-CTL TEXT`: the guest's answer to a control command, e.g. `fill done
+    /// bytes=8388608`, `trim done trimmed=56842240` or `unknown LINE`.
+    Control { text: String },
 }
 
 /// The guest's complete lines in `text` (serial output, which may carry terminal
@@ -96,9 +105,114 @@ pub fn parse_lines(text: &str) -> Vec<GuestLine> {
                     boot: boot.to_owned(),
                 });
             }
+        } else if let Some(at) = line.find("ISR-CTL ") {
+            let text = line[at + "ISR-CTL ".len()..].trim().to_owned();
+            lines.push(GuestLine::Control { text });
         }
     }
     lines
+}
+
+/// The QEMU arguments that give the guest its control channel: a second UART
+/// (ttyS1, pinned by `index=1` whatever `-serial` options there are) whose other
+/// end is the unix socket `socket`, which QEMU creates (server, not waiting for a
+/// client). For [`Qemu::boot_with`]'s `extra_args` or a vm.toml's `extra_args`.
+/// A unix socket path is limited to 107 bytes.
+pub fn control_args(socket: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!(
+            "socket,id=isrctl,path={},server=on,wait=off",
+            socket.display().to_string().replace(',', ",,")
+        ),
+        "-device".into(),
+        "isa-serial,chardev=isrctl,index=1".into(),
+    ]
+}
+
+/// Liveness guard for [`send_control`]'s connecting and its echo.
+const CONTROL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Sends `command` (one line, without its newline) to the guest over the control
+/// socket `socket` (see [`control_args`]), connecting as soon as QEMU has created
+/// it. Returns once the guest's serial line has echoed the line back, so it has
+/// arrived (closing earlier could lose it); the guest's answer is an
+/// `ISR-CTL …` line on its console ([`GuestLine::Control`]). Panics when the socket
+/// does not take the connection or the echo does not come within a liveness limit.
+/// Send only once the guest has printed a counter line: its control loop has
+/// ttyS1 open by then, and what arrives before that may be lost.
+pub fn send_control(socket: &Path, command: &str) {
+    assert!(
+        !command.contains(['\n', '\r']),
+        "a control command is one line: {command:?}"
+    );
+    let deadline = Instant::now() + CONTROL_LIMIT;
+    let mut stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(stream) => break stream,
+            Err(e)
+                if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!(
+                "cannot connect to the guest control socket {} within {} s (liveness guard; \
+                 is QEMU running with guest::control_args?): {e}",
+                socket.display(),
+                CONTROL_LIMIT.as_secs()
+            ),
+        }
+    };
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("write {command:?} to {}: {e}", socket.display()));
+    // The guest's tty echoes the line (newline as \r\n) as it receives it.
+    let mut echo = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let text = String::from_utf8_lossy(&echo);
+        if text
+            .find(command)
+            .is_some_and(|at| text[at + command.len()..].contains('\n'))
+        {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the guest did not echo control command {command:?} on {} within {} s \
+             (liveness guard; is its control loop running?); echoed so far: {text:?}",
+            socket.display(),
+            CONTROL_LIMIT.as_secs()
+        );
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => panic!(
+                "the guest control socket {} closed before echoing {command:?}; \
+                 echoed so far: {text:?}",
+                socket.display()
+            ),
+            Ok(n) => echo.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!(
+                "read the echo of {command:?} from {}: {e}",
+                socket.display()
+            ),
+        }
+    }
+}
+
+/// What [`Qemu::boot_with`] changes from [`Qemu::boot`]'s defaults.
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    /// The raw disk image to boot from, instead of the guest's `disk.img`.
+    pub disk: Option<PathBuf>,
+    /// More `-drive` suboptions, e.g. `discard=unmap`.
+    pub drive_options: Vec<String>,
+    /// More QEMU arguments, after all the others (e.g. [`control_args`]).
+    pub extra_args: Vec<String>,
 }
 
 /// A QEMU process running the guest, serial console to a file; killed on drop.
@@ -113,7 +227,19 @@ impl Qemu {
     /// Boots `guest` with its disk as a virtio raw drive (TCG, 256 MiB), the serial
     /// console going to `serial` (created or truncated).
     pub fn boot(guest: &GuestFiles, serial: &Path) -> Qemu {
+        Qemu::boot_with(guest, serial, &BootOptions::default())
+    }
+
+    /// Like [`Qemu::boot`], with another disk image, more drive options or more
+    /// arguments.
+    pub fn boot_with(guest: &GuestFiles, serial: &Path, options: &BootOptions) -> Qemu {
         let qemu = qemu_binary();
+        let disk = options.disk.as_ref().unwrap_or(&guest.disk);
+        let mut drive = format!("file={},if=virtio,format=raw", disk.display());
+        for option in &options.drive_options {
+            drive.push(',');
+            drive.push_str(option);
+        }
         std::fs::write(serial, b"").unwrap();
         let stderr = std::fs::File::create(serial.with_extension("stderr")).unwrap();
         let child = Command::new(qemu)
@@ -127,10 +253,8 @@ impl Qemu {
             .arg(&guest.initrd)
             .args(["-append", "console=ttyS0 quiet panic=-1"])
             .arg("-drive")
-            .arg(format!(
-                "file={},if=virtio,format=raw",
-                guest.disk.display()
-            ))
+            .arg(drive)
+            .args(&options.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -198,6 +322,7 @@ pub fn counting(lines: &[GuestLine], count: usize) -> Option<(String, Vec<u64>)>
                 Some((id, ns)) if id == boot => ns.push(*n),
                 _ => {}
             },
+            GuestLine::Control { .. } => {}
         }
         if current.as_ref().is_some_and(|(_, ns)| ns.len() >= count) {
             return current;

@@ -1,0 +1,418 @@
+//! The mission end to end, through the real binaries, real FUSE and real QEMU
+//! (TCG): `isrctl resume` starts the test guest from the lazy mount, `isrctl
+//! suspend` saves its memory into the mount and checks it in, and another
+//! machine (its own state, cache and daemon, the same store) continues the same
+//! boot where it stopped. Against the local-directory store and SeaweedFS (S3).
+//! Also: a QEMU killed mid-session, a failed migration, and guest TRIM.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use isr::chunk::{ChunkRef, ChunkTag};
+use isr::manifest::Manifest;
+use support::guest::{self, GuestLine};
+use support::{Env, SeaweedFs};
+
+/// Liveness guard for a boot under TCG (4–8 s here); not a timing assertion.
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+/// Liveness guard for counting to go on.
+const RUN_LIMIT: Duration = Duration::from_secs(180);
+
+/// The test guest's `vm.toml`: direct kernel boot, one virtio disk, headless.
+fn vm_toml(extra_args: &[String]) -> String {
+    let extra: Vec<String> = ["-no-reboot".to_owned()]
+        .iter()
+        .chain(extra_args)
+        .map(|a| format!("{a:?}"))
+        .collect();
+    format!(
+        "vmm = \"qemu\"\nmemory = 256\nkernel = \"vmlinuz\"\ninitrd = \"initrd.img\"\n\
+         append = \"console=ttyS0 quiet panic=-1\"\nextra_args = [{}]\n\n[[disk]]\nfile = \"disk.img\"\n",
+        extra.join(", ")
+    )
+}
+
+/// Builds the guest and imports it (kernel, initrd, disk, vm.toml) as `name`.
+fn import_guest(env: &Env, name: &str, extra_args: &[String]) {
+    Env::require_fuse();
+    guest::qemu_binary();
+    let source = env.path(&format!("guest-{name}"));
+    guest::build(&source);
+    std::fs::remove_file(source.join("MANIFEST.txt")).unwrap();
+    std::fs::write(source.join("vm.toml"), vm_toml(extra_args)).unwrap();
+    env.ok(&["import", name, source.to_str().unwrap()]);
+}
+
+fn serial_log(env: &Env, name: &str) -> PathBuf {
+    env.path(&format!("run/vm/{name}/serial.log"))
+}
+
+fn serial_lines(env: &Env, name: &str) -> Vec<GuestLine> {
+    guest::parse_lines(&String::from_utf8_lossy(
+        &std::fs::read(serial_log(env, name)).unwrap_or_default(),
+    ))
+}
+
+fn status(env: &Env, name: &str) -> serde_json::Value {
+    env.json(&["status", name])[0].clone()
+}
+
+fn vm_state(env: &Env, name: &str) -> String {
+    status(env, name)["vm"]["state"]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned()
+}
+
+/// Polls the serial console until `done` holds; panics with the console and
+/// QEMU's log if the VM stops running first.
+fn wait_for(
+    env: &Env,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&[GuestLine]) -> bool,
+) -> Vec<GuestLine> {
+    let exited = || {
+        let state = vm_state(env, name);
+        (state != "running" && state != "busy").then_some(state)
+    };
+    let output = || {
+        format!(
+            "serial console:\n{}\nqemu log:\n{}",
+            String::from_utf8_lossy(&std::fs::read(serial_log(env, name)).unwrap_or_default()),
+            std::fs::read_to_string(env.path(&format!("run/vm/{name}/qemu.log")))
+                .unwrap_or_default()
+        )
+    };
+    guest::poll_serial(&serial_log(env, name), what, limit, done, exited, output)
+}
+
+/// Counter lines (n, boot) in order.
+fn counters(lines: &[GuestLine]) -> Vec<(u64, String)> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            GuestLine::Counter { n, boot } => Some((*n, boot.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until the console shows `more` counter lines beyond the `seen` first.
+fn count_on(env: &Env, name: &str, seen: usize, more: usize) -> Vec<(u64, String)> {
+    let lines = wait_for(env, name, "counter lines", RUN_LIMIT, |l| {
+        counters(l).len() >= seen + more
+    });
+    counters(&lines)
+}
+
+/// `isrctl resume NAME --json`, checked: the VM runs.
+fn resume(env: &Env, name: &str) -> serde_json::Value {
+    let answer = env.json(&["resume", name]);
+    assert_eq!(answer["vm"]["state"], "running", "{answer}");
+    assert_eq!(answer["vm"]["kind"], "qemu", "{answer}");
+    answer
+}
+
+/// `isrctl suspend NAME --json`, checked: memory saved, a version committed.
+fn suspend(env: &Env, name: &str) -> serde_json::Value {
+    let answer = env.json(&["suspend", name]);
+    assert!(
+        answer["saved"]["memory_bytes"].as_u64().unwrap() > 0,
+        "{answer}"
+    );
+    assert_eq!(answer["checkin"]["committed"], true, "{answer}");
+    answer
+}
+
+/// Distinct stored chunks of one file of a manifest, with stored sizes.
+fn file_chunks(manifest: &Manifest, file: &str) -> HashMap<ChunkTag, u64> {
+    let (_, _, chunks) = manifest
+        .files()
+        .find(|(path, _, _)| *path == file)
+        .unwrap_or_else(|| panic!("{file} is not in the version"));
+    chunks
+        .iter()
+        .filter_map(|c| match c {
+            ChunkRef::Stored {
+                tag, stored_len, ..
+            } => Some((*tag, u64::from(*stored_len))),
+            ChunkRef::Zero => None,
+        })
+        .collect()
+}
+
+fn has_file(manifest: &Manifest, file: &str) -> bool {
+    manifest.files().any(|(path, _, _)| path == file)
+}
+
+/// Chunks (count, stored bytes) of `file` in `new` that no file of `old` has.
+fn new_chunks(old: &Manifest, new: &Manifest, file: &str) -> (usize, u64) {
+    let before: HashSet<ChunkTag> = old.stored_chunks().map(|(t, _)| t).collect();
+    let fresh: Vec<u64> = file_chunks(new, file)
+        .into_iter()
+        .filter(|(tag, _)| !before.contains(tag))
+        .map(|(_, len)| len)
+        .collect();
+    (fresh.len(), fresh.iter().sum())
+}
+
+/// The guest's `counter.log` from version `version`'s disk (debugfs reads ext4).
+fn disk_counter_log(env: &Env, name: &str, version: u64) -> Vec<(u64, String)> {
+    let dir = env.path(&format!("export-{name}-{version}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    env.ok(&[
+        "export",
+        &format!("{name}@{version}"),
+        dir.to_str().unwrap(),
+    ]);
+    let debugfs = support::find_program("debugfs", "apt-get install e2fsprogs");
+    let output = std::process::Command::new(debugfs)
+        .args(["-R", "cat /counter.log"])
+        .arg(dir.join("disk.img"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "debugfs failed: {output:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    counters(&guest::parse_lines(&text))
+}
+
+/// One boot counting 1, 2, 3, … without a gap or a repeat.
+fn assert_contiguous_one_boot(log: &[(u64, String)], boot: &str) {
+    assert!(!log.is_empty());
+    for (i, (n, id)) in log.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "counter.log is not contiguous: {log:?}");
+        assert_eq!(id, boot, "counter.log has another boot: {log:?}");
+    }
+}
+
+/// A → B → A with the same boot, the counter continuing at every move.
+fn suspend_on_one_machine_resume_on_another(a: Env) {
+    let name = "vm";
+    import_guest(&a, name, &[]);
+    let v1 = a.manifest(name, 1);
+    assert!(
+        !has_file(&v1, "memory.img"),
+        "a fresh import has no memory image"
+    );
+
+    // Machine A boots it (no memory image yet) from the mount.
+    let answer = resume(&a, name);
+    assert_eq!(answer["vm"]["resumed_from_memory"], false);
+    let on_a = count_on(&a, name, 0, 3);
+    let boot = on_a[0].1.clone();
+    let answer = suspend(&a, name);
+    let memory_bytes = answer["saved"]["memory_bytes"].as_u64().unwrap();
+    eprintln!(
+        "A: booted, counted to {}, suspended in {:.2} s: memory image {memory_bytes} bytes, checkin uploaded {} bytes in {:.2} s",
+        on_a.last().unwrap().0,
+        answer["saved"]["seconds"].as_f64().unwrap(),
+        answer["checkin"]["uploaded_bytes"],
+        answer["checkin"]["seconds"].as_f64().unwrap(),
+    );
+    let last_a = counters(&serial_lines(&a, name)).last().unwrap().0;
+    let v2 = a.manifest(name, 2);
+    assert!(has_file(&v2, "memory.img"));
+
+    // Machine B: empty state and cache, the same store.
+    let b = a.another_machine();
+    let answer = resume(&b, name);
+    assert_eq!(answer["vm"]["resumed_from_memory"], true, "{answer}");
+    let fetched = status(&b, name)["fetch"]["fetched_bytes"].as_u64().unwrap();
+    eprintln!(
+        "B (cold cache): VM running {:.2} s after the request, {fetched} bytes fetched by then",
+        answer["vm"]["start_seconds"].as_f64().unwrap()
+    );
+    let on_b = count_on(&b, name, 0, 3);
+    assert_eq!(
+        on_b[0],
+        (last_a + 1, boot.clone()),
+        "B continues A's boot where it stopped"
+    );
+    assert!(
+        !serial_lines(&b, name)
+            .iter()
+            .any(|l| matches!(l, GuestLine::Boot { .. })),
+        "B resumed, it did not boot"
+    );
+    let answer = suspend(&b, name);
+    let last_b = counters(&serial_lines(&b, name)).last().unwrap().0;
+    let v3 = b.manifest(name, 3);
+    let memory_chunks = file_chunks(&v3, "memory.img").len();
+    let (fresh, fresh_bytes) = new_chunks(&v2, &v3, "memory.img");
+    eprintln!(
+        "B: suspended; checkin uploaded {} bytes; memory image {} bytes in {memory_chunks} stored chunks, of which {fresh} ({fresh_bytes} stored bytes) were new",
+        answer["checkin"]["uploaded_bytes"], answer["saved"]["memory_bytes"]
+    );
+    assert!(
+        fresh * 2 < memory_chunks,
+        "mapped-ram: a second suspend of one boot changes few memory chunks ({fresh} of {memory_chunks} are new)"
+    );
+    assert!(fresh_bytes < answer["saved"]["memory_bytes"].as_u64().unwrap() / 2);
+    assert_contiguous_one_boot(&disk_counter_log(&b, name, 3), &boot);
+
+    // Back on A, whose cache holds version 2's chunks.
+    let answer = resume(&a, name);
+    assert_eq!(answer["vm"]["resumed_from_memory"], true);
+    let fetched = status(&a, name)["fetch"]["fetched_bytes"].as_u64().unwrap();
+    let seen = counters(&serial_lines(&a, name)).len();
+    let again = count_on(&a, name, seen, 2);
+    eprintln!(
+        "A (warm cache): VM running {:.2} s after the request, {fetched} bytes fetched by then",
+        answer["vm"]["start_seconds"].as_f64().unwrap()
+    );
+    assert_eq!(again[seen], (last_b + 1, boot.clone()));
+    suspend(&a, name);
+    assert_eq!(a.versions(name), [1, 2, 3, 4]);
+    assert_contiguous_one_boot(&disk_counter_log(&a, name, 4), &boot);
+    a.ok(&["verify", name]);
+}
+
+#[test]
+fn a_vm_suspended_on_one_machine_continues_on_another_local_store() {
+    suspend_on_one_machine_resume_on_another(Env::local());
+}
+
+#[test]
+fn a_vm_suspended_on_one_machine_continues_on_another_s3() {
+    let server = SeaweedFs::start();
+    suspend_on_one_machine_resume_on_another(Env::s3(&server, "vm-a-b"));
+}
+
+#[test]
+fn a_killed_qemu_commits_nothing_and_the_session_boots_again() {
+    let env = Env::local();
+    let name = "crash";
+    import_guest(&env, name, &[]);
+    resume(&env, name);
+    count_on(&env, name, 0, 2);
+    suspend(&env, name);
+
+    // Resumed from memory; then QEMU dies.
+    let answer = resume(&env, name);
+    assert_eq!(answer["vm"]["resumed_from_memory"], true);
+    let mount = PathBuf::from(answer["mount"].as_str().unwrap());
+    assert!(
+        !mount.join("memory.img").exists(),
+        "the memory image is consumed once the VM runs from it"
+    );
+    let seen = counters(&serial_lines(&env, name)).len();
+    let before = count_on(&env, name, seen, 2);
+    let boot = before.last().unwrap().1.clone();
+    let pid = answer["vm"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // isrfsd notices (and reaps) its dead child when asked for the status.
+    let deadline = std::time::Instant::now() + RUN_LIMIT;
+    while vm_state(&env, name) != "exited" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "isrfsd does not see QEMU's death"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let vm = &status(&env, name)["vm"];
+    assert!(vm["exit"].as_str().unwrap().contains("signal"), "{vm}");
+
+    let stderr = env.fails(&["suspend", name], 1);
+    assert!(stderr.contains("not running"), "{stderr}");
+    assert!(stderr.contains("nothing was committed"), "{stderr}");
+    assert!(
+        stderr.contains("isrctl resume crash"),
+        "says what to do: {stderr}"
+    );
+    assert_eq!(env.versions(name), [1, 2], "nothing committed");
+
+    // The session is still there: resume boots the VM from its disk.
+    let answer = resume(&env, name);
+    assert_eq!(answer["reattached"], true);
+    assert_eq!(answer["vm"]["resumed_from_memory"], false, "{answer}");
+    let lines = wait_for(&env, name, "a new boot counting", BOOT_LIMIT, |l| {
+        guest::counting(&l[seen..], 2).is_some()
+    });
+    let (new_boot, ns) = guest::counting(&lines[seen..], 2).unwrap();
+    assert_ne!(new_boot, boot, "a fresh boot after the crash");
+    assert!(
+        ns[0] > before[0].0,
+        "the counter goes on from the disk's log: {ns:?} after {before:?}"
+    );
+    suspend(&env, name);
+    assert_eq!(env.versions(name), [1, 2, 3]);
+}
+
+#[test]
+fn a_failed_migration_commits_nothing_and_the_vm_goes_on() {
+    let env = Env::local();
+    let name = "nosave";
+    import_guest(&env, name, &[]);
+    let answer = resume(&env, name);
+    let mount = PathBuf::from(answer["mount"].as_str().unwrap());
+    count_on(&env, name, 0, 2);
+
+    // Where QEMU writes the memory image there is a directory: the save fails.
+    let blocker = mount.join(".memory.img.partial");
+    std::fs::create_dir(&blocker).unwrap();
+    let stderr = env.fails(&["suspend", name], 1);
+    assert!(stderr.contains("goes on running"), "{stderr}");
+    assert!(stderr.contains("nothing was committed"), "{stderr}");
+    assert_eq!(env.versions(name), [1]);
+    assert!(!mount.join("memory.img").exists());
+    assert_eq!(vm_state(&env, name), "running");
+    let seen = counters(&serial_lines(&env, name)).len();
+    let after = count_on(&env, name, seen, 2);
+    let boot = after[0].1.clone();
+
+    std::fs::remove_dir(&blocker).unwrap();
+    suspend(&env, name);
+    assert_eq!(env.versions(name), [1, 2]);
+    let answer = resume(&env, name);
+    assert_eq!(answer["vm"]["resumed_from_memory"], true);
+    let seen = counters(&serial_lines(&env, name)).len();
+    let again = count_on(&env, name, seen, 1);
+    assert_eq!(again[seen].1, boot, "the same boot goes on");
+    env.ok(&["discard", name]);
+}
+
+#[test]
+fn checkin_refuses_a_running_vm_and_discard_stops_it() {
+    let env = Env::local();
+    let name = "busy";
+    import_guest(&env, name, &[]);
+    let answer = resume(&env, name);
+    let pid = answer["vm"]["pid"].as_i64().unwrap() as i32;
+    let stderr = env.fails(&["checkin", name], 5);
+    assert!(stderr.contains("isrctl suspend busy"), "{stderr}");
+    env.ok(&["discard", name]);
+    assert!(support::wait_for_exit(pid), "discard stops QEMU");
+    assert_eq!(env.versions(name), [1]);
+}
+
+#[test]
+fn resume_with_vmm_none_only_mounts() {
+    let env = Env::local();
+    let name = "plain";
+    import_guest(&env, name, &[]);
+    let answer = env.json(&["resume", "--vmm", "none", name]);
+    assert!(answer["vm"].is_null(), "{answer}");
+    let mount = Path::new(answer["mount"].as_str().unwrap());
+    assert!(mount.join("vm.toml").exists() && mount.join("disk.img").exists());
+    let output = env.run(&["resume", "--vmm", "nonsense", name]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("qemu, libvirt, virtualbox or none"),
+        "{stderr}"
+    );
+    // Without a VM, suspend is a checkin of the files as they are.
+    let answer = env.json(&["suspend", name]);
+    assert!(answer["saved"].is_null(), "{answer}");
+    assert_eq!(env.versions(name), [1], "nothing changed: no version");
+}
