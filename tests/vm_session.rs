@@ -416,3 +416,76 @@ fn resume_with_vmm_none_only_mounts() {
     assert!(answer["saved"].is_null(), "{answer}");
     assert_eq!(env.versions(name), [1], "nothing changed: no version");
 }
+
+/// Zero chunks of `file` in a version.
+fn zero_chunks(manifest: &Manifest, file: &str) -> usize {
+    let (_, _, chunks) = manifest.files().find(|(p, _, _)| *p == file).unwrap();
+    chunks
+        .iter()
+        .filter(|c| matches!(c, ChunkRef::Zero))
+        .count()
+}
+
+fn wait_for_control(env: &Env, name: &str, prefix: &str) -> String {
+    let lines = wait_for(env, name, prefix, RUN_LIMIT, |l| {
+        l.iter()
+            .any(|l| matches!(l, GuestLine::Control { text } if text.starts_with(prefix)))
+    });
+    lines
+        .iter()
+        .find_map(|l| match l {
+            GuestLine::Control { text } if text.starts_with(prefix) => Some(text.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn guest_trim_turns_chunks_into_zero_chunks_that_are_not_uploaded() {
+    let env = Env::local();
+    env.append_config("\n[upload]\ntrickle = false\n");
+    let name = "trim";
+    let socket = env.path("ctl.sock");
+    import_guest(&env, name, &guest::control_args(&socket));
+    resume(&env, name);
+    count_on(&env, name, 0, 1);
+
+    // 8 MiB of random data on the guest's disk, committed as version 2.
+    guest::send_control(&socket, "fill 8");
+    let done = wait_for_control(&env, name, "fill done");
+    assert_eq!(done, "fill done bytes=8388608");
+    let synced = env.json(&["sync", name]);
+    assert_eq!(synced["version"], 2, "{synced}");
+    let (v1, v2) = (env.manifest(name, 1), env.manifest(name, 2));
+    let (filled, filled_bytes) = new_chunks(&v1, &v2, "disk.img");
+    assert!(
+        filled_bytes >= 8 * (1 << 20),
+        "the fill is stored: {filled_bytes}"
+    );
+
+    // The guest deletes it and trims: QEMU punches holes (discard=unmap), which
+    // become zero chunks in the image; nothing of them is uploaded.
+    guest::send_control(&socket, "trim");
+    let done = wait_for_control(&env, name, "trim done");
+    let answer = suspend(&env, name);
+    let v3 = env.manifest(name, 3);
+    let (zeros2, zeros3) = (zero_chunks(&v2, "disk.img"), zero_chunks(&v3, "disk.img"));
+    let (rewritten, rewritten_bytes) = new_chunks(&v2, &v3, "disk.img");
+    let stored = |m: &Manifest| file_chunks(m, "disk.img").values().sum::<u64>();
+    eprintln!(
+        "{done}: disk.img zero chunks {zeros2} -> {zeros3}, stored disk bytes {} -> {}; version 2 added {filled} chunks ({filled_bytes} bytes), version 3 {rewritten} ({rewritten_bytes} bytes); checkin uploaded {} bytes in all",
+        stored(&v2),
+        stored(&v3),
+        answer["checkin"]["uploaded_bytes"]
+    );
+    // 8 MiB is 64 chunks of 128 KiB; ext4 may place the file unaligned.
+    assert!(
+        zeros3 >= zeros2 + 62,
+        "the trimmed chunks are zero chunks now ({zeros2} -> {zeros3}, {filled} filled)"
+    );
+    assert!(
+        rewritten_bytes < 2 * (1 << 20),
+        "the trimmed data is not uploaded again: {rewritten_bytes} bytes"
+    );
+    assert!(stored(&v3) + 7 * (1 << 20) < stored(&v2));
+}
