@@ -376,8 +376,8 @@ type = "vnc"
 /// this QEMU by passing an older version to save_memory / load_memory.
 #[test]
 fn exec_cat_migration_for_qemu_before_9() {
-    use isr::vmm::qemu::{QemuVersion, load_memory, save_memory};
-    let old = QemuVersion { major: 8, minor: 2 };
+    use isr::vmm::qemu::{STREAM_ONLY, load_memory, save_memory};
+    let old = STREAM_ONLY;
     let dir = tempfile::tempdir().unwrap();
     let (parcel, config) = parcel(dir.path());
     let image = parcel.join("memory.img");
@@ -432,5 +432,19 @@ fn exec_cat_migration_for_qemu_before_9() {
         "exec:cat memory.img vs memory-2.img: {differ} of {total} chunks of 128 KiB differ; memory-2.img: {}",
         sizes(&image2)
     );
+    let last = counters(&serial_lines(&second)).last().unwrap().0;
+    vm.kill();
+
+    // A machine with QEMU >= 9 resumes an image a QEMU before 9 saved: it is
+    // not mapped-ram, so resume_from loads it as a stream.
+    let third = runtime(dir.path(), "run-3");
+    let mut vm = QemuVm::resume_from(&config, &parcel, &third, &image2)
+        .unwrap_or_else(|e| panic!("resume a stream image: {e}; {}", output(&third)));
+    let lines = wait_for(&mut vm, "counting after a cross-version resume", RUN_LIMIT, |l| {
+        !counters(l).is_empty()
+    });
+    let seen = counters(&lines);
+    assert!(seen[0].0 > last && seen[0].0 <= last + 2, "{seen:?} after n={last}");
+    assert_eq!(seen[0].1, boot, "the same boot");
     vm.kill();
 }

@@ -60,8 +60,14 @@ fn status(env: &Env, name: &str) -> serde_json::Value {
     env.json(&["status", name])[0].clone()
 }
 
+/// The VM's state; `not resumed` while no session exists (yet).
 fn vm_state(env: &Env, name: &str) -> String {
-    status(env, name)["vm"]["state"]
+    let output = env.run(&["--json", "status", name]);
+    if output.status.code() == Some(4) {
+        return "not resumed".into();
+    }
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    status[0]["vm"]["state"]
         .as_str()
         .unwrap_or("none")
         .to_owned()
@@ -78,7 +84,7 @@ fn wait_for(
 ) -> Vec<GuestLine> {
     let exited = || {
         let state = vm_state(env, name);
-        (state != "running" && state != "busy").then_some(state)
+        (!["running", "busy", "not resumed"].contains(&state.as_str())).then_some(state)
     };
     let output = || {
         format!(
@@ -488,4 +494,192 @@ fn guest_trim_turns_chunks_into_zero_chunks_that_are_not_uploaded() {
         "the trimmed data is not uploaded again: {rewritten_bytes} bytes"
     );
     assert!(stored(&v3) + 7 * (1 << 20) < stored(&v2));
+}
+
+/// Waits (liveness guard) for a child process to end; returns its output.
+fn wait_child(child: std::process::Child, what: &str) -> std::process::Output {
+    let pid = child.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + RUN_LIMIT;
+        while std::time::Instant::now() < deadline {
+            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let output = child.wait_with_output().unwrap();
+    watchdog.join().unwrap();
+    assert!(
+        output.status.code().is_some(),
+        "{what} did not return (killed after the liveness guard)"
+    );
+    output
+}
+
+#[test]
+fn resume_in_the_foreground_returns_when_the_vm_stops() {
+    let env = Env::local();
+    let name = "front";
+    import_guest(&env, name, &[]);
+    let spawn = || {
+        env.isrctl()
+            .args(["resume", "--foreground", name])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Suspended from elsewhere: exit 0.
+    let front = spawn();
+    count_on(&env, name, 0, 2);
+    suspend(&env, name);
+    let output = wait_child(front, "resume --foreground");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("/mnt/front"),
+        "prints the mount first"
+    );
+
+    // QEMU dies: exit 1, saying what to do.
+    let front = spawn();
+    let seen = counters(&serial_lines(&env, name)).len();
+    count_on(&env, name, seen, 1);
+    let pid = status(&env, name)["vm"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let output = wait_child(front, "resume --foreground");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped") && stderr.contains("signal"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("isrctl resume front"), "{stderr}");
+    env.ok(&["discard", name]);
+
+    // Nothing to wait for without a VM.
+    let output = env.run(&["resume", "--foreground", "--vmm", "none", name]);
+    assert_eq!(output.status.code(), Some(2));
+    env.ok(&["discard", name]);
+}
+
+#[test]
+fn stopping_isrfsd_saves_the_vm_and_resume_continues_it() {
+    let env = Env::local();
+    let name = "reboot";
+    import_guest(&env, name, &[]);
+    resume(&env, name);
+    let before = count_on(&env, name, 0, 2);
+    let boot = before[0].1.clone();
+
+    // SIGTERM (systemd stopping the daemon): the VM is saved into the mount.
+    let pid = env.daemon_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(support::wait_for_exit(pid), "isrfsd exits after SIGTERM");
+    let last = counters(&serial_lines(&env, name)).last().unwrap().0;
+    let answer = resume(&env, name);
+    assert_eq!(answer["reattached"], true);
+    assert_eq!(answer["vm"]["resumed_from_memory"], true, "{answer}");
+    let seen = counters(&serial_lines(&env, name)).len();
+    let after = count_on(&env, name, seen, 1);
+    assert_eq!(
+        after[seen],
+        (last + 1, boot.clone()),
+        "the same boot goes on"
+    );
+
+    // kill -9: QEMU is left behind on a dead mount; the next resume kills it
+    // and boots the VM from its disks (the memory image was consumed).
+    let qemu = answer["vm"]["pid"].as_i64().unwrap() as i32;
+    env.kill_daemon();
+    let answer = resume(&env, name);
+    assert!(support::wait_for_exit(qemu), "the leftover QEMU is killed");
+    assert_eq!(answer["vm"]["resumed_from_memory"], false, "{answer}");
+    let seen = counters(&serial_lines(&env, name)).len();
+    let lines = wait_for(&env, name, "a new boot counting", BOOT_LIMIT, |l| {
+        guest::counting(&l[seen..], 1).is_some()
+    });
+    let (new_boot, ns) = guest::counting(&lines[seen..], 1).unwrap();
+    assert_ne!(new_boot, boot);
+    assert!(ns[0] > last, "counts on from the disk's log");
+    suspend(&env, name);
+    assert_eq!(env.versions(name), [1, 2]);
+}
+
+#[test]
+fn virtualbox_gets_vmdk_descriptors_in_the_mount_and_its_steps() {
+    Env::require_fuse();
+    let env = Env::local();
+    let name = "vbox";
+    let disk = vec![0u8; 4 << 20];
+    env.import_files(
+        name,
+        &[
+            (
+                "vm.toml",
+                b"vmm = \"virtualbox\"\nmemory = 512\n[[disk]]\nfile = \"disk.img\"\n".as_slice(),
+            ),
+            ("disk.img", disk.as_slice()),
+        ],
+    );
+    let output = env.run(&["--json", "resume", name]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["vm"]["kind"], "virtualbox");
+    assert_eq!(
+        answer["vm"]["state"], "handed",
+        "VBoxManage is not installed here"
+    );
+    let mount = Path::new(answer["mount"].as_str().unwrap());
+    let descriptor = std::fs::read_to_string(mount.join("disk.vmdk")).unwrap();
+    assert!(
+        descriptor.contains("createType=\"monolithicFlat\""),
+        "{descriptor}"
+    );
+    assert!(
+        descriptor.contains("RW 8192 FLAT \"disk.img\" 0"),
+        "{descriptor}"
+    );
+    let steps = answer["vm"]["steps"].to_string();
+    assert!(
+        steps.contains("createvm") && steps.contains("startvm"),
+        "{steps}"
+    );
+    assert!(
+        steps.contains(&mount.join("disk.vmdk").display().to_string()),
+        "{steps}"
+    );
+
+    // Without --json the steps are printed for a person to run.
+    let output = env.run(&["resume", name]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("VBoxManage is not installed here"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("VBoxManage startvm vbox"), "{stderr}");
+
+    // Suspend cannot save a VM it did not start: it says what to run.
+    let stderr = env.fails(&["suspend", name], 4);
+    assert!(stderr.contains("controlvm vbox savestate"), "{stderr}");
+    // The descriptor travels with the parcel.
+    let report = env.json(&["checkin", name]);
+    assert_eq!(report["version"], 2, "{report}");
+    let v2 = env.manifest(name, 2);
+    assert!(has_file(&v2, "disk.vmdk"));
 }

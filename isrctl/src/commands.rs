@@ -81,7 +81,8 @@ pub struct ResumeArgs {
     /// `vmm` of the parcel's vm.toml; none without one.
     #[arg(long, value_name = "VMM", value_parser = parse_vmm)]
     vmm: Option<isr::vmm::config::VmmKind>,
-    /// Stay until the VM exits (resume returns once it runs otherwise).
+    /// Stay until the VM stops: exit 0 when it was suspended or the guest
+    /// powered off, 1 when QEMU died (resume returns once it runs otherwise).
     #[arg(long)]
     foreground: bool,
 }
@@ -785,7 +786,12 @@ async fn wait_for_vm_exit(socket: &std::path::Path, name: &str) -> anyhow::Resul
                     "isrctl: the VM of {name} stopped ({}); the parcel stays mounted: `isrctl checkin {name}` commits its disks, `isrctl resume {name}` starts it again",
                     vm.exit.as_deref().unwrap_or("exited")
                 );
-                return Ok(ExitCode::SUCCESS);
+                // A crash is a failure (a kiosk's unit restarts it); a power-off is not.
+                return Ok(if vm.powered_off {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(ErrorClass::Other.exit_code())
+                });
             }
             None => {
                 eprintln!("isrctl: {name} is no longer resumed here");
@@ -841,6 +847,16 @@ fn status(context: &CommandContext, name: Option<&str>) -> anyhow::Result<ExitCo
                 output::bytes(s.fetch.fetched_bytes),
                 s.fetch.in_flight.to_string(),
                 (s.fetch.failures + s.fetch.verify_failures).to_string(),
+                s.vm.as_ref().map_or("-".into(), |vm| {
+                    let state = serde_json::to_value(vm.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    match vm.pid {
+                        Some(pid) => format!("{} {state} (pid {pid})", vm.kind),
+                        None => format!("{} {state}", vm.kind),
+                    }
+                }),
             ]
         })
         .collect();
@@ -856,6 +872,7 @@ fn status(context: &CommandContext, name: Option<&str>) -> anyhow::Result<ExitCo
             "FETCHED",
             "IN FLIGHT",
             "ERRORS",
+            "VM",
         ],
         &rows,
     );

@@ -54,11 +54,11 @@ impl VmSlot {
     /// The VM's status; `busy` while another request is changing it.
     fn status(&self) -> Option<VmStatus> {
         match self.vm.try_lock() {
-            Ok(mut vm) => {
-                let status = vm.as_mut().map(SupervisedVm::status);
-                *self.summary.lock().expect("vm summary") = status.clone();
-                status
-            }
+            Ok(mut vm) => match vm.as_mut() {
+                Some(vm) => Some(self.remember(vm)),
+                // Being started: the summary says so.
+                None => self.summary.lock().expect("vm summary").clone(),
+            },
             Err(_) => self
                 .summary
                 .lock()
@@ -196,6 +196,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+/// The VM slot of a session being mounted: when the VMM that will run it is
+/// known already, its status says `busy` until the VM runs.
+fn starting_slot(parcel: &str, requested: Option<VmmKind>, mount: &std::path::Path) -> Arc<VmSlot> {
+    let slot = VmSlot::default();
+    if let Ok(kind) = supervise::chosen_kind(parcel, requested, mount)
+        && kind != VmmKind::None
+    {
+        *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(kind));
+    }
+    Arc::new(slot)
 }
 
 fn error_response(class: ErrorClass, message: String) -> Response {
@@ -468,7 +480,12 @@ impl Daemon {
             return Ok(guard.as_mut().map(|vm| slot.remember(vm)));
         }
         let dir = self.runtime_dir.join("vm").join(parcel);
-        let mut vm = SupervisedVm::start(parcel, chosen, &mount, &dir, &self.vmm).map_err(fail)?;
+        *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(chosen));
+        let started = SupervisedVm::start(parcel, chosen, &mount, &dir, &self.vmm);
+        let mut vm = started.map_err(|e| {
+            *slot.summary.lock().expect("vm summary") = None;
+            fail(e)
+        })?;
         let status = slot.remember(&mut vm);
         tracing::info!(parcel, vmm = %chosen, from_memory = status.resumed_from_memory, seconds = status.start_seconds, "VM started");
         *guard = Some(vm);
@@ -706,7 +723,7 @@ impl Daemon {
                     Mounted {
                         session: Arc::new(session),
                         mount: Some(background),
-                        vm: Arc::default(),
+                        vm: starting_slot(&parcel.name, vmm, &mount),
                     },
                 );
                 match self.ensure_vm(&parcel.name, vmm) {

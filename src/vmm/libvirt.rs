@@ -5,9 +5,26 @@
 //! commands that resume (create, or restore a saved image) and suspend (save) it.
 //! Nothing here runs a command: these are pure functions, tested without libvirt.
 //!
-//! Use the unprivileged session daemon ([`SESSION_URI`]): the system daemon runs
-//! QEMU as another user, who cannot open files in a FUSE mount that was not
-//! mounted with `allow_other`.
+//! Use the session daemon ([`SESSION_URI`]): QEMU must run as the user who
+//! mounted the parcel, because nobody else can open files in a FUSE mount that
+//! was not mounted with `allow_other`. For an unprivileged user that is the
+//! user's own session daemon (started by `virsh` on demand). For root,
+//! `qemu:///session` is served by the system daemon (`libvirtd` running as
+//! root), whose QEMU runs as `libvirt-qemu` unless `/etc/libvirt/qemu.conf` says
+//! `user = "root"` and `group = "root"`: as `libvirt-qemu`, QEMU fails to open
+//! the disks with "Permission denied". `.ci/install-deps.sh` sets this up (Debian
+//! 12's libvirt 9.0 without `libvirt-daemon-system`, hence also
+//! `stdio_handler = "file"` so that no `virtlogd` is needed) and
+//! `tests/libvirt_vm.rs` runs a parcel through it.
+//!
+//! The guest's first serial port is a pty (`virsh console NAME`) whose output
+//! is also appended to a log file in the VM's runtime directory
+//! ([`domain_xml`]'s `serial_log`), as with the QEMU adapter.
+//!
+//! The memory image is what `virsh save` writes: libvirt's header (with the
+//! domain XML) and QEMU's migration stream, not mapped-ram (libvirt 9.0), so
+//! two saves of one boot share few chunks (596 of 728 stored chunks new in
+//! `tests/libvirt_vm.rs`, where the QEMU adapter's mapped-ram images share most).
 //!
 //! Port forwards need libvirt's `passt` backend and the `passt` program (Debian 12's
 //! libvirt 9.0.0 rejects `<backend type='passt'/>`, libvirt issue 462; bookworm-
@@ -20,7 +37,7 @@ use std::path::Path;
 
 use super::config::{DiskInterface, DisplayKind, NicModel, Protocol, VmConfig};
 
-/// The libvirt connection for an unprivileged user's own VMs.
+/// The libvirt connection for the user's own VMs (for root, the system daemon's).
 pub const SESSION_URI: &str = "qemu:///session";
 
 /// The first bytes of a libvirt QEMU saved image (`virsh save`).
@@ -67,13 +84,7 @@ pub fn virsh_steps(
     domain_file: &Path,
     memory_file: &Path,
 ) -> Vec<Vec<String>> {
-    let virsh = |args: &[&str]| -> Vec<String> {
-        ["virsh", "--connect", uri]
-            .iter()
-            .chain(args)
-            .map(|s| s.to_string())
-            .collect()
-    };
+    let virsh = |args: &[&str]| virsh(uri, args);
     let domain_file = domain_file.to_string_lossy();
     let memory_file = memory_file.to_string_lossy();
     match step {
@@ -87,6 +98,58 @@ pub fn virsh_steps(
         ])],
         Lifecycle::Suspend => vec![virsh(&["save", name, &memory_file])],
     }
+}
+
+/// `virsh --connect URI ARGS…` as a command line.
+pub fn virsh(uri: &str, args: &[&str]) -> Vec<String> {
+    ["virsh", "--connect", uri]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// `virsh domstate NAME`: whether the domain still runs (see [`stopped_reason`]).
+pub fn domstate_step(uri: &str, name: &str) -> Vec<String> {
+    virsh(uri, &["domstate", name])
+}
+
+/// `virsh destroy NAME`: stops the domain at once (a transient one is then gone).
+pub fn destroy_step(uri: &str, name: &str) -> Vec<String> {
+    virsh(uri, &["destroy", name])
+}
+
+/// `virsh dumpxml NAME`: the running domain's XML (see [`is_started_with`]).
+pub fn dumpxml_step(uri: &str, name: &str) -> Vec<String> {
+    virsh(uri, &["dumpxml", name])
+}
+
+/// What the answer to [`domstate_step`] (whether `virsh` succeeded, its stdout
+/// and stderr) says about a transient domain isr started: `Some(why)` once it has
+/// stopped, `None` while it exists and has not (running, paused, …) and when the
+/// answer says neither (libvirt unreachable: nothing is known, so nothing changes).
+/// A transient domain disappears as soon as its QEMU ends: the guest powered off
+/// (`<on_poweroff>destroy`), QEMU crashed or was killed, or someone ran
+/// `virsh destroy`; libvirt cannot tell afterwards which it was.
+pub fn stopped_reason(success: bool, stdout: &str, stderr: &str) -> Option<String> {
+    if success {
+        let state = stdout.trim();
+        return matches!(state, "shut off" | "crashed")
+            .then(|| format!("libvirt reports the domain {state}"));
+    }
+    stderr.contains("failed to get domain").then(|| {
+        "its libvirt domain is gone (the guest powered off, QEMU ended, or it was destroyed)"
+            .to_owned()
+    })
+}
+
+/// Whether `dumpxml` (the XML of a running domain, [`dumpxml_step`]) is of a
+/// domain started with `serial_log` as its console log, that is by the same
+/// runtime directory: a domain an earlier isrfsd (killed itself) left running.
+pub fn is_started_with(dumpxml: &str, serial_log: &Path) -> bool {
+    let file = escape(&serial_log.to_string_lossy());
+    dumpxml.contains(&format!("<log file='{file}'"))
+        || dumpxml.contains(&format!("<log file=\"{file}\""))
 }
 
 /// A UUID derived from the domain name alone, so the same parcel always gets the
@@ -162,10 +225,17 @@ fn device_name(prefix: &str, index: usize) -> String {
 /// - Display: VNC listening on 127.0.0.1 only (a fixed port or autoport); SDL
 ///   (also for `gtk`, which libvirt has no graphics type for), full screen if
 ///   asked; none: no graphics at all.
-/// - A serial console on a pty (`virsh console NAME`).
+/// - A serial console on a pty (`virsh console NAME`); with `serial_log`, its
+///   output is also appended to that file (`<log file=… append='on'/>`).
 ///
 /// Every name, path and the command line are XML-escaped.
-pub fn domain_xml(config: &VmConfig, name: &str, mount: &Path, accel: Accel) -> String {
+pub fn domain_xml(
+    config: &VmConfig,
+    name: &str,
+    mount: &Path,
+    accel: Accel,
+    serial_log: Option<&Path>,
+) -> String {
     let file = |relative: &Path| escape(&mount.join(relative).to_string_lossy());
     let domain_type = match accel {
         Accel::Kvm => "kvm",
@@ -284,6 +354,15 @@ pub fn domain_xml(config: &VmConfig, name: &str, mount: &Path, accel: Accel) -> 
         }
     }
     line(2, "<serial type='pty'>");
+    if let Some(log) = serial_log {
+        line(
+            3,
+            &format!(
+                "<log file='{}' append='on'/>",
+                escape(&log.to_string_lossy())
+            ),
+        );
+    }
     line(3, "<target port='0'/>");
     line(2, "</serial>");
     line(2, "<console type='pty'>");
@@ -418,6 +497,7 @@ file = "disk.img"
             "guest",
             Path::new("/mnt/isr/guest"),
             Accel::Tcg,
+            Some(Path::new("/run/isr/vm/guest/serial.log")),
         );
         let names = check_well_formed(&xml);
         assert_eq!(names[0], "domain");
@@ -438,11 +518,21 @@ file = "disk.img"
         assert!(!xml.contains("<readonly/>"));
         assert!(!xml.contains("<interface"), "no NICs: {xml}");
         assert!(!xml.contains("<graphics"), "display none: {xml}");
-        assert!(xml.contains("<serial type='pty'>"));
+        assert!(xml.contains(
+            "<serial type='pty'>\n      <log file='/run/isr/vm/guest/serial.log' append='on'/>\n      <target port='0'/>\n    </serial>"
+        ), "{xml}");
         assert!(xml.contains("<console type='pty'>"));
 
-        let kvm = domain_xml(&config(TEST_GUEST), "guest", Path::new("/m"), Accel::Kvm);
+        let kvm = domain_xml(
+            &config(TEST_GUEST),
+            "guest",
+            Path::new("/m"),
+            Accel::Kvm,
+            None,
+        );
         assert!(kvm.starts_with("<domain type='kvm'>"));
+        assert!(!kvm.contains("<log"), "no serial log asked for: {kvm}");
+        assert!(kvm.contains("<serial type='pty'>\n      <target port='0'/>"));
     }
 
     #[test]
@@ -457,8 +547,15 @@ append = "a=\"1\" b='2' & c<3"
 file = "dir with space/d'isk&<x>.img"
 "#,
         );
-        let xml = domain_xml(&cfg, "my<vm>&'\"", Path::new("/mnt/a'b&c"), Accel::Tcg);
+        let xml = domain_xml(
+            &cfg,
+            "my<vm>&'\"",
+            Path::new("/mnt/a'b&c"),
+            Accel::Tcg,
+            Some(Path::new("/run/it's <here>/serial.log")),
+        );
         check_well_formed(&xml);
+        assert!(xml.contains("<log file='/run/it&apos;s &lt;here&gt;/serial.log' append='on'/>"));
         assert!(xml.contains("<name>my&lt;vm&gt;&amp;&apos;&quot;</name>"));
         assert!(xml.contains(
             "<source file='/mnt/a&apos;b&amp;c/dir with space/d&apos;isk&amp;&lt;x&gt;.img'/>"
@@ -491,7 +588,7 @@ file = "d.img"
 interface = "sata"
 "#,
         );
-        let xml = domain_xml(&cfg, "n", Path::new("/p"), Accel::Kvm);
+        let xml = domain_xml(&cfg, "n", Path::new("/p"), Accel::Kvm, None);
         check_well_formed(&xml);
         assert!(xml.contains("<boot dev='hd'/>"));
         assert!(xml.contains("<vcpu>2</vcpu>"));
@@ -542,7 +639,7 @@ mode = "user"
 model = "e1000"
 "#,
         );
-        let xml = domain_xml(&cfg, "n", Path::new("/p"), Accel::Tcg);
+        let xml = domain_xml(&cfg, "n", Path::new("/p"), Accel::Tcg, None);
         check_well_formed(&xml);
         assert_eq!(xml.matches("<interface type='user'>").count(), 2);
         assert_eq!(xml.matches("<backend type='passt'/>").count(), 1);
@@ -566,6 +663,7 @@ model = "e1000"
                 "n",
                 Path::new("/p"),
                 Accel::Tcg,
+                None,
             );
             check_well_formed(&xml);
             xml
@@ -643,5 +741,55 @@ model = "e1000"
         assert!(!is_saved_image(b""));
         assert!(!is_saved_image(&[0u8; 4096]));
         assert!(!is_saved_image(b"QEVM"));
+    }
+
+    #[test]
+    fn domstate_answers_tell_a_stopped_domain() {
+        assert_eq!(
+            domstate_step(SESSION_URI, "g"),
+            ["virsh", "--connect", "qemu:///session", "domstate", "g"]
+        );
+        assert_eq!(
+            destroy_step(SESSION_URI, "g"),
+            ["virsh", "--connect", "qemu:///session", "destroy", "g"]
+        );
+        assert_eq!(stopped_reason(true, "running\n\n", ""), None);
+        assert_eq!(stopped_reason(true, "paused\n", ""), None);
+        assert!(
+            stopped_reason(true, "shut off\n", "")
+                .unwrap()
+                .contains("shut off")
+        );
+        assert!(stopped_reason(true, "crashed\n", "").is_some());
+        // libvirt 9.0's answer for a transient domain whose QEMU has ended.
+        let gone = stopped_reason(false, "", "error: failed to get domain 'g'\n").unwrap();
+        assert!(gone.contains("gone"), "{gone}");
+        // libvirtd unreachable: unknown, not stopped.
+        assert_eq!(
+            stopped_reason(
+                false,
+                "",
+                "error: failed to connect to the hypervisor\nerror: Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory\n"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_leftover_domain_is_recognised_by_its_serial_log() {
+        let log = Path::new("/run/isr/vm/g/serial.log");
+        let xml = domain_xml(
+            &config(TEST_GUEST),
+            "g",
+            Path::new("/m"),
+            Accel::Tcg,
+            Some(log),
+        );
+        assert!(is_started_with(&xml, log));
+        assert!(!is_started_with(&xml, Path::new("/other/vm/g/serial.log")));
+        assert!(!is_started_with(&xml, Path::new("/run/isr/vm/g/serial")));
+        // As `virsh dumpxml` prints it.
+        let dumped = "<serial type='pty'>\n      <source path='/dev/pts/0'/>\n      <log file='/run/isr/vm/g/serial.log' append='on'/>\n";
+        assert!(is_started_with(dumped, log));
     }
 }

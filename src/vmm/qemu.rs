@@ -50,6 +50,10 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// default cap (32 MiB/s) would make a suspend needlessly slow.
 pub const MAX_BANDWIDTH: u64 = 100 * 1024 * 1024 * 1024;
 
+/// A version before [`MAPPED_RAM_SINCE`], for [`save_memory`]/[`load_memory`]
+/// to use a plain migration stream (`exec:cat`) whatever QEMU runs.
+pub const STREAM_ONLY: QemuVersion = QemuVersion { major: 8, minor: 2 };
+
 /// First QEMU version with the `mapped-ram` migration capability.
 pub const MAPPED_RAM_SINCE: QemuVersion = QemuVersion { major: 9, minor: 0 };
 
@@ -736,11 +740,37 @@ impl QemuVm {
             incoming: true,
             ..runtime.clone()
         };
+        let mut vm = QemuVm::start(config, parcel_dir, runtime.clone())?;
+        let what = format!("resuming from {}", memory_image.display());
+        let first = match load_memory(&mut vm.qmp, memory_image, vm.version) {
+            Ok(()) => return Ok(vm),
+            Err(e) if !vm.version.has_mapped_ram() => {
+                let e = QemuError::Migration {
+                    what: what.clone(),
+                    reason: format!(
+                        "{e}; if the image was saved by QEMU 9 or later (mapped-ram), QEMU {} cannot read it: install QEMU >= 9",
+                        vm.version
+                    ),
+                };
+                return Err(vm.fail(what, e));
+            }
+            Err(e) => e,
+        };
+        // Saved by a QEMU before 9 (a migration stream, not mapped-ram): load
+        // it as one, in a fresh QEMU (a failed incoming migration ends QEMU).
+        tracing::info!(error = %first, "not a mapped-ram image; loading it as a migration stream");
+        vm.kill();
         let mut vm = QemuVm::start(config, parcel_dir, runtime)?;
-        if let Err(e) = load_memory(&mut vm.qmp, memory_image, vm.version) {
-            return Err(vm.fail(format!("resuming from {}", memory_image.display()), e));
+        match load_memory(&mut vm.qmp, memory_image, STREAM_ONLY) {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                let e = QemuError::Migration {
+                    what: what.clone(),
+                    reason: format!("neither as mapped-ram ({first}) nor as a stream ({e})"),
+                };
+                Err(vm.fail(what, e))
+            }
         }
-        Ok(vm)
     }
 
     /// Starts QEMU as `runtime` says (booting, or with `-incoming defer` waiting

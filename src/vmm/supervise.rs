@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{DisplayKind, VM_CONFIG_FILE, VmConfig, VmConfigError, VmmKind};
 use super::libvirt::{self, Lifecycle};
-use super::qemu::{QemuError, QemuRuntime, QemuVm};
+use super::qemu::{self, QemuError, QemuRuntime, QemuVm};
 use super::virtualbox::{self, VboxError};
 use crate::config::VmmSettings;
 use crate::error::{Classify, ErrorClass};
@@ -84,6 +84,14 @@ pub enum VmError {
         /// How it ended.
         why: String,
     },
+    /// The memory image is not one this adapter can resume from.
+    #[error("{}: {reason}", path.display())]
+    MemoryImage {
+        /// The memory image in the mount.
+        path: PathBuf,
+        /// What it is and what to do.
+        reason: String,
+    },
     /// A file in the mount could not be read or written.
     #[error("{what}: {source}")]
     Io {
@@ -97,9 +105,10 @@ pub enum VmError {
 impl Classify for VmError {
     fn class(&self) -> ErrorClass {
         match self {
-            VmError::NoConfig { .. } | VmError::Config { .. } | VmError::Vbox(_) => {
-                ErrorClass::Invalid
-            }
+            VmError::NoConfig { .. }
+            | VmError::Config { .. }
+            | VmError::Vbox(_)
+            | VmError::MemoryImage { .. } => ErrorClass::Invalid,
             VmError::Qemu(e) => e.class(),
             VmError::NotInstalled { .. } => ErrorClass::NotFound,
             _ => ErrorClass::Other,
@@ -148,6 +157,30 @@ pub struct VmStatus {
     pub steps: Vec<Vec<String>>,
     /// How it ended, for state `exited`.
     pub exit: Option<String>,
+    /// For state `exited`: true when the guest powered itself off (QEMU exited
+    /// with status 0), false when QEMU failed or was killed.
+    #[serde(default)]
+    pub powered_off: bool,
+}
+
+impl VmStatus {
+    /// The status of a VM being started.
+    pub fn starting(kind: VmmKind) -> VmStatus {
+        VmStatus {
+            kind,
+            state: VmState::Busy,
+            pid: None,
+            serial_log: None,
+            qemu_log: None,
+            qmp_socket: None,
+            vnc: None,
+            resumed_from_memory: false,
+            start_seconds: 0.0,
+            steps: Vec::new(),
+            exit: None,
+            powered_off: false,
+        }
+    }
 }
 
 /// What [`SupervisedVm::suspend`] did.
@@ -183,7 +216,10 @@ pub struct SupervisedVm {
     start_seconds: f64,
     steps: Vec<Vec<String>>,
     exit: Option<String>,
+    powered_off: bool,
     vnc: Option<String>,
+    /// libvirt: when `virsh domstate` was last asked whether the domain runs.
+    libvirt_checked: Option<Instant>,
 }
 
 impl std::fmt::Debug for SupervisedVm {
@@ -275,6 +311,61 @@ fn steps_text(steps: &[Vec<String>]) -> String {
         .join("\n")
 }
 
+/// How often, at most, `virsh domstate` is asked whether a libvirt domain runs.
+const LIBVIRT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Syncs the finished file `partial`, renames it to `dest` and syncs the directory.
+fn sync_and_rename(partial: &Path, dest: &Path) -> Result<(), VmError> {
+    let io = |what: String| move |source| VmError::Io { what, source };
+    std::fs::File::open(partial)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("syncing {}", partial.display())))?;
+    std::fs::rename(partial, dest).map_err(io(format!(
+        "renaming {} to {}",
+        partial.display(),
+        dest.display()
+    )))?;
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io(format!("syncing {}", parent.display())))?;
+    }
+    Ok(())
+}
+
+/// Checks that the memory image `memory` is a libvirt saved image (`virsh
+/// save`). Anything else is refused rather than booted past: it would stay in
+/// the mount beside disks that have moved on.
+fn check_libvirt_image(memory: &Path) -> Result<(), VmError> {
+    use std::io::Read as _;
+    let mut head = Vec::with_capacity(libvirt::SAVE_MAGIC.len());
+    std::fs::File::open(memory)
+        .and_then(|f| {
+            f.take(libvirt::SAVE_MAGIC.len() as u64)
+                .read_to_end(&mut head)
+        })
+        .map_err(|source| VmError::Io {
+            what: format!("reading the memory image {}", memory.display()),
+            source,
+        })?;
+    if libvirt::is_saved_image(&head) {
+        return Ok(());
+    }
+    let what = if head.starts_with(b"QEVM") {
+        "a QEMU memory image (`--vmm qemu` resumes it)"
+    } else if head.starts_with(b"LibvirtQemudPart") {
+        "an incomplete libvirt save (`virsh save` did not finish)"
+    } else {
+        "not a libvirt saved image (`virsh save`)"
+    };
+    Err(VmError::MemoryImage {
+        path: memory.to_owned(),
+        reason: format!(
+            "{what}; libvirt cannot resume from it: resume with the VMM that saved it, or remove the file from the mount to boot the VM from its disks"
+        ),
+    })
+}
+
 /// Runs command lines in order, stopping at the first that fails.
 fn run_steps(steps: &[Vec<String>]) -> Result<(), VmError> {
     for step in steps {
@@ -335,7 +426,9 @@ impl SupervisedVm {
             start_seconds: 0.0,
             steps: Vec::new(),
             exit: None,
+            powered_off: false,
             vnc: None,
+            libvirt_checked: None,
         };
         match kind {
             VmmKind::None => {
@@ -398,18 +491,27 @@ impl SupervisedVm {
         } else {
             libvirt::Accel::Tcg
         };
-        let xml = libvirt::domain_xml(&self.config, &self.parcel, &self.mount, accel);
+        let serial_log = self.libvirt_serial_log();
+        let xml = libvirt::domain_xml(
+            &self.config,
+            &self.parcel,
+            &self.mount,
+            accel,
+            Some(&serial_log),
+        );
         let domain_file = self.dir.join("domain.xml");
         std::fs::write(&domain_file, xml).map_err(|source| VmError::Io {
             what: format!("writing {}", domain_file.display()),
             source,
         })?;
-        let mut head = [0u8; 16];
-        let restore = has_memory
-            && std::fs::File::open(memory)
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-                .is_ok()
-            && libvirt::is_saved_image(&head);
+        // A memory image is resumed from (`virsh restore`), or refused.
+        let restore = has_memory;
+        if restore {
+            check_libvirt_image(memory)?;
+        }
+        if installed("virsh") {
+            self.destroy_leftover_domain(&serial_log);
+        }
         let step = if restore {
             Lifecycle::Restore
         } else {
@@ -488,8 +590,22 @@ impl SupervisedVm {
             && let Some(status) = qemu.exit_status()
         {
             self.state = VmState::Exited;
-            self.exit = Some(format!("QEMU exited ({status})"));
+            self.powered_off = status.success();
+            self.exit = Some(if status.success() {
+                "the guest powered off (QEMU exited with status 0)".to_owned()
+            } else {
+                format!("QEMU exited ({status})")
+            });
             let _ = std::fs::remove_file(pid_file(&self.dir));
+        }
+        if self.state == VmState::Running
+            && self.kind == VmmKind::Libvirt
+            && matches!(self.runner, Runner::External { executed: true })
+            && self
+                .libvirt_checked
+                .is_none_or(|at| at.elapsed() >= LIBVIRT_POLL)
+        {
+            self.check_libvirt_domain();
         }
         self.state
     }
@@ -507,7 +623,12 @@ impl SupervisedVm {
                     Some(runtime.qmp_socket()),
                 )
             }
-            Runner::External { .. } => (None, None, None, None),
+            Runner::External { .. } => (
+                None,
+                (self.kind == VmmKind::Libvirt).then(|| self.libvirt_serial_log()),
+                None,
+                None,
+            ),
         };
         let vnc = match (self.config.display.kind, self.config.display.vnc_port) {
             (DisplayKind::Vnc, _) if self.vnc.is_some() => self.vnc.clone(),
@@ -526,6 +647,7 @@ impl SupervisedVm {
             start_seconds: self.start_seconds,
             steps: self.steps.clone(),
             exit: self.exit.clone(),
+            powered_off: self.powered_off,
         }
     }
 
@@ -576,11 +698,11 @@ impl SupervisedVm {
                 }
                 let _ = std::fs::remove_file(pid_file(&self.dir));
             }
+            Runner::External { .. } if self.kind == VmmKind::Libvirt => {
+                self.libvirt_save(&memory)?;
+            }
             Runner::External { .. } => {
-                self.steps = match self.kind {
-                    VmmKind::Libvirt => self.libvirt_suspend_steps(&memory),
-                    _ => virtualbox::vboxmanage_suspend_steps(&self.parcel),
-                };
+                self.steps = virtualbox::vboxmanage_suspend_steps(&self.parcel);
                 run_steps(&self.steps)?;
             }
         }
@@ -602,19 +724,85 @@ impl SupervisedVm {
         )
     }
 
+    /// libvirt: where the domain's serial console is logged (see
+    /// [`libvirt::domain_xml`]), as the QEMU adapter's `serial.log`.
+    fn libvirt_serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+
+    /// libvirt: `virsh save` into a partial file beside the memory image, which
+    /// is synced and renamed into place once the save has finished, as the QEMU
+    /// adapter does. On failure the partial file is removed and libvirt is asked
+    /// whether the domain still runs (libvirt resumes it after a failed save).
+    fn libvirt_save(&mut self, memory: &Path) -> Result<(), VmError> {
+        let partial = qemu::partial_name(memory);
+        let _ = std::fs::remove_file(&partial);
+        self.steps = self.libvirt_suspend_steps(&partial);
+        let result = run_steps(&self.steps).and_then(|()| sync_and_rename(&partial, memory));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&partial);
+            self.check_libvirt_domain();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// libvirt: asks `virsh domstate` whether the domain still runs; notes its
+    /// end (state [`VmState::Exited`]) when it does not.
+    fn check_libvirt_domain(&mut self) {
+        self.libvirt_checked = Some(Instant::now());
+        let step = libvirt::domstate_step(&self.settings.libvirt_uri, &self.parcel);
+        let Ok(output) = Command::new(&step[0])
+            .args(&step[1..])
+            .stdin(std::process::Stdio::null())
+            .output()
+        else {
+            return;
+        };
+        if let Some(why) = libvirt::stopped_reason(
+            output.status.success(),
+            &String::from_utf8_lossy(&output.stdout),
+            &String::from_utf8_lossy(&output.stderr),
+        ) {
+            self.state = VmState::Exited;
+            self.exit = Some(why);
+        }
+    }
+
+    /// libvirt: destroys a domain of this name that an earlier isrfsd (killed
+    /// itself) started from this runtime directory and left running: its disks
+    /// are in a mount that is gone. A domain of the same name started by anyone
+    /// else is left alone (`virsh create` then says the name is taken).
+    fn destroy_leftover_domain(&self, serial_log: &Path) {
+        let uri = &self.settings.libvirt_uri;
+        let step = libvirt::dumpxml_step(uri, &self.parcel);
+        let Ok(output) = Command::new(&step[0])
+            .args(&step[1..])
+            .stdin(std::process::Stdio::null())
+            .output()
+        else {
+            return;
+        };
+        if output.status.success()
+            && libvirt::is_started_with(&String::from_utf8_lossy(&output.stdout), serial_log)
+        {
+            tracing::warn!(parcel = %self.parcel, "destroying a libvirt domain left running by an earlier isrfsd");
+            if let Err(e) = run_steps(&[libvirt::destroy_step(uri, &self.parcel)]) {
+                tracing::warn!(parcel = %self.parcel, error = %e, "destroying the leftover domain failed");
+            }
+        }
+    }
+
     /// Stops the VM at once, without saving it (discard, or a failed start).
     pub fn kill(&mut self) {
         match &mut self.runner {
             Runner::Qemu(qemu) => qemu.kill(),
             Runner::External { executed: true } if self.state == VmState::Running => {
                 let stop = match self.kind {
-                    VmmKind::Libvirt => vec![vec![
-                        "virsh".to_owned(),
-                        "--connect".to_owned(),
-                        self.settings.libvirt_uri.clone(),
-                        "destroy".to_owned(),
-                        self.parcel.clone(),
-                    ]],
+                    VmmKind::Libvirt => vec![libvirt::destroy_step(
+                        &self.settings.libvirt_uri,
+                        &self.parcel,
+                    )],
                     _ => vec![
                         vec![
                             virtualbox::VBOXMANAGE.to_owned(),
@@ -725,6 +913,55 @@ mod tests {
         assert!(
             error.to_string().contains("controlvm vbox savestate"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn libvirt_resumes_only_from_its_own_saved_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("memory.img");
+        std::fs::write(&image, b"LibvirtQemudSave\x02\0\0\0rest").unwrap();
+        check_libvirt_image(&image).unwrap();
+        for (head, says) in [
+            (&b"QEVM\0\0\0\x03"[..], "--vmm qemu"),
+            (b"LibvirtQemudPart\x02\0\0\0", "incomplete"),
+            (b"Libvirt", "not a libvirt saved image"),
+        ] {
+            std::fs::write(&image, head).unwrap();
+            let error = check_libvirt_image(&image).unwrap_err();
+            assert!(error.to_string().contains(says), "{error}");
+            assert_eq!(error.class(), ErrorClass::Invalid);
+        }
+
+        // Before running anything: the domain XML is written (console logged in
+        // the runtime directory), the foreign image refused and left alone.
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        std::fs::write(
+            mount.join(VM_CONFIG_FILE),
+            "vmm = \"libvirt\"\nmemory = 64\n[[disk]]\nfile = \"disk.img\"\n",
+        )
+        .unwrap();
+        std::fs::write(mount.join("disk.img"), [0u8; 4096]).unwrap();
+        std::fs::write(mount.join("memory.img"), b"QEVM\0\0\0\x03").unwrap();
+        let run = dir.path().join("run");
+        let error = SupervisedVm::start(
+            "lv",
+            VmmKind::Libvirt,
+            &mount,
+            &run,
+            &VmmSettings::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(error, VmError::MemoryImage { .. }), "{error}");
+        assert!(mount.join("memory.img").exists());
+        let xml = std::fs::read_to_string(run.join("domain.xml")).unwrap();
+        assert!(
+            xml.contains(&format!(
+                "<log file='{}' append='on'/>",
+                run.join("serial.log").display()
+            )),
+            "{xml}"
         );
     }
 
