@@ -329,6 +329,14 @@ pub struct SessionStatus {
     pub vm: Option<crate::vmm::supervise::VmStatus>,
 }
 
+/// Detaches the mount at `mount` if it is dead: the FUSE mount of a daemon that
+/// was killed answers ENOTCONN to everything until it is unmounted.
+pub fn detach_dead_mount(mount: &Path) {
+    if std::fs::metadata(mount).is_err() {
+        let _ = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Downloads every chunk of `base` into the cache and waits (`isrctl hoard`):
 /// afterwards the session works with the store unreachable.
 pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fetch::FetchError> {

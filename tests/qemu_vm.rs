@@ -440,11 +440,17 @@ fn exec_cat_migration_for_qemu_before_9() {
     let third = runtime(dir.path(), "run-3");
     let mut vm = QemuVm::resume_from(&config, &parcel, &third, &image2)
         .unwrap_or_else(|e| panic!("resume a stream image: {e}; {}", output(&third)));
-    let lines = wait_for(&mut vm, "counting after a cross-version resume", RUN_LIMIT, |l| {
-        !counters(l).is_empty()
-    });
+    let lines = wait_for(
+        &mut vm,
+        "counting after a cross-version resume",
+        RUN_LIMIT,
+        |l| !counters(l).is_empty(),
+    );
     let seen = counters(&lines);
-    assert!(seen[0].0 > last && seen[0].0 <= last + 2, "{seen:?} after n={last}");
+    assert!(
+        seen[0].0 > last && seen[0].0 <= last + 2,
+        "{seen:?} after n={last}"
+    );
     assert_eq!(seen[0].1, boot, "the same boot");
     vm.kill();
 }

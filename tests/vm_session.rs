@@ -683,3 +683,35 @@ fn virtualbox_gets_vmdk_descriptors_in_the_mount_and_its_steps() {
     let v2 = env.manifest(name, 2);
     assert!(has_file(&v2, "disk.vmdk"));
 }
+
+#[test]
+fn discard_after_isrfsd_died_stops_the_vm_and_detaches_the_mount() {
+    let env = Env::local();
+    let name = "orphan";
+    import_guest(&env, name, &[]);
+    let answer = resume(&env, name);
+    let mount = PathBuf::from(answer["mount"].as_str().unwrap());
+    let qemu = answer["vm"]["pid"].as_i64().unwrap() as i32;
+    count_on(&env, name, 0, 1);
+    env.kill_daemon();
+    assert!(
+        std::fs::metadata(&mount).is_err(),
+        "the killed daemon's mount is dead"
+    );
+    env.ok(&["discard", name]);
+    assert!(
+        support::wait_for_exit(qemu),
+        "discard stops the orphaned QEMU"
+    );
+    assert!(
+        std::fs::metadata(&mount).is_ok(),
+        "the dead mount is detached"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains(mount.to_str().unwrap()), "{mounts}");
+    // The lock is released: another machine can resume it.
+    let other = env.another_machine();
+    let answer = resume(&other, name);
+    assert_eq!(answer["vm"]["resumed_from_memory"], false);
+    other.ok(&["discard", name]);
+}

@@ -941,10 +941,17 @@ async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCod
             Err(e) => return Err(e.into()),
         }
     }
-    // No daemon holds it: remove what a killed daemon left behind.
+    // No daemon holds it: remove what a killed daemon left behind: its VM,
+    // its dead mount, the lock, the session state.
     let Some(record) = isr::session::read_record(&context.config.state_dir, name)? else {
         return Err(isr::session::SessionError::NotResumed(name.to_owned()).into());
     };
+    isr::vmm::supervise::stop_leftovers(
+        name,
+        &context.config.runtime_dir.join("vm").join(name),
+        &context.config.vmm,
+    );
+    isr::session::detach_dead_mount(&record.mount);
     let store = context.store()?;
     match isr::session::check_lock(&store, &record).await {
         Ok(()) => {

@@ -605,10 +605,7 @@ impl Daemon {
         };
         let store = store::open(&reopen.store.url, &reopen.store.s3, reopen.store.retry)
             .map_err(|e| error_response(e.class(), e.to_string()))?;
-        if std::fs::metadata(&record.mount).is_err() {
-            // A mount left by a killed daemon answers ENOTCONN: detach it.
-            let _ = nix::mount::umount2(&record.mount, nix::mount::MntFlags::MNT_DETACH);
-        }
+        isr::session::detach_dead_mount(&record.mount);
         if record.checked_in {
             let version = self
                 .runtime
@@ -682,10 +679,7 @@ impl Daemon {
             Err(e) => return error_response(e.class(), e.to_string()),
         };
         let mount = session.record().mount.clone();
-        if std::fs::metadata(&mount).is_err() {
-            // A mount left by a killed daemon answers ENOTCONN: detach it first.
-            let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
-        }
+        isr::session::detach_dead_mount(&mount);
         if let Err(e) = std::fs::create_dir_all(&mount) {
             return error_response(
                 ErrorClass::Other,

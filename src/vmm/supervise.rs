@@ -294,6 +294,45 @@ fn kill_leftover_qemu(dir: &Path) {
     let _ = std::fs::remove_file(pid_file(dir));
 }
 
+/// libvirt: destroys a domain named `parcel` that an earlier isrfsd (killed
+/// itself) started from this runtime directory (its console logs to
+/// `serial_log`) and left running: its disks are in a mount that is gone. A
+/// domain of the same name started by anyone else is left alone (`virsh
+/// create` then says the name is taken).
+fn destroy_leftover_domain(uri: &str, parcel: &str, serial_log: &Path) {
+    if !installed("virsh") {
+        return;
+    }
+    let step = libvirt::dumpxml_step(uri, parcel);
+    let Ok(output) = Command::new(&step[0])
+        .args(&step[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    if output.status.success()
+        && libvirt::is_started_with(&String::from_utf8_lossy(&output.stdout), serial_log)
+    {
+        tracing::warn!(
+            parcel,
+            "destroying a libvirt domain left running by an earlier isrfsd"
+        );
+        if let Err(e) = run_steps(&[libvirt::destroy_step(uri, parcel)]) {
+            tracing::warn!(parcel, error = %e, "destroying the leftover domain failed");
+        }
+    }
+}
+
+/// Stops whatever VM an earlier isrfsd (killed itself) left running for
+/// `parcel` from the VM runtime directory `dir` (`<runtime dir>/vm/NAME`): a
+/// QEMU it started, or a libvirt domain it created. For clean-up after a
+/// crash (`isrctl discard` without a daemon); a new start does the same.
+pub fn stop_leftovers(parcel: &str, dir: &Path, settings: &VmmSettings) {
+    kill_leftover_qemu(dir);
+    destroy_leftover_domain(&settings.libvirt_uri, parcel, &dir.join("serial.log"));
+}
+
 /// Whether `program` is found on `PATH` (or is an existing path).
 pub fn installed(program: &str) -> bool {
     if program.contains('/') {
@@ -510,7 +549,7 @@ impl SupervisedVm {
             check_libvirt_image(memory)?;
         }
         if installed("virsh") {
-            self.destroy_leftover_domain(&serial_log);
+            destroy_leftover_domain(&self.settings.libvirt_uri, &self.parcel, &serial_log);
         }
         let step = if restore {
             Lifecycle::Restore
@@ -766,30 +805,6 @@ impl SupervisedVm {
         ) {
             self.state = VmState::Exited;
             self.exit = Some(why);
-        }
-    }
-
-    /// libvirt: destroys a domain of this name that an earlier isrfsd (killed
-    /// itself) started from this runtime directory and left running: its disks
-    /// are in a mount that is gone. A domain of the same name started by anyone
-    /// else is left alone (`virsh create` then says the name is taken).
-    fn destroy_leftover_domain(&self, serial_log: &Path) {
-        let uri = &self.settings.libvirt_uri;
-        let step = libvirt::dumpxml_step(uri, &self.parcel);
-        let Ok(output) = Command::new(&step[0])
-            .args(&step[1..])
-            .stdin(std::process::Stdio::null())
-            .output()
-        else {
-            return;
-        };
-        if output.status.success()
-            && libvirt::is_started_with(&String::from_utf8_lossy(&output.stdout), serial_log)
-        {
-            tracing::warn!(parcel = %self.parcel, "destroying a libvirt domain left running by an earlier isrfsd");
-            if let Err(e) = run_steps(&[libvirt::destroy_step(uri, &self.parcel)]) {
-                tracing::warn!(parcel = %self.parcel, error = %e, "destroying the leftover domain failed");
-            }
         }
     }
 
