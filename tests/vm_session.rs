@@ -494,6 +494,19 @@ fn guest_trim_turns_chunks_into_zero_chunks_that_are_not_uploaded() {
         "the trimmed data is not uploaded again: {rewritten_bytes} bytes"
     );
     assert!(stored(&v3) + 7 * (1 << 20) < stored(&v2));
+
+    // `isrctl info --files` shows the same per file.
+    let info = env.json(&["info", "--files", name]);
+    let files = info["files"].as_array().unwrap();
+    let disk = files.iter().find(|f| f["path"] == "disk.img").unwrap();
+    assert_eq!(
+        disk["stored_bytes"].as_u64().unwrap(),
+        stored(&v3),
+        "{disk}"
+    );
+    assert_eq!(disk["zero_chunks"].as_u64().unwrap() as usize, zeros3);
+    assert!(files.iter().any(|f| f["path"] == "memory.img"));
+    assert!(env.json(&["info", name]).get("files").is_none());
 }
 
 /// Waits (liveness guard) for a child process to end; returns its output.

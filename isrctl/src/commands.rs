@@ -58,6 +58,16 @@ pub struct NameArgs {
     name: String,
 }
 
+/// `isrctl info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Parcel name.
+    name: String,
+    /// Also list the newest version's files: size, chunks, zero chunks, stored bytes.
+    #[arg(long)]
+    files: bool,
+}
+
 /// `isrctl export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -209,7 +219,7 @@ pub async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<Exit
     let result = match command {
         Command::Import(args) => import(&context, args).await,
         Command::Ls => ls(&context).await,
-        Command::Info(args) => info(&context, &args.name).await,
+        Command::Info(args) => info(&context, args).await,
         Command::History(args) => history(&context, &args.name).await,
         Command::Export(args) => export(&context, args).await,
         Command::Verify(args) => verify(&context, args).await,
@@ -419,11 +429,63 @@ struct ParcelInfo {
     keyslots: usize,
     lock: Option<parcel::LockRecord>,
     versions: Vec<VersionListing>,
+    /// With `--files`: the newest version's files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files: Option<Vec<FileListing>>,
 }
 
-async fn info(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
+/// One file of a version (`isrctl info --files`).
+#[derive(serde::Serialize)]
+struct FileListing {
+    path: String,
+    size: u64,
+    chunks: u64,
+    zero_chunks: u64,
+    /// Stored (compressed, encrypted) bytes of the file's distinct chunks.
+    stored_bytes: u64,
+}
+
+fn file_listings(manifest: &Manifest) -> Vec<FileListing> {
+    manifest
+        .files()
+        .map(|(path, size, chunks)| {
+            let mut distinct = HashSet::new();
+            let mut stored_bytes = 0;
+            let mut zero_chunks = 0;
+            for chunk in chunks {
+                match chunk {
+                    ChunkRef::Zero => zero_chunks += 1,
+                    ChunkRef::Stored {
+                        tag, stored_len, ..
+                    } => {
+                        if distinct.insert(*tag) {
+                            stored_bytes += u64::from(*stored_len);
+                        }
+                    }
+                }
+            }
+            FileListing {
+                path: path.to_owned(),
+                size,
+                chunks: chunks.len() as u64,
+                zero_chunks,
+                stored_bytes,
+            }
+        })
+        .collect()
+}
+
+async fn info(context: &CommandContext, args: InfoArgs) -> anyhow::Result<ExitCode> {
+    let name = args.name.as_str();
     let store = context.store()?;
     let parcel = context.open_parcel(&store, name).await?;
+    let versions = version_listings(&store, &parcel).await?;
+    let files = match versions.last() {
+        Some(newest) if args.files => Some(file_listings(
+            &parcel::read_manifest(&store, &parcel, newest.version).await?,
+        )),
+        _ => None,
+    };
     let info = ParcelInfo {
         name: name.to_owned(),
         store: store.url().to_owned(),
@@ -432,7 +494,8 @@ async fn info(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> 
         created: parcel.record.created.clone(),
         keyslots: parcel::read_keyslots(&store, name).await?.len(),
         lock: parcel::read_lock(&store, name).await?,
-        versions: version_listings(&store, &parcel).await?,
+        versions,
+        files,
     };
     if context.global.json {
         output::json(&info)?;
@@ -474,6 +537,23 @@ async fn info(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> 
         ],
         &rows,
     );
+    if let (Some(files), Some(newest)) = (&info.files, info.versions.last()) {
+        println!();
+        println!("files of version {}:", newest.version);
+        let rows: Vec<Vec<String>> = files
+            .iter()
+            .map(|f| {
+                vec![
+                    f.path.clone(),
+                    output::bytes(f.size),
+                    f.chunks.to_string(),
+                    f.zero_chunks.to_string(),
+                    output::bytes(f.stored_bytes),
+                ]
+            })
+            .collect();
+        output::table(&["FILE", "SIZE", "CHUNKS", "ZERO", "STORED"], &rows);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

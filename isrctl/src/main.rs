@@ -95,8 +95,8 @@ enum Command {
     Import(commands::ImportArgs),
     /// List the parcels in the store with their newest version and lock holder.
     Ls,
-    /// Show a parcel's record, lock and versions with sizes and dates.
-    Info(commands::NameArgs),
+    /// Show a parcel's record, lock and versions with sizes and dates (--files: per file).
+    Info(commands::InfoArgs),
     /// Show a parcel's versions: date, host, parent, new bytes, message.
     History(commands::NameArgs),
     /// Rebuild a version's files byte for byte into a new or empty directory.
