@@ -308,3 +308,21 @@ fn unreachable_stores_fail_with_exit_6_after_retrying() {
         "nothing written when the store is unreachable"
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_isrctl_quietly_like_sigpipe() {
+    let env = Env::local();
+    env.import_files("vm", &[("disk.img", vec![7u8; 4096])]);
+    let mut child = env
+        .isrctl()
+        .args(["info", "vm"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // like `isrctl info vm | head -0`
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
