@@ -11,7 +11,8 @@
 //!   a file, quit) and resume (load the file into a QEMU started with
 //!   `-incoming defer`, then `cont`). QEMU 9 and later use a `file:` URI with the
 //!   `mapped-ram` capability (RAM at fixed offsets: a sparse image whose unchanged
-//!   pages stay at the same place from one suspend to the next); older QEMU
+//!   pages stay at the same place from one suspend to the next) and `multifd`
+//!   ([`MULTIFD_CHANNELS`]: large writes instead of one per page); older QEMU
 //!   streams through `exec:cat`.
 //! - [`QemuVm`]: a supervised QEMU process: [`QemuVm::boot`],
 //!   [`QemuVm::resume_from`], [`QemuVm::suspend_to`], [`QemuVm::kill`].
@@ -53,6 +54,13 @@ pub const MAX_BANDWIDTH: u64 = 100 * 1024 * 1024 * 1024;
 /// A version before [`MAPPED_RAM_SINCE`], for [`save_memory`]/[`load_memory`]
 /// to use a plain migration stream (`exec:cat`) whatever QEMU runs.
 pub const STREAM_ONLY: QemuVersion = QemuVersion { major: 8, minor: 2 };
+
+/// Migration channels with mapped-ram. Without multifd, QEMU writes the image one
+/// 4 KiB page per `pwritev` (23,000 writes for the test guest, each a FUSE request
+/// when the image is in the mount: 2.0 s); with it, in batches of contiguous
+/// pages (1,200 writes: 1.0 s). The file is the same either way, so an image saved
+/// with multifd loads without it and back (tested across machines).
+pub const MULTIFD_CHANNELS: u64 = 2;
 
 /// First QEMU version with the `mapped-ram` migration capability.
 pub const MAPPED_RAM_SINCE: QemuVersion = QemuVersion { major: 9, minor: 0 };
@@ -569,7 +577,14 @@ fn set_migration_options(qmp: &mut Qmp, version: QemuVersion) -> Result<(), Qemu
     if version.has_mapped_ram() {
         qmp.execute(
             "migrate-set-capabilities",
-            Some(json!({ "capabilities": [{ "capability": "mapped-ram", "state": true }] })),
+            Some(json!({ "capabilities": [
+                { "capability": "mapped-ram", "state": true },
+                { "capability": "multifd", "state": true },
+            ] })),
+        )?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "multifd-channels": MULTIFD_CHANNELS })),
         )?;
     }
     Ok(())
