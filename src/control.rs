@@ -219,6 +219,9 @@ pub enum Response {
         /// The VM started from the mount, if any.
         #[serde(default)]
         vm: Option<Box<VmStatus>>,
+        /// Things the user should know (e.g. a `vm.toml` that describes no VM).
+        #[serde(default)]
+        warnings: Vec<String>,
     },
     /// Session counters.
     Status {

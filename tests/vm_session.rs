@@ -728,3 +728,25 @@ fn discard_after_isrfsd_died_stops_the_vm_and_detaches_the_mount() {
     assert_eq!(answer["vm"]["resumed_from_memory"], false);
     other.ok(&["discard", name]);
 }
+
+#[test]
+fn a_vm_toml_that_describes_no_vm_only_mounts_with_a_warning() {
+    Env::require_fuse();
+    let env = Env::local();
+    let name = "oldstyle";
+    env.import_files(name, &[("vm.toml", "[vm]\nmemory = \"512M\"\n")]);
+    let output = env.run(&["--json", "resume", name]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(answer["vm"].is_null(), "{answer}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("only mounted"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("vmm"), "names the missing field: {stderr}");
+    // Asked for explicitly, it is an error (the parcel stays mounted).
+    let stderr = env.fails(&["resume", "--vmm", "qemu", name], 2);
+    assert!(stderr.contains("did not start"), "{stderr}");
+    env.ok(&["discard", name]);
+}

@@ -768,6 +768,7 @@ async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Result<Ex
         mount,
         reattached,
         vm,
+        warnings,
     } = response
     else {
         anyhow::bail!("isrfsd answered resume with {response:?}");
@@ -778,9 +779,13 @@ async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Result<Ex
         ))
         .into());
     }
+    for warning in &warnings {
+        eprintln!("isrctl: warning: {warning}");
+    }
     if context.global.json {
         output::json(&serde_json::json!({
             "parcel": name, "mount": mount, "reattached": reattached, "vm": vm,
+            "warnings": warnings,
         }))?;
     } else {
         if reattached {

@@ -445,7 +445,7 @@ impl Daemon {
         &self,
         parcel: &str,
         requested: Option<VmmKind>,
-    ) -> Result<Option<VmStatus>, Response> {
+    ) -> Result<(Option<VmStatus>, Vec<String>), Response> {
         let Some((slot, mount)) = self
             .sessions
             .lock()
@@ -453,7 +453,7 @@ impl Daemon {
             .get(parcel)
             .map(|m| (m.vm.clone(), m.session.record().mount.clone()))
         else {
-            return Ok(None);
+            return Ok((None, Vec::new()));
         };
         let fail = |e: supervise::VmError| {
             error_response(
@@ -464,20 +464,33 @@ impl Daemon {
                 ),
             )
         };
+        let mut warnings = Vec::new();
         let mut kind = slot.kind.lock().expect("vm kind");
         let chosen = match (requested, *kind) {
             (Some(k), _) | (None, Some(k)) => k,
-            (None, None) => supervise::chosen_kind(parcel, None, &mount).map_err(fail)?,
+            (None, None) => match supervise::chosen_kind(parcel, None, &mount) {
+                Ok(k) => k,
+                // Nobody asked for a VM: a vm.toml that describes none is
+                // not fatal (the parcel may predate VMs); the next resume
+                // reads it again.
+                Err(e) => {
+                    warnings.push(format!(
+                        "{e}: {parcel} is only mounted; fix vm.toml and run `isrctl resume {parcel}` again to start its VM"
+                    ));
+                    *slot.summary.lock().expect("vm summary") = None;
+                    return Ok((None, warnings));
+                }
+            },
         };
         *kind = Some(chosen);
         let mut guard = slot.vm.lock().expect("vm lock");
         if let Some(vm) = guard.as_mut()
             && matches!(vm.state(), VmState::Running | VmState::Handed)
         {
-            return Ok(Some(slot.remember(vm)));
+            return Ok((Some(slot.remember(vm)), warnings));
         }
         if chosen == VmmKind::None {
-            return Ok(guard.as_mut().map(|vm| slot.remember(vm)));
+            return Ok((guard.as_mut().map(|vm| slot.remember(vm)), warnings));
         }
         let dir = self.runtime_dir.join("vm").join(parcel);
         *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(chosen));
@@ -489,7 +502,7 @@ impl Daemon {
         let status = slot.remember(&mut vm);
         tracing::info!(parcel, vmm = %chosen, from_memory = status.resumed_from_memory, seconds = status.start_seconds, "VM started");
         *guard = Some(vm);
-        Ok(Some(status))
+        Ok((Some(status), warnings))
     }
 
     fn live_session(&self, parcel: &str) -> Option<Arc<Session>> {
@@ -646,10 +659,11 @@ impl Daemon {
             .map(|m| m.session.record().mount.clone());
         if let Some(mount) = existing {
             return match self.ensure_vm(&parcel.name, vmm) {
-                Ok(vm) => Response::Resumed {
+                Ok((vm, warnings)) => Response::Resumed {
                     mount,
                     reattached: true,
                     vm: vm.map(Box::new),
+                    warnings,
                 },
                 Err(response) => response,
             };
@@ -721,10 +735,11 @@ impl Daemon {
                     },
                 );
                 match self.ensure_vm(&parcel.name, vmm) {
-                    Ok(vm) => Response::Resumed {
+                    Ok((vm, warnings)) => Response::Resumed {
                         mount,
                         reattached: reattaching,
                         vm: vm.map(Box::new),
+                        warnings,
                     },
                     Err(response) => response,
                 }
