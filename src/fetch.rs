@@ -65,6 +65,10 @@ pub struct FetchSettings {
     pub initial_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
+    /// How long a chunk a manifest references may answer "not found" before
+    /// its readers are told it is missing (a store that is restarting, or an
+    /// eventually consistent one, says so for a while).
+    pub missing_after: Duration,
 }
 
 impl Default for FetchSettings {
@@ -75,6 +79,7 @@ impl Default for FetchSettings {
             give_up_after: Duration::from_secs(300),
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            missing_after: Duration::from_secs(15),
         }
     }
 }
@@ -402,7 +407,7 @@ async fn dispatch(inner: Arc<Inner>) {
 }
 
 /// Downloads one chunk with retries, verifies it and puts it in the cache.
-/// How many "not found" answers make a chunk missing.
+/// How many "not found" answers (at least, over `missing_after`) make a chunk missing.
 const NOT_FOUND_ATTEMPTS: u32 = 3;
 
 async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
@@ -410,6 +415,7 @@ async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
     let started = Instant::now();
     let mut backoff = inner.settings.initial_backoff;
     let mut not_found_answers = 0u32;
+    let mut first_not_found: Option<Instant> = None;
     loop {
         let error = match inner.store.get(&key).await {
             Ok(bytes) => {
@@ -445,14 +451,19 @@ async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
             // A chunk a manifest references should exist: a store that is
             // still starting (SeaweedFS loading its volumes) or an eventually
             // consistent one can answer 404 for a moment, so ask again a few
-            // times before telling readers it is missing.
-            Err(StoreError::NotFound { .. }) if not_found_answers + 1 >= NOT_FOUND_ATTEMPTS => {
+            // times, over `missing_after`, before telling readers it is missing.
+            Err(StoreError::NotFound { .. })
+                if not_found_answers + 1 >= NOT_FOUND_ATTEMPTS
+                    && first_not_found
+                        .is_some_and(|t| t.elapsed() >= inner.settings.missing_after) =>
+            {
                 return Err(FetchError::Missing { tag });
             }
             Err(e) => e,
         };
         if error.is_not_found() {
             not_found_answers += 1;
+            first_not_found.get_or_insert_with(Instant::now);
         }
         let retryable = matches!(
             error,
@@ -547,6 +558,7 @@ mod tests {
             give_up_after: Duration::from_secs(5),
             initial_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(20),
+            missing_after: Duration::from_millis(50),
         }
     }
 
