@@ -374,6 +374,14 @@ fn stats_and_chunk_maps_are_readable_inside_the_mount() {
     assert_eq!(stats["parcel"], "vm");
     assert_eq!(stats["chunks_total"], 3);
     let maps = std::fs::read_to_string(mount.join(".isr/chunks")).unwrap();
+    // Closing them succeeds too (`cat` reports an error from close).
+    for file in [".isr/chunks", ".isr/stats"] {
+        let cat = std::process::Command::new("cat")
+            .arg(mount.join(file))
+            .output()
+            .unwrap();
+        assert!(cat.status.success(), "cat {file}: {cat:?}");
+    }
     assert_eq!(maps.trim(), "disk.img: DLL", "{maps}");
     let names: Vec<String> = std::fs::read_dir(mount.join(".isr"))
         .unwrap()
