@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The side-by-side benchmark harness (issue #6): every figure next to a baseline
+# measured in the same run, medians of RUNS runs, as one markdown table.
+#
+#   sudo bash benches/harness.sh              # all sections, RUNS=3, PROFILE=wan
+#   SECTIONS="mount vm" sudo bash benches/harness.sh
+#
+# Sections (each a script beside this one, usable alone; they print ROW lines,
+# see benches/lib.sh):
+#   import     isrctl import of a 1 GiB disk-like image vs cat, zstd -3 -T0 and
+#              casync make on the same file (benches/peers.sh)
+#   mount      warm sequential and 4 KiB random reads vs native and bindfs;
+#              isrfsd peak RSS for a 16 GiB image (benches/mount.sh)
+#   link       cold sequential read over the link vs its rate; casync mount and
+#              QEMU copy-on-read over HTTP behind the same link (benches/link-read.sh)
+#   vm         the test guest's resume-to-running over the link, cold and warm;
+#              demand latency under prefetch load (benches/vm-link.sh)
+#   checkin    bytes a checkin uploads vs the ideal (examples/checkin-bench.sh)
+# Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
+# Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
+# nothing here passes or fails on a number.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/lib.sh
+sections=${SECTIONS:-import mount link vm checkin}
+export RUNS=${RUNS:-3} PROFILE=${PROFILE:-wan}
+
+bash .ci/install-deps.sh --without-libvirt >&2
+missing=()
+for t in bindfs fio casync iptables; do command -v "$t" >/dev/null || missing+=("$t"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get install -y -qq "${missing[@]}" >&2 || { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >&2; }
+fi
+scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+export PATH="$scripts:$PATH"
+cargo build --release --quiet -p isrctl -p isrfsd >&2 && cargo build --release --quiet -p isr --example delay_proxy --example qemu_baseline >&2
+
+rows=$(mktemp); trap 'rm -f "$rows"' EXIT
+import_section() {
+  local work; work=$(mktemp -d "${TMPDIR:-/tmp}/isr-import.XXXXXX")
+  # A disk-like image: a quarter each random, zeros, text, one repeated block.
+  python3 - "$work/disk.img" <<'PY'
+import os, sys
+q = 256 << 20
+with open(sys.argv[1], "wb") as f:
+    f.write(os.urandom(q)); f.seek(2 * q)
+    line = b"isr import benchmark: some compressible text, line after line\n"
+    f.write((line * (q // len(line) + 1))[:q])
+    f.write((os.urandom(4096) * (q // 4096)))
+PY
+  mkdir -p "$work/src"; mv "$work/disk.img" "$work/src/"
+  printf '[kdf]\nmemory_kib = 1024\niterations = 1\n' > "$work/config.toml"
+  cat "$work/src/disk.img" > /dev/null
+  local t=()
+  for r in $(seq "$RUNS"); do
+    local t0 t1
+    t0=$(now)
+    ISR_CONFIG=$work/config.toml ISR_PASSPHRASE=bench ISR_STORE=$work/store$r "$bin/isrctl" import vm "$work/src" > /dev/null
+    t1=$(now)
+    t+=("$(python3 -c "print(f'{(1 << 30) / 1e6 / ($t1 - $t0):.0f}')")")
+  done
+  local isr; isr=$(printf '%s\n' "${t[@]}" | median)
+  PEERS=import RUNS=$RUNS bash benches/peers.sh "$work/src/disk.img" > "$work/peers.tsv" 2> "$work/peers.err" || tail "$work/peers.err" >&2
+  local f
+  for f in cat zstd3 casync_make; do
+    local v; v=$(awk -F'\t' -v f="import.$f" '$1 == f {print $2}' "$work/peers.tsv")
+    local label; case $f in cat) label="cat";; zstd3) label="zstd -3 -T0";; casync_make) label="casync make";; esac
+    [ -n "$v" ] && row "import of a 1 GiB disk image, MB/s" "$isr" MB/s "$label" "$v" ""
+  done
+  row "import of a 1 GiB disk image, MB/s" "$isr" MB/s "300 MB/s target" 300 ">= 1.0"
+  rm -rf "$work"
+}
+checkin_section() {
+  # examples/checkin-bench.sh prints its own table; take the 5 % row of it.
+  local out; out=$(bash examples/checkin-bench.sh 2>/dev/null)
+  echo "$out" | python3 -c '
+import re, sys
+for line in sys.stdin:
+    m = re.match(r"\|\s*5 %\s*\|\s*([\d.]+) MiB\s*\|\s*([\d.]+) MiB\s*\|", line)
+    if m:
+        print("ROW\tcheckin after 5 % random 64 KiB writes, MiB uploaded\t%s\tMiB\tideal (distinct changed chunks)\t%s\t%.3f\t<= 1.05" % (m[1], m[2], float(m[1]) / float(m[2])))'
+}
+
+for s in $sections; do
+  say "section $s"
+  case $s in
+    import) import_section ;;
+    mount) bash benches/mount.sh ;;
+    link) bash benches/link-read.sh ;;
+    vm) bash benches/vm-link.sh ;;
+    checkin) checkin_section ;;
+    *) echo "unknown section $s" >&2; exit 2 ;;
+  esac | tee -a "$rows" | grep '^ROW' >&2 || true
+done
+
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+echo
+echo "Machine: $(nproc) cores ($cpu), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r); link profile $PROFILE; medians of $RUNS runs; $(date -u +%Y-%m-%d)."
+echo
+echo "| figure | isr | baseline | ratio | target |"
+echo "|---|---|---|---|---|"
+grep '^ROW' "$rows" | while IFS=$'\t' read -r _ figure value unit label base ratio target; do
+  echo "| $figure | $value | $label $base | $ratio | ${target:--} |"
+done
