@@ -26,17 +26,7 @@ isrctl() { "$bin/isrctl" "$@"; }
 guest=$work/guest
 bash "$bench_root/tests/fixtures/make-guest.sh" "$guest" > /dev/null
 rm -f "$guest/MANIFEST.txt"
-cat > "$guest/vm.toml" <<'TOML'
-vmm = "qemu"
-memory = 256
-kernel = "vmlinuz"
-initrd = "initrd.img"
-append = "console=ttyS0 quiet panic=-1"
-extra_args = ["-no-reboot"]
-
-[[disk]]
-file = "disk.img"
-TOML
+cp "$bench_root/tests/fixtures/guest-vm.toml" "$guest/vm.toml"
 
 say "plain QEMU from local files (baseline)"
 base=$(for _ in $(seq "$runs"); do "$bin/examples/qemu_baseline" "$guest" 3; done)

@@ -151,17 +151,7 @@ t=$(now)
 guest=$work/guest
 bash tests/fixtures/make-guest.sh "$guest" | sed 's/^/   /'
 rm -f "$guest/MANIFEST.txt"
-cat > "$guest/vm.toml" <<'EOF'
-vmm = "qemu"
-memory = 256
-kernel = "vmlinuz"
-initrd = "initrd.img"
-append = "console=ttyS0 quiet panic=-1"
-extra_args = ["-no-reboot"]
-
-[[disk]]
-file = "disk.img"
-EOF
+cp tests/fixtures/guest-vm.toml "$guest/vm.toml"
 t_guest=$(since "$t")
 
 # ---- 4. import -------------------------------------------------------------------------

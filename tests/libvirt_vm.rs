@@ -12,12 +12,16 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use support::Env;
 use support::guest::{self, GuestLine};
+use support::vm::{
+    assert_contiguous_one_boot, counters, disk_counter_log, serial_lines, serial_log, status,
+    vm_state,
+};
 
 /// Liveness guard for a boot under TCG (4–8 s here); not a timing assertion.
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
@@ -77,41 +81,10 @@ fn unique_name(tag: &str) -> String {
     format!("isr-{tag}-{}", std::process::id())
 }
 
-/// The test guest's `vm.toml` for libvirt: direct kernel boot, one virtio disk,
-/// headless.
-const VM_TOML: &str = "vmm = \"libvirt\"\nmemory = 256\nkernel = \"vmlinuz\"\n\
-    initrd = \"initrd.img\"\nappend = \"console=ttyS0 quiet panic=-1\"\n\n\
-    [[disk]]\nfile = \"disk.img\"\n";
-
 /// Builds the guest and imports it (kernel, initrd, disk, vm.toml) as `name`.
 fn import_guest(env: &Env, name: &str) {
     require_libvirt();
-    let source = env.path(&format!("guest-{name}"));
-    guest::build(&source);
-    std::fs::remove_file(source.join("MANIFEST.txt")).unwrap();
-    std::fs::write(source.join("vm.toml"), VM_TOML).unwrap();
-    env.ok(&["import", name, source.to_str().unwrap()]);
-}
-
-fn serial_log(env: &Env, name: &str) -> PathBuf {
-    env.path(&format!("run/vm/{name}/serial.log"))
-}
-
-fn serial_lines(env: &Env, name: &str) -> Vec<GuestLine> {
-    guest::parse_lines(&String::from_utf8_lossy(
-        &std::fs::read(serial_log(env, name)).unwrap_or_default(),
-    ))
-}
-
-fn status(env: &Env, name: &str) -> serde_json::Value {
-    env.json(&["status", name])[0].clone()
-}
-
-fn vm_state(env: &Env, name: &str) -> String {
-    status(env, name)["vm"]["state"]
-        .as_str()
-        .unwrap_or("none")
-        .to_owned()
+    support::vm::import_guest(env, name, &support::vm::guest_vm_toml("libvirt", &[]));
 }
 
 /// Where libvirt keeps the domain's QEMU log: the system daemon's (root) or
@@ -148,17 +121,6 @@ fn wait_for(
         )
     };
     guest::poll_serial(&serial_log(env, name), what, limit, done, exited, output)
-}
-
-/// Counter lines (n, boot) in order.
-fn counters(lines: &[GuestLine]) -> Vec<(u64, String)> {
-    lines
-        .iter()
-        .filter_map(|l| match l {
-            GuestLine::Counter { n, boot } => Some((*n, boot.clone())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Waits until the console shows `more` counter lines beyond the `seen` first.
@@ -262,29 +224,6 @@ fn export(env: &Env, name: &str, version: u64) -> PathBuf {
     dir
 }
 
-/// The guest's `counter.log` from an exported disk (debugfs reads ext4).
-fn disk_counter_log(dir: &Path) -> Vec<(u64, String)> {
-    let debugfs = support::find_program("debugfs", "apt-get install e2fsprogs");
-    let output = Command::new(debugfs)
-        .args(["-R", "cat /counter.log"])
-        .arg(dir.join("disk.img"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "debugfs failed: {output:?}");
-    counters(&guest::parse_lines(&String::from_utf8_lossy(
-        &output.stdout,
-    )))
-}
-
-/// One boot counting 1, 2, 3, … without a gap or a repeat.
-fn assert_contiguous_one_boot(log: &[(u64, String)], boot: &str) {
-    assert!(!log.is_empty());
-    for (i, (n, id)) in log.iter().enumerate() {
-        assert_eq!(*n, i as u64 + 1, "counter.log is not contiguous: {log:?}");
-        assert_eq!(id, boot, "counter.log has another boot: {log:?}");
-    }
-}
-
 #[test]
 fn a_libvirt_vm_suspended_on_one_machine_continues_on_another() {
     let a = Env::local();
@@ -364,7 +303,7 @@ fn a_libvirt_vm_suspended_on_one_machine_continues_on_another() {
     suspend(&a, &name);
     assert_eq!(a.versions(&name), [1, 2, 3, 4]);
     let v4 = export(&a, &name, 4);
-    assert_contiguous_one_boot(&disk_counter_log(&v4), &boot);
+    assert_contiguous_one_boot(&disk_counter_log(&v4.join("disk.img")), &boot);
     a.ok(&["verify", &name]);
 }
 

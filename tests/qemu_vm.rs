@@ -20,17 +20,7 @@ const RUN_LIMIT: Duration = Duration::from_secs(120);
 /// isr's chunk size.
 const CHUNK: usize = 128 * 1024;
 
-const VM_TOML: &str = r#"
-vmm = "qemu"
-memory = 256
-kernel = "vmlinuz"
-initrd = "initrd.img"
-append = "console=ttyS0 quiet panic=-1"
-extra_args = ["-no-reboot"]
-
-[[disk]]
-file = "disk.img"
-"#;
+const VM_TOML: &str = include_str!("fixtures/guest-vm.toml");
 
 /// The test guest built into `dir/parcel` with a `vm.toml` describing it.
 fn parcel(dir: &Path) -> (PathBuf, VmConfig) {

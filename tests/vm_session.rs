@@ -14,64 +14,28 @@ use std::time::Duration;
 use isr::chunk::{ChunkRef, ChunkTag};
 use isr::manifest::Manifest;
 use support::guest::{self, GuestLine};
+use support::vm::{
+    assert_contiguous_one_boot, counters, serial_lines, status, version_counter_log, vm_state,
+};
 use support::{Env, SeaweedFs};
+
+/// Builds the test guest and imports it for QEMU, `extra_args` in its vm.toml.
+fn import_guest(env: &Env, name: &str, extra_args: &[String]) {
+    let extra: Vec<String> = ["-no-reboot".to_owned()]
+        .into_iter()
+        .chain(extra_args.iter().cloned())
+        .collect();
+    support::vm::import_guest(env, name, &support::vm::guest_vm_toml("qemu", &extra));
+}
+
+fn serial_log(env: &Env, name: &str) -> PathBuf {
+    support::vm::serial_log(env, name)
+}
 
 /// Liveness guard for a boot under TCG (4–8 s here); not a timing assertion.
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 /// Liveness guard for counting to go on.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
-
-/// The test guest's `vm.toml`: direct kernel boot, one virtio disk, headless.
-fn vm_toml(extra_args: &[String]) -> String {
-    let extra: Vec<String> = ["-no-reboot".to_owned()]
-        .iter()
-        .chain(extra_args)
-        .map(|a| format!("{a:?}"))
-        .collect();
-    format!(
-        "vmm = \"qemu\"\nmemory = 256\nkernel = \"vmlinuz\"\ninitrd = \"initrd.img\"\n\
-         append = \"console=ttyS0 quiet panic=-1\"\nextra_args = [{}]\n\n[[disk]]\nfile = \"disk.img\"\n",
-        extra.join(", ")
-    )
-}
-
-/// Builds the guest and imports it (kernel, initrd, disk, vm.toml) as `name`.
-fn import_guest(env: &Env, name: &str, extra_args: &[String]) {
-    Env::require_fuse();
-    guest::qemu_binary();
-    let source = env.path(&format!("guest-{name}"));
-    guest::build(&source);
-    std::fs::remove_file(source.join("MANIFEST.txt")).unwrap();
-    std::fs::write(source.join("vm.toml"), vm_toml(extra_args)).unwrap();
-    env.ok(&["import", name, source.to_str().unwrap()]);
-}
-
-fn serial_log(env: &Env, name: &str) -> PathBuf {
-    env.path(&format!("run/vm/{name}/serial.log"))
-}
-
-fn serial_lines(env: &Env, name: &str) -> Vec<GuestLine> {
-    guest::parse_lines(&String::from_utf8_lossy(
-        &std::fs::read(serial_log(env, name)).unwrap_or_default(),
-    ))
-}
-
-fn status(env: &Env, name: &str) -> serde_json::Value {
-    env.json(&["status", name])[0].clone()
-}
-
-/// The VM's state; `not resumed` while no session exists (yet).
-fn vm_state(env: &Env, name: &str) -> String {
-    let output = env.run(&["--json", "status", name]);
-    if output.status.code() == Some(4) {
-        return "not resumed".into();
-    }
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    status[0]["vm"]["state"]
-        .as_str()
-        .unwrap_or("none")
-        .to_owned()
-}
 
 /// Polls the serial console until `done` holds; panics with the console and
 /// QEMU's log if the VM stops running first.
@@ -95,17 +59,6 @@ fn wait_for(
         )
     };
     guest::poll_serial(&serial_log(env, name), what, limit, done, exited, output)
-}
-
-/// Counter lines (n, boot) in order.
-fn counters(lines: &[GuestLine]) -> Vec<(u64, String)> {
-    lines
-        .iter()
-        .filter_map(|l| match l {
-            GuestLine::Counter { n, boot } => Some((*n, boot.clone())),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Waits until the console shows `more` counter lines beyond the `seen` first.
@@ -165,36 +118,6 @@ fn new_chunks(old: &Manifest, new: &Manifest, file: &str) -> (usize, u64) {
         .map(|(_, len)| len)
         .collect();
     (fresh.len(), fresh.iter().sum())
-}
-
-/// The guest's `counter.log` from version `version`'s disk (debugfs reads ext4).
-fn disk_counter_log(env: &Env, name: &str, version: u64) -> Vec<(u64, String)> {
-    let dir = env.path(&format!("export-{name}-{version}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    env.ok(&[
-        "export",
-        &format!("{name}@{version}"),
-        dir.to_str().unwrap(),
-    ]);
-    let debugfs = support::find_program("debugfs", "apt-get install e2fsprogs");
-    let output = std::process::Command::new(debugfs)
-        .args(["-R", "cat /counter.log"])
-        .arg(dir.join("disk.img"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "debugfs failed: {output:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    counters(&guest::parse_lines(&text))
-}
-
-/// One boot counting 1, 2, 3, … without a gap or a repeat.
-fn assert_contiguous_one_boot(log: &[(u64, String)], boot: &str) {
-    assert!(!log.is_empty());
-    for (i, (n, id)) in log.iter().enumerate() {
-        assert_eq!(*n, i as u64 + 1, "counter.log is not contiguous: {log:?}");
-        assert_eq!(id, boot, "counter.log has another boot: {log:?}");
-    }
 }
 
 /// A → B → A with the same boot, the counter continuing at every move.
@@ -260,7 +183,7 @@ fn suspend_on_one_machine_resume_on_another(a: Env) {
         "mapped-ram: a second suspend of one boot changes few memory chunks ({fresh} of {memory_chunks} are new)"
     );
     assert!(fresh_bytes < answer["saved"]["memory_bytes"].as_u64().unwrap() / 2);
-    assert_contiguous_one_boot(&disk_counter_log(&b, name, 3), &boot);
+    assert_contiguous_one_boot(&version_counter_log(&b, name, 3), &boot);
 
     // Back on A, whose cache holds version 2's chunks.
     let answer = resume(&a, name);
@@ -275,7 +198,7 @@ fn suspend_on_one_machine_resume_on_another(a: Env) {
     assert_eq!(again[seen], (last_b + 1, boot.clone()));
     suspend(&a, name);
     assert_eq!(a.versions(name), [1, 2, 3, 4]);
-    assert_contiguous_one_boot(&disk_counter_log(&a, name, 4), &boot);
+    assert_contiguous_one_boot(&version_counter_log(&a, name, 4), &boot);
     a.ok(&["verify", name]);
 }
 

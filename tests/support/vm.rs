@@ -1,0 +1,110 @@
+//! The test guest as a parcel that isrfsd runs (`isrctl resume` / `suspend`),
+//! seen through isrctl and the files the daemon writes: its `vm.toml`, its
+//! serial console log, its state in `isrctl status`, and the counter log on a
+//! version's disk.
+
+use std::path::{Path, PathBuf};
+
+use super::Env;
+use super::guest::{self, GuestLine};
+
+/// The test guest's `vm.toml` for `vmm` (qemu, libvirt): 256 MiB, direct kernel
+/// boot, one virtio disk, headless; `extra_args` go to QEMU.
+pub fn guest_vm_toml(vmm: &str, extra_args: &[String]) -> String {
+    let extra: Vec<String> = extra_args.iter().map(|a| format!("{a:?}")).collect();
+    format!(
+        "vmm = \"{vmm}\"\nmemory = 256\nkernel = \"vmlinuz\"\ninitrd = \"initrd.img\"\n\
+         append = \"console=ttyS0 quiet panic=-1\"\nextra_args = [{}]\n\n[[disk]]\nfile = \"disk.img\"\n",
+        extra.join(", ")
+    )
+}
+
+/// Builds the guest and imports it with `vm_toml` as parcel `name`.
+pub fn import_guest(env: &Env, name: &str, vm_toml: &str) {
+    Env::require_fuse();
+    guest::qemu_binary();
+    let source = env.path(&format!("guest-{name}"));
+    guest::build(&source);
+    std::fs::remove_file(source.join("MANIFEST.txt")).unwrap();
+    std::fs::write(source.join("vm.toml"), vm_toml).unwrap();
+    env.ok(&["import", name, source.to_str().unwrap()]);
+}
+
+/// The guest's serial console log (isrfsd's runtime directory).
+pub fn serial_log(env: &Env, name: &str) -> PathBuf {
+    env.path(&format!("run/vm/{name}/serial.log"))
+}
+
+/// The guest's lines on its serial console so far.
+pub fn serial_lines(env: &Env, name: &str) -> Vec<GuestLine> {
+    guest::parse_lines(&String::from_utf8_lossy(
+        &std::fs::read(serial_log(env, name)).unwrap_or_default(),
+    ))
+}
+
+/// `isrctl status NAME --json`, the session's object.
+pub fn status(env: &Env, name: &str) -> serde_json::Value {
+    env.json(&["status", name])[0].clone()
+}
+
+/// The VM's state; `not resumed` while no session exists (yet), `none` when
+/// the session runs no VM.
+pub fn vm_state(env: &Env, name: &str) -> String {
+    let output = env.run(&["--json", "status", name]);
+    if output.status.code() == Some(4) {
+        return "not resumed".into();
+    }
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    status[0]["vm"]["state"]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned()
+}
+
+/// Counter lines (n, boot) in order.
+pub fn counters(lines: &[GuestLine]) -> Vec<(u64, String)> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            GuestLine::Counter { n, boot } => Some((*n, boot.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The guest's `counter.log` on the disk image `disk` (debugfs reads ext4).
+pub fn disk_counter_log(disk: &Path) -> Vec<(u64, String)> {
+    let debugfs = super::find_program("debugfs", "apt-get install e2fsprogs");
+    let output = std::process::Command::new(debugfs)
+        .args(["-R", "cat /counter.log"])
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "debugfs failed: {output:?}");
+    counters(&guest::parse_lines(&String::from_utf8_lossy(
+        &output.stdout,
+    )))
+}
+
+/// The guest's `counter.log` on the disk of version `version` of `name`.
+pub fn version_counter_log(env: &Env, name: &str, version: u64) -> Vec<(u64, String)> {
+    let dir = env.path(&format!("export-{name}-{version}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    env.ok(&[
+        "export",
+        &format!("{name}@{version}"),
+        dir.to_str().unwrap(),
+    ]);
+    let log = disk_counter_log(&dir.join("disk.img"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    log
+}
+
+/// One boot counting 1, 2, 3, … without a gap or a repeat.
+pub fn assert_contiguous_one_boot(log: &[(u64, String)], boot: &str) {
+    assert!(!log.is_empty());
+    for (i, (n, id)) in log.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "counter.log is not contiguous: {log:?}");
+        assert_eq!(id, boot, "counter.log has another boot: {log:?}");
+    }
+}
