@@ -78,7 +78,7 @@ import re, sys
 for line in sys.stdin:
     m = re.match(r"\|\s*5 %\s*\|\s*([\d.]+) MiB\s*\|\s*([\d.]+) MiB\s*\|", line)
     if m:
-        print("ROW\tcheckin after 5 % random 64 KiB writes, MiB uploaded\t%s\tMiB\tideal (distinct changed chunks)\t%s\t%.3f\t<= 1.05" % (m[1], m[2], float(m[1]) / float(m[2])))'
+        print("ROW\tcheckin after 5 %% random 64 KiB writes, MiB uploaded\t%s\tMiB\tideal (distinct changed chunks)\t%s\t%.3f\t<= 1.05" % (m[1], m[2], float(m[1]) / float(m[2])))'
 }
 
 for s in $sections; do
