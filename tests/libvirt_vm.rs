@@ -19,7 +19,7 @@ use std::time::Duration;
 use support::Env;
 use support::guest::{self, GuestLine};
 use support::vm::{
-    assert_contiguous_one_boot, counters, disk_counter_log, serial_lines, serial_log, status,
+    assert_contiguous_one_boot, counters, serial_lines, serial_log, status, version_counter_log,
     vm_state,
 };
 
@@ -175,12 +175,7 @@ fn resume(env: &Env, name: &str, from_memory: bool) -> serde_json::Value {
 /// `isrctl suspend NAME --json`, checked: memory saved, a version committed, the
 /// transient domain gone.
 fn suspend(env: &Env, name: &str) -> serde_json::Value {
-    let answer = env.json(&["suspend", name]);
-    assert!(
-        answer["saved"]["memory_bytes"].as_u64().unwrap() > 0,
-        "{answer}"
-    );
-    assert_eq!(answer["checkin"]["committed"], true, "{answer}");
+    let answer = support::vm::suspend(env, name);
     assert!(
         !virsh(&["domstate", name]).status.success(),
         "a saved transient domain is gone"
@@ -212,18 +207,6 @@ fn new_memory_chunks(
     )
 }
 
-/// Exports version `version` of `name`; returns the directory.
-fn export(env: &Env, name: &str, version: u64) -> PathBuf {
-    let dir = env.path(&format!("export-{name}-{version}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    env.ok(&[
-        "export",
-        &format!("{name}@{version}"),
-        dir.to_str().unwrap(),
-    ]);
-    dir
-}
-
 #[test]
 fn a_libvirt_vm_suspended_on_one_machine_continues_on_another() {
     let a = Env::local();
@@ -249,7 +232,7 @@ fn a_libvirt_vm_suspended_on_one_machine_continues_on_another() {
         answer["checkin"]["seconds"].as_f64().unwrap(),
     );
     let last_a = counters(&serial_lines(&a, &name)).last().unwrap().0;
-    let v2 = export(&a, &name, 2);
+    let v2 = support::vm::export(&a, &name, 2);
     let head = std::fs::read(v2.join("memory.img")).unwrap();
     assert!(
         isr::vmm::libvirt::is_saved_image(&head),
@@ -302,8 +285,7 @@ fn a_libvirt_vm_suspended_on_one_machine_continues_on_another() {
     assert_eq!(again[seen], (last_b + 1, boot.clone()));
     suspend(&a, &name);
     assert_eq!(a.versions(&name), [1, 2, 3, 4]);
-    let v4 = export(&a, &name, 4);
-    assert_contiguous_one_boot(&disk_counter_log(&v4.join("disk.img")), &boot);
+    assert_contiguous_one_boot(&version_counter_log(&a, &name, 4), &boot);
     a.ok(&["verify", &name]);
 }
 

@@ -198,14 +198,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The VM slot of a session being mounted: when the VMM that will run it is
-/// known already, its status says `busy` until the VM runs.
+/// The VM slot of a session being mounted, with the VMM chosen (unless its
+/// vm.toml is unreadable: `ensure_vm` then says why); a VM to start shows as
+/// `busy` until it runs.
 fn starting_slot(parcel: &str, requested: Option<VmmKind>, mount: &std::path::Path) -> Arc<VmSlot> {
     let slot = VmSlot::default();
-    if let Ok(kind) = supervise::chosen_kind(parcel, requested, mount)
-        && kind != VmmKind::None
-    {
-        *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(kind));
+    if let Ok(kind) = supervise::chosen_kind(parcel, requested, mount) {
+        *slot.kind.lock().expect("vm kind") = Some(kind);
+        if kind != VmmKind::None {
+            *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(kind));
+        }
     }
     Arc::new(slot)
 }

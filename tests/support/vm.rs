@@ -86,8 +86,8 @@ pub fn disk_counter_log(disk: &Path) -> Vec<(u64, String)> {
     )))
 }
 
-/// The guest's `counter.log` on the disk of version `version` of `name`.
-pub fn version_counter_log(env: &Env, name: &str, version: u64) -> Vec<(u64, String)> {
+/// Exports version `version` of `name` into a fresh directory; returns it.
+pub fn export(env: &Env, name: &str, version: u64) -> PathBuf {
     let dir = env.path(&format!("export-{name}-{version}"));
     let _ = std::fs::remove_dir_all(&dir);
     env.ok(&[
@@ -95,9 +95,26 @@ pub fn version_counter_log(env: &Env, name: &str, version: u64) -> Vec<(u64, Str
         &format!("{name}@{version}"),
         dir.to_str().unwrap(),
     ]);
+    dir
+}
+
+/// The guest's `counter.log` on the disk of version `version` of `name`.
+pub fn version_counter_log(env: &Env, name: &str, version: u64) -> Vec<(u64, String)> {
+    let dir = export(env, name, version);
     let log = disk_counter_log(&dir.join("disk.img"));
     std::fs::remove_dir_all(&dir).unwrap();
     log
+}
+
+/// `isrctl suspend NAME --json`, checked: memory saved, a version committed.
+pub fn suspend(env: &Env, name: &str) -> serde_json::Value {
+    let answer = env.json(&["suspend", name]);
+    assert!(
+        answer["saved"]["memory_bytes"].as_u64().unwrap() > 0,
+        "{answer}"
+    );
+    assert_eq!(answer["checkin"]["committed"], true, "{answer}");
+    answer
 }
 
 /// One boot counting 1, 2, 3, … without a gap or a repeat.
