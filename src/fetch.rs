@@ -65,9 +65,9 @@ pub struct FetchSettings {
     pub initial_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
-    /// How long a chunk a manifest references may answer "not found" before
-    /// its readers are told it is missing (a store that is restarting, or an
-    /// eventually consistent one, says so for a while).
+    /// How long a chunk a manifest references may answer "not found" (or
+    /// another error of the store's own) before its readers are told (a store
+    /// that is restarting, or an eventually consistent one, says so for a while).
     pub missing_after: Duration,
 }
 
@@ -407,15 +407,16 @@ async fn dispatch(inner: Arc<Inner>) {
 }
 
 /// Downloads one chunk with retries, verifies it and puts it in the cache.
-/// How many "not found" answers (at least, over `missing_after`) make a chunk missing.
-const NOT_FOUND_ATTEMPTS: u32 = 3;
+/// How many answers that are not the chunk (not found, or another error the
+/// store answered with) it takes, at least, over `missing_after`, to give up.
+const ODD_ANSWERS: u32 = 3;
 
 async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
     let key = layout::chunk(&tag);
     let started = Instant::now();
     let mut backoff = inner.settings.initial_backoff;
-    let mut not_found_answers = 0u32;
-    let mut first_not_found: Option<Instant> = None;
+    let mut odd_answers = 0u32;
+    let mut first_odd_answer: Option<Instant> = None;
     loop {
         let error = match inner.store.get(&key).await {
             Ok(bytes) => {
@@ -448,29 +449,29 @@ async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 return Ok(bytes);
             }
-            // A chunk a manifest references should exist: a store that is
-            // still starting (SeaweedFS loading its volumes) or an eventually
-            // consistent one can answer 404 for a moment, so ask again a few
-            // times, over `missing_after`, before telling readers it is missing.
-            Err(StoreError::NotFound { .. })
-                if not_found_answers + 1 >= NOT_FOUND_ATTEMPTS
-                    && first_not_found
-                        .is_some_and(|t| t.elapsed() >= inner.settings.missing_after) =>
-            {
-                return Err(FetchError::Missing { tag });
-            }
             Err(e) => e,
         };
-        if error.is_not_found() {
-            not_found_answers += 1;
-            first_not_found.get_or_insert_with(Instant::now);
+        // A chunk a manifest references should exist: a store that is still
+        // starting (SeaweedFS loading its volumes) or an eventually consistent
+        // one can answer 404, or an error of its own, for a moment; so ask
+        // again, over `missing_after`, before telling readers.
+        let odd = matches!(
+            error,
+            StoreError::NotFound { .. } | StoreError::Permanent { .. }
+        );
+        if odd {
+            odd_answers += 1;
+            first_odd_answer.get_or_insert_with(Instant::now);
+        }
+        let settled = odd_answers >= ODD_ANSWERS
+            && first_odd_answer.is_some_and(|t| t.elapsed() >= inner.settings.missing_after);
+        if error.is_not_found() && settled {
+            return Err(FetchError::Missing { tag });
         }
         let retryable = matches!(
             error,
-            StoreError::Transient { .. }
-                | StoreError::Unreachable { .. }
-                | StoreError::NotFound { .. }
-        );
+            StoreError::Transient { .. } | StoreError::Unreachable { .. }
+        ) || (odd && !settled);
         if !retryable || started.elapsed() + backoff > inner.settings.give_up_after {
             return Err(FetchError::Store {
                 tag,
@@ -708,6 +709,22 @@ mod tests {
         );
         assert_eq!(s.fetcher.stats().retries, 3);
         assert_eq!(s.fetcher.stats().failures, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_answering_errors_for_a_moment_is_asked_again_then_given_up_on() {
+        // A restarting store may answer errors of its own for a while.
+        let (s, tags) = setup(quick(), &data(2)).await;
+        s.faulty.inject(Fault::PermanentTimes(2));
+        s.fetcher.fetch(tags[0], Priority::Demand).await.unwrap();
+        // One that keeps answering them is given up on after `missing_after`.
+        s.faulty.inject(Fault::PermanentTimes(1000));
+        let err = s
+            .fetcher
+            .fetch(tags[1], Priority::Demand)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Store { .. }), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
