@@ -138,8 +138,25 @@ impl ChunkCache {
     }
 
     /// The chunk's stored bytes, verified against its tag; `None` when absent
-    /// or damaged (a damaged copy is removed).
+    /// or damaged (a damaged copy is removed). For bytes that leave the
+    /// machine (uploads) or are served without decryption.
     pub fn get(&self, tag: &ChunkTag) -> Result<Option<Bytes>, CacheError> {
+        let Some(bytes) = self.get_to_decrypt(tag)? else {
+            return Ok(None);
+        };
+        if chunk::verify_tag(*tag, &bytes).is_err() {
+            self.drop_damaged(tag)?;
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// The chunk's stored bytes *without* the tag check, for a reader that
+    /// decrypts them at once: the AEAD check under the manifest's key detects
+    /// any damage (the tag was checked when the bytes entered the cache), and
+    /// that reader then calls [`ChunkCache::drop_damaged`]. This saves a
+    /// BLAKE3 pass over every chunk a warm read serves.
+    pub fn get_to_decrypt(&self, tag: &ChunkTag) -> Result<Option<Bytes>, CacheError> {
         if !self.contains(tag) {
             return Ok(None);
         }
@@ -152,19 +169,40 @@ impl ChunkCache {
             }
             Err(e) => return Err(e.into()),
         };
-        if chunk::verify_tag(*tag, &bytes).is_err() {
-            tracing::warn!(chunk = %tag, "cached chunk is damaged; dropping it so it is fetched again");
-            self.store.delete_blocking(&key)?;
-            self.forget(tag);
-            return Ok(None);
+        self.touch(tag);
+        Ok(Some(bytes))
+    }
+
+    /// Starts reading the cached ones of `tags` from the disk in the
+    /// background, for a reader about to read them one after another.
+    pub fn advise_will_need(&self, tags: impl IntoIterator<Item = ChunkTag>) {
+        for tag in tags {
+            if self.contains(&tag) {
+                self.store.advise_will_need(&layout::chunk(&tag));
+            }
         }
+    }
+
+    /// Removes a cached copy found damaged, so the next reader fetches it again.
+    pub fn drop_damaged(&self, tag: &ChunkTag) -> Result<(), CacheError> {
+        tracing::warn!(chunk = %tag, "cached chunk is damaged; dropping it so it is fetched again");
+        match self.store.delete_blocking(&layout::chunk(tag)) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.forget(tag);
+        Ok(())
+    }
+
+    /// Marks the chunk as just used (for eviction order).
+    fn touch(&self, tag: &ChunkTag) {
         let mut index = self.lock();
         index.clock += 1;
         let now = index.clock;
         if let Some(entry) = index.entries.get_mut(tag) {
             entry.last_use = now;
         }
-        Ok(Some(bytes))
     }
 
     fn forget(&self, tag: &ChunkTag) {

@@ -36,8 +36,8 @@
 
 use std::fmt;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use bytes::{Bytes, BytesMut};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::keys::DedupSecret;
@@ -319,20 +319,14 @@ impl ChunkEncoder {
         nonce_hasher.update(payload);
         header[12..24].copy_from_slice(&nonce_hasher.finalize().as_bytes()[0..12]);
 
-        let cipher = ChaCha20Poly1305::new(&Key::from(key.0));
-        let nonce = Nonce::try_from(&header[12..24]).expect("12-byte nonce");
-        let ciphertext = cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: payload,
-                    aad: &header,
-                },
-            )
-            .expect("ChaCha20-Poly1305 encryption of a bounded buffer cannot fail");
-        let mut stored = Vec::with_capacity(HEADER_LEN + ciphertext.len());
+        let mut stored = Vec::with_capacity(HEADER_LEN + payload.len() + AEAD_TAG_LEN);
         stored.extend_from_slice(&header);
-        stored.extend_from_slice(&ciphertext);
+        stored.extend_from_slice(payload);
+        let (aad, in_out) = stored.split_at_mut(HEADER_LEN);
+        let poly1305_tag = aead_key(&key)
+            .seal_in_place_separate_tag(chunk_nonce(aad), Aad::from(&*aad), in_out)
+            .expect("ChaCha20-Poly1305 encryption of a bounded buffer cannot fail");
+        stored.extend_from_slice(poly1305_tag.as_ref());
         let tag = ChunkTag::of(&stored);
         EncodedChunk::Stored {
             chunk: ChunkRef::Stored {
@@ -368,17 +362,32 @@ pub fn decode(
     stored: &[u8],
 ) -> Result<Vec<u8>, ChunkError> {
     verify_tag(tag, stored)?;
-    decode_verified(secret, tag, key, stored)
+    decode_verified(secret, tag, key, Bytes::copy_from_slice(stored)).map(Vec::from)
 }
 
-/// [`decode`] for bytes already checked with [`verify_tag`] (the fetcher and
-/// the cache hand out only such bytes): everything but the tag hash.
+/// [`decode`] for bytes already checked with [`verify_tag`] (downloads):
+/// everything but the tag hash, so also the check that the plaintext is the
+/// one its convergent key was derived from.
 pub fn decode_verified(
     secret: &DedupSecret,
     tag: ChunkTag,
     key: &ChunkKey,
-    stored: &[u8],
-) -> Result<Vec<u8>, ChunkError> {
+    stored: Bytes,
+) -> Result<Bytes, ChunkError> {
+    let plaintext = decrypt_cached(tag, key, stored)?;
+    if blake3::keyed_hash(secret.as_bytes(), &plaintext).as_bytes() != key.as_bytes() {
+        return Err(ChunkError::KeyMismatch { tag });
+    }
+    Ok(plaintext)
+}
+
+/// Decrypts (and decompresses) a chunk from the local cache: bytes that were
+/// checked in full ([`decode`] or [`decode_verified`], or sealed here) when
+/// they entered the cache. The AEAD check under `key` is what this still
+/// does: damage since, or the bytes of any other chunk, fail it. Neither
+/// BLAKE3 pass is repeated; a warm read is one decryption per chunk
+/// (docs/decisions.md).
+pub fn decrypt_cached(tag: ChunkTag, key: &ChunkKey, stored: Bytes) -> Result<Bytes, ChunkError> {
     if stored.len() < STORED_OVERHEAD || stored.len() > MAX_STORED_LEN {
         return Err(ChunkError::BadLength {
             tag,
@@ -404,25 +413,21 @@ pub fn decode_verified(
             "plaintext length {plaintext_len} out of range"
         )));
     }
-    let cipher = ChaCha20Poly1305::new(&Key::from(key.0));
-    let nonce = Nonce::try_from(&header[12..24]).expect("12-byte nonce");
-    let payload = cipher
-        .decrypt(
-            &nonce,
-            Payload {
-                msg: &stored[HEADER_LEN..],
-                aad: header,
-            },
-        )
-        .map_err(|_| ChunkError::Decrypt { tag })?;
+    let mut buffer = writable(stored);
+    let (aad, in_out) = buffer.split_at_mut(HEADER_LEN);
+    let payload_len = aead_key(key)
+        .open_in_place(chunk_nonce(aad), Aad::from(&*aad), in_out)
+        .map_err(|_| ChunkError::Decrypt { tag })?
+        .len();
+    let payload = buffer.freeze().slice(HEADER_LEN..HEADER_LEN + payload_len);
     let plaintext = match compression {
         Compression::None => payload,
-        Compression::Zstd => {
-            zstd::bulk::decompress(&payload, plaintext_len).map_err(|e| ChunkError::Decompress {
+        Compression::Zstd => Bytes::from(zstd::bulk::decompress(&payload, plaintext_len).map_err(
+            |e| ChunkError::Decompress {
                 tag,
                 reason: e.to_string(),
-            })?
-        }
+            },
+        )?),
     };
     if plaintext.len() != plaintext_len {
         return Err(ChunkError::Decompress {
@@ -430,10 +435,27 @@ pub fn decode_verified(
             reason: format!("{} bytes instead of {plaintext_len}", plaintext.len()),
         });
     }
-    if blake3::keyed_hash(secret.as_bytes(), &plaintext).as_bytes() != key.as_bytes() {
-        return Err(ChunkError::KeyMismatch { tag });
-    }
     Ok(plaintext)
+}
+
+/// The bytes as a buffer to decrypt in place: without a copy when nobody
+/// else holds them (a chunk file just read from the cache).
+fn writable(stored: Bytes) -> BytesMut {
+    stored
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// A chunk's AEAD key (ChaCha20-Poly1305, RFC 8439).
+fn aead_key(key: &ChunkKey) -> LessSafeKey {
+    LessSafeKey::new(
+        UnboundKey::new(&CHACHA20_POLY1305, &key.0).expect("a 32-byte ChaCha20-Poly1305 key"),
+    )
+}
+
+/// The nonce stored in a chunk's header.
+fn chunk_nonce(header: &[u8]) -> Nonce {
+    Nonce::try_assume_unique_for_key(&header[12..24]).expect("12-byte nonce")
 }
 
 #[cfg(test)]
@@ -462,6 +484,68 @@ mod tests {
             assert_eq!(decode(&secret(7), *tag, key, stored).unwrap(), data);
         }
         encoded
+    }
+
+    #[test]
+    fn the_chunk_aead_is_rfc_8439_chacha20_poly1305_as_before() {
+        // Chunks were sealed with the chacha20poly1305 crate until ring took
+        // over for speed: both must be the same construction, byte for byte.
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let plaintext: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut encoder = ChunkEncoder::new(secret(9), 0).unwrap();
+        let EncodedChunk::Stored {
+            chunk: ChunkRef::Stored { tag, key, .. },
+            stored,
+        } = encoder.encode(&plaintext)
+        else {
+            panic!("stored chunk expected")
+        };
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&chacha20poly1305::Key::from(key.0));
+        let nonce = chacha20poly1305::Nonce::try_from(&stored[12..24]).unwrap();
+        let header = &stored[..HEADER_LEN];
+        let payload = cipher
+            .decrypt(
+                &nonce,
+                Payload {
+                    msg: &stored[HEADER_LEN..],
+                    aad: header,
+                },
+            )
+            .expect("the other implementation opens it");
+        let resealed = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &payload,
+                    aad: header,
+                },
+            )
+            .unwrap();
+        assert_eq!(&stored[HEADER_LEN..], &resealed[..]);
+        assert_eq!(decode(&secret(9), tag, &key, &stored).unwrap(), plaintext);
+    }
+
+    #[test]
+    fn a_damaged_cached_chunk_fails_decryption() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
+        let mut encoder = ChunkEncoder::new(secret(5), 3).unwrap();
+        let EncodedChunk::Stored {
+            chunk: ChunkRef::Stored { tag, key, .. },
+            stored,
+        } = encoder.encode(&data)
+        else {
+            panic!("stored chunk expected")
+        };
+        let good = Bytes::from(stored.clone());
+        assert_eq!(decrypt_cached(tag, &key, good).unwrap(), data);
+        for at in [0, 12, HEADER_LEN, stored.len() - 1] {
+            let mut bad = stored.clone();
+            bad[at] ^= 1;
+            assert!(
+                decrypt_cached(tag, &key, Bytes::from(bad)).is_err(),
+                "byte {at}"
+            );
+        }
     }
 
     #[test]

@@ -3,11 +3,18 @@
 //!
 //! - **One download per chunk**, however many readers wait for it: waiters
 //!   attach to the chunk's slot and all get the same result.
-//! - **Priorities**: demand > memory image > trace order > prefetch. Up to
-//!   `parallel` downloads run at once from the async runtime, but background
-//!   priorities may use only `parallel − reserved_for_demand` of them, so a
-//!   demand read never queues behind prefetch; a queued chunk a reader starts
-//!   waiting for is promoted to that reader's priority.
+//! - **Priorities**: demand > boot files > memory image > trace order >
+//!   prefetch. Up to `parallel` downloads run at once from the async runtime,
+//!   but background priorities may use only `parallel − reserved_for_demand`
+//!   of them, so a demand read never queues behind prefetch; a queued chunk a
+//!   reader starts waiting for is promoted to that reader's priority.
+//! - **A demand read shares the link with as little prefetch as possible**:
+//!   while one waits, no background download starts, and the background
+//!   downloads in flight are held near the link's bandwidth-delay product by
+//!   [`BackgroundWindow`] (delay-based, as TCP Vegas: it grows while downloads
+//!   take no longer than the fastest one seen, and shrinks once they show more
+//!   than two chunks queued on the link). More in flight than that adds no
+//!   throughput, only queueing in front of the next demand read.
 //! - **Retries**: transient store failures are retried with backoff while the
 //!   waiters keep waiting, until `give_up_after`; then every waiter gets an
 //!   error (EIO at the FUSE edge) and the failure is counted.
@@ -37,16 +44,20 @@ use crate::store::{ReadStore, StoreError};
 pub enum Priority {
     /// A reader is blocked on it.
     Demand = 0,
+    /// A file the VMM reads whole as it starts, before it loads the memory
+    /// image (a kernel and initrd for direct boot, firmware).
+    Boot = 1,
     /// Part of a memory image the VMM will read whole before the guest runs.
-    Memory = 1,
+    Memory = 2,
     /// In the access trace of the previous session.
-    Trace = 2,
+    Trace = 3,
     /// Sequential background prefetch / hoard.
-    Prefetch = 3,
+    Prefetch = 4,
 }
 
-const PRIORITIES: [Priority; 4] = [
+const PRIORITIES: [Priority; 5] = [
     Priority::Demand,
+    Priority::Boot,
     Priority::Memory,
     Priority::Trace,
     Priority::Prefetch,
@@ -155,9 +166,88 @@ struct State {
     slots: HashMap<ChunkTag, Slot>,
     /// Per priority, chunks in arrival order; stale entries (started, or
     /// promoted to a higher queue) are skipped when popped.
-    queues: [VecDeque<ChunkTag>; 4],
+    queues: [VecDeque<ChunkTag>; 5],
     running: usize,
+    /// Of `running`, the downloads a reader waits for (started as demand, or
+    /// promoted to it while running).
+    running_demand: usize,
+    window: BackgroundWindow,
     stopped: bool,
+}
+
+/// How many background downloads may run at once: a delay-based estimate of
+/// the link's bandwidth-delay product in chunks (TCP Vegas applied to whole
+/// downloads).
+///
+/// `base` is the fastest download seen, the link's round trip plus one
+/// chunk's transfer with nothing queued. After each round (as many
+/// completed downloads as the limit), the fastest download of the round says
+/// how many chunks were queued on the link: `limit × (1 − base ÷ fastest)`.
+/// Fewer than one: the link may have room, so one more may run; more than
+/// two: they only wait on each other (and delay the next demand read), so one
+/// fewer. The limit stays within `[min(2, max), max]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackgroundWindow {
+    limit: usize,
+    max: usize,
+    base: Option<Duration>,
+    round_fastest: Option<Duration>,
+    round_left: usize,
+}
+
+impl Default for BackgroundWindow {
+    fn default() -> Self {
+        BackgroundWindow::new(1)
+    }
+}
+
+impl BackgroundWindow {
+    /// Queued chunks below which the window grows.
+    const GROW_BELOW: f64 = 1.0;
+    /// Queued chunks above which the window shrinks.
+    const SHRINK_ABOVE: f64 = 2.0;
+
+    /// A window of at most `max` downloads, starting small.
+    pub fn new(max: usize) -> BackgroundWindow {
+        let limit = max.min(2);
+        BackgroundWindow {
+            limit,
+            max,
+            base: None,
+            round_fastest: None,
+            round_left: limit.max(1),
+        }
+    }
+
+    /// Background downloads allowed in flight now.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes the duration of one download that succeeded at its first attempt.
+    pub fn completed(&mut self, took: Duration) {
+        self.base = Some(self.base.map_or(took, |b| b.min(took)));
+        self.round_fastest = Some(self.round_fastest.map_or(took, |f| f.min(took)));
+        self.round_left = self.round_left.saturating_sub(1);
+        if self.round_left > 0 {
+            return;
+        }
+        let (Some(base), Some(fastest)) = (self.base, self.round_fastest.take()) else {
+            return;
+        };
+        let queued = if fastest.is_zero() {
+            0.0
+        } else {
+            self.limit as f64 * (1.0 - base.as_secs_f64() / fastest.as_secs_f64())
+        };
+        let floor = self.max.min(2);
+        if queued < Self::GROW_BELOW {
+            self.limit = (self.limit + 1).min(self.max);
+        } else if queued > Self::SHRINK_ABOVE {
+            self.limit = self.limit.saturating_sub(1).max(floor);
+        }
+        self.round_left = self.limit.max(1);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -202,11 +292,15 @@ impl Fetcher {
                 .min(settings.parallel.max(1) - 1),
             ..settings
         };
+        let state = State {
+            window: BackgroundWindow::new(settings.parallel - settings.reserved_for_demand),
+            ..State::default()
+        };
         let inner = Arc::new(Inner {
             store,
             cache,
             settings,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             wake: Notify::new(),
             counters: Counters::default(),
             runtime: runtime.clone(),
@@ -218,7 +312,7 @@ impl Fetcher {
     /// The chunk's stored bytes (verified), from the cache or, if absent, from
     /// the store; waits as long as the download takes.
     pub async fn fetch(&self, tag: ChunkTag, priority: Priority) -> Result<Bytes, FetchError> {
-        match self.request(tag, priority)? {
+        match self.request(tag, priority, CacheRead::Verified)? {
             Request::Ready(bytes) => Ok(bytes),
             Request::Wait(receiver) => receiver.await.unwrap_or(Err(FetchError::Stopped { tag })),
         }
@@ -226,12 +320,50 @@ impl Fetcher {
 
     /// [`Fetcher::fetch`] for threads outside the async runtime (FUSE threads).
     pub fn fetch_blocking(&self, tag: ChunkTag, priority: Priority) -> Result<Bytes, FetchError> {
-        match self.request(tag, priority)? {
-            Request::Ready(bytes) => Ok(bytes),
+        self.fetch_blocking_from(tag, priority, CacheRead::Verified)
+            .map(|(bytes, _)| bytes)
+    }
+
+    /// [`Fetcher::fetch_blocking`] for a reader that decrypts the bytes at
+    /// once: bytes from the cache come without the tag check
+    /// ([`ChunkCache::get_to_decrypt`]; the AEAD check finds damage), bytes
+    /// from the store are checked as always. On a failed decryption of bytes
+    /// from [`Origin::Cache`], call [`Fetcher::drop_damaged`] and fetch again.
+    pub fn fetch_to_decrypt_blocking(
+        &self,
+        tag: ChunkTag,
+        priority: Priority,
+    ) -> Result<(Bytes, Origin), FetchError> {
+        self.fetch_blocking_from(tag, priority, CacheRead::ToDecrypt)
+    }
+
+    fn fetch_blocking_from(
+        &self,
+        tag: ChunkTag,
+        priority: Priority,
+        read: CacheRead,
+    ) -> Result<(Bytes, Origin), FetchError> {
+        match self.request(tag, priority, read)? {
+            Request::Ready(bytes) => Ok((bytes, Origin::Cache)),
             Request::Wait(receiver) => receiver
                 .blocking_recv()
-                .unwrap_or(Err(FetchError::Stopped { tag })),
+                .unwrap_or(Err(FetchError::Stopped { tag }))
+                .map(|bytes| (bytes, Origin::Store)),
         }
+    }
+
+    /// Starts reading the cached ones of `tags` from the disk in the background
+    /// (a reader about to read several chunks in a row).
+    pub fn advise_will_need(&self, tags: impl IntoIterator<Item = ChunkTag>) {
+        self.inner.cache.advise_will_need(tags);
+    }
+
+    /// Drops a cached copy whose decryption failed, so it is fetched again.
+    pub fn drop_damaged(&self, tag: ChunkTag) -> Result<(), FetchError> {
+        self.inner
+            .cache
+            .drop_damaged(&tag)
+            .map_err(|e| cache_error(tag, &e))
     }
 
     /// Queues chunks for background download without waiting for them; chunks
@@ -249,13 +381,17 @@ impl Fetcher {
     }
 
     /// The cached bytes, or a receiver for the download's result.
-    fn request(&self, tag: ChunkTag, priority: Priority) -> Result<Request, FetchError> {
-        if let Some(bytes) = self
-            .inner
-            .cache
-            .get(&tag)
-            .map_err(|e| cache_error(tag, &e))?
-        {
+    fn request(
+        &self,
+        tag: ChunkTag,
+        priority: Priority,
+        read: CacheRead,
+    ) -> Result<Request, FetchError> {
+        let cached = match read {
+            CacheRead::Verified => self.inner.cache.get(&tag),
+            CacheRead::ToDecrypt => self.inner.cache.get_to_decrypt(&tag),
+        };
+        if let Some(bytes) = cached.map_err(|e| cache_error(tag, &e))? {
             self.inner
                 .counters
                 .cache_hits
@@ -316,6 +452,24 @@ impl Fetcher {
     }
 }
 
+/// Where the bytes a reader got came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The local cache.
+    Cache,
+    /// A download (checked against the tag).
+    Store,
+}
+
+/// How a cached chunk is read.
+#[derive(Debug, Clone, Copy)]
+enum CacheRead {
+    /// Checked against its tag.
+    Verified,
+    /// Unchecked: the reader decrypts it (AEAD) at once.
+    ToDecrypt,
+}
+
 enum Request {
     Ready(Bytes),
     Wait(oneshot::Receiver<Result<Bytes, FetchError>>),
@@ -339,6 +493,9 @@ fn enqueue(state: &mut State, tag: ChunkTag, priority: Priority, waiter: Option<
                 slot.waiters.push(waiter);
             }
             if priority < slot.priority {
+                if slot.running && priority == Priority::Demand {
+                    state.running_demand += 1;
+                }
                 slot.priority = priority;
                 if !slot.running {
                     state.queues[priority as usize].push_back(tag);
@@ -359,15 +516,23 @@ fn enqueue(state: &mut State, tag: ChunkTag, priority: Priority, waiter: Option<
     }
 }
 
-/// Picks the next chunk to download, honouring the demand reservation.
+/// Picks the next chunk to download, honouring the demand reservation: a
+/// background download starts only while no reader waits for a download and
+/// fewer than the background window's limit run.
 fn next_download(state: &mut State, settings: &FetchSettings) -> Option<ChunkTag> {
     if state.stopped || state.running >= settings.parallel {
         return None;
     }
     let background_limit = settings.parallel - settings.reserved_for_demand;
     for priority in PRIORITIES {
-        if priority != Priority::Demand && state.running >= background_limit {
-            return None;
+        if priority != Priority::Demand {
+            let background = state.running - state.running_demand;
+            if state.running >= background_limit
+                || state.running_demand > 0
+                || background >= state.window.limit()
+            {
+                return None;
+            }
         }
         while let Some(tag) = state.queues[priority as usize].pop_front() {
             let Some(slot) = state.slots.get_mut(&tag) else {
@@ -378,6 +543,9 @@ fn next_download(state: &mut State, settings: &FetchSettings) -> Option<ChunkTag
             }
             slot.running = true;
             state.running += 1;
+            if priority == Priority::Demand {
+                state.running_demand += 1;
+            }
             return Some(tag);
         }
     }
@@ -397,8 +565,10 @@ async fn dispatch(inner: Arc<Inner>) {
             Some(tag) => {
                 let inner = inner.clone();
                 inner.runtime.clone().spawn(async move {
-                    let result = download(&inner, tag).await;
-                    finish(&inner, tag, result);
+                    let started = Instant::now();
+                    let (result, attempts) = download(&inner, tag).await;
+                    let clean = (result.is_ok() && attempts == 1).then(|| started.elapsed());
+                    finish(&inner, tag, result, clean);
                 });
             }
             None => inner.wake.notified().await,
@@ -406,18 +576,30 @@ async fn dispatch(inner: Arc<Inner>) {
     }
 }
 
-/// Downloads one chunk with retries, verifies it and puts it in the cache.
 /// How many answers that are not the chunk (not found, or another error the
 /// store answered with) it takes, at least, over `missing_after`, to give up.
 const ODD_ANSWERS: u32 = 3;
 
-async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
+/// Downloads one chunk with retries, verifies it and puts it in the cache;
+/// also says how many attempts it took.
+async fn download(inner: &Inner, tag: ChunkTag) -> (Result<Bytes, FetchError>, u32) {
+    let mut attempts = 0;
+    let result = download_attempts(inner, tag, &mut attempts).await;
+    (result, attempts)
+}
+
+async fn download_attempts(
+    inner: &Inner,
+    tag: ChunkTag,
+    attempts: &mut u32,
+) -> Result<Bytes, FetchError> {
     let key = layout::chunk(&tag);
     let started = Instant::now();
     let mut backoff = inner.settings.initial_backoff;
     let mut odd_answers = 0u32;
     let mut first_odd_answer: Option<Instant> = None;
     loop {
+        *attempts += 1;
         let error = match inner.store.get(&key).await {
             Ok(bytes) => {
                 if let Err(e) = chunk::verify_tag(tag, &bytes) {
@@ -485,15 +667,28 @@ async fn download(inner: &Inner, tag: ChunkTag) -> Result<Bytes, FetchError> {
     }
 }
 
-fn finish(inner: &Inner, tag: ChunkTag, result: Result<Bytes, FetchError>) {
+/// Hands a download's result to its waiters; `clean` is how long it took
+/// when it succeeded at the first attempt (a sample for the background window).
+fn finish(
+    inner: &Inner,
+    tag: ChunkTag,
+    result: Result<Bytes, FetchError>,
+    clean: Option<Duration>,
+) {
     let waiters = {
         let mut state = inner.state.lock().expect("fetch state lock");
         state.running -= 1;
-        state
-            .slots
-            .remove(&tag)
-            .map(|slot| slot.waiters)
-            .unwrap_or_default()
+        if let Some(took) = clean {
+            state.window.completed(took);
+        }
+        let slot = state.slots.remove(&tag);
+        if slot
+            .as_ref()
+            .is_some_and(|s| s.priority == Priority::Demand)
+        {
+            state.running_demand -= 1;
+        }
+        slot.map(|slot| slot.waiters).unwrap_or_default()
     };
     if let Err(error) = &result {
         inner.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -676,12 +871,100 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_prefetch_starts_while_a_reader_waits_for_a_download() {
+        let (store, fetcher, tags, _dir) = gated(4, 1, 10).await;
+        let demand = tokio::spawn({
+            let fetcher = fetcher.clone();
+            let tag = tags[9];
+            async move { fetcher.fetch(tag, Priority::Demand).await }
+        });
+        assert_eq!(started(&store, 1).await, vec![layout::chunk(&tags[9])]);
+        fetcher.prefetch(tags[..9].iter().copied(), Priority::Prefetch);
+        // Slots are free, but the reader's download is alone on the link.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.started.lock().unwrap().len(), 1);
+        store.gate.add_permits(1);
+        demand.await.unwrap().unwrap();
+        // Then prefetch goes on, within the background window (2 to start with).
+        assert_eq!(started(&store, 3).await.len(), 3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.started.lock().unwrap().len(), 3);
+        store.gate.add_permits(100);
+        for tag in &tags {
+            fetcher.fetch(*tag, Priority::Prefetch).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn boot_files_go_before_the_memory_image() {
+        let (store, fetcher, tags, _dir) = gated(2, 1, 6).await;
+        fetcher.prefetch(tags[..1].iter().copied(), Priority::Prefetch);
+        started(&store, 1).await;
+        fetcher.prefetch(tags[1..3].iter().copied(), Priority::Memory);
+        fetcher.prefetch(tags[3..5].iter().copied(), Priority::Boot);
+        store.gate.add_permits(100);
+        let order = started(&store, 5).await;
+        let expected: Vec<String> = [0, 3, 4, 1, 2]
+            .iter()
+            .map(|&i| layout::chunk(&tags[i]))
+            .collect();
+        assert_eq!(order, expected);
+    }
+
+    fn window_after(max: usize, samples: impl IntoIterator<Item = u64>) -> BackgroundWindow {
+        let mut window = BackgroundWindow::new(max);
+        for ms in samples {
+            window.completed(Duration::from_millis(ms));
+        }
+        window
+    }
+
+    #[test]
+    fn the_background_window_grows_while_downloads_take_no_longer() {
+        // Downloads as fast as the fastest seen: nothing queues, so it grows to max.
+        assert_eq!(window_after(12, std::iter::repeat_n(30, 200)).limit(), 12);
+        assert_eq!(window_after(3, std::iter::repeat_n(30, 200)).limit(), 3);
+        assert_eq!(BackgroundWindow::new(12).limit(), 2);
+        assert_eq!(BackgroundWindow::new(1).limit(), 1);
+    }
+
+    #[test]
+    fn the_background_window_settles_near_the_bandwidth_delay_product() {
+        // A link where a download alone takes 30 ms (20 ms round trip + 10 ms
+        // transfer) and n in flight share it: each takes max(30, 10 n) ms.
+        let mut window = BackgroundWindow::new(12);
+        let mut limits = Vec::new();
+        for _ in 0..400 {
+            let n = window.limit() as u64;
+            window.completed(Duration::from_millis((10 * n).max(30)));
+            limits.push(window.limit());
+        }
+        let settled = &limits[200..];
+        assert!(
+            settled.iter().all(|&l| (3..=5).contains(&l)),
+            "limits after settling: {settled:?}"
+        );
+    }
+
+    #[test]
+    fn the_background_window_shrinks_when_downloads_queue() {
+        let mut window = window_after(12, std::iter::repeat_n(30, 200));
+        // Now each download takes 4 × as long as the fastest: most are queued.
+        for _ in 0..200 {
+            window.completed(Duration::from_millis(120));
+        }
+        assert_eq!(window.limit(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_prefetch_is_promoted_when_a_reader_waits() {
         let (store, fetcher, tags, _dir) = gated(2, 0, 10).await;
         fetcher.prefetch(tags.iter().copied(), Priority::Prefetch);
         started(&store, 2).await;
         // Registers the waiter synchronously, as fetch() does.
-        let Ok(Request::Wait(demand)) = fetcher.request(tags[9], Priority::Demand) else {
+        let Ok(Request::Wait(demand)) =
+            fetcher.request(tags[9], Priority::Demand, CacheRead::Verified)
+        else {
             panic!("chunk 9 is not cached yet")
         };
         store.gate.add_permits(1);

@@ -30,6 +30,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
 use std::time::{Duration, Instant, SystemTime};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -38,7 +40,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::cache::{ChunkCache, Durability};
 use crate::chunk::{self, ChunkEncoder, ChunkError, ChunkKey, ChunkRef, ChunkTag, EncodedChunk};
-use crate::fetch::{FetchError, Fetcher, Priority};
+use crate::fetch::{FetchError, Fetcher, Origin, Priority};
 use crate::keys::ParcelSecrets;
 use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
 
@@ -219,12 +221,16 @@ struct WriteBack {
 /// can never be stale. Bounded by [`ImageOptions::decoded_cache_chunks`].
 #[derive(Debug, Default)]
 struct DecodedChunks {
-    entries: HashMap<ChunkTag, (Arc<Vec<u8>>, u64)>,
+    entries: HashMap<ChunkTag, (Bytes, u64)>,
     clock: u64,
 }
 
 impl DecodedChunks {
-    fn get(&mut self, tag: &ChunkTag) -> Option<Arc<Vec<u8>>> {
+    fn contains(&self, tag: &ChunkTag) -> bool {
+        self.entries.contains_key(tag)
+    }
+
+    fn get(&mut self, tag: &ChunkTag) -> Option<Bytes> {
         self.clock += 1;
         let now = self.clock;
         self.entries.get_mut(tag).map(|(data, last_use)| {
@@ -233,7 +239,7 @@ impl DecodedChunks {
         })
     }
 
-    fn insert(&mut self, tag: ChunkTag, data: Arc<Vec<u8>>, capacity: usize) {
+    fn insert(&mut self, tag: ChunkTag, data: Bytes, capacity: usize) {
         if capacity == 0 {
             return;
         }
@@ -654,7 +660,7 @@ impl Image {
         tag: ChunkTag,
         key: &ChunkKey,
         priority: Priority,
-    ) -> Result<Arc<Vec<u8>>, ImageError> {
+    ) -> Result<Bytes, ImageError> {
         if let Some(data) = self.decoded.lock().expect("decoded lock").get(&tag) {
             return Ok(data);
         }
@@ -664,14 +670,22 @@ impl Image {
                 trace.order.push(tag);
             }
         }
-        // The fetcher returns bytes already verified against the tag.
-        let stored = self.fetcher.fetch_blocking(tag, priority)?;
-        let data = Arc::new(chunk::decode_verified(
-            &self.secrets.dedup_secret,
-            tag,
-            key,
-            &stored,
-        )?);
+        // A cached chunk was checked against its tag when it entered the
+        // cache, so it is only decrypted (the AEAD check finds any damage
+        // since); a downloaded one arrives checked against its tag.
+        let (stored, origin) = self.fetcher.fetch_to_decrypt_blocking(tag, priority)?;
+        let secret = &self.secrets.dedup_secret;
+        let data = match origin {
+            Origin::Cache => match chunk::decrypt_cached(tag, key, stored) {
+                Ok(data) => data,
+                Err(_) => {
+                    self.fetcher.drop_damaged(tag)?;
+                    let stored = self.fetcher.fetch_blocking(tag, priority)?;
+                    chunk::decode_verified(secret, tag, key, stored)?
+                }
+            },
+            Origin::Store => chunk::decode_verified(secret, tag, key, stored)?,
+        };
         self.decoded.lock().expect("decoded lock").insert(
             tag,
             data.clone(),
@@ -697,6 +711,12 @@ impl Image {
         let node = self.file(path)?;
         let end = node.size.min(offset.saturating_add(len as u64));
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        if end > offset && (end - 1) / self.chunk_size > offset / self.chunk_size {
+            self.advise_will_need(
+                &node,
+                offset / self.chunk_size..=(end - 1) / self.chunk_size,
+            );
+        }
         let mut position = offset;
         while position < end {
             let index = position / self.chunk_size;
@@ -729,6 +749,20 @@ impl Image {
             position += take as u64;
         }
         Ok(out)
+    }
+
+    /// For a read of several chunks: starts reading the cached ones that are
+    /// not decoded yet from the disk at once, so the reads overlap (each
+    /// chunk is a file in the cache; one request of 1 MiB is 8 of them).
+    fn advise_will_need(&self, node: &Node, chunks: std::ops::RangeInclusive<u64>) {
+        let wanted: Vec<ChunkTag> = {
+            let decoded = self.decoded.lock().expect("decoded lock");
+            chunks
+                .filter_map(|index| self.committed_chunk(node, index).tag())
+                .filter(|tag| !decoded.contains(tag))
+                .collect()
+        };
+        self.fetcher.advise_will_need(wanted);
     }
 
     /// Writes `data` at `offset`, extending the file if needed.

@@ -13,7 +13,8 @@
 //! Prefetch after resume: memory image files first, in order, then the chunks
 //! of the base version's access trace in the order the previous session first
 //! read them, then every other file in order ([`Priority::Memory`],
-//! [`Priority::Trace`], [`Priority::Prefetch`]).
+//! [`Priority::Trace`], [`Priority::Prefetch`]). The daemon moves the files its
+//! VMM reads before the guest runs further ahead ([`Session::prefetch_files`]).
 
 mod commit;
 mod trickle;
@@ -675,6 +676,25 @@ impl Session {
                 Err(e) => tracing::warn!(error = %e, "ignoring the access trace"),
             }
         });
+    }
+
+    /// Moves the base version's chunks of `files` (paths relative to the
+    /// parcel's root) ahead of the sweep, at `priority`: the daemon names the
+    /// files its VMM reads before the guest runs ([`Priority::Boot`] for a
+    /// kernel and initrd, [`Priority::Memory`] for the memory image that
+    /// vm.toml names). Files the base version does not have are skipped.
+    pub fn prefetch_files(&self, files: &[&Path], priority: Priority) {
+        let wanted: Vec<String> = files
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let tags: Vec<ChunkTag> = self
+            .base
+            .files()
+            .filter(|(path, _, _)| wanted.iter().any(|w| w == path))
+            .flat_map(|(_, _, chunks)| chunks.iter().filter_map(|c| c.tag()))
+            .collect();
+        self.fetcher.prefetch(tags, priority);
     }
 
     /// Where the session's counters come from.

@@ -13,6 +13,7 @@ use isr::cache::ChunkCache;
 use isr::config::Config;
 use isr::control::{self, Request, Response};
 use isr::error::{Classify, ErrorClass};
+use isr::fetch::Priority;
 use isr::image::ImageOptions;
 use isr::session::{CommitReport, Session, SessionContext, SessionError};
 use isr::store;
@@ -196,6 +197,16 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+/// Moves what the VM reads before its guest runs to the front of the
+/// prefetch: the kernel and initrd (read whole as QEMU starts, even when it
+/// then loads a saved state), then the memory image vm.toml names.
+fn prefetch_vm_files(session: &Session, parcel: &str, mount: &std::path::Path) {
+    if let Ok(config) = supervise::load_config(parcel, mount) {
+        session.prefetch_files(&config.boot_files(), Priority::Boot);
+        session.prefetch_files(&[config.memory_image.as_path()], Priority::Memory);
+    }
 }
 
 /// The VM slot of a session being mounted, with the VMM chosen (unless its
@@ -724,10 +735,12 @@ impl Daemon {
         match fuser::spawn_mount(fs, &mount, &config) {
             Ok(background) => {
                 tracing::info!(parcel = %parcel.name, mount = %mount.display(), reattaching, "mounted");
+                crate::fuse::raise_readahead(&mount);
                 self.checked_in
                     .lock()
                     .expect("checked_in")
                     .remove(&parcel.name);
+                prefetch_vm_files(&session, &parcel.name, &mount);
                 self.sessions.lock().expect("sessions lock").insert(
                     parcel.name.clone(),
                     Mounted {

@@ -33,8 +33,9 @@ struct Cli {
     /// Largest size of the chunk cache in bytes (default: `[cache] max_bytes`, 64 GiB).
     #[arg(long, value_name = "BYTES")]
     cache_size: Option<u64>,
-    /// FUSE worker threads per mount.
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    /// FUSE worker threads per mount (each serves one request at a time; a
+    /// warm read request mostly waits on a chunk file, so more than cores).
+    #[arg(long, default_value_t = 8, value_name = "N")]
     fuse_threads: usize,
     /// Let other users access the mounts (needs user_allow_other in /etc/fuse.conf for non-root).
     #[arg(long)]

@@ -158,6 +158,21 @@ impl LocalStore {
             .map_err(|e| self.io_error(key, e))
     }
 
+    /// Asks the kernel to start reading an object into the page cache
+    /// (`posix_fadvise(WILLNEED)`), so that several reads that follow
+    /// overlap on the disk; a missing object is ignored.
+    pub fn advise_will_need(&self, key: &str) {
+        let Ok(path) = self.path(key) else { return };
+        if let Ok(file) = fs::File::open(path) {
+            let _ = nix::fcntl::posix_fadvise(
+                &file,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
     /// Removes an object synchronously; a missing object is fine.
     pub fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
         match fs::remove_file(self.path(key)?) {

@@ -424,6 +424,16 @@ impl VmConfig {
         files
     }
 
+    /// The files the VMM reads whole as it starts, before it loads the memory
+    /// image or runs the guest (direct boot's kernel and initrd).
+    pub fn boot_files(&self) -> Vec<&Path> {
+        self.kernel
+            .iter()
+            .chain(&self.initrd)
+            .map(PathBuf::as_path)
+            .collect()
+    }
+
     /// Checks ranges and consistency; the first problem found is the error.
     pub fn validate(&self) -> Result<(), VmConfigError> {
         let invalid = |field: &str, reason: String| VmConfigError::Invalid {
