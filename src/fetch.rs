@@ -9,8 +9,8 @@
 //!   of them, so a demand read never queues behind prefetch; a queued chunk a
 //!   reader starts waiting for is promoted to that reader's priority.
 //! - **A demand read shares the link with as little prefetch as possible**:
-//!   while one waits, no background download starts, and the background
-//!   downloads in flight are held near the link's bandwidth-delay product by
+//!   the downloads in flight are held near the link's bandwidth-delay product
+//!   (while a reader waits, its download counts too) by
 //!   [`BackgroundWindow`] (delay-based, as TCP Vegas: it grows while downloads
 //!   take no longer than the fastest one seen, and shrinks once they show more
 //!   than two chunks queued on the link). More in flight than that adds no
@@ -179,10 +179,11 @@ struct State {
 /// the link's bandwidth-delay product in chunks (TCP Vegas applied to whole
 /// downloads).
 ///
-/// `base` is the fastest download seen, the link's round trip plus one
-/// chunk's transfer with nothing queued. After each round (as many
-/// completed downloads as the limit), the fastest download of the round says
-/// how many chunks were queued on the link: `limit × (1 − base ÷ fastest)`.
+/// `base` is the fastest download seen of a chunk of about that size, the
+/// link's round trip plus that chunk's transfer with nothing queued. After
+/// each round (as many completed downloads as the limit), the download of the
+/// round closest to its base says how many chunks were queued on the link:
+/// `limit × (1 − base ÷ took)`.
 /// Fewer than one: the link may have room, so one more may run; more than
 /// two: they only wait on each other (and delay the next demand read), so one
 /// fewer. The limit stays within `[min(2, max), max]`.
@@ -190,10 +191,17 @@ struct State {
 pub struct BackgroundWindow {
     limit: usize,
     max: usize,
-    base: Option<Duration>,
-    round_fastest: Option<Duration>,
+    /// The fastest download seen, per size class (stored size rounded down
+    /// to a power of two): chunks compress to very different sizes, and a
+    /// 5 KiB chunk alone is faster than a 128 KiB one alone.
+    base: [Option<Duration>; SIZE_CLASSES],
+    /// Over the round so far, the largest `base ÷ took` of a download.
+    round_best: f64,
     round_left: usize,
 }
+
+/// Size classes of [`BackgroundWindow`]: up to 2^(SIZE_CLASSES − 1) bytes.
+const SIZE_CLASSES: usize = 25;
 
 impl Default for BackgroundWindow {
     fn default() -> Self {
@@ -213,8 +221,8 @@ impl BackgroundWindow {
         BackgroundWindow {
             limit,
             max,
-            base: None,
-            round_fastest: None,
+            base: [None; SIZE_CLASSES],
+            round_best: 0.0,
             round_left: limit.max(1),
         }
     }
@@ -224,22 +232,25 @@ impl BackgroundWindow {
         self.limit
     }
 
-    /// Takes the duration of one download that succeeded at its first attempt.
-    pub fn completed(&mut self, took: Duration) {
-        self.base = Some(self.base.map_or(took, |b| b.min(took)));
-        self.round_fastest = Some(self.round_fastest.map_or(took, |f| f.min(took)));
+    /// Takes the duration of one download of `bytes` stored bytes that
+    /// succeeded at its first attempt.
+    pub fn completed(&mut self, took: Duration, bytes: usize) {
+        let class = (usize::BITS - bytes.max(1).leading_zeros()) as usize - 1;
+        let base = &mut self.base[class.min(SIZE_CLASSES - 1)];
+        let fastest = base.map_or(took, |b| b.min(took));
+        *base = Some(fastest);
+        let closeness = if took.is_zero() {
+            1.0
+        } else {
+            fastest.as_secs_f64() / took.as_secs_f64()
+        };
+        self.round_best = self.round_best.max(closeness);
         self.round_left = self.round_left.saturating_sub(1);
         if self.round_left > 0 {
             return;
         }
-        let (Some(base), Some(fastest)) = (self.base, self.round_fastest.take()) else {
-            return;
-        };
-        let queued = if fastest.is_zero() {
-            0.0
-        } else {
-            self.limit as f64 * (1.0 - base.as_secs_f64() / fastest.as_secs_f64())
-        };
+        let queued = self.limit as f64 * (1.0 - self.round_best);
+        self.round_best = 0.0;
         let floor = self.max.min(2);
         if queued < Self::GROW_BELOW {
             self.limit = (self.limit + 1).min(self.max);
@@ -517,8 +528,8 @@ fn enqueue(state: &mut State, tag: ChunkTag, priority: Priority, waiter: Option<
 }
 
 /// Picks the next chunk to download, honouring the demand reservation: a
-/// background download starts only while no reader waits for a download and
-/// fewer than the background window's limit run.
+/// background download starts only while fewer than the background window's
+/// limit run, counting the downloads readers wait for once there are any.
 fn next_download(state: &mut State, settings: &FetchSettings) -> Option<ChunkTag> {
     if state.stopped || state.running >= settings.parallel {
         return None;
@@ -527,10 +538,10 @@ fn next_download(state: &mut State, settings: &FetchSettings) -> Option<ChunkTag
     for priority in PRIORITIES {
         if priority != Priority::Demand {
             let background = state.running - state.running_demand;
-            if state.running >= background_limit
-                || state.running_demand > 0
-                || background >= state.window.limit()
-            {
+            let window = state.window.limit();
+            // While readers wait, their downloads count against the window too.
+            let waited_for = state.running_demand > 0 && state.running >= window;
+            if state.running >= background_limit || background >= window || waited_for {
                 return None;
             }
         }
@@ -567,7 +578,10 @@ async fn dispatch(inner: Arc<Inner>) {
                 inner.runtime.clone().spawn(async move {
                     let started = Instant::now();
                     let (result, attempts) = download(&inner, tag).await;
-                    let clean = (result.is_ok() && attempts == 1).then(|| started.elapsed());
+                    let clean = match &result {
+                        Ok(bytes) if attempts == 1 => Some((started.elapsed(), bytes.len())),
+                        _ => None,
+                    };
                     finish(&inner, tag, result, clean);
                 });
             }
@@ -668,18 +682,19 @@ async fn download_attempts(
 }
 
 /// Hands a download's result to its waiters; `clean` is how long it took
-/// when it succeeded at the first attempt (a sample for the background window).
+/// and how many bytes it brought when it succeeded at the first attempt (a
+/// sample for the background window).
 fn finish(
     inner: &Inner,
     tag: ChunkTag,
     result: Result<Bytes, FetchError>,
-    clean: Option<Duration>,
+    clean: Option<(Duration, usize)>,
 ) {
     let waiters = {
         let mut state = inner.state.lock().expect("fetch state lock");
         state.running -= 1;
-        if let Some(took) = clean {
-            state.window.completed(took);
+        if let Some((took, bytes)) = clean {
+            state.window.completed(took, bytes);
         }
         let slot = state.slots.remove(&tag);
         if slot
@@ -871,7 +886,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn no_prefetch_starts_while_a_reader_waits_for_a_download() {
+    async fn a_waiting_reader_s_download_counts_against_the_background_window() {
         let (store, fetcher, tags, _dir) = gated(4, 1, 10).await;
         let demand = tokio::spawn({
             let fetcher = fetcher.clone();
@@ -880,12 +895,14 @@ mod tests {
         });
         assert_eq!(started(&store, 1).await, vec![layout::chunk(&tags[9])]);
         fetcher.prefetch(tags[..9].iter().copied(), Priority::Prefetch);
-        // Slots are free, but the reader's download is alone on the link.
+        // Slots are free, but the window (2 to start with) holds the
+        // reader's download and one prefetch.
+        assert_eq!(started(&store, 2).await.len(), 2);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(store.started.lock().unwrap().len(), 1);
+        assert_eq!(store.started.lock().unwrap().len(), 2);
         store.gate.add_permits(1);
         demand.await.unwrap().unwrap();
-        // Then prefetch goes on, within the background window (2 to start with).
+        // With no reader waiting, the window is all prefetch's.
         assert_eq!(started(&store, 3).await.len(), 3);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(store.started.lock().unwrap().len(), 3);
@@ -914,7 +931,7 @@ mod tests {
     fn window_after(max: usize, samples: impl IntoIterator<Item = u64>) -> BackgroundWindow {
         let mut window = BackgroundWindow::new(max);
         for ms in samples {
-            window.completed(Duration::from_millis(ms));
+            window.completed(Duration::from_millis(ms), 128 << 10);
         }
         window
     }
@@ -936,7 +953,7 @@ mod tests {
         let mut limits = Vec::new();
         for _ in 0..400 {
             let n = window.limit() as u64;
-            window.completed(Duration::from_millis((10 * n).max(30)));
+            window.completed(Duration::from_millis((10 * n).max(30)), 128 << 10);
             limits.push(window.limit());
         }
         let settled = &limits[200..];
@@ -947,11 +964,26 @@ mod tests {
     }
 
     #[test]
+    fn small_chunks_being_faster_is_not_taken_for_queueing() {
+        // Alone on the link: 5 KiB chunks take 20 ms, 128 KiB ones 30 ms.
+        let mut window = BackgroundWindow::new(12);
+        for i in 0..400 {
+            let (ms, bytes) = if i % 2 == 0 {
+                (20, 5 << 10)
+            } else {
+                (30, 128 << 10)
+            };
+            window.completed(Duration::from_millis(ms), bytes);
+        }
+        assert_eq!(window.limit(), 12);
+    }
+
+    #[test]
     fn the_background_window_shrinks_when_downloads_queue() {
         let mut window = window_after(12, std::iter::repeat_n(30, 200));
         // Now each download takes 4 × as long as the fastest: most are queued.
         for _ in 0..200 {
-            window.completed(Duration::from_millis(120));
+            window.completed(Duration::from_millis(120), 128 << 10);
         }
         assert_eq!(window.limit(), 2);
     }
