@@ -1,6 +1,7 @@
 //! Chunk codec micro-benchmarks: encode and decode one 128 KiB chunk of random,
 //! text-like and all-zero data. Throughput is reported per plaintext byte; compare
 //! encode against `blake3` alone (the floor: every byte is hashed at least twice).
+//! `decode` is a download's full check; `decrypt_cached` a warm read's.
 
 use std::hint::black_box;
 
@@ -44,6 +45,14 @@ fn codec(c: &mut Criterion) {
         {
             group.bench_function(format!("decode/{name}"), |b| {
                 b.iter(|| chunk::decode(&secret, tag, &key, black_box(&stored)).unwrap())
+            });
+            // A warm read of a cached chunk: decryption only, in its own buffer
+            // (the copy stands for the read of the cache file).
+            group.bench_function(format!("decrypt_cached/{name}"), |b| {
+                b.iter(|| {
+                    let bytes = bytes::Bytes::from(black_box(&stored).clone());
+                    chunk::decrypt_cached(tag, &key, bytes).unwrap()
+                })
             });
         }
     }
