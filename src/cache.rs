@@ -186,11 +186,7 @@ impl ChunkCache {
     /// Removes a cached copy found damaged, so the next reader fetches it again.
     pub fn drop_damaged(&self, tag: &ChunkTag) -> Result<(), CacheError> {
         tracing::warn!(chunk = %tag, "cached chunk is damaged; dropping it so it is fetched again");
-        match self.store.delete_blocking(&layout::chunk(tag)) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.store.delete_blocking(&layout::chunk(tag))?; // a missing file is fine
         self.forget(tag);
         Ok(())
     }

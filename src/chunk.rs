@@ -359,10 +359,10 @@ pub fn decode(
     secret: &DedupSecret,
     tag: ChunkTag,
     key: &ChunkKey,
-    stored: &[u8],
-) -> Result<Vec<u8>, ChunkError> {
-    verify_tag(tag, stored)?;
-    decode_verified(secret, tag, key, Bytes::copy_from_slice(stored)).map(Vec::from)
+    stored: Bytes,
+) -> Result<Bytes, ChunkError> {
+    verify_tag(tag, &stored)?;
+    decode_verified(secret, tag, key, stored)
 }
 
 /// [`decode`] for bytes already checked with [`verify_tag`] (downloads):
@@ -467,6 +467,20 @@ mod tests {
         DedupSecret::from_bytes([byte; 32])
     }
 
+    /// Seals `data` (not all zeros) under `secret(seed)`: tag, key, stored bytes.
+    fn sealed(seed: u8, zstd_level: i32, data: &[u8]) -> (ChunkTag, ChunkKey, Vec<u8>) {
+        let EncodedChunk::Stored {
+            chunk: ChunkRef::Stored { tag, key, .. },
+            stored,
+        } = ChunkEncoder::new(secret(seed), zstd_level)
+            .unwrap()
+            .encode(data)
+        else {
+            panic!("stored chunk expected")
+        };
+        (tag, key, stored)
+    }
+
     fn roundtrip(data: &[u8]) -> EncodedChunk {
         let mut encoder = ChunkEncoder::new(secret(7), 3).unwrap();
         let encoded = encoder.encode(data);
@@ -481,7 +495,10 @@ mod tests {
         } = &encoded
         {
             assert_eq!(*stored_len as usize, stored.len());
-            assert_eq!(decode(&secret(7), *tag, key, stored).unwrap(), data);
+            assert_eq!(
+                decode(&secret(7), *tag, key, Bytes::copy_from_slice(stored)).unwrap(),
+                data
+            );
         }
         encoded
     }
@@ -492,14 +509,7 @@ mod tests {
         // over for speed: both must be the same construction, byte for byte.
         use chacha20poly1305::aead::{Aead, KeyInit, Payload};
         let plaintext: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let mut encoder = ChunkEncoder::new(secret(9), 0).unwrap();
-        let EncodedChunk::Stored {
-            chunk: ChunkRef::Stored { tag, key, .. },
-            stored,
-        } = encoder.encode(&plaintext)
-        else {
-            panic!("stored chunk expected")
-        };
+        let (tag, key, stored) = sealed(9, 0, &plaintext);
         let cipher = chacha20poly1305::ChaCha20Poly1305::new(&chacha20poly1305::Key::from(key.0));
         let nonce = chacha20poly1305::Nonce::try_from(&stored[12..24]).unwrap();
         let header = &stored[..HEADER_LEN];
@@ -522,20 +532,16 @@ mod tests {
             )
             .unwrap();
         assert_eq!(&stored[HEADER_LEN..], &resealed[..]);
-        assert_eq!(decode(&secret(9), tag, &key, &stored).unwrap(), plaintext);
+        assert_eq!(
+            decode(&secret(9), tag, &key, Bytes::from(stored)).unwrap(),
+            plaintext
+        );
     }
 
     #[test]
     fn a_damaged_cached_chunk_fails_decryption() {
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 13) as u8).collect();
-        let mut encoder = ChunkEncoder::new(secret(5), 3).unwrap();
-        let EncodedChunk::Stored {
-            chunk: ChunkRef::Stored { tag, key, .. },
-            stored,
-        } = encoder.encode(&data)
-        else {
-            panic!("stored chunk expected")
-        };
+        let (tag, key, stored) = sealed(5, 3, &data);
         let good = Bytes::from(stored.clone());
         assert_eq!(decrypt_cached(tag, &key, good).unwrap(), data);
         for at in [0, 12, HEADER_LEN, stored.len() - 1] {
@@ -623,29 +629,24 @@ mod tests {
             .take(70_000)
             .copied()
             .collect();
-        let EncodedChunk::Stored {
-            chunk: ChunkRef::Stored { tag, key, .. },
-            stored,
-        } = ChunkEncoder::new(secret(3), 3).unwrap().encode(&data)
-        else {
-            panic!("zero?")
-        };
+        let (tag, key, stored) = sealed(3, 3, &data);
         for position in [0, 5, HEADER_LEN + 3, stored.len() - 1] {
             let mut bad = stored.clone();
             bad[position] ^= 1;
-            let err = decode(&secret(3), tag, &key, &bad).unwrap_err();
+            let err = decode(&secret(3), tag, &key, Bytes::from(bad)).unwrap_err();
             assert!(matches!(err, ChunkError::TagMismatch { .. }), "{err}");
             assert_eq!(err.tag(), tag);
         }
-        let err = decode(&secret(3), tag, &key, &stored[..stored.len() - 10]).unwrap_err();
+        let truncated = Bytes::copy_from_slice(&stored[..stored.len() - 10]);
+        let err = decode(&secret(3), tag, &key, truncated).unwrap_err();
         assert!(err.to_string().contains(&tag.to_hex()));
         let wrong_key = ChunkKey([9; 32]);
         assert!(matches!(
-            decode(&secret(3), tag, &wrong_key, &stored),
+            decode(&secret(3), tag, &wrong_key, Bytes::from(stored.clone())),
             Err(ChunkError::Decrypt { .. })
         ));
         assert!(matches!(
-            decode(&secret(4), tag, &key, &stored),
+            decode(&secret(4), tag, &key, Bytes::from(stored)),
             Err(ChunkError::KeyMismatch { .. })
         ));
     }

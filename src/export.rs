@@ -128,7 +128,7 @@ async fn fetch_chunk(
     chunk: &ChunkRef,
     file: &str,
     offset: u64,
-) -> Result<Vec<u8>, ExportError> {
+) -> Result<bytes::Bytes, ExportError> {
     let ChunkRef::Stored { tag, key, .. } = chunk else {
         unreachable!("zero chunks are not fetched")
     };
@@ -145,7 +145,7 @@ async fn fetch_chunk(
             other => other.into(),
         })?;
     let (tag, key, secret) = (*tag, key.clone(), parcel.secrets.dedup_secret.clone());
-    tokio::task::spawn_blocking(move || chunk::decode(&secret, tag, &key, &stored))
+    tokio::task::spawn_blocking(move || chunk::decode(&secret, tag, &key, stored))
         .await
         .expect("decode task")
         .map_err(|source| ExportError::BadChunk {
@@ -385,7 +385,7 @@ pub async fn verify(
                 let (tag, key, secret) = (*tag, key.clone(), parcel.secrets.dedup_secret.clone());
                 let check = tokio::task::spawn_blocking(move || {
                     if deep {
-                        chunk::decode(&secret, tag, &key, &stored).map(drop)
+                        chunk::decode(&secret, tag, &key, stored).map(drop)
                     } else {
                         chunk::verify_tag(tag, &stored)
                     }

@@ -168,9 +168,6 @@ struct State {
     /// promoted to a higher queue) are skipped when popped.
     queues: [VecDeque<ChunkTag>; 5],
     running: usize,
-    /// Of `running`, the downloads a reader waits for (started as demand, or
-    /// promoted to it while running).
-    running_demand: usize,
     window: BackgroundWindow,
     stopped: bool,
 }
@@ -506,9 +503,6 @@ fn enqueue(state: &mut State, tag: ChunkTag, priority: Priority, waiter: Option<
                 slot.waiters.push(waiter);
             }
             if priority < slot.priority {
-                if slot.running && priority == Priority::Demand {
-                    state.running_demand += 1;
-                }
                 slot.priority = priority;
                 if !slot.running {
                     state.queues[priority as usize].push_back(tag);
@@ -530,22 +524,16 @@ fn enqueue(state: &mut State, tag: ChunkTag, priority: Priority, waiter: Option<
 }
 
 /// Picks the next chunk to download, honouring the demand reservation: a
-/// background download starts only while fewer than the background window's
-/// limit run, counting the downloads readers wait for once there are any.
+/// background download starts only while fewer downloads than the background
+/// window's limit run, the ones readers wait for included (the window is at
+/// most `parallel − reserved_for_demand`).
 fn next_download(state: &mut State, settings: &FetchSettings) -> Option<ChunkTag> {
     if state.stopped || state.running >= settings.parallel {
         return None;
     }
-    let background_limit = settings.parallel - settings.reserved_for_demand;
     for priority in PRIORITIES {
-        if priority != Priority::Demand {
-            let background = state.running - state.running_demand;
-            let window = state.window.limit();
-            // While readers wait, their downloads count against the window too.
-            let waited_for = state.running_demand > 0 && state.running >= window;
-            if state.running >= background_limit || background >= window || waited_for {
-                return None;
-            }
+        if priority != Priority::Demand && state.running >= state.window.limit() {
+            return None;
         }
         while let Some(tag) = state.queues[priority as usize].pop_front() {
             let Some(slot) = state.slots.get_mut(&tag) else {
@@ -556,9 +544,6 @@ fn next_download(state: &mut State, settings: &FetchSettings) -> Option<ChunkTag
             }
             slot.running = true;
             state.running += 1;
-            if priority == Priority::Demand {
-                state.running_demand += 1;
-            }
             return Some(tag);
         }
     }
@@ -698,14 +683,11 @@ fn finish(
         if let Some((took, bytes)) = clean {
             state.window.completed(took, bytes);
         }
-        let slot = state.slots.remove(&tag);
-        if slot
-            .as_ref()
-            .is_some_and(|s| s.priority == Priority::Demand)
-        {
-            state.running_demand -= 1;
-        }
-        slot.map(|slot| slot.waiters).unwrap_or_default()
+        state
+            .slots
+            .remove(&tag)
+            .map(|slot| slot.waiters)
+            .unwrap_or_default()
     };
     if let Err(error) = &result {
         inner.counters.failures.fetch_add(1, Ordering::Relaxed);

@@ -199,22 +199,28 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Moves what the VM reads before its guest runs to the front of the
-/// prefetch: the kernel and initrd (read whole as QEMU starts, even when it
-/// then loads a saved state), then the memory image vm.toml names.
-fn prefetch_vm_files(session: &Session, parcel: &str, mount: &std::path::Path) {
-    if let Ok(config) = supervise::load_config(parcel, mount) {
+/// The VM slot of a session being mounted, with the VMM chosen (unless its
+/// vm.toml is unreadable: `ensure_vm` then says why); a VM to start shows as
+/// `busy` until it runs. What the VM reads before its guest runs moves to the
+/// front of the prefetch: the kernel and initrd (read whole as QEMU starts,
+/// even when it then loads a saved state), then the memory image vm.toml names.
+fn starting_slot(
+    session: &Session,
+    parcel: &str,
+    requested: Option<VmmKind>,
+    mount: &std::path::Path,
+) -> Arc<VmSlot> {
+    let config = supervise::load_config(parcel, mount);
+    if let Ok(config) = &config {
         session.prefetch_files(&config.boot_files(), Priority::Boot);
         session.prefetch_files(&[config.memory_image.as_path()], Priority::Memory);
     }
-}
-
-/// The VM slot of a session being mounted, with the VMM chosen (unless its
-/// vm.toml is unreadable: `ensure_vm` then says why); a VM to start shows as
-/// `busy` until it runs.
-fn starting_slot(parcel: &str, requested: Option<VmmKind>, mount: &std::path::Path) -> Arc<VmSlot> {
+    let kind = match requested {
+        Some(kind) => Ok(kind),
+        None => supervise::configured_kind(config),
+    };
     let slot = VmSlot::default();
-    if let Ok(kind) = supervise::chosen_kind(parcel, requested, mount) {
+    if let Ok(kind) = kind {
         *slot.kind.lock().expect("vm kind") = Some(kind);
         if kind != VmmKind::None {
             *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(kind));
@@ -740,13 +746,13 @@ impl Daemon {
                     .lock()
                     .expect("checked_in")
                     .remove(&parcel.name);
-                prefetch_vm_files(&session, &parcel.name, &mount);
+                let vm = starting_slot(&session, &parcel.name, vmm, &mount);
                 self.sessions.lock().expect("sessions lock").insert(
                     parcel.name.clone(),
                     Mounted {
                         session: Arc::new(session),
                         mount: Some(background),
-                        vm: starting_slot(&parcel.name, vmm, &mount),
+                        vm,
                     },
                 );
                 match self.ensure_vm(&parcel.name, vmm) {

@@ -253,10 +253,16 @@ pub fn chosen_kind(
     requested: Option<VmmKind>,
     mount: &Path,
 ) -> Result<VmmKind, VmError> {
-    if let Some(kind) = requested {
-        return Ok(kind);
+    match requested {
+        Some(kind) => Ok(kind),
+        None => configured_kind(load_config(parcel, mount)),
     }
-    match load_config(parcel, mount) {
+}
+
+/// The VMM a parcel's `vm.toml` (as [`load_config`] read it) names; none
+/// without a `vm.toml`.
+pub fn configured_kind(config: Result<VmConfig, VmError>) -> Result<VmmKind, VmError> {
+    match config {
         Ok(config) => Ok(config.vmm),
         Err(VmError::NoConfig { .. }) => Ok(VmmKind::None),
         Err(e) => Err(e),
