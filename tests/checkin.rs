@@ -359,6 +359,9 @@ fn two_machines(a: &Env) {
     disk.write_all_at(b"changed on A", 4096).unwrap();
     disk.sync_all().unwrap();
     drop(disk);
+    // What is checked below is that checkin keeps A's cache, so A's prefetch
+    // has to have filled it first (on a loaded machine it may still be going).
+    wait_until_prefetched(a, "vm");
     a.json(&["checkin", "vm"]);
 
     let mount_b = resume(&b, "vm");
@@ -457,6 +460,18 @@ fn force_unlock_keeps_changes_s3() {
 // ---------------------------------------------------------------------------
 // Trickle upload: quiet chunks go up in the background, a restart does not
 // send them again, and checkin is left with (almost) nothing to do.
+
+fn wait_until_prefetched(env: &Env, name: &str) {
+    // A liveness guard, not a timing check: prefetch must finish eventually.
+    for _ in 0..1200 {
+        let status = env.json(&["status", name])[0].clone();
+        if status["chunks_local"] == status["chunks_total"] {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("prefetch never filled the cache");
+}
 
 fn wait_until_uploaded(env: &Env, name: &str) -> serde_json::Value {
     // A liveness guard, not a timing check: the trickle must finish eventually.
