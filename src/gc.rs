@@ -35,18 +35,27 @@
 //! `base_version`; if gc finds in its re-listing that a lock names a version it
 //! just deleted (a resume raced with gc), it deletes no chunk this time.
 //!
-//! One window remains: a chunk that is old *and* unreferenced (an orphan) and
-//! that a writer reuses at the very moment gc deletes it — gc's HEAD sees the
-//! old time, the writer's refresh lands, gc's DELETE removes the refreshed
-//! object. Closing it needs a delete conditional on the last-modified time,
-//! which S3 offers only for directory buckets (an ETag condition cannot tell a
-//! refresh with identical bytes apart). It needs a round trip of gc to
-//! straddle the writer's refresh of that very chunk; `isrctl verify` finds the
-//! damage and a re-import repairs it.
+//! **A writer reusing an orphan while gc deletes it.** An old unreferenced
+//! chunk (an orphan) that a writer reuses is refreshed with `put_replace`.
+//! If gc's HEAD saw the old time just before the refresh landed, gc's DELETE
+//! would remove the refreshed object, and no store here offers a delete
+//! conditional on the last-modified time (S3 has it only for directory
+//! buckets; an ETag condition cannot tell a refresh of identical bytes
+//! apart). So gc announces every batch before it looks at its chunks: it
+//! writes a notice `gc/deleting/<id>` listing the batch's keys, HEADs and
+//! deletes them, then removes the notice. A writer, after its refreshes and
+//! before its commit, runs [`confirm_refreshed`]: it lists the notices,
+//! waits until every one naming a chunk it refreshed is gone, then HEADs
+//! those chunks and writes again any that are missing. A notice the writer
+//! does not see was posted after its refreshes, so that gc's HEAD sees the
+//! new time and keeps the chunk. gc deletes nothing under a notice older
+//! than a minute by its own clock, and writers ignore (and gc removes)
+//! notices older than ten minutes by the store's clock, left by a gc that
+//! died.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -57,7 +66,7 @@ use crate::error::{Classify, ErrorClass};
 use crate::keys::Credential;
 use crate::parcel::{self, OpenParcel, ParcelError, layout};
 use crate::progress::Progress;
-use crate::store::{BoxError, ListStore, StoreError, StoreHandle};
+use crate::store::{BoxError, ListStore, StoreError, StoreHandle, WriteStore};
 
 /// What to collect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -490,23 +499,46 @@ pub async fn collect<U: Unlocker>(
         return Ok(report);
     };
     progress.start("deleting", doomed.iter().map(|(_, size)| size).sum());
-    let results: Vec<Result<Option<u64>, StoreError>> = futures::stream::iter(doomed)
-        .map(|(key, size)| {
-            let writer = writer.clone();
-            async move {
-                // Refreshed since the listing (a writer reuses it), or gone.
-                match writer.modified(&key).await? {
-                    Some(modified) if old(modified) => {}
-                    _ => return Ok(None),
+    remove_stale_notices(lister.as_ref(), writer.as_ref()).await?;
+    let mut results: Vec<Result<Option<u64>, StoreError>> = Vec::new();
+    for batch in doomed.chunks(NOTICE_BATCH) {
+        // Announce the batch before looking at any of its chunks: a writer
+        // that refreshed one of them and then does not see this notice
+        // refreshed it before the HEAD below, which then sees the new time.
+        let notice = layout::gc_notice(&format!("{:032x}", rand::random::<u128>()));
+        let keys: Vec<&str> = batch.iter().map(|(key, _)| key.as_str()).collect();
+        writer
+            .put_new(&notice, Bytes::from(keys.join("\n")))
+            .await?;
+        let posted = Instant::now();
+        let batch_results: Vec<_> = futures::stream::iter(batch)
+            .map(|(key, size)| {
+                let writer = writer.clone();
+                async move {
+                    // Past the deadline a writer may take the notice for a
+                    // dead gc's: stop deleting (the next run goes on).
+                    if posted.elapsed() > NOTICE_DEADLINE {
+                        return Ok(None);
+                    }
+                    // Refreshed since the listing (a writer reuses it), or gone.
+                    match writer.modified(key).await? {
+                        Some(modified) if old(modified) => {}
+                        _ => return Ok(None),
+                    }
+                    if posted.elapsed() > NOTICE_DEADLINE {
+                        return Ok(None);
+                    }
+                    writer.delete(key).await?;
+                    progress.advance(*size);
+                    Ok(Some(*size))
                 }
-                writer.delete(&key).await?;
-                progress.advance(size);
-                Ok(Some(size))
-            }
-        })
-        .buffer_unordered(options.parallel.max(1))
-        .collect()
-        .await;
+            })
+            .buffer_unordered(options.parallel.max(1))
+            .collect()
+            .await;
+        results.extend(batch_results);
+        writer.delete(&notice).await?;
+    }
     progress.finish();
     for result in results {
         match result? {
@@ -518,6 +550,109 @@ pub async fn collect<U: Unlocker>(
         }
     }
     Ok(report)
+}
+
+/// Chunk keys announced per deletion notice.
+const NOTICE_BATCH: usize = 1000;
+/// gc deletes no chunk of a batch once the batch's notice is this old by its
+/// own clock.
+const NOTICE_DEADLINE: Duration = Duration::from_secs(60);
+/// A notice older than this by the store's clock was left by a gc that died;
+/// writers do not wait for it and gc removes it.
+const NOTICE_STALE: Duration = Duration::from_secs(600);
+/// How often a writer looks whether the notices it waits for are gone.
+const NOTICE_POLL: Duration = Duration::from_millis(100);
+
+fn notice_is_stale(posted: SystemTime) -> bool {
+    SystemTime::now()
+        .duration_since(posted)
+        .is_ok_and(|age| age > NOTICE_STALE)
+}
+
+async fn remove_stale_notices(
+    lister: &dyn ListStore,
+    writer: &dyn WriteStore,
+) -> Result<(), StoreError> {
+    for notice in lister.list_info(layout::GC_NOTICES).await? {
+        if notice_is_stale(notice.modified) {
+            tracing::info!(notice = %notice.key, "removing the deletion notice of a gc that did not finish");
+            writer.delete(&notice.key).await?;
+        }
+    }
+    Ok(())
+}
+
+/// For writers (import, checkin): run after the chunks in `refreshed` were
+/// found older than a quarter of the grace period and rewritten with
+/// `put_replace`, before the commit that references them. A gc that looked
+/// at one of them before the rewrite may still delete the rewritten object;
+/// such a gc announced the deletion beforehand (a notice under
+/// `gc/deleting/`). This waits until every notice naming one of `refreshed`
+/// is gone (or stale), then returns the chunks of `refreshed` that are no
+/// longer in the store: the caller writes them again before it commits.
+pub async fn confirm_refreshed(
+    store: &StoreHandle,
+    refreshed: &[ChunkTag],
+) -> Result<Vec<ChunkTag>, StoreError> {
+    // A store that cannot list cannot be collected either.
+    let (Some(lister), false) = (store.lister(), refreshed.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let wanted: HashSet<String> = refreshed.iter().map(layout::chunk).collect();
+    // Notices posted after this listing come from gc runs that look at the
+    // chunks after they were refreshed: only the ones listed now matter.
+    let mut blocking = HashSet::new();
+    for notice in lister.list_info(layout::GC_NOTICES).await? {
+        if notice_is_stale(notice.modified) {
+            continue;
+        }
+        let body = match store.reader().get(&notice.key).await {
+            Ok(body) => body,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        if String::from_utf8_lossy(&body)
+            .lines()
+            .any(|key| wanted.contains(key))
+        {
+            blocking.insert(notice.key);
+        }
+    }
+    if !blocking.is_empty() {
+        tracing::info!(
+            notices = blocking.len(),
+            "garbage collection is deleting chunks this commit reuses; waiting for it to finish"
+        );
+    }
+    while !blocking.is_empty() {
+        tokio::time::sleep(NOTICE_POLL).await;
+        let present: HashSet<String> = lister
+            .list_info(layout::GC_NOTICES)
+            .await?
+            .into_iter()
+            .filter(|notice| !notice_is_stale(notice.modified))
+            .map(|notice| notice.key)
+            .collect();
+        blocking.retain(|key| present.contains(key));
+    }
+    let writer = store.writer("confirm chunks")?;
+    let mut missing = Vec::new();
+    let mut checks = futures::stream::iter(refreshed)
+        .map(|tag| async move {
+            let gone = writer.modified(&layout::chunk(tag)).await?.is_none();
+            Ok::<_, StoreError>(gone.then_some(*tag))
+        })
+        .buffer_unordered(16);
+    while let Some(checked) = checks.next().await {
+        missing.extend(checked?);
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            chunks = missing.len(),
+            "garbage collection deleted chunks this commit reuses while they were refreshed; writing them again"
+        );
+    }
+    Ok(missing)
 }
 
 /// Deletes `plan.delete` (oldest first) with their traces, after writing the
@@ -580,6 +715,7 @@ mod tests {
     use crate::import::{ImportRequest, import};
     use crate::keys::{KdfParams, Zeroizing};
     use crate::progress::NoProgress;
+    use crate::store::ReadStore;
     use crate::store::memory::MemoryStore;
     use std::path::Path;
 
@@ -792,6 +928,210 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((report.chunks_deleted, report.chunks_in_grace), (0, 8));
+    }
+
+    /// A memory store on which every HEAD of a chunk is followed at once by
+    /// a writer's refresh of that chunk: gc's HEAD sees the old time and its
+    /// DELETE removes the refreshed object, the race deletion notices are for.
+    /// Records whether a notice named the chunk when gc looked at it.
+    #[derive(Debug)]
+    struct RefreshAfterHead {
+        inner: MemoryStore,
+        announced: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ReadStore for RefreshAfterHead {
+        fn url(&self) -> &str {
+            self.inner.url()
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+            self.inner.exists(key).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ListStore for RefreshAfterHead {
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn list_info(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<crate::store::ObjectInfo>, StoreError> {
+            self.inner.list_info(prefix).await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl WriteStore for RefreshAfterHead {
+        async fn put_new(
+            &self,
+            key: &str,
+            data: Bytes,
+        ) -> Result<crate::store::PutOutcome, StoreError> {
+            self.inner.put_new(key, data).await
+        }
+        async fn put_replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+            self.inner.put_replace(key, data).await
+        }
+        async fn modified(&self, key: &str) -> Result<Option<SystemTime>, StoreError> {
+            let modified = self.inner.modified(key).await?;
+            if key.starts_with(layout::CHUNKS) && modified.is_some() {
+                let mut announced = false;
+                for notice in self.inner.list(layout::GC_NOTICES).await? {
+                    let body = self.inner.get(&notice).await?;
+                    announced |= String::from_utf8_lossy(&body).lines().any(|k| k == key);
+                }
+                self.announced.lock().unwrap().push(announced);
+                let bytes = self.inner.get(key).await?;
+                self.inner.put_replace(key, bytes).await?;
+            }
+            Ok(modified)
+        }
+        async fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn sync(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn tag_of(key: &str) -> ChunkTag {
+        ChunkTag::from_hex(key.rsplit('/').next().unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn chunks_gc_deletes_as_a_writer_refreshes_them_are_reported_to_the_writer() {
+        let (memory, _, _dir) = three_versions().await;
+        age_everything(&memory, &StoreHandle::full(memory.clone()));
+        let announced = std::sync::Arc::default();
+        let store = StoreHandle::full(RefreshAfterHead {
+            inner: memory.clone(),
+            announced: std::sync::Arc::clone(&announced),
+        });
+        let orphans: HashSet<String> = memory.list("chunks/").await.unwrap().into_iter().collect();
+        let report = collect(
+            &store,
+            &options(Some(1), Duration::from_secs(3600)),
+            &WithCredentials(credentials(PASS)),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.chunks_deleted, 8);
+        let announced = announced.lock().unwrap().clone();
+        assert_eq!(announced.len(), 8);
+        assert!(
+            announced.iter().all(|&a| a),
+            "gc looked at a chunk it had not announced: {announced:?}"
+        );
+        assert_eq!(
+            memory.count(layout::GC_NOTICES),
+            0,
+            "gc removes its notices"
+        );
+        // Each deleted chunk was refreshed by a writer just before gc's DELETE:
+        // the writer's confirmation finds them gone, so it writes them again.
+        let left: HashSet<String> = memory.list("chunks/").await.unwrap().into_iter().collect();
+        let refreshed: Vec<ChunkTag> = orphans.difference(&left).map(|k| tag_of(k)).collect();
+        assert_eq!(refreshed.len(), 8);
+        let mut lost = confirm_refreshed(&store, &refreshed).await.unwrap();
+        let mut expected = refreshed.clone();
+        lost.sort_by_key(|t| t.to_hex());
+        expected.sort_by_key(|t| t.to_hex());
+        assert_eq!(lost, expected);
+        let kept: Vec<ChunkTag> = left.iter().map(|k| tag_of(k)).collect();
+        assert!(confirm_refreshed(&store, &kept).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_writer_waits_for_a_gc_that_announced_a_chunk_it_refreshed() {
+        let memory = MemoryStore::new();
+        let store = StoreHandle::full(memory.clone());
+        let writer = store.writer("test").unwrap();
+        let tag = ChunkTag::from_hex(&"ab".repeat(32)).unwrap();
+        let key = layout::chunk(&tag);
+        writer
+            .put_new(&key, Bytes::from_static(b"c"))
+            .await
+            .unwrap();
+        let notice = layout::gc_notice("running");
+        writer
+            .put_new(&notice, Bytes::from(format!("chunks/00/other\n{key}")))
+            .await
+            .unwrap();
+        // A gc that looked before the refresh deletes the chunk a moment later.
+        let gc = {
+            let writer = writer.clone();
+            let (key, notice) = (key.clone(), notice.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                writer.delete(&key).await.unwrap();
+                writer.delete(&notice).await.unwrap();
+            })
+        };
+        let lost = tokio::time::timeout(Duration::from_secs(30), confirm_refreshed(&store, &[tag]))
+            .await
+            .expect("the writer waits only while the notice is there")
+            .unwrap();
+        gc.await.unwrap();
+        assert_eq!(
+            lost,
+            vec![tag],
+            "the writer waited for gc, then found the chunk gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn notices_of_other_chunks_and_stale_notices_do_not_hold_a_writer_up() {
+        let (memory, store, _dir) = three_versions().await;
+        let writer = store.writer("test").unwrap();
+        let tag = ChunkTag::from_hex(&"cd".repeat(32)).unwrap();
+        let key = layout::chunk(&tag);
+        writer
+            .put_new(&key, Bytes::from_static(b"c"))
+            .await
+            .unwrap();
+        let other = layout::gc_notice("other");
+        writer
+            .put_new(&other, Bytes::from_static(b"chunks/00/other"))
+            .await
+            .unwrap();
+        let stale = layout::gc_notice("stale");
+        writer
+            .put_new(&stale, Bytes::from(key.clone()))
+            .await
+            .unwrap();
+        memory.set_modified(&stale, SystemTime::now() - 2 * NOTICE_STALE);
+        let lost = tokio::time::timeout(Duration::from_secs(30), confirm_refreshed(&store, &[tag]))
+            .await
+            .expect("neither notice holds the writer up")
+            .unwrap();
+        assert!(lost.is_empty());
+        // gc removes the stale notice (a gc that died left it) and no other.
+        age_everything(&memory, &store);
+        memory.set_modified(&other, SystemTime::now());
+        collect(
+            &store,
+            &options(Some(1), Duration::from_secs(3600)),
+            &WithCredentials(credentials(PASS)),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            store
+                .lister()
+                .unwrap()
+                .list(layout::GC_NOTICES)
+                .await
+                .unwrap(),
+            vec![other]
+        );
     }
 
     #[tokio::test]

@@ -22,8 +22,10 @@
 //! only succeeds while the parent is the newest version, which gc keeps). Any
 //! other chunk found in the store is checked with `modified` instead of
 //! `exists` and refreshed with `put_replace` when it is older than `G/4`; and
-//! if the pass over the files took `G/4` or longer, it is run again (it then
-//! mostly checks) before committing.
+//! the pass ends with a store sync and [`crate::gc::confirm_refreshed`] (a gc
+//! deleting a refreshed chunk is waited out); if the pass took `G/4` or
+//! longer, or gc deleted a refreshed chunk meanwhile, it is run again (it
+//! then mostly checks) before committing.
 
 use std::collections::HashSet;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -349,6 +351,7 @@ struct Counters {
     uploaded: AtomicU64,
     uploaded_bytes: AtomicU64,
     refreshed: AtomicU64,
+    refreshed_tags: Mutex<Vec<ChunkTag>>,
     stored_bytes: AtomicU64,
 }
 
@@ -469,6 +472,11 @@ async fn store_chunk(
                 if age >= freshness.refresh_after {
                     writer.put_replace(&key, Bytes::from(stored)).await?;
                     counters.refreshed.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .refreshed_tags
+                        .lock()
+                        .expect("not poisoned")
+                        .push(tag);
                 }
                 PutOutcome::AlreadyExists
             }
@@ -585,19 +593,22 @@ pub(crate) async fn store_files(
         uploaded: counters.uploaded.into_inner(),
         uploaded_bytes: counters.uploaded_bytes.into_inner(),
         refreshed: counters.refreshed.into_inner(),
+        refreshed_tags: counters.refreshed_tags.into_inner().expect("not poisoned"),
         stored_bytes: counters.stored_bytes.into_inner(),
     };
     Ok((chunk_lists, counts))
 }
 
 /// Counts from [`store_files`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct ImportCounts {
     zero: u64,
     dedup: u64,
     uploaded: u64,
     uploaded_bytes: u64,
     refreshed: u64,
+    /// The chunks counted in `refreshed`.
+    refreshed_tags: Vec<ChunkTag>,
     stored_bytes: u64,
 }
 
@@ -766,7 +777,12 @@ pub async fn import(
             chunk_size,
             entries,
         };
-        if pass_started.elapsed() < freshness.refresh_after {
+        // The commit must follow the pass closely (see the module doc), so
+        // what could take long before it is done inside the pass: making the
+        // chunks durable, and waiting out a gc deleting refreshed chunks.
+        writer.sync().await?;
+        let lost = crate::gc::confirm_refreshed(store, &counts.refreshed_tags).await?;
+        if lost.is_empty() && pass_started.elapsed() < freshness.refresh_after {
             break (manifest, counts);
         }
         if passes >= MAX_PASSES {
@@ -779,7 +795,8 @@ pub async fn import(
         tracing::info!(
             parcel = request.name,
             seconds = pass_started.elapsed().as_secs_f64(),
-            "the pass took a quarter of the gc grace period or longer; checking the chunks again before committing"
+            lost = lost.len(),
+            "the pass took a quarter of the gc grace period or longer, or gc deleted chunks it refreshed; checking the chunks again before committing"
         );
         earlier_uploads.0 += counts.uploaded;
         earlier_uploads.1 += counts.uploaded_bytes;

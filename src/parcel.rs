@@ -36,6 +36,13 @@ pub mod layout {
     /// Prefix of every chunk.
     pub const CHUNKS: &str = "chunks/";
 
+    /// Prefix of garbage collection's deletion notices (see [`crate::gc`]).
+    pub const GC_NOTICES: &str = "gc/deleting/";
+
+    /// `gc/deleting/<id>`: the chunk keys one gc run is about to delete.
+    pub fn gc_notice(id: &str) -> String {
+        format!("gc/deleting/{id}")
+    }
     /// `chunks/<tt>/<tag-hex>`.
     pub fn chunk(tag: &ChunkTag) -> String {
         let hex = tag.to_hex();

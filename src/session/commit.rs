@@ -20,8 +20,11 @@
 //! of them, every chunk the new version references beyond its base version
 //! is confirmed written less than G/4 ago (the upload journal's time), or is
 //! uploaded, or — found in the store older than that — refreshed with
-//! `put_replace`; if that pass took G/4 or longer it is repeated, so the
-//! commit lands within G/2 of every confirmation. The base version's own
+//! `put_replace`; the pass ends with a store sync and
+//! [`crate::gc::confirm_refreshed`] (a gc deleting a refreshed chunk is
+//! waited out, and what it deleted is uploaded again), and if it took G/4 or
+//! longer it is repeated, so the commit lands within G/2 of every
+//! confirmation. The base version's own
 //! chunks are safe because gc keeps the version a lock names.
 
 use std::collections::HashSet;
@@ -99,6 +102,8 @@ struct UploadTally {
     uploaded_bytes: u64,
     refreshed_chunks: u64,
     present_chunks: u64,
+    /// The chunks counted in `refreshed_chunks`.
+    refreshed: Vec<ChunkTag>,
 }
 
 impl Session {
@@ -323,10 +328,21 @@ impl Session {
             total.uploaded_bytes += tally.uploaded_bytes;
             total.refreshed_chunks += tally.refreshed_chunks;
             total.present_chunks = tally.present_chunks;
-            if started.elapsed() < quarter {
+            // What could take long before the commit is done inside the pass
+            // (see the module doc): making the chunks durable, and waiting
+            // out a gc deleting refreshed chunks.
+            self.store.writer("upload chunks")?.sync().await?;
+            let lost = crate::gc::confirm_refreshed(&self.store, &tally.refreshed).await?;
+            if lost.is_empty() && started.elapsed() < quarter {
                 return Ok(total);
             }
-            tracing::warn!("uploading took a quarter of gc's grace period; confirming again");
+            // The journal must not vouch for a chunk gc deleted.
+            let forget: Vec<(ChunkTag, u64)> = lost.iter().map(|tag| (*tag, 0)).collect();
+            self.image.record_uploaded(&forget)?;
+            tracing::warn!(
+                lost = lost.len(),
+                "uploading took a quarter of gc's grace period, or gc deleted chunks it refreshed; confirming again"
+            );
         }
         Err(SessionError::State {
             path: self.context.state_dir.clone(),
@@ -399,7 +415,10 @@ impl Session {
                     tally.uploaded_bytes += bytes;
                     self.uploads.add(bytes);
                 }
-                None if refreshed => tally.refreshed_chunks += 1,
+                None if refreshed => {
+                    tally.refreshed_chunks += 1;
+                    tally.refreshed.push(tag);
+                }
                 None => tally.present_chunks += 1,
             }
             journal.push((tag, at));
