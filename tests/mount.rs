@@ -167,6 +167,24 @@ fn random_read_write_workload_through_the_mount_matches_a_reference() {
 }
 
 #[test]
+fn the_daemon_isrctl_starts_has_two_malloc_arenas() {
+    // Fewer glibc arenas keep isrfsd's peak RSS down (docs/decisions.md).
+    Env::require_fuse();
+    let env = Env::local();
+    env.import_files("vm", &[("a.txt", b"a")]);
+    resume(&env, "vm");
+    let pid = env.daemon_pid().expect("isrctl started isrfsd");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|&b| b == 0)
+            .any(|variable| variable == b"MALLOC_ARENA_MAX=2"),
+        "isrfsd's environment: {}",
+        String::from_utf8_lossy(&environ)
+    );
+}
+
+#[test]
 fn concurrent_readers_cause_one_fetch_per_chunk() {
     Env::require_fuse();
     let env = Env::local();

@@ -436,6 +436,8 @@ impl Env {
                 command.env_remove(&key);
             }
         }
+        // isrctl chooses the daemon's malloc arenas unless this is set.
+        command.env_remove("MALLOC_ARENA_MAX");
         command
             .env("ISR_STORE", &self.store)
             .env("ISR_CONFIG", &self.config)
