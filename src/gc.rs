@@ -44,7 +44,7 @@
 //! apart). So gc announces every batch before it looks at its chunks: it
 //! writes a notice `gc/deleting/<id>` listing the batch's keys, HEADs and
 //! deletes them, then removes the notice. A writer, after its refreshes and
-//! before its commit, runs [`confirm_refreshed`]: it lists the notices,
+//! before its commit, runs [`finish_pass`]: it lists the notices,
 //! waits until every one naming a chunk it refreshed is gone, then HEADs
 //! those chunks and writes again any that are missing. A notice the writer
 //! does not see was posted after its refreshes, so that gc's HEAD sees the
@@ -515,16 +515,13 @@ pub async fn collect<U: Unlocker>(
             .map(|(key, size)| {
                 let writer = writer.clone();
                 async move {
-                    // Past the deadline a writer may take the notice for a
-                    // dead gc's: stop deleting (the next run goes on).
-                    if posted.elapsed() > NOTICE_DEADLINE {
-                        return Ok(None);
-                    }
                     // Refreshed since the listing (a writer reuses it), or gone.
                     match writer.modified(key).await? {
                         Some(modified) if old(modified) => {}
                         _ => return Ok(None),
                     }
+                    // Past the deadline a writer may take the notice for a
+                    // dead gc's: stop deleting (the next run goes on).
                     if posted.elapsed() > NOTICE_DEADLINE {
                         return Ok(None);
                     }
@@ -582,20 +579,36 @@ async fn remove_stale_notices(
     Ok(())
 }
 
-/// For writers (import, checkin): run after the chunks in `refreshed` were
-/// found older than a quarter of the grace period and rewritten with
-/// `put_replace`, before the commit that references them. A gc that looked
+/// For writers (import, checkin): ends a pass over the chunks a commit will
+/// reference, right before the commit. Makes every chunk put so far durable
+/// (so that nothing slow is left between the pass's timing and the commit),
+/// then confirms the refreshed chunks (`confirm_refreshed`): returns the chunks of `refreshed` that a gc
+/// deleted meanwhile, which the writer must put again before it commits.
+pub async fn finish_pass(
+    store: &StoreHandle,
+    refreshed: &[ChunkTag],
+) -> Result<Vec<ChunkTag>, StoreError> {
+    store.writer("commit a version")?.sync().await?;
+    confirm_refreshed(store, refreshed).await
+}
+
+/// Run after the chunks in `refreshed` were found older than a quarter of
+/// the grace period and rewritten with `put_replace`, before the commit
+/// that references them. A gc that looked
 /// at one of them before the rewrite may still delete the rewritten object;
 /// such a gc announced the deletion beforehand (a notice under
 /// `gc/deleting/`). This waits until every notice naming one of `refreshed`
 /// is gone (or stale), then returns the chunks of `refreshed` that are no
 /// longer in the store: the caller writes them again before it commits.
-pub async fn confirm_refreshed(
+async fn confirm_refreshed(
     store: &StoreHandle,
     refreshed: &[ChunkTag],
 ) -> Result<Vec<ChunkTag>, StoreError> {
+    if refreshed.is_empty() {
+        return Ok(Vec::new());
+    }
     // A store that cannot list cannot be collected either.
-    let (Some(lister), false) = (store.lister(), refreshed.is_empty()) else {
+    let Some(lister) = store.lister() else {
         return Ok(Vec::new());
     };
     let wanted: HashSet<String> = refreshed.iter().map(layout::chunk).collect();
@@ -1000,6 +1013,11 @@ mod tests {
         }
     }
 
+    async fn put(store: &StoreHandle, key: &str, data: Bytes) {
+        let writer = store.writer("test").unwrap();
+        writer.put_new(key, data).await.unwrap();
+    }
+
     fn tag_of(key: &str) -> ChunkTag {
         ChunkTag::from_hex(key.rsplit('/').next().unwrap()).unwrap()
     }
@@ -1055,15 +1073,14 @@ mod tests {
         let writer = store.writer("test").unwrap();
         let tag = ChunkTag::from_hex(&"ab".repeat(32)).unwrap();
         let key = layout::chunk(&tag);
-        writer
-            .put_new(&key, Bytes::from_static(b"c"))
-            .await
-            .unwrap();
+        put(&store, &key, Bytes::from_static(b"c")).await;
         let notice = layout::gc_notice("running");
-        writer
-            .put_new(&notice, Bytes::from(format!("chunks/00/other\n{key}")))
-            .await
-            .unwrap();
+        put(
+            &store,
+            &notice,
+            Bytes::from(format!("chunks/00/other\n{key}")),
+        )
+        .await;
         // A gc that looked before the refresh deletes the chunk a moment later.
         let gc = {
             let writer = writer.clone();
@@ -1089,23 +1106,13 @@ mod tests {
     #[tokio::test]
     async fn notices_of_other_chunks_and_stale_notices_do_not_hold_a_writer_up() {
         let (memory, store, _dir) = three_versions().await;
-        let writer = store.writer("test").unwrap();
         let tag = ChunkTag::from_hex(&"cd".repeat(32)).unwrap();
         let key = layout::chunk(&tag);
-        writer
-            .put_new(&key, Bytes::from_static(b"c"))
-            .await
-            .unwrap();
+        put(&store, &key, Bytes::from_static(b"c")).await;
         let other = layout::gc_notice("other");
-        writer
-            .put_new(&other, Bytes::from_static(b"chunks/00/other"))
-            .await
-            .unwrap();
+        put(&store, &other, Bytes::from_static(b"chunks/00/other")).await;
         let stale = layout::gc_notice("stale");
-        writer
-            .put_new(&stale, Bytes::from(key.clone()))
-            .await
-            .unwrap();
+        put(&store, &stale, Bytes::from(key.clone())).await;
         memory.set_modified(&stale, SystemTime::now() - 2 * NOTICE_STALE);
         let lost = tokio::time::timeout(Duration::from_secs(30), confirm_refreshed(&store, &[tag]))
             .await

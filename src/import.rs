@@ -22,8 +22,8 @@
 //! only succeeds while the parent is the newest version, which gc keeps). Any
 //! other chunk found in the store is checked with `modified` instead of
 //! `exists` and refreshed with `put_replace` when it is older than `G/4`; and
-//! the pass ends with a store sync and [`crate::gc::confirm_refreshed`] (a gc
-//! deleting a refreshed chunk is waited out); if the pass took `G/4` or
+//! the pass ends with [`crate::gc::finish_pass`] (a store sync; a gc deleting
+//! a refreshed chunk is waited out); if the pass took `G/4` or
 //! longer, or gc deleted a refreshed chunk meanwhile, it is run again (it
 //! then mostly checks) before committing.
 
@@ -350,8 +350,7 @@ struct Counters {
     dedup: AtomicU64,
     uploaded: AtomicU64,
     uploaded_bytes: AtomicU64,
-    refreshed: AtomicU64,
-    refreshed_tags: Mutex<Vec<ChunkTag>>,
+    refreshed: Mutex<Vec<ChunkTag>>,
     stored_bytes: AtomicU64,
 }
 
@@ -471,12 +470,7 @@ async fn store_chunk(
                     .unwrap_or(Duration::ZERO);
                 if age >= freshness.refresh_after {
                     writer.put_replace(&key, Bytes::from(stored)).await?;
-                    counters.refreshed.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .refreshed_tags
-                        .lock()
-                        .expect("not poisoned")
-                        .push(tag);
+                    counters.refreshed.lock().expect("not poisoned").push(tag);
                 }
                 PutOutcome::AlreadyExists
             }
@@ -592,8 +586,7 @@ pub(crate) async fn store_files(
         dedup: counters.dedup.into_inner(),
         uploaded: counters.uploaded.into_inner(),
         uploaded_bytes: counters.uploaded_bytes.into_inner(),
-        refreshed: counters.refreshed.into_inner(),
-        refreshed_tags: counters.refreshed_tags.into_inner().expect("not poisoned"),
+        refreshed: counters.refreshed.into_inner().expect("not poisoned"),
         stored_bytes: counters.stored_bytes.into_inner(),
     };
     Ok((chunk_lists, counts))
@@ -606,9 +599,8 @@ pub(crate) struct ImportCounts {
     dedup: u64,
     uploaded: u64,
     uploaded_bytes: u64,
-    refreshed: u64,
-    /// The chunks counted in `refreshed`.
-    refreshed_tags: Vec<ChunkTag>,
+    /// Chunks found older than a quarter of the grace period and refreshed.
+    refreshed: Vec<ChunkTag>,
     stored_bytes: u64,
 }
 
@@ -777,11 +769,7 @@ pub async fn import(
             chunk_size,
             entries,
         };
-        // The commit must follow the pass closely (see the module doc), so
-        // what could take long before it is done inside the pass: making the
-        // chunks durable, and waiting out a gc deleting refreshed chunks.
-        writer.sync().await?;
-        let lost = crate::gc::confirm_refreshed(store, &counts.refreshed_tags).await?;
+        let lost = crate::gc::finish_pass(store, &counts.refreshed).await?;
         if lost.is_empty() && pass_started.elapsed() < freshness.refresh_after {
             break (manifest, counts);
         }
@@ -817,7 +805,7 @@ pub async fn import(
         deduplicated_chunks: counts.dedup.saturating_sub(earlier_uploads.0),
         uploaded_chunks: counts.uploaded + earlier_uploads.0,
         uploaded_bytes: counts.uploaded_bytes + earlier_uploads.1,
-        refreshed_chunks: counts.refreshed,
+        refreshed_chunks: counts.refreshed.len() as u64,
         passes,
         stored_bytes: counts.stored_bytes,
         seconds,

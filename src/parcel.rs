@@ -622,9 +622,12 @@ pub async fn resolve_version(
     }
 }
 
-/// Commits `manifest` as its version with one create-only put, after making
-/// every chunk put so far durable. Fails with [`ParcelError::VersionExists`] if
-/// another client committed that version first.
+/// Commits `manifest` as its version with one create-only put. The chunks it
+/// references must be durable already: a writer that uploaded some ends its
+/// pass with [`crate::gc::finish_pass`] (which syncs the store) right before,
+/// and a rollback references chunks of a committed version. Fails with
+/// [`ParcelError::VersionExists`] if another client committed that version
+/// first.
 pub async fn commit(
     store: &StoreHandle,
     parcel: &OpenParcel,
@@ -632,7 +635,6 @@ pub async fn commit(
 ) -> Result<(), ParcelError> {
     let writer = store.writer("commit a version")?;
     let sealed = manifest.seal(&parcel.secrets.parcel_key, &parcel.id)?;
-    writer.sync().await?;
     let key = layout::manifest(&parcel.name, manifest.version);
     match writer.put_new(&key, Bytes::from(sealed)).await? {
         PutOutcome::Created => {

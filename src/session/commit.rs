@@ -20,9 +20,9 @@
 //! of them, every chunk the new version references beyond its base version
 //! is confirmed written less than G/4 ago (the upload journal's time), or is
 //! uploaded, or — found in the store older than that — refreshed with
-//! `put_replace`; the pass ends with a store sync and
-//! [`crate::gc::confirm_refreshed`] (a gc deleting a refreshed chunk is
-//! waited out, and what it deleted is uploaded again), and if it took G/4 or
+//! `put_replace`; the pass ends with [`crate::gc::finish_pass`] (a store
+//! sync; a gc deleting a refreshed chunk is waited out, and what it deleted
+//! is uploaded again), and if it took G/4 or
 //! longer it is repeated, so the commit lands within G/2 of every
 //! confirmation. The base version's own
 //! chunks are safe because gc keeps the version a lock names.
@@ -100,9 +100,8 @@ fn nonce_bytes(hex_nonce: &str) -> Option<[u8; 16]> {
 struct UploadTally {
     uploaded_chunks: u64,
     uploaded_bytes: u64,
-    refreshed_chunks: u64,
     present_chunks: u64,
-    /// The chunks counted in `refreshed_chunks`.
+    /// Chunks found older than G/4 and refreshed.
     refreshed: Vec<ChunkTag>,
 }
 
@@ -272,7 +271,7 @@ impl Session {
             parent,
             uploaded_chunks: tally.uploaded_chunks,
             uploaded_bytes: tally.uploaded_bytes,
-            refreshed_chunks: tally.refreshed_chunks,
+            refreshed_chunks: tally.refreshed.len() as u64,
             present_chunks: tally.present_chunks,
             new_chunks: new_chunks.len() as u64,
             new_bytes,
@@ -326,13 +325,9 @@ impl Session {
             let tally = self.ensure_uploaded(needed, check_all).await?;
             total.uploaded_chunks += tally.uploaded_chunks;
             total.uploaded_bytes += tally.uploaded_bytes;
-            total.refreshed_chunks += tally.refreshed_chunks;
             total.present_chunks = tally.present_chunks;
-            // What could take long before the commit is done inside the pass
-            // (see the module doc): making the chunks durable, and waiting
-            // out a gc deleting refreshed chunks.
-            self.store.writer("upload chunks")?.sync().await?;
-            let lost = crate::gc::confirm_refreshed(&self.store, &tally.refreshed).await?;
+            let lost = crate::gc::finish_pass(&self.store, &tally.refreshed).await?;
+            total.refreshed.extend(tally.refreshed);
             if lost.is_empty() && started.elapsed() < quarter {
                 return Ok(total);
             }
@@ -415,10 +410,7 @@ impl Session {
                     tally.uploaded_bytes += bytes;
                     self.uploads.add(bytes);
                 }
-                None if refreshed => {
-                    tally.refreshed_chunks += 1;
-                    tally.refreshed.push(tag);
-                }
+                None if refreshed => tally.refreshed.push(tag),
                 None => tally.present_chunks += 1,
             }
             journal.push((tag, at));
