@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use crate::chunk::{self, ChunkTag};
 use crate::error::{Classify, ErrorClass};
-use crate::parcel::layout;
+use crate::layout;
 use crate::store::local::LocalStore;
 use crate::store::{PutOutcome, StoreError};
 

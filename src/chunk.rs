@@ -251,6 +251,14 @@ pub enum ChunkError {
     },
 }
 
+impl crate::error::Classify for ChunkError {
+    /// Every way a stored chunk fails to decode is damage (or a wrong key,
+    /// which a manifest that opened rules out).
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::Integrity
+    }
+}
+
 impl ChunkError {
     /// The chunk the error is about.
     pub fn tag(&self) -> ChunkTag {

@@ -72,9 +72,12 @@ use serde::Deserialize;
 use crate::chunk::{self, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::FetchSettings;
+use crate::gc::GcSettings;
+use crate::import::ImportSettings;
 use crate::keys::KdfParams;
 use crate::session::UploadSettings;
 use crate::store::{RetrySettings, S3Settings};
+use crate::vmm::supervise::VmmSettings;
 
 /// Errors loading configuration.
 #[derive(Debug, thiserror::Error)]
@@ -146,27 +149,6 @@ struct VmmFile {
     libvirt_uri: Option<String>,
 }
 
-/// How the daemon runs a parcel's VM.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
-pub struct VmmSettings {
-    /// The QEMU binary.
-    pub qemu: PathBuf,
-    /// QEMU's `-accel` value.
-    pub accel: String,
-    /// The libvirt connection URI.
-    pub libvirt_uri: String,
-}
-
-impl Default for VmmSettings {
-    fn default() -> Self {
-        VmmSettings {
-            qemu: PathBuf::from("qemu-system-x86_64"),
-            accel: crate::vmm::qemu::DEFAULT_ACCEL.to_owned(),
-            libvirt_uri: crate::vmm::libvirt::SESSION_URI.to_owned(),
-        }
-    }
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UploadFile {
@@ -221,45 +203,6 @@ struct KdfFile {
     memory_kib: Option<u32>,
     iterations: Option<u32>,
     parallelism: Option<u32>,
-}
-
-/// Import tuning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ImportSettings {
-    /// Chunk size of new parcels.
-    pub chunk_size: u32,
-    /// zstd level.
-    pub zstd_level: i32,
-    /// Encoder threads (0 = one per core).
-    pub jobs: usize,
-    /// Concurrent store requests.
-    pub uploads: usize,
-}
-
-/// Garbage collection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GcSettings {
-    /// Unreferenced chunks written or refreshed less than this many seconds
-    /// ago are kept (default 86400, one day).
-    pub grace_secs: u64,
-}
-
-impl GcSettings {
-    /// Default grace period: one day.
-    pub const DEFAULT_GRACE_SECS: u64 = 86_400;
-
-    /// The grace period.
-    pub fn grace(&self) -> Duration {
-        Duration::from_secs(self.grace_secs)
-    }
-}
-
-impl Default for GcSettings {
-    fn default() -> Self {
-        GcSettings {
-            grace_secs: GcSettings::DEFAULT_GRACE_SECS,
-        }
-    }
 }
 
 /// The resolved configuration.

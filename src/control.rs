@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Classify, ErrorClass};
 use crate::keys::{DedupSecret, ParcelKey, ParcelSecrets};
 use crate::parcel::{OpenParcel, ParcelRecord};
 use crate::session::{CommitReport, SessionStatus};
@@ -21,7 +22,7 @@ use crate::vmm::config::VmmKind;
 use crate::vmm::supervise::{SuspendReport, VmStatus};
 
 /// Version of this protocol.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Socket file name inside the runtime directory.
 pub const SOCKET_NAME: &str = "isrfsd.sock";
 
@@ -250,8 +251,8 @@ pub enum Response {
     Done,
     /// Failed.
     Error {
-        /// Exit code for isrctl ([`crate::error::ErrorClass::exit_code`]).
-        exit_code: u8,
+        /// What kind of failure (isrctl exits with its code, [`crate::exit::code`]).
+        class: ErrorClass,
         /// One-line message.
         message: String,
     },
@@ -279,26 +280,17 @@ pub enum ControlError {
     /// The daemon reported an error.
     #[error("{message}")]
     Daemon {
-        /// Exit code to use.
-        exit_code: u8,
+        /// What kind of failure, as the daemon classified it.
+        class: ErrorClass,
         /// Its message.
         message: String,
     },
 }
 
-impl crate::error::Classify for ControlError {
-    fn class(&self) -> crate::error::ErrorClass {
-        use crate::error::ErrorClass;
+impl Classify for ControlError {
+    fn class(&self) -> ErrorClass {
         match self {
-            ControlError::Daemon { exit_code, .. } => match exit_code {
-                2 => ErrorClass::Invalid,
-                3 => ErrorClass::WrongKey,
-                4 => ErrorClass::NotFound,
-                5 => ErrorClass::Conflict,
-                6 => ErrorClass::Unreachable,
-                7 => ErrorClass::Integrity,
-                _ => ErrorClass::Other,
-            },
+            ControlError::Daemon { class, .. } => *class,
             _ => ErrorClass::Other,
         }
     }
@@ -347,7 +339,7 @@ pub fn call(socket: &Path, request: Request) -> Result<Response, ControlError> {
         return Err(ControlError::Version(reply.protocol));
     }
     match reply.body {
-        Response::Error { exit_code, message } => Err(ControlError::Daemon { exit_code, message }),
+        Response::Error { class, message } => Err(ControlError::Daemon { class, message }),
         other => Ok(other),
     }
 }
@@ -373,10 +365,28 @@ mod tests {
         assert!(buffer.ends_with(b"\n"));
         let text = String::from_utf8(buffer.clone()).unwrap();
         assert!(
-            text.contains("\"protocol\":3") && text.contains("\"op\":\"status\""),
+            text.contains(&format!("\"protocol\":{PROTOCOL_VERSION}"))
+                && text.contains("\"op\":\"status\""),
             "{text}"
         );
         let back: Envelope<Request> = receive(&mut buffer.as_slice()).unwrap().unwrap();
         assert!(matches!(back.body, Request::Status { parcel: None }));
+    }
+
+    #[test]
+    fn an_error_reply_carries_its_class() {
+        let mut buffer = Vec::new();
+        let reply = Response::Error {
+            class: ErrorClass::Conflict,
+            message: "locked".into(),
+        };
+        send(&mut buffer, reply).unwrap();
+        let text = String::from_utf8(buffer.clone()).unwrap();
+        assert!(text.contains("\"class\":\"conflict\""), "{text}");
+        let back: Envelope<Response> = receive(&mut buffer.as_slice()).unwrap().unwrap();
+        let Response::Error { class, .. } = back.body else {
+            panic!("not an error reply: {text}");
+        };
+        assert_eq!(class, ErrorClass::Conflict);
     }
 }

@@ -17,8 +17,9 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::chunk::{self, ChunkError, ChunkRef, ChunkTag};
 use crate::error::{Classify, ErrorClass};
+use crate::layout;
 use crate::manifest::{EntryKind, Manifest};
-use crate::parcel::{self, OpenParcel, layout};
+use crate::parcel::{self, OpenParcel};
 use crate::progress::Progress;
 use crate::store::{StoreError, StoreHandle};
 

@@ -35,7 +35,8 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::cache::{CacheError, ChunkCache, Durability};
 use crate::chunk::{self, ChunkError, ChunkTag};
-use crate::parcel::layout;
+use crate::error::{Classify, ErrorClass};
+use crate::layout;
 use crate::store::{ReadStore, StoreError};
 
 /// How urgently a chunk is wanted (lower value first).
@@ -129,6 +130,18 @@ pub enum FetchError {
         /// Chunk.
         tag: ChunkTag,
     },
+}
+
+impl Classify for FetchError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // A chunk a version references is gone or damaged: the store is.
+            FetchError::Missing { .. } => ErrorClass::Integrity,
+            FetchError::Corrupt(e) => e.class(),
+            FetchError::Store { .. } => ErrorClass::Unreachable,
+            FetchError::Cache { .. } | FetchError::Stopped { .. } => ErrorClass::Other,
+        }
+    }
 }
 
 /// A snapshot of the scheduler's counters.

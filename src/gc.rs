@@ -64,7 +64,8 @@ use serde::Serialize;
 use crate::chunk::ChunkTag;
 use crate::error::{Classify, ErrorClass};
 use crate::keys::Credential;
-use crate::parcel::{self, OpenParcel, ParcelError, layout};
+use crate::layout;
+use crate::parcel::{self, OpenParcel, ParcelError};
 use crate::progress::Progress;
 use crate::store::{BoxError, ListStore, StoreError, StoreHandle, WriteStore};
 
@@ -123,6 +124,32 @@ impl Classify for GcError {
     }
 }
 
+/// Garbage collection settings (`[gc]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcSettings {
+    /// Unreferenced chunks written or refreshed less than this many seconds
+    /// ago are kept (default 86400, one day).
+    pub grace_secs: u64,
+}
+
+impl GcSettings {
+    /// Default grace period: one day.
+    pub const DEFAULT_GRACE_SECS: u64 = 86_400;
+
+    /// The grace period.
+    pub fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.grace_secs)
+    }
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        GcSettings {
+            grace_secs: GcSettings::DEFAULT_GRACE_SECS,
+        }
+    }
+}
+
 /// Something that kept gc from deleting anything.
 #[derive(Debug, Clone, Serialize)]
 pub struct GcProblem {
@@ -130,10 +157,7 @@ pub struct GcProblem {
     pub parcel: String,
     /// What went wrong and what to do.
     pub message: String,
-    /// The exit code this problem maps to.
-    pub exit_code: u8,
-    /// Its class.
-    #[serde(skip)]
+    /// Its class (isrctl's JSON adds the exit code it maps to).
     pub class: ErrorClass,
 }
 
@@ -200,13 +224,31 @@ fn problem(parcel: &str, message: String, class: ErrorClass) -> GcProblem {
     GcProblem {
         parcel: parcel.to_owned(),
         message,
-        exit_code: class.exit_code(),
         class,
     }
 }
 
+/// The class of an unlocker's error: the first of the chain that a lower
+/// module classifies.
+fn class_of_unlock_error(error: &BoxError) -> ErrorClass {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(error) = current {
+        if let Some(e) = error.downcast_ref::<ParcelError>() {
+            return e.class();
+        }
+        if let Some(e) = error.downcast_ref::<crate::keys::KeyError>() {
+            return e.class();
+        }
+        if let Some(e) = error.downcast_ref::<StoreError>() {
+            return e.class();
+        }
+        current = error.source();
+    }
+    ErrorClass::Other
+}
+
 fn unlock_problem(name: &str, error: &BoxError) -> GcProblem {
-    let class = crate::error::classify(error.as_ref());
+    let class = class_of_unlock_error(error);
     problem(
         name,
         format!(
@@ -724,7 +766,7 @@ async fn delete_versions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ImportSettings;
+    use crate::import::ImportSettings;
     use crate::import::{ImportRequest, import};
     use crate::keys::{KdfParams, Zeroizing};
     use crate::progress::NoProgress;

@@ -40,6 +40,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::cache::{ChunkCache, Durability};
 use crate::chunk::{self, ChunkEncoder, ChunkError, ChunkKey, ChunkRef, ChunkTag, EncodedChunk};
+use crate::error::{Classify, ErrorClass};
 use crate::fetch::{FetchError, Fetcher, Origin, Priority};
 use crate::keys::ParcelSecrets;
 use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
@@ -92,6 +93,22 @@ pub enum ImageError {
         "an earlier write of session state failed; the session must be reopened before it accepts writes"
     )]
     Poisoned,
+}
+
+impl Classify for ImageError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ImageError::NotFound(_) => ErrorClass::NotFound,
+            ImageError::Exists(_) | ImageError::Frozen => ErrorClass::Conflict,
+            ImageError::NotDirectory(_)
+            | ImageError::IsDirectory(_)
+            | ImageError::NotEmpty(_)
+            | ImageError::Invalid(_) => ErrorClass::Invalid,
+            ImageError::Fetch(e) => e.class(),
+            ImageError::Chunk(e) => e.class(),
+            ImageError::State(_) | ImageError::Poisoned => ErrorClass::Other,
+        }
+    }
 }
 
 fn state_error(error: impl std::fmt::Display) -> ImageError {
@@ -1485,7 +1502,7 @@ pub fn unix_now() -> u64 {
 mod tests {
     use super::*;
     use crate::fetch::FetchSettings;
-    use crate::parcel::layout;
+    use crate::layout;
     use crate::store::memory::MemoryStore;
     use crate::store::{ReadStore, WriteStore};
 

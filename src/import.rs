@@ -38,13 +38,26 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::chunk::{ChunkEncoder, ChunkRef, ChunkTag, EncodedChunk};
-use crate::config::ImportSettings;
 use crate::error::{Classify, ErrorClass};
 use crate::keys::{Credential, KdfParams, ParcelSecrets};
+use crate::layout;
 use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
-use crate::parcel::{self, OpenParcel, ParcelError, layout};
+use crate::parcel::{self, OpenParcel, ParcelError};
 use crate::progress::Progress;
 use crate::store::{PutOutcome, StoreError, StoreHandle, WriteStore};
+
+/// Import tuning (`[import]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportSettings {
+    /// Chunk size of new parcels.
+    pub chunk_size: u32,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Encoder threads (0 = one per core).
+    pub jobs: usize,
+    /// Concurrent store requests.
+    pub uploads: usize,
+}
 
 /// Errors of an import.
 #[derive(Debug, thiserror::Error)]
@@ -604,14 +617,6 @@ pub(crate) struct ImportCounts {
     stored_bytes: u64,
 }
 
-/// Local host name, for manifests and locks.
-pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown-host".into())
-}
-
 /// Opens or creates the parcel the import writes to, and the version it makes.
 async fn prepare_parcel(
     store: &StoreHandle,
@@ -764,7 +769,7 @@ pub async fn import(
             parent,
             created: Timestamp::now(),
             lock_nonce: None,
-            host: host_name(),
+            host: parcel::host_name(),
             message: request.message.clone(),
             chunk_size,
             entries,

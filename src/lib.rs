@@ -12,7 +12,8 @@
 //! | [`manifest`] | the version record: file tree, chunk lists, (de)serialisation, encryption |
 //! | [`keys`] | parcel key and dedup secret, keyslots (argon2id passphrase, key file), hygiene |
 //! | [`store`] | `ReadStore`/`ListStore`/`WriteStore`; local, S3, HTTP, memory; retries |
-//! | [`parcel`] | store layout, `parcel.toml`, versions, create-only commit, locks |
+//! | [`layout`] | store keys: where each object of a store lives |
+//! | [`parcel`] | `parcel.toml`, versions, create-only commit, locks |
 //! | [`import`] | files → chunks → committed version, in parallel with bounded memory |
 //! | [`export`] | version → files, and chunk verification |
 //! | [`gc`] | garbage collection: old versions (oldest prefix), then unreferenced chunks past a grace period |
@@ -24,7 +25,8 @@
 //! | [`vmm`] | the parcel's VM: `vm.toml` ([`vmm::config`]); later the adapters that run it |
 //! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
-//! | [`error`] | error classes and exit codes |
+//! | [`error`] | error classes ([`error::Classify`], implemented by each module's error) |
+//! | [`exit`] | the exit mapping: the class of any error chain, the exit code of each class |
 //! | [`progress`] | progress reporting to front ends |
 
 pub mod cache;
@@ -32,12 +34,14 @@ pub mod chunk;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod exit;
 pub mod export;
 pub mod fetch;
 pub mod gc;
 pub mod image;
 pub mod import;
 pub mod keys;
+pub mod layout;
 pub mod maintenance;
 pub mod manifest;
 pub mod parcel;

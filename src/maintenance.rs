@@ -5,8 +5,9 @@
 use serde::Serialize;
 
 use crate::keys::{self, Credential, KdfParams, KeyError};
+use crate::layout;
 use crate::manifest::{Manifest, Timestamp};
-use crate::parcel::{self, LockRecord, OpenParcel, ParcelError, layout};
+use crate::parcel::{self, LockRecord, OpenParcel, ParcelError};
 use crate::session::{self, SessionError};
 use crate::store::StoreHandle;
 
@@ -65,7 +66,7 @@ async fn commit_copy(
         parent: Some(version),
         created: Timestamp::now(),
         lock_nonce: Some(nonce),
-        host: crate::import::host_name(),
+        host: crate::parcel::host_name(),
         message: message.clone(),
         chunk_size: source.chunk_size,
         entries: source.entries,

@@ -33,8 +33,9 @@ use crate::chunk::ChunkTag;
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::{FetchSettings, FetchStats, Fetcher, Priority};
 use crate::image::{Image, ImageError, ImageOptions};
+use crate::layout;
 use crate::manifest::{Manifest, Timestamp};
-use crate::parcel::{self, LockRecord, OpenParcel, ParcelError, layout};
+use crate::parcel::{self, LockRecord, OpenParcel, ParcelError};
 use crate::store::{PutOutcome, StoreError, StoreHandle};
 
 /// Errors of session lifecycle operations.
@@ -215,7 +216,7 @@ pub async fn take_lock(
     let writer = store.writer("lock a parcel")?;
     let lock = LockRecord {
         holder: user_name(),
-        host: crate::import::host_name(),
+        host: crate::parcel::host_name(),
         nonce: hex::encode(rand::random::<[u8; 16]>()),
         since: Timestamp::now().to_rfc3339(),
         base_version,

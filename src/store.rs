@@ -1,7 +1,7 @@
 //! Stores: where parcels live.
 //!
 //! A store is a flat namespace of immutable objects under '/'-separated keys (the
-//! layout is in [`crate::parcel::layout`]). Capabilities are separate traits:
+//! layout is in [`crate::layout`]). Capabilities are separate traits:
 //! - [`ReadStore`]: `get`, `exists` — every backend;
 //! - [`ListStore`]: `list`, and `list_info`/`list_modified` with sizes and
 //!   last-modified times — every backend but plain HTTP;

@@ -38,6 +38,12 @@ pub struct TraceError {
     pub reason: String,
 }
 
+impl crate::error::Classify for TraceError {
+    fn class(&self) -> crate::error::ErrorClass {
+        crate::error::ErrorClass::Integrity
+    }
+}
+
 /// Encrypts `tags` (cut to [`MAX_TRACE_TAGS`]) as the trace of `version`.
 pub fn seal(tags: &[ChunkTag], key: &ParcelKey, parcel_id: &[u8; 16], version: u64) -> Vec<u8> {
     let tags = &tags[..tags.len().min(MAX_TRACE_TAGS)];

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use isr::cache::ChunkCache;
 use isr::fetch::FetchSettings;
 use isr::image::ImageOptions;
-use isr::parcel::layout;
+use isr::layout;
 use isr::session::{Session, SessionContext};
 use isr::store::StoreHandle;
 use isr::store::faulty::FaultyStore;

@@ -255,7 +255,7 @@ fn a_corrupt_chunk_gives_eio_for_its_range_only() {
     env.import_files("vm", &[("disk.img", data.clone())]);
     // Find chunk 3's object through the library and damage it in the store.
     let tag = base_tags(&env, "vm")[3];
-    let object = Path::new(&env.store).join(isr::parcel::layout::chunk(&tag));
+    let object = Path::new(&env.store).join(isr::layout::chunk(&tag));
     let mut bytes = std::fs::read(&object).unwrap();
     bytes[1000] ^= 0xff;
     std::fs::write(&object, bytes).unwrap();

@@ -111,8 +111,10 @@ async fn call_reopening(
     if let Some(socket) = daemon_socket_if_running(context) {
         let request = make(None);
         match call_with_progress(context, socket, name, request).await {
-            Err(ControlError::Daemon { exit_code: 4, .. })
-                if isr::session::read_record(&context.config.state_dir, name)?.is_some() => {}
+            Err(ControlError::Daemon {
+                class: isr::error::ErrorClass::NotFound,
+                ..
+            }) if isr::session::read_record(&context.config.state_dir, name)?.is_some() => {}
             other => return Ok(other?),
         }
     }

@@ -189,7 +189,7 @@ pub(crate) struct InvalidArgument(pub(crate) String);
 fn exit_code_for(error: &anyhow::Error) -> Option<ExitCode> {
     error
         .downcast_ref::<InvalidArgument>()
-        .map(|_| ExitCode::from(ErrorClass::Invalid.exit_code()))
+        .map(|_| ExitCode::from(isr::exit::code(ErrorClass::Invalid)))
 }
 
 /// Runs one command.
@@ -666,7 +666,7 @@ async fn verify(context: &CommandContext, args: VerifyArgs) -> anyhow::Result<Ex
             report.parcel,
             report.version
         );
-        Ok(ExitCode::from(ErrorClass::Integrity.exit_code()))
+        Ok(ExitCode::from(isr::exit::code(ErrorClass::Integrity)))
     }
 }
 
@@ -866,7 +866,10 @@ async fn wait_for_vm_exit(socket: &std::path::Path, name: &str) -> anyhow::Resul
                 sessions.into_iter().next().and_then(|s| s.vm)
             }
             // Checked in or discarded from elsewhere: nothing runs any more.
-            Err(isr::control::ControlError::Daemon { exit_code: 4, .. }) => None,
+            Err(isr::control::ControlError::Daemon {
+                class: ErrorClass::NotFound,
+                ..
+            }) => None,
             Ok(other) => anyhow::bail!("isrfsd answered status with {other:?}"),
             Err(e) => return Err(e.into()),
         };
@@ -885,7 +888,7 @@ async fn wait_for_vm_exit(socket: &std::path::Path, name: &str) -> anyhow::Resul
                 return Ok(if vm.powered_off {
                     ExitCode::SUCCESS
                 } else {
-                    ExitCode::from(ErrorClass::Other.exit_code())
+                    ExitCode::from(isr::exit::code(ErrorClass::Other))
                 });
             }
             None => {
@@ -1032,7 +1035,10 @@ async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCod
                 println!("discarded the local session of {name} and released its lock");
                 return Ok(ExitCode::SUCCESS);
             }
-            Err(isr::control::ControlError::Daemon { exit_code: 4, .. }) => {} // not mounted: maybe a stale record
+            Err(isr::control::ControlError::Daemon {
+                class: ErrorClass::NotFound,
+                ..
+            }) => {} // not mounted: maybe a stale record
             Err(e) => return Err(e.into()),
         }
     }
@@ -1052,7 +1058,7 @@ async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCod
         Ok(()) => {
             store
                 .writer("release the lock")?
-                .delete(&isr::parcel::layout::lock(name))
+                .delete(&isr::layout::lock(name))
                 .await?;
         }
         Err(e) => eprintln!("isrctl: not releasing the lock: {e}"),

@@ -240,9 +240,9 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::run(cli.global, cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            let class = isr::error::classify(error.as_ref());
+            let class = isr::exit::classify(error.as_ref());
             eprintln!("isrctl: {}", output::one_line(&error));
-            ExitCode::from(class.exit_code())
+            ExitCode::from(isr::exit::code(class))
         }
     }
 }

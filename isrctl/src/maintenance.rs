@@ -218,7 +218,15 @@ pub async fn gc(context: &CommandContext, args: GcArgs) -> anyhow::Result<ExitCo
     };
     let report = isr::gc::collect(&store, &options, &unlocker, &Bar::new()).await?;
     if context.global.json {
-        output::json(&report)?;
+        let mut value = serde_json::to_value(&report)?;
+        for (problem, json) in report
+            .problems
+            .iter()
+            .zip(value["problems"].as_array_mut().into_iter().flatten())
+        {
+            json["exit_code"] = isr::exit::code(problem.class).into();
+        }
+        output::json(&value)?;
     } else {
         print_report(&report);
     }
@@ -243,7 +251,7 @@ pub async fn gc(context: &CommandContext, args: GcArgs) -> anyhow::Result<ExitCo
         ),
     };
     eprintln!("isrctl: {what}: {}{more}", first.message);
-    Ok(ExitCode::from(first.class.exit_code()))
+    Ok(ExitCode::from(isr::exit::code(first.class)))
 }
 
 fn prompt_new_passphrase(name: &str) -> anyhow::Result<Zeroizing<String>> {

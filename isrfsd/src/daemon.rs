@@ -95,7 +95,7 @@ struct Daemon {
     /// VMs' runtime files go under `<runtime dir>/vm/<parcel>/`.
     runtime_dir: PathBuf,
     /// How VMs are run.
-    vmm: isr::config::VmmSettings,
+    vmm: isr::vmm::supervise::VmmSettings,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT or a shutdown request.
@@ -230,10 +230,7 @@ fn starting_slot(
 }
 
 fn error_response(class: ErrorClass, message: String) -> Response {
-    Response::Error {
-        exit_code: class.exit_code(),
-        message,
-    }
+    Response::Error { class, message }
 }
 
 impl Daemon {

@@ -37,8 +37,9 @@ use super::trickle::{local_chunk, upload_new};
 use super::{Session, SessionError, check_lock, write_record};
 use crate::chunk::ChunkTag;
 use crate::image::unix_now;
+use crate::layout;
 use crate::manifest::{Manifest, Timestamp};
-use crate::parcel::{self, OpenParcel, ParcelError, layout};
+use crate::parcel::{self, OpenParcel, ParcelError};
 
 /// What a sync or checkin did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,7 +249,7 @@ impl Session {
             parent,
             created: Timestamp::now(),
             lock_nonce: if save_as.is_some() { None } else { nonce },
-            host: crate::import::host_name(),
+            host: crate::parcel::host_name(),
             message: message.to_owned(),
             ..snapshot
         };

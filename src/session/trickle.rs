@@ -24,7 +24,7 @@ use super::SessionError;
 use crate::cache::ChunkCache;
 use crate::chunk::ChunkTag;
 use crate::image::{Image, unix_now};
-use crate::parcel::layout;
+use crate::layout;
 use crate::store::{PutOutcome, StoreHandle};
 
 /// How a session's changes are uploaded (`[upload]` in the configuration).

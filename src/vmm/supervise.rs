@@ -30,8 +30,28 @@ use super::config::{DisplayKind, VM_CONFIG_FILE, VmConfig, VmConfigError, VmmKin
 use super::libvirt::{self, Lifecycle};
 use super::qemu::{self, QemuError, QemuRuntime, QemuVm};
 use super::virtualbox::{self, VboxError};
-use crate::config::VmmSettings;
 use crate::error::{Classify, ErrorClass};
+
+/// How the daemon runs a parcel's VM (`[vmm]` in the configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmmSettings {
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// QEMU's `-accel` value.
+    pub accel: String,
+    /// The libvirt connection URI.
+    pub libvirt_uri: String,
+}
+
+impl Default for VmmSettings {
+    fn default() -> Self {
+        VmmSettings {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel: qemu::DEFAULT_ACCEL.to_owned(),
+            libvirt_uri: libvirt::SESSION_URI.to_owned(),
+        }
+    }
+}
 
 /// Errors starting, saving or stopping a VM.
 #[derive(Debug, thiserror::Error)]

@@ -718,7 +718,7 @@ pub fn import_with_library(
         name,
         paths: &paths,
         new_version: false,
-        settings: isr::config::ImportSettings {
+        settings: isr::import::ImportSettings {
             chunk_size,
             zstd_level: 3,
             jobs: 2,

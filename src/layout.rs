@@ -1,0 +1,57 @@
+//! Where every object of a store lives: the key of each chunk, parcel record,
+//! keyslot, manifest, access trace, version hint, lock and gc notice. The one
+//! place that spells store keys; see docs/format.md for the objects themselves.
+
+use crate::chunk::ChunkTag;
+
+/// Prefix of every parcel's objects.
+pub const PARCELS: &str = "parcels/";
+/// Prefix of every chunk.
+pub const CHUNKS: &str = "chunks/";
+
+/// Prefix of garbage collection's deletion notices (see [`crate::gc`]).
+pub const GC_NOTICES: &str = "gc/deleting/";
+
+/// `gc/deleting/<id>`: the chunk keys one gc run is about to delete.
+pub fn gc_notice(id: &str) -> String {
+    format!("gc/deleting/{id}")
+}
+/// `chunks/<tt>/<tag-hex>`.
+pub fn chunk(tag: &ChunkTag) -> String {
+    let hex = tag.to_hex();
+    format!("chunks/{}/{hex}", &hex[..2])
+}
+/// `parcels/<name>/parcel.toml`.
+pub fn record(name: &str) -> String {
+    format!("parcels/{name}/parcel.toml")
+}
+/// `parcels/<name>/keyslots/`.
+pub fn keyslots(name: &str) -> String {
+    format!("parcels/{name}/keyslots/")
+}
+/// `parcels/<name>/keyslots/<n>`.
+pub fn keyslot(name: &str, number: u32) -> String {
+    format!("parcels/{name}/keyslots/{number}")
+}
+/// `parcels/<name>/versions/`.
+pub fn versions(name: &str) -> String {
+    format!("parcels/{name}/versions/")
+}
+/// `parcels/<name>/versions/<0000000042>.manifest`.
+pub fn manifest(name: &str, version: u64) -> String {
+    format!("parcels/{name}/versions/{version:010}.manifest")
+}
+/// `parcels/<name>/versions/<0000000042>.trace`: the access order of the
+/// session that committed the version (optional).
+pub fn trace(name: &str, version: u64) -> String {
+    format!("parcels/{name}/versions/{version:010}.trace")
+}
+/// `parcels/<name>/versions/oldest`: the oldest version garbage collection
+/// kept, as decimal text (a hint for stores that cannot list).
+pub fn oldest_hint(name: &str) -> String {
+    format!("parcels/{name}/versions/oldest")
+}
+/// `parcels/<name>/lock`.
+pub fn lock(name: &str) -> String {
+    format!("parcels/{name}/lock")
+}
