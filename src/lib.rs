@@ -23,6 +23,7 @@
 //! | [`trace`] | the access trace stored beside a version (first-read order of chunks), encrypted |
 //! | [`maintenance`] | rollback to an earlier version; passwd (re-wrap the parcel key) |
 //! | [`vmm`] | the parcel's VM: `vm.toml` ([`vmm::config`]); later the adapters that run it |
+//! | [`daemon`] | the daemon's orchestration: sessions, their mounts (through a [`daemon::Mounter`]) and VMs, one answer per control request |
 //! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
 //! | [`error`] | error classes ([`error::Classify`], implemented by each module's error) |
@@ -33,6 +34,7 @@ pub mod cache;
 pub mod chunk;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod error;
 pub mod exit;
 pub mod export;

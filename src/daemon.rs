@@ -1,0 +1,964 @@
+//! The daemon's orchestration: the resumed sessions of one runtime directory,
+//! their mounts, the VMs run from those mounts, and the answer to every control
+//! request ([`crate::control`]). `isrfsd` is a thin shell around it: it owns
+//! the process (socket, signals, systemd notification) and the FUSE adapter,
+//! which it hands in as a [`Mounter`], so everything here runs in unit tests
+//! without FUSE.
+//!
+//! Invariants:
+//! - Requests that change a parcel (resume, suspend, sync, checkin, discard)
+//!   run one at a time per parcel ([`Daemon::parcel_lock`]); status and hoard
+//!   do not wait for them.
+//! - A session is in `sessions` exactly while it is mounted; its VM slot goes
+//!   with it, and a checkin or discard removes both and unmounts.
+//! - A VM slot's `vm` mutex is held while its VM is started, suspended or
+//!   stopped; status then answers from `summary` as `busy`.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::cache::ChunkCache;
+use crate::config::Config;
+use crate::control::{self, Request, Response};
+use crate::error::{Classify, ErrorClass};
+use crate::fetch::Priority;
+use crate::image::ImageOptions;
+use crate::session::{CommitReport, Session, SessionContext, SessionError};
+use crate::store;
+use crate::vmm::config::VmmKind;
+use crate::vmm::supervise::{self, SupervisedVm, VmState, VmStatus, VmmSettings};
+
+/// Mounts a session's image where its record says (the FUSE adapter in
+/// isrfsd; a stand-in in tests).
+pub trait Mounter: Send + Sync {
+    /// Mounts `session` at `mount_point`, which exists.
+    fn mount(&self, session: &Session, mount_point: &Path)
+    -> std::io::Result<Box<dyn MountHandle>>;
+}
+
+/// A live mount; unmounting it ends it.
+pub trait MountHandle: Send {
+    /// Unmounts, waiting for the file system's threads to end.
+    fn unmount(self: Box<Self>) -> std::io::Result<()>;
+}
+
+struct Mounted {
+    session: Arc<Session>,
+    mount: Option<Box<dyn MountHandle>>,
+    vm: Arc<VmSlot>,
+}
+
+/// The VM a session's mount runs, if any.
+#[derive(Default)]
+struct VmSlot {
+    /// Who runs it, chosen at the first resume (a reattach keeps it).
+    kind: Mutex<Option<VmmKind>>,
+    /// Held while the VM is started, suspended or stopped.
+    vm: Mutex<Option<SupervisedVm>>,
+    /// Its last status, answered while `vm` is busy.
+    summary: Mutex<Option<VmStatus>>,
+}
+
+impl VmSlot {
+    /// The VM's status; `busy` while another request is changing it.
+    fn status(&self) -> Option<VmStatus> {
+        match self.vm.try_lock() {
+            Ok(mut vm) => match vm.as_mut() {
+                Some(vm) => Some(self.remember(vm)),
+                // Being started: the summary says so.
+                None => self.summary.lock().expect("vm summary").clone(),
+            },
+            Err(_) => self
+                .summary
+                .lock()
+                .expect("vm summary")
+                .clone()
+                .map(|status| VmStatus {
+                    state: VmState::Busy,
+                    ..status
+                }),
+        }
+    }
+
+    fn remember(&self, vm: &mut SupervisedVm) -> VmStatus {
+        let status = vm.status();
+        *self.summary.lock().expect("vm summary") = Some(status.clone());
+        status
+    }
+}
+
+/// Every session of one runtime directory and the VMs run from them.
+pub struct Daemon {
+    runtime: tokio::runtime::Runtime,
+    context: SessionContext,
+    sessions: Mutex<HashMap<String, Mounted>>,
+    /// Per parcel: held by resume, sync, checkin and discard, so they run one
+    /// at a time and a request sees the previous one's end state.
+    parcel_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Checkins this daemon finished: a repeated request (its client was
+    /// killed) gets the same answer.
+    checked_in: Mutex<HashMap<String, CommitReport>>,
+    mounter: Box<dyn Mounter>,
+    shutdown: std::sync::mpsc::Sender<()>,
+    /// VMs' runtime files go under `<runtime dir>/vm/<parcel>/`.
+    runtime_dir: PathBuf,
+    /// How VMs are run.
+    vmm: VmmSettings,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("runtime_dir", &self.runtime_dir)
+            .field("state_dir", &self.context.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// A daemon with no sessions yet, configured by `config`, caching chunks
+    /// in `cache`, doing its I/O on `runtime` and mounting with `mounter`. A
+    /// shutdown request sends on `shutdown`.
+    pub fn new(
+        config: &Config,
+        cache: Arc<ChunkCache>,
+        runtime: tokio::runtime::Runtime,
+        mounter: Box<dyn Mounter>,
+        shutdown: std::sync::mpsc::Sender<()>,
+    ) -> Daemon {
+        Daemon {
+            context: SessionContext {
+                state_dir: config.state_dir.clone(),
+                cache,
+                runtime: runtime.handle().clone(),
+                fetch: config.fetch,
+                image: ImageOptions::default(),
+                prefetch: config.prefetch,
+                upload: config.upload,
+            },
+            runtime,
+            sessions: Mutex::new(HashMap::new()),
+            parcel_locks: Mutex::new(HashMap::new()),
+            checked_in: Mutex::new(HashMap::new()),
+            mounter,
+            shutdown,
+            runtime_dir: config.runtime_dir.clone(),
+            vmm: config.vmm.clone(),
+        }
+    }
+
+    /// The runtime the daemon's I/O runs on.
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
+    }
+}
+
+/// The VM slot of a session being mounted, with the VMM chosen (unless its
+/// vm.toml is unreadable: `ensure_vm` then says why); a VM to start shows as
+/// `busy` until it runs. What the VM reads before its guest runs moves to the
+/// front of the prefetch: the kernel and initrd (read whole as QEMU starts,
+/// even when it then loads a saved state), then the memory image vm.toml names.
+fn starting_slot(
+    session: &Session,
+    parcel: &str,
+    requested: Option<VmmKind>,
+    mount: &std::path::Path,
+) -> Arc<VmSlot> {
+    let config = supervise::load_config(parcel, mount);
+    if let Ok(config) = &config {
+        session.prefetch_files(&config.boot_files(), Priority::Boot);
+        session.prefetch_files(&[config.memory_image.as_path()], Priority::Memory);
+    }
+    let kind = match requested {
+        Some(kind) => Ok(kind),
+        None => supervise::configured_kind(config),
+    };
+    let slot = VmSlot::default();
+    if let Ok(kind) = kind {
+        *slot.kind.lock().expect("vm kind") = Some(kind);
+        if kind != VmmKind::None {
+            *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(kind));
+        }
+    }
+    Arc::new(slot)
+}
+
+fn error_response(class: ErrorClass, message: String) -> Response {
+    Response::Error { class, message }
+}
+
+impl Daemon {
+    /// Answers the requests of one control connection until it closes;
+    /// connections from other users are refused.
+    pub fn serve(&self, stream: UnixStream) {
+        let own_uid = nix::unistd::geteuid().as_raw();
+        match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(credentials) if credentials.uid() == own_uid => {}
+            _ => {
+                tracing::warn!("refused a control connection from another user");
+                return;
+            }
+        }
+        let mut reader = BufReader::new(match stream.try_clone() {
+            Ok(s) => s,
+            Err(_) => return,
+        });
+        let mut writer = stream;
+        while let Ok(Some(envelope)) = control::receive::<Request>(&mut reader) {
+            let response = if envelope.protocol != control::PROTOCOL_VERSION {
+                error_response(
+                    ErrorClass::Invalid,
+                    format!(
+                        "isrctl speaks control protocol {}, this isrfsd speaks {}: use matching versions",
+                        envelope.protocol,
+                        control::PROTOCOL_VERSION
+                    ),
+                )
+            } else {
+                self.handle(envelope.body)
+            };
+            if control::send(&mut writer, response).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Carries out one request.
+    pub fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Resume {
+                parcel,
+                version,
+                mount,
+                store,
+                vmm,
+            } => {
+                let lock = self.parcel_lock(&parcel.name);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                self.resume(*parcel, version, mount, store, vmm)
+            }
+            Request::Suspend {
+                parcel,
+                message,
+                wipe,
+                reopen,
+            } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                self.suspend(&parcel, &message, wipe, reopen.as_deref())
+            }
+            Request::Sync { parcel, message } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                let Some(session) = self.live_session(&parcel) else {
+                    let e = SessionError::NotResumed(parcel.clone());
+                    return error_response(
+                        e.class(),
+                        format!(
+                            "{e}; after a restart of isrfsd, `isrctl resume {parcel}` reattaches it"
+                        ),
+                    );
+                };
+                match self.runtime.block_on(session.commit(&message, None)) {
+                    Ok(report) => Response::Committed { report },
+                    Err(e) => error_response(e.class(), e.to_string()),
+                }
+            }
+            Request::Checkin {
+                parcel,
+                message,
+                wipe,
+                save_as,
+                reopen,
+            } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                self.checkin(
+                    &parcel,
+                    &message,
+                    wipe,
+                    save_as.as_deref(),
+                    reopen.as_deref(),
+                )
+            }
+            Request::Status { parcel } => {
+                let sessions = self.sessions.lock().expect("sessions lock");
+                let mut statuses: Vec<_> = sessions
+                    .iter()
+                    .filter(|(name, _)| parcel.as_ref().is_none_or(|p| p == *name))
+                    .map(|(_, m)| {
+                        let mut status = m.session.status();
+                        status.vm = m.vm.status();
+                        status
+                    })
+                    .collect();
+                statuses.sort_by(|a, b| a.parcel.cmp(&b.parcel));
+                if let Some(name) = parcel
+                    && statuses.is_empty()
+                {
+                    let e = SessionError::NotResumed(name);
+                    return error_response(e.class(), e.to_string());
+                }
+                Response::Status { sessions: statuses }
+            }
+            Request::Hoard { parcel } => {
+                let session_parts = {
+                    let sessions = self.sessions.lock().expect("sessions lock");
+                    sessions
+                        .get(&parcel)
+                        .map(|m| (m.session.fetcher.clone(), m.session.base.clone()))
+                };
+                let Some((fetcher, base)) = session_parts else {
+                    let e = SessionError::NotResumed(parcel);
+                    return error_response(e.class(), e.to_string());
+                };
+                match self
+                    .runtime
+                    .block_on(crate::session::hoard(&fetcher, &base))
+                {
+                    Ok(chunks) => Response::Hoarded { chunks },
+                    Err(e) => error_response(e.class(), e.to_string()),
+                }
+            }
+            Request::Discard { parcel } => {
+                let lock = self.parcel_lock(&parcel);
+                let _one_at_a_time = lock.lock().expect("parcel lock");
+                let mounted = self.sessions.lock().expect("sessions lock").remove(&parcel);
+                let Some(mounted) = mounted else {
+                    let e = SessionError::NotResumed(parcel);
+                    return error_response(e.class(), e.to_string());
+                };
+                if let Some(vm) = mounted.vm.vm.lock().expect("vm lock").as_mut() {
+                    vm.kill();
+                }
+                if let Some(mount) = mounted.mount {
+                    let _ = mount.unmount();
+                }
+                match self.runtime.block_on(mounted.session.discard()) {
+                    Ok(()) => Response::Done,
+                    Err(e) => error_response(e.class(), e.to_string()),
+                }
+            }
+            Request::Shutdown => {
+                let _ = self.shutdown.send(());
+                Response::Done
+            }
+        }
+    }
+
+    fn parcel_lock(&self, parcel: &str) -> Arc<Mutex<()>> {
+        self.parcel_locks
+            .lock()
+            .expect("parcel locks")
+            .entry(parcel.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn vm_slot(&self, parcel: &str) -> Option<Arc<VmSlot>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(parcel)
+            .map(|m| m.vm.clone())
+    }
+
+    /// Suspend: save the VM's memory into the mount and stop it, then check in.
+    fn suspend(
+        &self,
+        parcel: &str,
+        message: &str,
+        wipe: bool,
+        reopen: Option<&control::Reopen>,
+    ) -> Response {
+        let mut saved = None;
+        if let Some(slot) = self.vm_slot(parcel) {
+            let mut guard = slot.vm.lock().expect("vm lock");
+            if let Some(vm) = guard.as_mut() {
+                match vm.suspend() {
+                    Ok(report) => {
+                        tracing::info!(
+                            parcel,
+                            seconds = report.seconds,
+                            bytes = report.memory_bytes,
+                            "VM saved"
+                        );
+                        slot.remember(vm);
+                        saved = Some(report);
+                    }
+                    Err(e) => {
+                        let next = match vm.state() {
+                            VmState::Running => format!(
+                                "the VM goes on running; fix the cause and run `isrctl suspend {parcel}` again"
+                            ),
+                            _ => format!(
+                                "`isrctl resume {parcel}` starts the VM again (it boots from its disks), `isrctl checkin {parcel}` commits the disks as they are (as after a power cut), `isrctl discard {parcel}` drops the session's changes"
+                            ),
+                        };
+                        slot.remember(vm);
+                        return error_response(
+                            e.class(),
+                            format!(
+                                "suspending {parcel} failed: {e}; nothing was committed: {next}"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        match self.checkin(parcel, message, wipe, None, reopen) {
+            Response::Committed { report } => Response::Suspended {
+                saved: saved.map(Box::new),
+                report: Box::new(report),
+            },
+            other => other,
+        }
+    }
+
+    /// Starts the session's VM unless it runs already (or nobody is to run it),
+    /// and answers with its status.
+    fn ensure_vm(
+        &self,
+        parcel: &str,
+        requested: Option<VmmKind>,
+    ) -> Result<(Option<VmStatus>, Vec<String>), Response> {
+        let Some((slot, mount)) = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(parcel)
+            .map(|m| (m.vm.clone(), m.session.record().mount.clone()))
+        else {
+            return Ok((None, Vec::new()));
+        };
+        let fail = |e: supervise::VmError| {
+            error_response(
+                e.class(),
+                format!(
+                    "{parcel} is mounted at {}, but its VM did not start: {e}; fix that and run `isrctl resume {parcel}` again, or `isrctl resume --vmm none {parcel}` to only mount it",
+                    mount.display()
+                ),
+            )
+        };
+        let mut warnings = Vec::new();
+        let mut kind = slot.kind.lock().expect("vm kind");
+        let chosen = match (requested, *kind) {
+            (Some(k), _) | (None, Some(k)) => k,
+            (None, None) => match supervise::chosen_kind(parcel, None, &mount) {
+                Ok(k) => k,
+                // Nobody asked for a VM: a vm.toml that describes none is
+                // not fatal (the parcel may predate VMs); the next resume
+                // reads it again.
+                Err(e) => {
+                    warnings.push(format!(
+                        "{e}: {parcel} is only mounted; fix vm.toml and run `isrctl resume {parcel}` again to start its VM"
+                    ));
+                    *slot.summary.lock().expect("vm summary") = None;
+                    return Ok((None, warnings));
+                }
+            },
+        };
+        *kind = Some(chosen);
+        let mut guard = slot.vm.lock().expect("vm lock");
+        if let Some(vm) = guard.as_mut()
+            && matches!(vm.state(), VmState::Running | VmState::Handed)
+        {
+            return Ok((Some(slot.remember(vm)), warnings));
+        }
+        if chosen == VmmKind::None {
+            return Ok((guard.as_mut().map(|vm| slot.remember(vm)), warnings));
+        }
+        let dir = self.runtime_dir.join("vm").join(parcel);
+        *slot.summary.lock().expect("vm summary") = Some(VmStatus::starting(chosen));
+        let started = SupervisedVm::start(parcel, chosen, &mount, &dir, &self.vmm);
+        let mut vm = started.map_err(|e| {
+            *slot.summary.lock().expect("vm summary") = None;
+            fail(e)
+        })?;
+        let status = slot.remember(&mut vm);
+        tracing::info!(parcel, vmm = %chosen, from_memory = status.resumed_from_memory, seconds = status.start_seconds, "VM started");
+        *guard = Some(vm);
+        Ok((Some(status), warnings))
+    }
+
+    fn live_session(&self, parcel: &str) -> Option<Arc<Session>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(parcel)
+            .map(|m| m.session.clone())
+    }
+
+    /// Checkin: commit, unmount, release the lock, remove the session state.
+    fn checkin(
+        &self,
+        parcel: &str,
+        message: &str,
+        wipe: bool,
+        save_as: Option<&control::WireParcel>,
+        reopen: Option<&control::Reopen>,
+    ) -> Response {
+        let save_as = match save_as.map(|w| w.open()) {
+            None => None,
+            Some(Some(open)) => Some(open),
+            Some(None) => {
+                return error_response(
+                    ErrorClass::Invalid,
+                    "malformed parcel secrets in the request".into(),
+                );
+            }
+        };
+        if let Some(slot) = self.vm_slot(parcel)
+            && let Some(vm) = slot.vm.lock().expect("vm lock").as_mut()
+            && vm.state() == VmState::Running
+        {
+            return error_response(
+                ErrorClass::Conflict,
+                format!(
+                    "the VM of {parcel} is running: `isrctl suspend {parcel}` saves its memory and checks in; to check in its disks alone, stop the VM first"
+                ),
+            );
+        }
+        let session = match self.live_session(parcel) {
+            Some(session) => session,
+            None => {
+                if let Some(report) = self.checked_in.lock().expect("checked_in").get(parcel) {
+                    return Response::Committed {
+                        report: CommitReport {
+                            already_done: true,
+                            ..report.clone()
+                        },
+                    };
+                }
+                match self.reopen_for_checkin(parcel, reopen) {
+                    Ok(Ok(session)) => Arc::new(session),
+                    Ok(Err(report)) => return Response::Committed { report },
+                    Err(response) => return response,
+                }
+            }
+        };
+        let report = match self
+            .runtime
+            .block_on(session.checkin(message, save_as.as_ref()))
+        {
+            Ok(report) => report,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        if report.already_done {
+            return Response::Committed { report };
+        }
+        let mounted = self.sessions.lock().expect("sessions lock").remove(parcel);
+        if let Some(mount) = mounted.and_then(|m| m.mount) {
+            if let Err(e) = mount.unmount() {
+                tracing::warn!(parcel, error = %e, "unmount after checkin failed");
+            }
+        }
+        if let Err(e) = self.runtime.block_on(session.finish_checkin(wipe)) {
+            return error_response(
+                e.class(),
+                format!(
+                    "version {} of {} is committed, but cleaning up failed: {e}; run `isrctl checkin {parcel}` again to finish",
+                    report.version, report.parcel
+                ),
+            );
+        }
+        tracing::info!(parcel, version = report.version, "checked in");
+        self.checked_in
+            .lock()
+            .expect("checked_in")
+            .insert(parcel.to_owned(), report.clone());
+        Response::Committed { report }
+    }
+
+    /// Opens a session this daemon does not have (it was restarted) for
+    /// checkin, without mounting it; or finishes a checkin that committed but
+    /// was cut short, answering with what it committed.
+    fn reopen_for_checkin(
+        &self,
+        parcel: &str,
+        reopen: Option<&control::Reopen>,
+    ) -> Result<Result<Session, CommitReport>, Response> {
+        let fail = |e: SessionError| error_response(e.class(), e.to_string());
+        let record = crate::session::read_record(&self.context.state_dir, parcel)
+            .map_err(fail)?
+            .ok_or_else(|| fail(SessionError::NotResumed(parcel.to_owned())))?;
+        let Some(reopen) = reopen else {
+            // isrctl resends with the parcel's secrets.
+            return Err(fail(SessionError::NotResumed(parcel.to_owned())));
+        };
+        let Some(open) = reopen.parcel.open() else {
+            return Err(error_response(
+                ErrorClass::Invalid,
+                "malformed parcel secrets in the request".into(),
+            ));
+        };
+        let store = store::open(&reopen.store.url, &reopen.store.s3, reopen.store.retry)
+            .map_err(|e| error_response(e.class(), e.to_string()))?;
+        crate::session::detach_dead_mount(&record.mount);
+        if record.checked_in {
+            let version = self
+                .runtime
+                .block_on(crate::session::finish_checked_in(
+                    &store,
+                    &self.context.state_dir,
+                    &record,
+                ))
+                .map_err(fail)?;
+            return Ok(Err(CommitReport::finished_earlier(
+                parcel,
+                version.unwrap_or(record.base_version),
+            )));
+        }
+        let context = SessionContext {
+            prefetch: false,
+            ..self.context.clone()
+        };
+        self.runtime
+            .block_on(Session::reopen(store, open, context))
+            .map(Ok)
+            .map_err(fail)
+    }
+
+    fn resume(
+        &self,
+        parcel: control::WireParcel,
+        version: Option<u64>,
+        mount: PathBuf,
+        wire_store: control::WireStore,
+        vmm: Option<VmmKind>,
+    ) -> Response {
+        let existing = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&parcel.name)
+            .map(|m| m.session.record().mount.clone());
+        if let Some(mount) = existing {
+            return match self.ensure_vm(&parcel.name, vmm) {
+                Ok((vm, warnings)) => Response::Resumed {
+                    mount,
+                    reattached: true,
+                    vm: vm.map(Box::new),
+                    warnings,
+                },
+                Err(response) => response,
+            };
+        }
+        let Some(open) = parcel.open() else {
+            return error_response(
+                ErrorClass::Invalid,
+                "malformed parcel secrets in the request".into(),
+            );
+        };
+        let store = match store::open(&wire_store.url, &wire_store.s3, wire_store.retry) {
+            Ok(store) => store,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let reattaching = crate::session::read_record(&self.context.state_dir, &open.name)
+            .ok()
+            .flatten()
+            .is_some();
+        let session = match self.runtime.block_on(Session::resume(
+            store,
+            open,
+            version,
+            mount.clone(),
+            self.context.clone(),
+        )) {
+            Ok(session) => session,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let mount = session.record().mount.clone();
+        crate::session::detach_dead_mount(&mount);
+        if let Err(e) = std::fs::create_dir_all(&mount) {
+            return error_response(
+                ErrorClass::Other,
+                format!("creating mount point {}: {e}", mount.display()),
+            );
+        }
+        match self.mounter.mount(&session, &mount) {
+            Ok(handle) => {
+                tracing::info!(parcel = %parcel.name, mount = %mount.display(), reattaching, "mounted");
+                self.checked_in
+                    .lock()
+                    .expect("checked_in")
+                    .remove(&parcel.name);
+                let vm = starting_slot(&session, &parcel.name, vmm, &mount);
+                self.sessions.lock().expect("sessions lock").insert(
+                    parcel.name.clone(),
+                    Mounted {
+                        session: Arc::new(session),
+                        mount: Some(handle),
+                        vm,
+                    },
+                );
+                match self.ensure_vm(&parcel.name, vmm) {
+                    Ok((vm, warnings)) => Response::Resumed {
+                        mount,
+                        reattached: reattaching,
+                        vm: vm.map(Box::new),
+                        warnings,
+                    },
+                    Err(response) => response,
+                }
+            }
+            Err(e) => error_response(
+                ErrorClass::Other,
+                format!("mounting {}: {e}", mount.display()),
+            ),
+        }
+    }
+
+    /// Saves running VMs into their mounts, flushes and unmounts every
+    /// session; each stays resumable (`isrctl resume` reattaches it).
+    pub fn shut_down(&self) {
+        let sessions: Vec<(String, Mounted)> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .drain()
+            .collect();
+        for (name, mounted) in sessions {
+            if let Some(vm) = mounted.vm.vm.lock().expect("vm lock").as_mut()
+                && vm.state() == VmState::Running
+            {
+                // Saved into the mount: `isrctl resume` later continues it.
+                match vm.suspend() {
+                    Ok(report) => {
+                        tracing::info!(parcel = %name, seconds = report.seconds, "VM saved at shutdown")
+                    }
+                    Err(e) => {
+                        tracing::error!(parcel = %name, error = %e, "could not save the VM at shutdown; stopping it");
+                        vm.kill();
+                    }
+                }
+            }
+            if let Err(e) = mounted.session.image.flush_all() {
+                tracing::error!(parcel = %name, error = %e, "flush failed at shutdown");
+            }
+            mounted.session.fetcher.stop();
+            if let Some(mount) = mounted.mount {
+                if let Err(e) = mount.unmount() {
+                    tracing::error!(parcel = %name, error = %e, "unmount failed at shutdown");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::control::{WireParcel, WireStore};
+    use crate::keys::{Credential, KdfParams, ParcelSecrets, Zeroizing};
+    use crate::manifest::{Manifest, Timestamp};
+    use crate::parcel::{self, OpenParcel};
+    use crate::store::{RetrySettings, S3Settings};
+
+    /// Counts mounts and unmounts instead of mounting; fails when told to.
+    #[derive(Default)]
+    struct CountingMounter {
+        mounts: Arc<AtomicUsize>,
+        unmounts: Arc<AtomicUsize>,
+        fail: bool,
+    }
+
+    struct CountedMount(Arc<AtomicUsize>);
+
+    impl MountHandle for CountedMount {
+        fn unmount(self: Box<Self>) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl Mounter for CountingMounter {
+        fn mount(
+            &self,
+            _session: &Session,
+            mount_point: &Path,
+        ) -> std::io::Result<Box<dyn MountHandle>> {
+            assert!(mount_point.is_dir(), "the daemon creates the mount point");
+            if self.fail {
+                return Err(std::io::Error::other("no FUSE here"));
+            }
+            self.mounts.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(CountedMount(self.unmounts.clone())))
+        }
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        parcel: OpenParcel,
+        daemon: Daemon,
+        mounts: Arc<AtomicUsize>,
+        unmounts: Arc<AtomicUsize>,
+    }
+
+    /// A daemon over a local store holding parcel `p` (one empty version).
+    fn fixture(fail_mounts: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store_url = dir.path().join("store").display().to_string();
+        let store =
+            store::open(&store_url, &S3Settings::default(), RetrySettings::default()).unwrap();
+        let setup = tokio::runtime::Runtime::new().unwrap();
+        let parcel = setup.block_on(async {
+            let parcel = parcel::create(
+                &store,
+                "p",
+                65536,
+                ParcelSecrets::generate(None),
+                &[Credential::Passphrase(Zeroizing::new("pw".into()))],
+                KdfParams {
+                    memory_kib: 64,
+                    iterations: 1,
+                    parallelism: 1,
+                },
+            )
+            .await
+            .unwrap();
+            let manifest = Manifest {
+                version: 1,
+                parent: None,
+                created: Timestamp::now(),
+                lock_nonce: None,
+                host: "h".into(),
+                message: "first".into(),
+                chunk_size: 65536,
+                entries: vec![],
+            };
+            parcel::commit(&store, &parcel, &manifest).await.unwrap();
+            parcel
+        });
+        let mut config = Config::from_toml("", Path::new("test.toml")).unwrap();
+        config.state_dir = dir.path().join("state");
+        config.runtime_dir = dir.path().join("run");
+        config.prefetch = false;
+        let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), 1 << 30).unwrap());
+        let mounter = CountingMounter {
+            fail: fail_mounts,
+            ..CountingMounter::default()
+        };
+        let (mounts, unmounts) = (mounter.mounts.clone(), mounter.unmounts.clone());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (shutdown, _) = std::sync::mpsc::channel();
+        let daemon = Daemon::new(&config, cache, runtime, Box::new(mounter), shutdown);
+        Fixture {
+            dir,
+            parcel,
+            daemon,
+            mounts,
+            unmounts,
+        }
+    }
+
+    impl Fixture {
+        fn resume(&self) -> Response {
+            self.daemon.handle(Request::Resume {
+                parcel: Box::new(WireParcel::new(&self.parcel)),
+                version: None,
+                mount: self.dir.path().join("mnt"),
+                store: WireStore {
+                    url: self.dir.path().join("store").display().to_string(),
+                    s3: S3Settings::default(),
+                    retry: RetrySettings::default(),
+                },
+                vmm: Some(VmmKind::None),
+            })
+        }
+
+        fn status(&self) -> Response {
+            self.daemon.handle(Request::Status {
+                parcel: Some("p".into()),
+            })
+        }
+    }
+
+    #[test]
+    fn resume_mounts_once_and_checkin_commits_and_unmounts() {
+        let f = fixture(false);
+        let Response::Resumed {
+            reattached: false,
+            vm: None,
+            ..
+        } = f.resume()
+        else {
+            panic!("first resume");
+        };
+        let Response::Resumed {
+            reattached: true, ..
+        } = f.resume()
+        else {
+            panic!("second resume reattaches");
+        };
+        assert_eq!(f.mounts.load(Ordering::SeqCst), 1);
+        let Response::Status { sessions } = f.status() else {
+            panic!("status");
+        };
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].parcel, "p");
+
+        let reply = f.daemon.handle(Request::Checkin {
+            parcel: "p".into(),
+            message: "done".into(),
+            wipe: false,
+            save_as: None,
+            reopen: None,
+        });
+        let Response::Committed { report } = reply else {
+            panic!("checkin: {reply:?}");
+        };
+        assert_eq!(report.parcel, "p");
+        assert_eq!(f.unmounts.load(Ordering::SeqCst), 1);
+        let Response::Error { class, .. } = f.status() else {
+            panic!("no session after checkin");
+        };
+        assert_eq!(class, ErrorClass::NotFound);
+    }
+
+    #[test]
+    fn discard_unmounts_and_forgets_the_session() {
+        let f = fixture(false);
+        assert!(matches!(f.resume(), Response::Resumed { .. }));
+        let reply = f.daemon.handle(Request::Discard { parcel: "p".into() });
+        assert!(matches!(reply, Response::Done), "{reply:?}");
+        assert_eq!(f.unmounts.load(Ordering::SeqCst), 1);
+        assert!(matches!(f.status(), Response::Error { .. }));
+    }
+
+    #[test]
+    fn a_failed_mount_is_an_error_reply_and_no_session() {
+        let f = fixture(true);
+        let reply = f.resume();
+        let Response::Error { class, message } = reply else {
+            panic!("resume with a failing mount: {reply:?}");
+        };
+        assert_eq!(class, ErrorClass::Other);
+        assert!(message.contains("mounting"), "{message}");
+        assert!(matches!(f.status(), Response::Error { .. }));
+    }
+
+    #[test]
+    fn requests_for_a_parcel_that_is_not_resumed_are_not_found() {
+        let f = fixture(false);
+        for request in [
+            Request::Sync {
+                parcel: "p".into(),
+                message: "m".into(),
+            },
+            Request::Hoard { parcel: "p".into() },
+            Request::Discard { parcel: "p".into() },
+        ] {
+            let reply = f.daemon.handle(request);
+            let Response::Error { class, .. } = reply else {
+                panic!("{reply:?}");
+            };
+            assert_eq!(class, ErrorClass::NotFound);
+        }
+    }
+}
