@@ -1,18 +1,25 @@
 //! `isrctl sync`, `isrctl checkin` and `isrctl suspend`: ask isrfsd to commit a
 //! resumed parcel's state as a new version (checkin also unmounts and releases
 //! it; suspend first saves the VM's memory into the mount and stops the VM).
+//! A daemon restarted since the resume is handed what it needs to reopen the
+//! session.
+//!
+//! Uses [`crate::daemon`], [`crate::context`], [`crate::credentials`] and
+//! [`crate::output`] (see the layering in `main.rs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use isr::control::{ControlError, Reopen, Request, Response, WireParcel, WireStore};
+use isr::control::{ControlError, Reopen, Request, Response, WireParcel};
+use isr::error::ErrorClass;
 use isr::keys::ParcelSecrets;
 use isr::parcel::{self, OpenParcel};
 use isr::session::{CommitReport, SessionError};
 
-use crate::commands::{CommandContext, daemon_socket_if_running, ensure_daemon};
+use crate::context::CommandContext;
 use crate::credentials::Purpose;
+use crate::daemon::{self, ensure_daemon};
 use crate::output;
 
 /// `isrctl checkin`.
@@ -53,14 +60,6 @@ pub struct SyncArgs {
     /// A message recorded with the version (shown by `isrctl history`).
     #[arg(long, short, default_value = "")]
     message: String,
-}
-
-fn wire_store(context: &CommandContext) -> WireStore {
-    WireStore {
-        url: context.config.store.clone(),
-        s3: context.config.s3.clone(),
-        retry: context.config.retry,
-    }
 }
 
 /// Creates (or, on a rerun, reopens) the parcel a lost session is saved
@@ -108,11 +107,11 @@ async fn call_reopening(
     unlocked: Option<&OpenParcel>,
     make: impl Fn(Option<Box<Reopen>>) -> Request,
 ) -> anyhow::Result<Response> {
-    if let Some(socket) = daemon_socket_if_running(context) {
+    if let Some(socket) = daemon::socket_if_running(context) {
         let request = make(None);
         match call_with_progress(context, socket, name, request).await {
             Err(ControlError::Daemon {
-                class: isr::error::ErrorClass::NotFound,
+                class: ErrorClass::NotFound,
                 ..
             }) if isr::session::read_record(&context.config.state_dir, name)?.is_some() => {}
             other => return Ok(other?),
@@ -134,7 +133,7 @@ async fn call_reopening(
     let socket = ensure_daemon(context)?;
     let reopen = Reopen {
         parcel: WireParcel::new(&parcel),
-        store: wire_store(context),
+        store: daemon::wire_store(context),
     };
     Ok(call_with_progress(context, socket, name, make(Some(Box::new(reopen)))).await?)
 }
@@ -147,10 +146,7 @@ async fn call_with_progress(
     name: &str,
     request: Request,
 ) -> Result<Response, ControlError> {
-    let call = {
-        let socket = socket.clone();
-        tokio::task::spawn_blocking(move || isr::control::call(&socket, request))
-    };
+    let call = daemon::call(&socket, request);
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) || context.global.json {
         return call.await.expect("control call task");
     }
@@ -162,9 +158,7 @@ async fn call_with_progress(
         let status = Request::Status {
             parcel: Some(name.to_owned()),
         };
-        let socket = socket.clone();
-        if let Ok(Ok(Response::Status { sessions })) =
-            tokio::task::spawn_blocking(move || isr::control::call(&socket, status)).await
+        if let Ok(Ok(Response::Status { sessions })) = daemon::call(&socket, status).await
             && let Some(session) = sessions.first()
         {
             bar.set_message(format!(
@@ -249,7 +243,7 @@ pub async fn checkin(context: &CommandContext, args: CheckinArgs) -> anyhow::Res
 
 /// `isrctl sync NAME`.
 pub async fn sync(context: &CommandContext, args: SyncArgs) -> anyhow::Result<ExitCode> {
-    let socket = daemon_socket_if_running(context)
+    let socket = daemon::socket_if_running(context)
         .ok_or_else(|| SessionError::NotResumed(args.name.clone()))?;
     let request = Request::Sync {
         parcel: args.name.clone(),

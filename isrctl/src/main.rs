@@ -1,19 +1,42 @@
 //! `isrctl`: the command-line client of isr.
 //!
-//! Parses arguments, sets up logging, resolves configuration and credentials,
-//! calls the library and maps errors to the documented exit codes. No logic of
-//! its own beyond presentation.
+//! This file owns the command line (`Cli`, `Command`), logging, the
+//! dispatch to one function per command, and the process exit. The rest
+//! resolves configuration and credentials, calls the library and presents
+//! its results; no logic of its own beyond presentation.
+//!
+//! The modules, bottom up; each uses only modules of lower layers, never one
+//! of its own layer or above, so there is no import circle:
+//!
+//! 1. [`output`] (progress bars, sizes, tables, JSON, one-line errors) and
+//!    [`credentials`] (passphrase, key file, prompt): the `isr` library only.
+//! 2. [`context`]: global options → configuration, store, credentials;
+//!    `NAME@VERSION`; [`InvalidArgument`](context::InvalidArgument); the exit
+//!    code of a command's error.
+//! 3. [`daemon`]: finding or starting isrfsd, one control call.
+//! 4. The commands, independent of each other: [`parcels`] (import, ls,
+//!    info, history, export, verify), [`maintenance`] (gc, passwd, rollback,
+//!    new-key-file), [`session`] (resume, status, hoard, discard, unlock),
+//!    [`checkin`] (sync, checkin, suspend). `parcels` and `maintenance` need
+//!    no daemon.
+//! 5. `main.rs`: uses them all.
 
 mod checkin;
-mod commands;
+mod context;
 mod credentials;
+mod daemon;
 mod maintenance;
 mod output;
+mod parcels;
+mod session;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
+use isr::error::ErrorClass;
+
+use crate::context::{CommandContext, GlobalOptions, NameArgs};
 
 const AFTER_HELP: &str = "\
 Environment (each also a global option):
@@ -52,38 +75,6 @@ struct Cli {
     command: Command,
 }
 
-/// Options every command takes (see DESIGN.md's CLI contract).
-#[derive(Debug, Args)]
-struct GlobalOptions {
-    /// Store URL: /path, file:///path, s3://bucket/prefix or https://host/prefix (read-only).
-    #[arg(long, global = true, env = "ISR_STORE", value_name = "URL")]
-    store: Option<String>,
-    /// Configuration file (replaces the default files).
-    #[arg(long, global = true, env = "ISR_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Session state directory.
-    #[arg(long, global = true, env = "ISR_STATE_DIR", value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Local chunk cache directory.
-    #[arg(long, global = true, env = "ISR_CACHE_DIR", value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Directory of the control socket and default mount points.
-    #[arg(long, global = true, env = "ISR_RUNTIME_DIR", value_name = "DIR")]
-    runtime_dir: Option<PathBuf>,
-    /// Read the parcel passphrase from FILE instead of prompting (first line).
-    #[arg(long, global = true, env = "ISR_PASSPHRASE_FILE", value_name = "FILE")]
-    passphrase_file: Option<PathBuf>,
-    /// Unlock (or, on import, also lock) the parcel with a key file.
-    #[arg(long, global = true, env = "ISR_KEY_FILE", value_name = "FILE")]
-    key_file: Option<PathBuf>,
-    /// Machine-readable JSON on stdout.
-    #[arg(long, global = true)]
-    json: bool,
-    /// More log output on stderr (-v info, -vv debug).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a parcel from files or a directory, or add a version to one.
@@ -92,20 +83,20 @@ enum Command {
     /// otherwise each PATH becomes a top-level entry under its own name. Only
     /// regular files and directories are accepted. Chunks already in the store are
     /// not uploaded again, so an interrupted import can simply be run again.
-    Import(commands::ImportArgs),
+    Import(parcels::ImportArgs),
     /// List the parcels in the store with their newest version and lock holder.
     Ls,
     /// Show a parcel's record, lock and versions with sizes and dates (--files: per file).
-    Info(commands::InfoArgs),
+    Info(parcels::InfoArgs),
     /// Show a parcel's versions: date, host, parent, new bytes, message.
-    History(commands::NameArgs),
+    History(NameArgs),
     /// Rebuild a version's files byte for byte into a new or empty directory.
-    Export(commands::ExportArgs),
+    Export(parcels::ExportArgs),
     /// Check that every chunk of a version exists and is intact.
     ///
     /// Lists every bad chunk (missing, truncated, replaced, undecryptable) and
     /// exits with code 7 if there is any.
-    Verify(commands::VerifyArgs),
+    Verify(parcels::VerifyArgs),
     /// Lock a parcel, mount its newest (or given) version lazily, start its VM.
     ///
     /// Asks isrfsd (started if it is not running) to take the parcel's lock in
@@ -118,17 +109,17 @@ enum Command {
     /// serial console to <runtime dir>/vm/NAME/serial.log). After a crash of
     /// isrfsd or QEMU, resume reattaches the session with every fsynced write
     /// intact and starts the VM again.
-    Resume(commands::ResumeArgs),
+    Resume(session::ResumeArgs),
     /// Show resumed sessions: mount, chunks local/total, dirty data, fetches, errors.
-    Status(commands::StatusArgs),
+    Status(session::StatusArgs),
     /// Fetch every chunk of a resumed parcel and wait, so it keeps working offline.
-    Hoard(commands::NameArgs),
+    Hoard(NameArgs),
     /// Commit a resumed parcel's current state as a new version; it stays mounted.
     ///
     /// The version is one point in time: every write either made it entirely
     /// or not at all. Only chunks not yet in the store are uploaded (most are
     /// usually there already: the daemon trickles changes up in the background).
-    Sync(crate::checkin::SyncArgs),
+    Sync(checkin::SyncArgs),
     /// Commit a resumed parcel as a new version, unmount it, release its lock.
     ///
     /// From the start of the checkin the mount is read-only. Only chunks not
@@ -137,7 +128,7 @@ enum Command {
     /// Interrupted or killed, run it again: it finishes without uploading
     /// twice or making a second version. If someone broke the lock, nothing is
     /// committed and the changes are kept: save them with --as NEW-NAME.
-    Checkin(crate::checkin::CheckinArgs),
+    Checkin(checkin::CheckinArgs),
     /// Save the VM's memory into the mount, stop it, and check the parcel in.
     ///
     /// For a VM isrfsd runs (QEMU): stops the guest, migrates its memory into
@@ -147,11 +138,11 @@ enum Command {
     /// running; if QEMU died, nothing is committed and `isrctl resume` boots it
     /// again. Without a VM under isrfsd (--vmm none) it is `isrctl checkin`.
     /// Interrupted, run it again.
-    Suspend(crate::checkin::SuspendArgs),
+    Suspend(checkin::SuspendArgs),
     /// Unmount a resumed parcel, drop its local changes and release its lock.
-    Discard(commands::NameArgs),
+    Discard(NameArgs),
     /// Break a parcel's lock (the holder's unsaved changes can no longer be committed).
-    Unlock(commands::UnlockArgs),
+    Unlock(session::UnlockArgs),
     /// Delete old versions and the chunks no remaining version uses.
     ///
     /// Versions: with --keep-last and/or --keep-days, a version is kept if it is
@@ -187,6 +178,36 @@ enum Command {
     },
 }
 
+/// Runs one command: its exit code, or its error for [`main`] to report.
+async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode> {
+    if let Command::NewKeyFile { path } = &command {
+        // Needs no configuration: it must work before there is one.
+        return maintenance::new_key_file(path);
+    }
+    let context = CommandContext::new(global)?;
+    let context = &context;
+    match command {
+        Command::Import(args) => parcels::import(context, args).await,
+        Command::Ls => parcels::ls(context).await,
+        Command::Info(args) => parcels::info(context, args).await,
+        Command::History(args) => parcels::history(context, &args.name).await,
+        Command::Export(args) => parcels::export(context, args).await,
+        Command::Verify(args) => parcels::verify(context, args).await,
+        Command::Resume(args) => session::resume(context, args).await,
+        Command::Status(args) => session::status(context, args),
+        Command::Hoard(args) => session::hoard(context, &args.name),
+        Command::Discard(args) => session::discard(context, &args.name).await,
+        Command::Unlock(args) => session::unlock(context, args).await,
+        Command::Sync(args) => checkin::sync(context, args).await,
+        Command::Checkin(args) => checkin::checkin(context, args).await,
+        Command::Suspend(args) => checkin::suspend(context, args).await,
+        Command::Gc(args) => maintenance::gc(context, args).await,
+        Command::Passwd(args) => maintenance::passwd(context, args).await,
+        Command::Rollback(args) => maintenance::rollback(context, args).await,
+        Command::NewKeyFile { .. } => unreachable!("handled above"),
+    }
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -207,6 +228,9 @@ fn init_logging(verbose: u8) {
 /// as a program killed by SIGPIPE would (Rust ignores SIGPIPE, so `println!`
 /// panics instead); every other panic is reported as usual.
 fn exit_quietly_on_broken_pipe() {
+    /// What a shell reports for a program killed by SIGPIPE: 128 + 13. A
+    /// signal's status, not one of the error classes' exit codes.
+    const EXIT_BROKEN_PIPE: i32 = 128 + 13;
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let message = info
@@ -216,7 +240,7 @@ fn exit_quietly_on_broken_pipe() {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
         if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(141); // 128 + SIGPIPE, what a shell reports
+            std::process::exit(EXIT_BROKEN_PIPE);
         }
         default(info);
     }));
@@ -234,15 +258,23 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("isrctl: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return context::failure(ErrorClass::Other);
         }
     };
-    match runtime.block_on(commands::run(cli.global, cli.command)) {
+    match runtime.block_on(run(cli.global, cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            let class = isr::exit::classify(error.as_ref());
             eprintln!("isrctl: {}", output::one_line(&error));
-            ExitCode::from(isr::exit::code(class))
+            context::failure(context::error_class(&error))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,7 +1,11 @@
-//! `isrctl gc`, `isrctl passwd` and `isrctl rollback`: argument handling and
-//! presentation over `isr::gc` and `isr::maintenance`.
+//! The commands that look after a store and its parcels' keys: `isrctl gc`,
+//! `passwd`, `rollback` and `new-key-file`. Argument handling and
+//! presentation over `isr::gc`, `isr::maintenance` and `isr::keys`.
+//!
+//! Uses [`crate::context`], [`crate::credentials`] and [`crate::output`]
+//! (see the layering in `main.rs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,7 +18,7 @@ use isr::keys::{Credential, KeyError, Zeroizing};
 use isr::parcel::{self, OpenParcel};
 use isr::store::{BoxError, StoreHandle};
 
-use crate::commands::{CommandContext, InvalidArgument};
+use crate::context::{CommandContext, InvalidArgument, failure};
 use crate::credentials::{self, Purpose};
 use crate::output::{self, Bar};
 
@@ -191,6 +195,7 @@ fn print_report(report: &GcReport) {
     }
 }
 
+/// `isrctl gc`.
 pub async fn gc(context: &CommandContext, args: GcArgs) -> anyhow::Result<ExitCode> {
     if args.keep_last == Some(0) {
         return Err(InvalidArgument(
@@ -209,10 +214,7 @@ pub async fn gc(context: &CommandContext, args: GcArgs) -> anyhow::Result<ExitCo
         parallel: context.config.import.uploads,
     };
     let unlocker = CliUnlocker {
-        given: credentials::given(
-            context.global.passphrase_file.as_deref(),
-            context.global.key_file.as_deref(),
-        )?,
+        given: context.given_credentials()?,
         typed: Mutex::new(Vec::new()),
         interactive: credentials::terminal_available(),
     };
@@ -251,7 +253,7 @@ pub async fn gc(context: &CommandContext, args: GcArgs) -> anyhow::Result<ExitCo
         ),
     };
     eprintln!("isrctl: {what}: {}{more}", first.message);
-    Ok(ExitCode::from(isr::exit::code(first.class)))
+    Ok(failure(first.class))
 }
 
 fn prompt_new_passphrase(name: &str) -> anyhow::Result<Zeroizing<String>> {
@@ -272,6 +274,7 @@ fn prompt_new_passphrase(name: &str) -> anyhow::Result<Zeroizing<String>> {
     Ok(first)
 }
 
+/// `isrctl passwd`.
 pub async fn passwd(context: &CommandContext, args: PasswdArgs) -> anyhow::Result<ExitCode> {
     parcel::validate_name(&args.name)?;
     let store = context.store()?;
@@ -333,15 +336,13 @@ pub async fn passwd(context: &CommandContext, args: PasswdArgs) -> anyhow::Resul
             }
         );
         if created_key_file && let Some(path) = &args.new_key_file {
-            println!(
-                "wrote key file {} (32 random bytes, mode 0600); keep a copy somewhere safe",
-                path.display()
-            );
+            print_key_file_written(path);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `isrctl rollback`.
 pub async fn rollback(context: &CommandContext, args: RollbackArgs) -> anyhow::Result<ExitCode> {
     if args.to_version == 0 {
         return Err(InvalidArgument("versions are numbered from 1".into()).into());
@@ -362,15 +363,23 @@ pub async fn rollback(context: &CommandContext, args: RollbackArgs) -> anyhow::R
     Ok(ExitCode::SUCCESS)
 }
 
+/// `isrctl new-key-file PATH`.
+pub fn new_key_file(path: &Path) -> anyhow::Result<ExitCode> {
+    isr::keys::create_key_file(path)?;
+    print_key_file_written(path);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_key_file_written(path: &Path) {
+    println!(
+        "wrote key file {} (32 random bytes, mode 0600); keep a copy somewhere safe",
+        path.display()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_command_line_is_consistent() {
-        use clap::CommandFactory;
-        crate::Cli::command().debug_assert();
-    }
 
     #[test]
     fn version_lists() {

@@ -1,0 +1,173 @@
+//! What every command starts from and ends with: the global options, the
+//! [`CommandContext`] they resolve to (configuration, store, credentials), the
+//! command-line values every command parses alike (`NAME@VERSION`), and the
+//! exit code of a command's error.
+//!
+//! Uses only [`crate::credentials`] (see the layering in `main.rs`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use isr::config::Config;
+use isr::error::ErrorClass;
+use isr::keys::Credential;
+use isr::parcel::{self, OpenParcel};
+use isr::store::{self, StoreHandle};
+
+use crate::credentials::{self, Purpose};
+
+/// Options every command takes (see DESIGN.md's CLI contract).
+#[derive(Debug, Args)]
+pub struct GlobalOptions {
+    /// Store URL: /path, file:///path, s3://bucket/prefix or https://host/prefix (read-only).
+    #[arg(long, global = true, env = "ISR_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// Configuration file (replaces the default files).
+    #[arg(long, global = true, env = "ISR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Session state directory.
+    #[arg(long, global = true, env = "ISR_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Local chunk cache directory.
+    #[arg(long, global = true, env = "ISR_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Directory of the control socket and default mount points.
+    #[arg(long, global = true, env = "ISR_RUNTIME_DIR", value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// Read the parcel passphrase from FILE instead of prompting (first line).
+    #[arg(long, global = true, env = "ISR_PASSPHRASE_FILE", value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// Unlock (or, on import, also lock) the parcel with a key file.
+    #[arg(long, global = true, env = "ISR_KEY_FILE", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Commands that take a parcel name.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// Parcel name.
+    pub name: String,
+}
+
+/// The global options and the configuration they select: what a command
+/// needs to reach the store and unlock parcels.
+pub struct CommandContext {
+    pub global: GlobalOptions,
+    pub config: Config,
+}
+
+impl CommandContext {
+    /// Loads the configuration; a directory or store given as an option
+    /// (or in the environment) overrides the file's.
+    pub fn new(global: GlobalOptions) -> anyhow::Result<CommandContext> {
+        let mut config = Config::load(global.config.as_deref())?;
+        if let Some(store) = &global.store {
+            config.store = store.clone();
+        }
+        for (flag, dir) in [
+            (&global.state_dir, &mut config.state_dir),
+            (&global.cache_dir, &mut config.cache_dir),
+            (&global.runtime_dir, &mut config.runtime_dir),
+        ] {
+            if let Some(value) = flag {
+                *dir = value.clone();
+            }
+        }
+        Ok(CommandContext { global, config })
+    }
+
+    pub fn store(&self) -> anyhow::Result<StoreHandle> {
+        Ok(store::open(
+            &self.config.store,
+            &self.config.s3,
+            self.config.retry,
+        )?)
+    }
+
+    /// Every credential given for `parcel`, prompting when none was.
+    pub fn credentials(&self, parcel: &str, purpose: Purpose) -> anyhow::Result<Vec<Credential>> {
+        credentials::gather(
+            parcel,
+            purpose,
+            self.global.passphrase_file.as_deref(),
+            self.global.key_file.as_deref(),
+        )
+    }
+
+    /// The credentials given by option or environment, without prompting.
+    pub fn given_credentials(&self) -> anyhow::Result<Vec<Credential>> {
+        credentials::given(
+            self.global.passphrase_file.as_deref(),
+            self.global.key_file.as_deref(),
+        )
+    }
+
+    pub async fn open_parcel(&self, store: &StoreHandle, name: &str) -> anyhow::Result<OpenParcel> {
+        parcel::require_record(store, name).await?;
+        let credentials = self.credentials(name, Purpose::Unlock)?;
+        Ok(parcel::open(store, name, &credentials).await?)
+    }
+}
+
+/// Splits `NAME@VERSION`.
+pub fn parse_target(target: &str) -> anyhow::Result<(&str, Option<u64>)> {
+    match target.rsplit_once('@') {
+        None => Ok((target, None)),
+        Some((name, version)) => {
+            let version: u64 = version.parse().ok().filter(|&v| v > 0).ok_or_else(|| {
+                InvalidArgument(format!(
+                    "{target:?}: the version after '@' must be a number ≥ 1"
+                ))
+            })?;
+            Ok((name, Some(version)))
+        }
+    }
+}
+
+/// A command-line value that makes no sense ([`ErrorClass::Invalid`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidArgument(pub String);
+
+/// The class of a command's error: an [`InvalidArgument`] is invalid, any
+/// other error is what the library classifies it as.
+pub fn error_class(error: &anyhow::Error) -> ErrorClass {
+    if error.downcast_ref::<InvalidArgument>().is_some() {
+        ErrorClass::Invalid
+    } else {
+        isr::exit::classify(error.as_ref())
+    }
+}
+
+/// The exit code of a command that failed with `class` (the codes `isrctl
+/// --help` lists).
+pub fn failure(class: ErrorClass) -> ExitCode {
+    ExitCode::from(isr::exit::code(class))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("vm").unwrap(), ("vm", None));
+        assert_eq!(parse_target("vm@12").unwrap(), ("vm", Some(12)));
+        assert!(parse_target("vm@0").is_err());
+        assert!(parse_target("vm@x").is_err());
+    }
+
+    #[test]
+    fn invalid_arguments_are_invalid_wherever_they_are_wrapped() {
+        let error = anyhow::Error::new(InvalidArgument("bad".into())).context("doing x");
+        assert_eq!(error_class(&error), ErrorClass::Invalid);
+        assert_eq!(error_class(&anyhow::anyhow!("plain")), ErrorClass::Other);
+    }
+}

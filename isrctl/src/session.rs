@@ -1,0 +1,388 @@
+//! The commands over this machine's sessions, through isrfsd: `isrctl
+//! resume` (lock, mount, start the VM; `--foreground` waits for it),
+//! `status`, `hoard`, `discard`, and `unlock` (breaking a session's lock from
+//! anywhere). Committing a session is [`crate::checkin`]'s.
+//!
+//! Uses [`crate::daemon`], [`crate::context`] and [`crate::output`] (see the
+//! layering in `main.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use isr::control::{ControlError, Request, Response, WireParcel};
+use isr::error::ErrorClass;
+use isr::session::SessionError;
+use isr::vmm::supervise::{VmState, VmStatus};
+
+use crate::context::{CommandContext, InvalidArgument, failure, parse_target};
+use crate::daemon::{self, ensure_daemon};
+use crate::output;
+
+/// `isrctl resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// Parcel, optionally with a version: NAME or NAME@VERSION (default: newest).
+    target: String,
+    /// Mount point (default: <runtime dir>/mnt/NAME).
+    #[arg(long, value_name = "DIR")]
+    mount: Option<PathBuf>,
+    /// Who runs the VM from the mount: qemu (isrfsd starts and supervises it),
+    /// libvirt (a transient domain via virsh), virtualbox (VMDK descriptors
+    /// over the raw disks, then VBoxManage), none (mount only). Default: the
+    /// `vmm` of the parcel's vm.toml; none without one.
+    #[arg(long, value_name = "VMM", value_parser = parse_vmm)]
+    vmm: Option<isr::vmm::config::VmmKind>,
+    /// Stay until the VM stops: exit 0 when it was suspended or the guest
+    /// powered off, 1 when QEMU died (resume returns once it runs otherwise).
+    #[arg(long)]
+    foreground: bool,
+}
+
+fn parse_vmm(text: &str) -> Result<isr::vmm::config::VmmKind, String> {
+    text.parse()
+}
+
+/// `isrctl status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this parcel.
+    name: Option<String>,
+}
+
+/// `isrctl unlock`.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// Parcel.
+    name: String,
+    /// Required: breaking a lock loses the holder's unsaved changes.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `isrctl resume`.
+pub async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let (name, version) = parse_target(&args.target)?;
+    let store = context.store()?;
+    let parcel = context.open_parcel(&store, name).await?;
+    let mount = args
+        .mount
+        .unwrap_or_else(|| context.config.runtime_dir.join("mnt").join(name));
+    let socket = ensure_daemon(context)?;
+    let request = Request::Resume {
+        parcel: Box::new(WireParcel::new(&parcel)),
+        version,
+        mount,
+        store: daemon::wire_store(context),
+        vmm: args.vmm,
+    };
+    let response = daemon::call(&socket, request).await??;
+    let Response::Resumed {
+        mount,
+        reattached,
+        vm,
+        warnings,
+    } = response
+    else {
+        anyhow::bail!("isrfsd answered resume with {response:?}");
+    };
+    if args.foreground && vm.as_ref().is_none_or(|vm| vm.state != VmState::Running) {
+        return Err(InvalidArgument(format!(
+            "--foreground waits for a VM isrfsd runs, and {name} has none running (its vm.toml names no VMM, or --vmm none, or the steps were only printed)"
+        ))
+        .into());
+    }
+    for warning in &warnings {
+        eprintln!("isrctl: warning: {warning}");
+    }
+    if context.global.json {
+        output::json(&serde_json::json!({
+            "parcel": name, "mount": mount, "reattached": reattached, "vm": vm,
+            "warnings": warnings,
+        }))?;
+    } else {
+        if reattached {
+            eprintln!("isrctl: reattached to the existing session of {name}");
+        }
+        println!("{}", mount.display());
+        if let Some(vm) = &vm {
+            print_vm(name, vm);
+        }
+    }
+    if args.foreground {
+        let code = wait_for_vm_exit(&socket, name).await?;
+        return Ok(code);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the VM of a resumed parcel is doing, on stderr (stdout keeps the mount path).
+fn print_vm(name: &str, vm: &VmStatus) {
+    match vm.state {
+        VmState::Handed => {
+            eprintln!(
+                "isrctl: {} is not installed here; to run the VM of {name}, run:",
+                vm.steps
+                    .first()
+                    .and_then(|s| s.first())
+                    .map_or("its VMM", String::as_str)
+            );
+            for step in &vm.steps {
+                eprintln!("  {}", step.join(" "));
+            }
+        }
+        _ => {
+            let how = if vm.resumed_from_memory {
+                "resumed from its memory image"
+            } else {
+                "booted"
+            };
+            let mut line = format!(
+                "isrctl: the VM of {name} runs ({}, {how} in {:.1} s",
+                vm.kind, vm.start_seconds
+            );
+            if let Some(pid) = vm.pid {
+                line.push_str(&format!(", pid {pid}"));
+            }
+            if let Some(serial) = &vm.serial_log {
+                line.push_str(&format!(", serial console {}", serial.display()));
+            }
+            if let Some(vnc) = &vm.vnc {
+                line.push_str(&format!(", VNC {vnc}"));
+            }
+            eprintln!("{line}); `isrctl suspend {name}` saves it and checks it in");
+        }
+    }
+}
+
+/// `--foreground`: polls the daemon until the VM stops running.
+async fn wait_for_vm_exit(socket: &Path, name: &str) -> anyhow::Result<ExitCode> {
+    loop {
+        let request = Request::Status {
+            parcel: Some(name.to_owned()),
+        };
+        let vm = match daemon::call(socket, request).await? {
+            Ok(Response::Status { sessions }) => sessions.into_iter().next().and_then(|s| s.vm),
+            // Checked in or discarded from elsewhere: nothing runs any more.
+            Err(ControlError::Daemon {
+                class: ErrorClass::NotFound,
+                ..
+            }) => None,
+            Ok(other) => anyhow::bail!("isrfsd answered status with {other:?}"),
+            Err(e) => return Err(e.into()),
+        };
+        match vm {
+            Some(vm) if matches!(vm.state, VmState::Running | VmState::Busy) => {}
+            Some(vm) if vm.state == VmState::Saved => {
+                eprintln!("isrctl: the VM of {name} was suspended");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(vm) => {
+                eprintln!(
+                    "isrctl: the VM of {name} stopped ({}); the parcel stays mounted: `isrctl checkin {name}` commits its disks, `isrctl resume {name}` starts it again",
+                    vm.exit.as_deref().unwrap_or("exited")
+                );
+                // A crash is a failure (a kiosk's unit restarts it); a power-off is not.
+                return Ok(if vm.powered_off {
+                    ExitCode::SUCCESS
+                } else {
+                    failure(ErrorClass::Other)
+                });
+            }
+            None => {
+                eprintln!("isrctl: {name} is no longer resumed here");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// `isrctl status`.
+pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let name = args.name.as_deref();
+    let sessions = match daemon::socket_if_running(context) {
+        None if name.is_some() => {
+            return Err(SessionError::NotResumed(name.unwrap_or_default().to_owned()).into());
+        }
+        None => Vec::new(),
+        Some(socket) => {
+            let request = Request::Status {
+                parcel: name.map(str::to_owned),
+            };
+            match isr::control::call(&socket, request)? {
+                Response::Status { sessions } => sessions,
+                other => anyhow::bail!("isrfsd answered status with {other:?}"),
+            }
+        }
+    };
+    if context.global.json {
+        output::json(&sessions)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if sessions.is_empty() {
+        println!("no resumed parcels (`isrctl resume NAME` mounts one)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.parcel.clone(),
+                s.base_version.to_string(),
+                s.mount.display().to_string(),
+                format!("{}/{}", s.chunks_local, s.chunks_total),
+                format!(
+                    "{} ({} chunks)",
+                    output::bytes(s.dirty_bytes),
+                    s.dirty_chunks
+                ),
+                format!("{} up, {} to go", s.uploaded_chunks, s.pending_chunks),
+                s.committed_version.map_or("-".into(), |v| v.to_string()),
+                output::bytes(s.fetch.fetched_bytes),
+                s.fetch.in_flight.to_string(),
+                (s.fetch.failures + s.fetch.verify_failures).to_string(),
+                s.vm.as_ref().map_or("-".into(), |vm| {
+                    let state = serde_json::to_value(vm.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    match vm.pid {
+                        Some(pid) => format!("{} {state} (pid {pid})", vm.kind),
+                        None => format!("{} {state}", vm.kind),
+                    }
+                }),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "PARCEL",
+            "BASE",
+            "MOUNT",
+            "LOCAL/TOTAL",
+            "DIRTY",
+            "UPLOAD",
+            "SYNCED",
+            "FETCHED",
+            "IN FLIGHT",
+            "ERRORS",
+            "VM",
+        ],
+        &rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isrctl hoard`.
+pub fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
+    let socket = daemon::socket_if_running(context)
+        .ok_or_else(|| SessionError::NotResumed(name.to_owned()))?;
+    let call = {
+        let (socket, parcel) = (socket.clone(), name.to_owned());
+        std::thread::spawn(move || isr::control::call(&socket, Request::Hoard { parcel }))
+    };
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "   hoarding [{bar:30}] {pos}/{len} chunks, eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        while !call.is_finished() {
+            let request = Request::Status {
+                parcel: Some(name.to_owned()),
+            };
+            if let Ok(Response::Status { sessions }) = isr::control::call(&socket, request)
+                && let Some(session) = sessions.first()
+            {
+                bar.set_length(session.chunks_total);
+                bar.set_position(session.chunks_local);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        bar.finish_and_clear();
+    }
+    match call.join().expect("hoard thread")? {
+        Response::Hoarded { chunks } => {
+            if context.global.json {
+                output::json(&serde_json::json!({ "parcel": name, "chunks": chunks }))?;
+            } else {
+                println!(
+                    "{name}: all {chunks} chunks are local; it keeps working without the store"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => anyhow::bail!("isrfsd answered hoard with {other:?}"),
+    }
+}
+
+/// `isrctl discard`.
+pub async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
+    if let Some(socket) = daemon::socket_if_running(context) {
+        let request = Request::Discard {
+            parcel: name.to_owned(),
+        };
+        match daemon::call(&socket, request).await? {
+            Ok(_) => {
+                println!("discarded the local session of {name} and released its lock");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(ControlError::Daemon {
+                class: ErrorClass::NotFound,
+                ..
+            }) => {} // not mounted: maybe a stale record
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // No daemon holds it: remove what a killed daemon left behind: its VM,
+    // its dead mount, the lock, the session state.
+    let Some(record) = isr::session::read_record(&context.config.state_dir, name)? else {
+        return Err(SessionError::NotResumed(name.to_owned()).into());
+    };
+    isr::vmm::supervise::stop_leftovers(
+        name,
+        &context.config.runtime_dir.join("vm").join(name),
+        &context.config.vmm,
+    );
+    isr::session::detach_dead_mount(&record.mount);
+    let store = context.store()?;
+    match isr::session::check_lock(&store, &record).await {
+        Ok(()) => {
+            store
+                .writer("release the lock")?
+                .delete(&isr::layout::lock(name))
+                .await?;
+        }
+        Err(e) => eprintln!("isrctl: not releasing the lock: {e}"),
+    }
+    let dir = isr::session::session_dir(&context.config.state_dir, name);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    println!("discarded the local session of {name} and released its lock");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isrctl unlock`.
+pub async fn unlock(context: &CommandContext, args: UnlockArgs) -> anyhow::Result<ExitCode> {
+    if !args.force {
+        return Err(InvalidArgument(format!(
+            "breaking the lock of {} loses its holder's unsaved changes; run `isrctl unlock --force {}` if that is what you want",
+            args.name, args.name
+        ))
+        .into());
+    }
+    let store = context.store()?;
+    isr::parcel::require_record(&store, &args.name).await?;
+    match isr::session::force_unlock(&store, &args.name).await? {
+        Some(lock) => println!(
+            "broke the lock of {} held by {} on {} since {}",
+            args.name, lock.holder, lock.host, lock.since
+        ),
+        None => println!("{} was not locked", args.name),
+    }
+    Ok(ExitCode::SUCCESS)
+}
