@@ -3,7 +3,15 @@
 //! [`domain_xml`] turns a [`VmConfig`] into domain XML for `virsh create`, with
 //! every file inside the mounted parcel; [`virsh_steps`] lists the `virsh`
 //! commands that resume (create, or restore a saved image) and suspend (save) it.
-//! Nothing here runs a command: these are pure functions, tested without libvirt.
+//! These are pure functions, tested without libvirt. [`LibvirtAdapter`], the
+//! [`Vmm`] that [`super::supervise`] runs, is the only part that runs `virsh`
+//! (through [`super::steps`]), or hands the steps over when it is missing.
+//!
+//! Invariants: a resume never boots past a memory image that is not
+//! libvirt's ([`check_saved_image`] refuses it before anything runs); a
+//! suspend never leaves a partial save under the memory image's name; only a
+//! domain started from the same runtime directory is ever destroyed as a
+//! leftover ([`destroy_leftover`]).
 //!
 //! Use the session daemon ([`SESSION_URI`]): QEMU must run as the user who
 //! mounted the parcel, because nobody else can open files in a FUSE mount that
@@ -33,9 +41,17 @@
 //! per forward, bound to 127.0.0.1. A NIC without forwards keeps the default.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::config::{DiskInterface, DisplayKind, NicModel, Protocol, VmConfig};
+use super::qemu::partial_name;
+use super::steps::{handed, installed, run_or_hand, run_steps};
+use super::{AdapterStatus, Ended, ParcelVm, SavedState, Started, VmError, Vmm, io_error};
+
+/// The program.
+pub const VIRSH: &str = "virsh";
 
 /// The libvirt connection for the user's own VMs (for root, the system daemon's).
 pub const SESSION_URI: &str = "qemu:///session";
@@ -371,6 +387,273 @@ pub fn domain_xml(
     line(1, "</devices>");
     line(0, "</domain>");
     xml
+}
+
+/// Checks that the memory image `memory` is a libvirt saved image (`virsh
+/// save`). Anything else is refused rather than booted past: it would stay in
+/// the mount beside disks that have moved on.
+pub fn check_saved_image(memory: &Path) -> Result<(), VmError> {
+    use std::io::Read as _;
+    let mut head = Vec::with_capacity(SAVE_MAGIC.len());
+    std::fs::File::open(memory)
+        .and_then(|f| f.take(SAVE_MAGIC.len() as u64).read_to_end(&mut head))
+        .map_err(io_error(format!(
+            "reading the memory image {}",
+            memory.display()
+        )))?;
+    if is_saved_image(&head) {
+        return Ok(());
+    }
+    let what = if head.starts_with(b"QEVM") {
+        "a QEMU memory image (`--vmm qemu` resumes it)"
+    } else if head.starts_with(b"LibvirtQemudPart") {
+        "an incomplete libvirt save (`virsh save` did not finish)"
+    } else {
+        "not a libvirt saved image (`virsh save`)"
+    };
+    Err(VmError::MemoryImage {
+        path: memory.to_owned(),
+        reason: format!(
+            "{what}; libvirt cannot resume from it: resume with the VMM that saved it, or remove the file from the mount to boot the VM from its disks"
+        ),
+    })
+}
+
+/// Destroys a domain named `name` that an earlier isrfsd (killed itself)
+/// started with `serial_log` as its console log (so from the same runtime
+/// directory) and left running: its disks are in a mount that is gone. A
+/// domain of the same name started by anyone else is left alone (`virsh
+/// create` then says the name is taken). Nothing happens without `virsh`.
+pub fn destroy_leftover(uri: &str, name: &str, serial_log: &Path) {
+    if !installed(VIRSH) {
+        return;
+    }
+    let step = dumpxml_step(uri, name);
+    let Ok(output) = Command::new(&step[0])
+        .args(&step[1..])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    if output.status.success()
+        && is_started_with(&String::from_utf8_lossy(&output.stdout), serial_log)
+    {
+        tracing::warn!(
+            parcel = name,
+            "destroying a libvirt domain left running by an earlier isrfsd"
+        );
+        if let Err(e) = run_steps(&[destroy_step(uri, name)]) {
+            tracing::warn!(parcel = name, error = %e, "destroying the leftover domain failed");
+        }
+    }
+}
+
+/// How often, at most, `virsh domstate` is asked whether a domain runs.
+const POLL: Duration = Duration::from_secs(1);
+
+/// The libvirt [`Vmm`]: a transient domain named after the parcel, its XML in
+/// `<runtime dir>/domain.xml` and its console logged to
+/// `<runtime dir>/serial.log`, driven by `virsh` when it is installed (else
+/// the steps are handed over).
+///
+/// Suspend is `virsh save` into a partial file beside the memory image, synced
+/// and renamed into place once the save has finished (as the QEMU adapter
+/// does); after a failed save libvirt is asked whether the domain still runs
+/// (libvirt resumes it after a failed save).
+#[derive(Debug)]
+pub struct LibvirtAdapter {
+    vm: ParcelVm,
+    uri: String,
+    accel: Accel,
+    steps: Vec<Vec<String>>,
+    /// Started by running `virsh` (not handed over).
+    executed: bool,
+    /// Believed to run: started, not saved, killed or found ended.
+    running: bool,
+    /// When `virsh domstate` was last asked whether the domain runs.
+    checked: Option<Instant>,
+    /// How the domain ended, found by the last check and not yet reported.
+    ended: Option<Ended>,
+}
+
+impl LibvirtAdapter {
+    /// For `vm`, through the libvirt connection `uri` (usually
+    /// [`SESSION_URI`]); the domain is KVM when `accel` starts with `kvm`,
+    /// else TCG.
+    pub fn new(vm: &ParcelVm, uri: &str, accel: &str) -> LibvirtAdapter {
+        LibvirtAdapter {
+            vm: vm.clone(),
+            uri: uri.to_owned(),
+            accel: if accel.starts_with("kvm") {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            },
+            steps: Vec::new(),
+            executed: false,
+            running: false,
+            checked: None,
+            ended: None,
+        }
+    }
+
+    /// Where the domain's serial console is logged (see [`domain_xml`]), as the
+    /// QEMU adapter's `serial.log`.
+    fn serial_log(&self) -> PathBuf {
+        self.vm.dir.join("serial.log")
+    }
+
+    fn domain_file(&self) -> PathBuf {
+        self.vm.dir.join("domain.xml")
+    }
+
+    /// Writes the domain XML, refuses a memory image that is not libvirt's
+    /// (before running anything), destroys a leftover domain, then creates or
+    /// restores the domain.
+    fn start(&mut self, restore: Option<&SavedState>) -> Result<Started, VmError> {
+        let serial_log = self.serial_log();
+        let xml = domain_xml(
+            &self.vm.config,
+            &self.vm.parcel,
+            &self.vm.mount,
+            self.accel,
+            Some(&serial_log),
+        );
+        let domain_file = self.domain_file();
+        std::fs::write(&domain_file, xml)
+            .map_err(io_error(format!("writing {}", domain_file.display())))?;
+        if let Some(saved) = restore {
+            check_saved_image(&saved.path)?;
+        }
+        destroy_leftover(&self.uri, &self.vm.parcel, &serial_log);
+        let (step, memory) = match restore {
+            Some(saved) => (Lifecycle::Restore, saved.path.clone()),
+            None => (Lifecycle::Boot, self.vm.memory_image()),
+        };
+        self.steps = virsh_steps(step, &self.uri, &self.vm.parcel, &domain_file, &memory);
+        let started = run_or_hand(VIRSH, &self.steps)?;
+        self.executed = started == Started::Running;
+        self.running = self.executed;
+        Ok(started)
+    }
+
+    fn suspend_steps(&self, memory: &Path) -> Vec<Vec<String>> {
+        virsh_steps(
+            Lifecycle::Suspend,
+            &self.uri,
+            &self.vm.parcel,
+            &self.domain_file(),
+            memory,
+        )
+    }
+
+    /// Asks `virsh domstate` whether the domain still runs; notes its end when
+    /// it does not.
+    fn check(&mut self) {
+        self.checked = Some(Instant::now());
+        let step = domstate_step(&self.uri, &self.vm.parcel);
+        let Ok(output) = Command::new(&step[0])
+            .args(&step[1..])
+            .stdin(Stdio::null())
+            .output()
+        else {
+            return;
+        };
+        if let Some(why) = stopped_reason(
+            output.status.success(),
+            &String::from_utf8_lossy(&output.stdout),
+            &String::from_utf8_lossy(&output.stderr),
+        ) {
+            self.running = false;
+            self.ended = Some(Ended {
+                why,
+                powered_off: false,
+            });
+        }
+    }
+}
+
+impl Vmm for LibvirtAdapter {
+    /// The memory image, when it is there and not empty (resumed from with
+    /// `virsh restore`, or refused when it is not libvirt's).
+    fn saved_state(&self) -> Option<SavedState> {
+        let memory = self.vm.memory_image();
+        std::fs::metadata(&memory)
+            .is_ok_and(|m| m.len() > 0)
+            .then(|| SavedState {
+                path: memory.clone(),
+                consumes: vec![memory],
+            })
+    }
+
+    fn boot(&mut self) -> Result<Started, VmError> {
+        self.start(None)
+    }
+
+    fn resume(&mut self, saved: &SavedState) -> Result<Started, VmError> {
+        self.start(Some(saved))
+    }
+
+    fn suspend(&mut self) -> Result<(), VmError> {
+        let memory = self.vm.memory_image();
+        if !self.executed {
+            return Err(handed(&self.suspend_steps(&memory)));
+        }
+        let partial = partial_name(&memory);
+        let _ = std::fs::remove_file(&partial);
+        self.steps = self.suspend_steps(&partial);
+        let result = run_steps(&self.steps).and_then(|()| sync_and_rename(&partial, &memory));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&partial);
+            self.check();
+            return Err(e);
+        }
+        self.running = false;
+        Ok(())
+    }
+
+    fn ended(&mut self) -> Option<Ended> {
+        if self.running && self.checked.is_none_or(|at| at.elapsed() >= POLL) {
+            self.check();
+        }
+        self.ended.take()
+    }
+
+    fn kill(&mut self) {
+        if self.running
+            && let Err(e) = run_steps(&[destroy_step(&self.uri, &self.vm.parcel)])
+        {
+            tracing::warn!(parcel = %self.vm.parcel, error = %e, "stopping the VM failed");
+        }
+        self.running = false;
+    }
+
+    fn status(&self) -> AdapterStatus {
+        AdapterStatus {
+            serial_log: Some(self.serial_log()),
+            steps: self.steps.clone(),
+            ..AdapterStatus::default()
+        }
+    }
+}
+
+/// Syncs the finished file `partial`, renames it to `dest` and syncs the directory.
+fn sync_and_rename(partial: &Path, dest: &Path) -> Result<(), VmError> {
+    std::fs::File::open(partial)
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(format!("syncing {}", partial.display())))?;
+    std::fs::rename(partial, dest).map_err(io_error(format!(
+        "renaming {} to {}",
+        partial.display(),
+        dest.display()
+    )))?;
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(format!("syncing {}", parent.display())))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,5 @@
-//! Running a parcel's VM in QEMU, driven over QMP.
+//! Running a parcel's VM in QEMU, driven over QMP ([`super::qmp`]).
 //!
-//! - [`Qmp`]: a small synchronous QMP client (Unix socket, greeting,
-//!   `qmp_capabilities`, commands with a read timeout; asynchronous events are kept
-//!   so callers can look for `STOP`, `RESUME`, `MIGRATION`, …).
 //! - [`qemu_command`]: the QEMU command line for a [`VmConfig`] whose files are in a
 //!   parcel directory, and [`QemuRuntime`], the per-run settings (binary,
 //!   accelerator, runtime directory, whether to wait for an incoming migration).
@@ -16,32 +13,36 @@
 //!   streams through `exec:cat`.
 //! - [`QemuVm`]: a supervised QEMU process: [`QemuVm::boot`],
 //!   [`QemuVm::resume_from`], [`QemuVm::suspend_to`], [`QemuVm::kill`].
+//! - [`QemuAdapter`]: the [`Vmm`] adapter over [`QemuVm`] that
+//!   [`super::supervise`] runs: QEMU as isrfsd's child, its pid in
+//!   `<runtime dir>/qemu.pid` so a later isrfsd can kill a QEMU an earlier one
+//!   (killed itself) left running ([`kill_leftover`]).
 //!
-//! The saved state is written under a temporary name beside the destination and
-//! renamed into place only once QEMU reports the migration completed and the file
-//! is synced: a failed or interrupted suspend never leaves a partial image under
-//! the final name.
+//! Invariants: the saved state is written under a temporary name beside the
+//! destination and renamed into place only once QEMU reports the migration
+//! completed and the file is synced: a failed or interrupted suspend never leaves
+//! a partial image under the final name. Which memory-image format is used
+//! (mapped-ram or stream, by QEMU version) is decided here and nowhere else.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::config::{DiskInterface, DisplayKind, NicMode, NicModel, Protocol, VmConfig};
+use super::qmp::{Qmp, QmpError};
+use super::{AdapterStatus, Ended, ParcelVm, SavedState, Started, VmError, Vmm};
 use crate::error::{Classify, ErrorClass};
-use crate::vmm::config::{DiskInterface, DisplayKind, NicMode, NicModel, Protocol, VmConfig};
 
 /// The accelerator used unless the runtime says otherwise. `tcg` (emulation)
 /// works everywhere, including hosts whose `/dev/kvm` cannot run stock kernels;
 /// set [`QemuRuntime::accel`] to `"kvm"` (or `"kvm:tcg"`) where KVM works.
 pub const DEFAULT_ACCEL: &str = "tcg";
 
-/// How long one QMP command may take to answer.
+/// How long one QMP command may take to answer (see [`Qmp::set_timeout`]).
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long QEMU may take to open its QMP socket after it starts.
@@ -76,25 +77,18 @@ pub enum QemuError {
         /// Cause.
         source: std::io::Error,
     },
-    /// QEMU answered a command with an error.
-    #[error("QMP {command}: QEMU says {class}: {desc}")]
-    Command {
-        /// The command.
-        command: String,
-        /// QEMU's error class, e.g. `GenericError`.
-        class: String,
-        /// QEMU's description.
-        desc: String,
+    /// Talking to QEMU over QMP failed, or QEMU refused a command.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// `--version` could not be run.
+    #[error("cannot tell the version of {}: cannot run it: {source}", binary.display())]
+    VersionRun {
+        /// The QEMU binary.
+        binary: PathBuf,
+        /// Cause.
+        source: std::io::Error,
     },
-    /// QEMU broke the QMP protocol, closed the connection, or did not answer.
-    #[error("QMP {command}: {reason}")]
-    Protocol {
-        /// The command being run (or `greeting`).
-        command: String,
-        /// What happened.
-        reason: String,
-    },
-    /// `--version` could not be read.
+    /// `--version` printed something unexpected.
     #[error("cannot tell the version of {}: {reason}", binary.display())]
     Version {
         /// The QEMU binary.
@@ -102,13 +96,44 @@ pub enum QemuError {
         /// Why.
         reason: String,
     },
-    /// A migration (suspend or resume) failed.
+    /// A migration (suspend or resume) failed; QEMU's reason.
     #[error("{what} failed: {reason}")]
     Migration {
         /// `saving the VM's memory to …` / `loading …`.
         what: String,
         /// QEMU's error, or what else went wrong.
         reason: String,
+    },
+    /// A migration (suspend or resume) failed on a step around it.
+    #[error("{what} failed: {source}")]
+    MigrationStep {
+        /// `saving the VM's memory to …`.
+        what: String,
+        /// The step that failed.
+        source: Box<QemuError>,
+    },
+    /// A QEMU without mapped-ram could not load a memory image, which may be a
+    /// mapped-ram one.
+    #[error(
+        "{what} failed: {source}; if the image was saved by QEMU 9 or later (mapped-ram), QEMU {version} cannot read it: install QEMU >= 9"
+    )]
+    NeedsMappedRam {
+        /// `resuming from …`.
+        what: String,
+        /// The QEMU in use.
+        version: QemuVersion,
+        /// Why loading failed.
+        source: Box<QemuError>,
+    },
+    /// A memory image loaded neither as mapped-ram nor as a migration stream.
+    #[error("{what} failed: neither as mapped-ram ({mapped_ram}) nor as a stream ({source})")]
+    NeitherFormat {
+        /// `resuming from …`.
+        what: String,
+        /// Why it did not load as mapped-ram.
+        mapped_ram: Box<QemuError>,
+        /// Why it did not load as a stream.
+        source: Box<QemuError>,
     },
     /// The VM description asks for something QEMU cannot do.
     #[error("vm.toml: {field}: {reason}")]
@@ -141,6 +166,7 @@ impl Classify for QemuError {
             QemuError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ErrorClass::NotFound
             }
+            QemuError::Qmp(e) => e.class(),
             QemuError::Unsupported { .. } => ErrorClass::Invalid,
             _ => ErrorClass::Other,
         }
@@ -150,180 +176,6 @@ impl Classify for QemuError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
     let what = what.into();
     move |source| QemuError::Io { what, source }
-}
-
-/// A QMP connection.
-#[derive(Debug)]
-pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Asynchronous events received so far and not yet taken, oldest first.
-    events: VecDeque<Value>,
-    /// The `id` of the last command sent (QEMU echoes it in the reply, so a late
-    /// reply to a command that timed out is not taken for the next one's).
-    last_id: u64,
-}
-
-impl Qmp {
-    /// Connects to QEMU's QMP socket, reads the greeting and enters command mode.
-    pub fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, QemuError> {
-        let stream = UnixStream::connect(socket).map_err(io(format!(
-            "cannot connect to QEMU's QMP socket {}",
-            socket.display()
-        )))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(io("QMP socket timeout"))?;
-        let writer = stream.try_clone().map_err(io("QMP socket"))?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            events: VecDeque::new(),
-            last_id: 0,
-        };
-        let greeting = qmp.read_message("greeting")?;
-        if greeting.get("QMP").is_none() {
-            return Err(QemuError::Protocol {
-                command: "greeting".into(),
-                reason: format!("expected the QMP greeting, got {greeting}"),
-            });
-        }
-        qmp.execute("qmp_capabilities", None)?;
-        Ok(qmp)
-    }
-
-    /// Sets how long a command may take to answer.
-    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), QemuError> {
-        self.writer
-            .set_read_timeout(Some(timeout))
-            .map_err(io("QMP socket timeout"))
-    }
-
-    fn read_message(&mut self, command: &str) -> Result<Value, QemuError> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err(QemuError::Protocol {
-                command: command.into(),
-                reason: "QEMU closed the connection (did it exit?)".into(),
-            }),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| QemuError::Protocol {
-                command: command.into(),
-                reason: format!("not JSON ({e}): {:?}", line.trim()),
-            }),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(QemuError::Protocol {
-                    command: command.into(),
-                    reason: "QEMU did not answer in time".into(),
-                })
-            }
-            Err(e) => Err(QemuError::Protocol {
-                command: command.into(),
-                reason: format!("reading the answer: {e} (did QEMU exit?)"),
-            }),
-        }
-    }
-
-    /// Runs a command and returns its `return` value. Events that arrive first are
-    /// kept (see [`Qmp::take_events`]).
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
-        self.last_id += 1;
-        let id = self.last_id;
-        let mut message = json!({ "execute": command, "id": id });
-        if let Some(arguments) = arguments {
-            message["arguments"] = arguments;
-        }
-        let mut text = message.to_string();
-        text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .map_err(|e| QemuError::Protocol {
-                command: command.into(),
-                reason: format!("sending the command: {e} (did QEMU exit?)"),
-            })?;
-        loop {
-            let reply = self.read_message(command)?;
-            if reply.get("event").is_some() {
-                self.events.push_back(reply);
-                continue;
-            }
-            if reply.get("id").is_some_and(|reply_id| *reply_id != id) {
-                continue; // the late answer to an earlier command
-            }
-            if let Some(error) = reply.get("error") {
-                let text = |key: &str| {
-                    error
-                        .get(key)
-                        .and_then(Value::as_str)
-                        .unwrap_or("?")
-                        .to_owned()
-                };
-                return Err(QemuError::Command {
-                    command: command.into(),
-                    class: text("class"),
-                    desc: text("desc"),
-                });
-            }
-            if let Some(value) = reply.get("return") {
-                return Ok(value.clone());
-            }
-            return Err(QemuError::Protocol {
-                command: command.into(),
-                reason: format!("unexpected reply {reply}"),
-            });
-        }
-    }
-
-    /// Takes the events received so far.
-    pub fn take_events(&mut self) -> Vec<Value> {
-        self.events.drain(..).collect()
-    }
-
-    /// Whether an event named `name` was received (and not yet taken).
-    pub fn has_event(&self, name: &str) -> bool {
-        self.events.iter().any(|e| e["event"] == name)
-    }
-
-    /// Waits up to `limit` for an event named `name` (or takes one already
-    /// received), and returns it; events before it stay kept.
-    pub fn wait_event(&mut self, name: &str, limit: Duration) -> Result<Value, QemuError> {
-        let what = format!("waiting for event {name}");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(at) = self.events.iter().position(|e| e["event"] == name) {
-                return Ok(self.events.remove(at).unwrap_or_default());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(QemuError::Protocol {
-                    command: what,
-                    reason: format!("no {name} event within {} ms", limit.as_millis()),
-                });
-            }
-            let previous = self.writer.read_timeout().ok().flatten();
-            self.set_timeout(left)?;
-            let message = self.read_message(&what);
-            self.writer
-                .set_read_timeout(previous)
-                .map_err(io("QMP socket timeout"))?;
-            match message {
-                Ok(message) if message.get("event").is_some() => self.events.push_back(message),
-                Ok(message) => {
-                    return Err(QemuError::Protocol {
-                        command: what,
-                        reason: format!("unexpected message {message}"),
-                    });
-                }
-                Err(QemuError::Protocol { reason, .. })
-                    if reason == "QEMU did not answer in time" => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
 }
 
 /// A QEMU version, from `--version`.
@@ -367,9 +219,9 @@ pub fn qemu_version(binary: &Path) -> Result<QemuVersion, QemuError> {
         .arg("--version")
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| QemuError::Version {
+        .map_err(|source| QemuError::VersionRun {
             binary: binary.to_owned(),
-            reason: format!("cannot run it: {e}"),
+            source,
         })?;
     let text = String::from_utf8_lossy(&output.stdout);
     parse_version(&text).ok_or_else(|| QemuError::Version {
@@ -626,17 +478,17 @@ pub fn save_memory(qmp: &mut Qmp, dest: &Path, version: QemuVersion) -> Result<(
         let _ = std::fs::remove_file(&partial);
         return Err(match error {
             QemuError::Migration { .. } => error,
-            other => QemuError::Migration {
+            other => QemuError::MigrationStep {
                 what: what(),
-                reason: other.to_string(),
+                source: Box::new(other),
             },
         });
     }
     // The state is safely in place; QEMU may go (and may close the connection
     // before it answers).
     match qmp.execute("quit", None) {
-        Ok(_) | Err(QemuError::Protocol { .. }) => Ok(()),
-        Err(e) => Err(e),
+        Err(e) if e.is_refusal() => Err(e.into()),
+        _ => Ok(()),
     }
 }
 
@@ -760,12 +612,10 @@ impl QemuVm {
         let first = match load_memory(&mut vm.qmp, memory_image, vm.version) {
             Ok(()) => return Ok(vm),
             Err(e) if !vm.version.has_mapped_ram() => {
-                let e = QemuError::Migration {
+                let e = QemuError::NeedsMappedRam {
                     what: what.clone(),
-                    reason: format!(
-                        "{e}; if the image was saved by QEMU 9 or later (mapped-ram), QEMU {} cannot read it: install QEMU >= 9",
-                        vm.version
-                    ),
+                    version: vm.version,
+                    source: Box::new(e),
                 };
                 return Err(vm.fail(what, e));
             }
@@ -779,9 +629,10 @@ impl QemuVm {
         match load_memory(&mut vm.qmp, memory_image, STREAM_ONLY) {
             Ok(()) => Ok(vm),
             Err(e) => {
-                let e = QemuError::Migration {
+                let e = QemuError::NeitherFormat {
                     what: what.clone(),
-                    reason: format!("neither as mapped-ram ({first}) nor as a stream ({e})"),
+                    mapped_ram: Box::new(first),
+                    source: Box::new(e),
                 };
                 Err(vm.fail(what, e))
             }
@@ -836,7 +687,7 @@ impl QemuVm {
                         return Err(QemuError::Process {
                             what: "cannot talk to QEMU over QMP".into(),
                             log: log_path,
-                            source: Some(Box::new(e)),
+                            source: Some(Box::new(e.into())),
                         });
                     }
                     Err(_) => {}
@@ -958,6 +809,174 @@ impl QemuVm {
 impl Drop for QemuVm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The file whose first line is the pid of the QEMU started for a VM's runtime
+/// directory.
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("qemu.pid")
+}
+
+/// Kills a QEMU an earlier isrfsd (killed itself) left running for the VM whose
+/// runtime directory is `dir`: its disks are in a mount that is gone, and two
+/// QEMUs must never run one VM. Only a process whose command line names this
+/// directory's QMP socket is killed.
+pub fn kill_leftover(dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(pid_file(dir)) else {
+        return;
+    };
+    let Some(pid) = text.trim().parse::<i32>().ok().filter(|&p| p > 1) else {
+        return;
+    };
+    // Only if that pid is still a QEMU using this VM's QMP socket.
+    let socket = dir.join("qmp.sock").display().to_string();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains(&socket) {
+        tracing::warn!(pid, "killing a QEMU left running by an earlier isrfsd");
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        for _ in 0..100 {
+            if nix::sys::signal::kill(pid, None).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = std::fs::remove_file(pid_file(dir));
+}
+
+/// The QEMU [`Vmm`]: a [`QemuVm`] started from the mount, its runtime files
+/// (QMP socket, serial console, QEMU's log, `qemu.pid`) in the VM's runtime
+/// directory. Resumes from and suspends to the memory image `vm.toml` names.
+#[derive(Debug)]
+pub struct QemuAdapter {
+    vm: ParcelVm,
+    runtime: QemuRuntime,
+    qemu: Option<QemuVm>,
+    /// The address QEMU's VNC server listens on, asked once it runs.
+    vnc: Option<String>,
+    /// Set when QEMU died while suspending (reported by [`Vmm::ended`]).
+    died: Option<Ended>,
+}
+
+impl QemuAdapter {
+    /// For `vm`, run by the QEMU binary `binary` with `-accel accel`.
+    pub fn new(vm: &ParcelVm, binary: &Path, accel: &str) -> QemuAdapter {
+        QemuAdapter {
+            runtime: QemuRuntime {
+                accel: accel.to_owned(),
+                ..QemuRuntime::new(binary, &vm.dir)
+            },
+            vm: vm.clone(),
+            qemu: None,
+            vnc: None,
+            died: None,
+        }
+    }
+
+    fn start(&mut self, saved: Option<&SavedState>) -> Result<Started, VmError> {
+        kill_leftover(&self.vm.dir);
+        let config = &self.vm.config;
+        let mut qemu = match saved {
+            Some(saved) => QemuVm::resume_from(config, &self.vm.mount, &self.runtime, &saved.path)?,
+            None => QemuVm::boot(config, &self.vm.mount, &self.runtime)?,
+        };
+        if config.display.kind == DisplayKind::Vnc {
+            // The port QEMU actually listens on (any free one unless vm.toml fixes it).
+            if let Ok(vnc) = qemu.qmp().execute("query-vnc", None) {
+                let host = vnc.get("host").and_then(|v| v.as_str());
+                let port = vnc.get("service").and_then(|v| v.as_str());
+                if let (Some(host), Some(port)) = (host, port) {
+                    self.vnc = Some(format!("{host}:{port}"));
+                }
+            }
+        }
+        let _ = std::fs::write(pid_file(&self.vm.dir), format!("{}\n", qemu.pid()));
+        self.qemu = Some(qemu);
+        Ok(Started::Running)
+    }
+}
+
+impl Vmm for QemuAdapter {
+    /// The memory image, when it is there and not empty.
+    fn saved_state(&self) -> Option<SavedState> {
+        let memory = self.vm.memory_image();
+        std::fs::metadata(&memory)
+            .is_ok_and(|m| m.len() > 0)
+            .then(|| SavedState {
+                path: memory.clone(),
+                consumes: vec![memory],
+            })
+    }
+
+    fn boot(&mut self) -> Result<Started, VmError> {
+        self.start(None)
+    }
+
+    /// Loads the memory image as mapped-ram, else as a stream (see
+    /// [`QemuVm::resume_from`]).
+    fn resume(&mut self, saved: &SavedState) -> Result<Started, VmError> {
+        self.start(Some(saved))
+    }
+
+    fn suspend(&mut self) -> Result<(), VmError> {
+        let memory = self.vm.memory_image();
+        let Some(qemu) = self.qemu.as_mut() else {
+            return Err(VmError::NotRunning {
+                parcel: self.vm.parcel.clone(),
+                why: "QEMU was not started".into(),
+            });
+        };
+        if let Err(e) = qemu.suspend_to(&memory) {
+            if !qemu.is_running() {
+                self.died = Some(Ended {
+                    why: format!("QEMU died while suspending: {e}"),
+                    powered_off: false,
+                });
+            }
+            return Err(e.into());
+        }
+        let _ = std::fs::remove_file(pid_file(&self.vm.dir));
+        Ok(())
+    }
+
+    fn ended(&mut self) -> Option<Ended> {
+        if let Some(died) = self.died.take() {
+            return Some(died);
+        }
+        let status = self.qemu.as_mut()?.exit_status()?;
+        let _ = std::fs::remove_file(pid_file(&self.vm.dir));
+        Some(Ended {
+            why: if status.success() {
+                "the guest powered off (QEMU exited with status 0)".to_owned()
+            } else {
+                format!("QEMU exited ({status})")
+            },
+            powered_off: status.success(),
+        })
+    }
+
+    fn kill(&mut self) {
+        if let Some(qemu) = self.qemu.as_mut() {
+            qemu.kill();
+        }
+        let _ = std::fs::remove_file(pid_file(&self.vm.dir));
+    }
+
+    fn status(&self) -> AdapterStatus {
+        let Some(qemu) = &self.qemu else {
+            return AdapterStatus::default();
+        };
+        let runtime = qemu.runtime();
+        AdapterStatus {
+            pid: Some(qemu.pid()),
+            serial_log: Some(runtime.serial_log()),
+            qemu_log: Some(runtime.qemu_log()),
+            qmp_socket: Some(runtime.qmp_socket()),
+            vnc: self.vnc.clone(),
+            steps: Vec::new(),
+        }
     }
 }
 
@@ -1164,152 +1183,6 @@ vnc_port = 5903
         assert!(!v(8, 2).unwrap().has_mapped_ram());
         assert!(!v(7, 2).unwrap().has_mapped_ram());
         assert_eq!(v(10, 0).unwrap().to_string(), "10.0");
-    }
-
-    /// A fake QEMU on a Unix socket: sends the greeting, then for each command
-    /// line read, the next scripted reply lines (none = stay silent; `None` in the
-    /// script = close the connection).
-    fn fake_qemu(
-        dir: &Path,
-        script: Vec<Option<Vec<&'static str>>>,
-    ) -> (PathBuf, std::thread::JoinHandle<Vec<Value>>) {
-        use std::os::unix::net::UnixListener;
-        let socket = dir.join("qmp.sock");
-        let listener = UnixListener::bind(&socket).unwrap();
-        let handle = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut writer = stream.try_clone().unwrap();
-            let mut reader = BufReader::new(stream);
-            writeln!(
-                writer,
-                r#"{{"QMP": {{"version": {{"qemu": {{"major": 10, "minor": 0, "micro": 2}}}}, "capabilities": []}}}}"#
-            )
-            .unwrap();
-            let mut received = Vec::new();
-            let mut script = script.into_iter();
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 {
-                received.push(serde_json::from_str(&line).unwrap());
-                line.clear();
-                match script.next() {
-                    Some(Some(replies)) => {
-                        for reply in replies {
-                            writeln!(writer, "{reply}").unwrap();
-                        }
-                    }
-                    Some(None) | None => break,
-                }
-            }
-            received
-        });
-        (socket, handle)
-    }
-
-    #[test]
-    fn qmp_commands_events_and_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let (socket, server) = fake_qemu(
-            dir.path(),
-            vec![
-                Some(vec![r#"{"return": {}}"#]),
-                Some(vec![
-                    r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
-                    r#"{"return": {"status": "paused", "running": false}}"#,
-                ]),
-                Some(vec![
-                    r#"{"error": {"class": "GenericError", "desc": "Could not create 'x'"}}"#,
-                ]),
-                Some(vec![r#"{"return": {}}"#, r#"{"event": "RESUME"}"#]),
-                Some(vec!["this is not json"]),
-                Some(vec![]),
-                Some(vec![
-                    r#"{"return": {"status": "late"}, "id": 6}"#,
-                    r#"{"return": {"status": "running"}, "id": 7}"#,
-                ]),
-                None,
-            ],
-        );
-        let mut qmp = Qmp::connect(&socket, Duration::from_secs(5)).unwrap();
-        let status = qmp.execute("query-status", None).unwrap();
-        assert_eq!(status["status"], "paused");
-        assert!(qmp.has_event("STOP"));
-
-        let error = qmp
-            .execute("migrate", Some(json!({ "uri": "file:x" })))
-            .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "QMP migrate: QEMU says GenericError: Could not create 'x'"
-        );
-
-        qmp.execute("cont", None).unwrap();
-        let resume = qmp.wait_event("RESUME", Duration::from_secs(5)).unwrap();
-        assert_eq!(resume["event"], "RESUME");
-        let events = qmp.take_events();
-        assert_eq!(events.len(), 1);
-        assert_eq!(events[0]["event"], "STOP");
-        assert!(!qmp.has_event("STOP"));
-
-        let error = qmp.execute("query-migrate", None).unwrap_err().to_string();
-        assert!(error.starts_with("QMP query-migrate: not JSON"), "{error}");
-
-        qmp.set_timeout(Duration::from_millis(200)).unwrap();
-        let error = qmp.execute("query-status", None).unwrap_err().to_string();
-        assert_eq!(error, "QMP query-status: QEMU did not answer in time");
-        let error = qmp
-            .wait_event("SHUTDOWN", Duration::from_millis(100))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("no SHUTDOWN event"), "{error}");
-        qmp.set_timeout(Duration::from_secs(5)).unwrap();
-        let status = qmp.execute("query-status", None).unwrap();
-        assert_eq!(status["status"], "running", "the late reply is skipped");
-
-        let error = qmp.execute("quit", None).unwrap_err().to_string();
-        assert!(error.contains("closed the connection"), "{error}");
-
-        let received = server.join().unwrap();
-        let commands: Vec<&str> = received
-            .iter()
-            .map(|m| m["execute"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            commands,
-            [
-                "qmp_capabilities",
-                "query-status",
-                "migrate",
-                "cont",
-                "query-migrate",
-                "query-status",
-                "query-status",
-                "quit"
-            ]
-        );
-        assert_eq!(received[2]["arguments"]["uri"], "file:x");
-        assert_eq!(received[6]["id"], 7);
-        assert!(received[1].get("arguments").is_none());
-    }
-
-    #[test]
-    fn connecting_to_something_that_is_not_qemu() {
-        let dir = tempfile::tempdir().unwrap();
-        let error = Qmp::connect(&dir.path().join("none.sock"), Duration::from_secs(1))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("none.sock"), "{error}");
-
-        let socket = dir.path().join("silent.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            writeln!(stream, r#"{{"hello": 1}}"#).unwrap();
-        });
-        let error = Qmp::connect(&socket, Duration::from_secs(5))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("expected the QMP greeting"), "{error}");
-        server.join().unwrap();
     }
 
     #[test]

@@ -9,10 +9,14 @@
 //! state in `MOUNT/NAME/Snapshots/`), so a suspended VM travels with the parcel;
 //! [`vboxmanage_suspend_steps`] saves its state and unregisters it.
 //!
+//! [`VirtualboxAdapter`], the [`Vmm`] that [`super::supervise`] runs, writes the
+//! descriptors ([`write_descriptors`]) and runs the steps when `VBoxManage` is
+//! installed (through [`super::steps`]), or hands them over to be printed.
+//!
 //! VirtualBox is not installed on the machines this was written on and cannot be
-//! (it needs its own kernel modules): these are pure functions checked by unit
-//! tests against VirtualBox's documented formats and commands, not against a
-//! running VirtualBox.
+//! (it needs its own kernel modules): the descriptors and steps are pure
+//! functions checked by unit tests against VirtualBox's documented formats and
+//! commands, not against a running VirtualBox.
 //!
 //! Limits, each a [`VboxError`] or documented where it applies:
 //! - no direct kernel boot: a `kernel` in `vm.toml` is an error;
@@ -27,6 +31,8 @@
 use std::path::{Path, PathBuf};
 
 use super::config::{DiskInterface, DisplayKind, NicModel, Protocol, VmConfig};
+use super::steps::{handed, run_or_hand, run_steps};
+use super::{AdapterStatus, Ended, ParcelVm, SavedState, Started, VmError, Vmm, io_error};
 use crate::error::{Classify, ErrorClass};
 
 /// The program.
@@ -457,6 +463,134 @@ pub fn vboxmanage_suspend_steps(name: &str) -> Vec<Vec<String>> {
         command(&["controlvm", name, "savestate"]),
         command(&["unregistervm", name]),
     ]
+}
+
+/// The `VBoxManage` command lines that stop the VM `name` at once, without
+/// saving it (`controlvm NAME poweroff`), and forget it on this host.
+pub fn vboxmanage_poweroff_steps(name: &str) -> Vec<Vec<String>> {
+    vec![
+        command(&["controlvm", name, "poweroff"]),
+        command(&["unregistervm", name]),
+    ]
+}
+
+/// Writes the VMDK descriptor of each of the VM's raw disks into the mount,
+/// beside the disk ([`descriptor_name`]), unless it is there already with the
+/// same text. The content ID is derived from the disk's path in the parcel.
+pub fn write_descriptors(config: &VmConfig, mount: &Path) -> Result<(), VmError> {
+    for disk in &config.disks {
+        let raw = mount.join(&disk.file);
+        let size = std::fs::metadata(&raw)
+            .map_err(io_error(format!("reading the size of {}", raw.display())))?
+            .len();
+        let file_name = disk
+            .file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let cid = u32::from_le_bytes(
+            blake3::hash(disk.file.to_string_lossy().as_bytes()).as_bytes()[..4]
+                .try_into()
+                .expect("4 bytes"),
+        );
+        let text = vmdk_descriptor(&file_name, size, cid)?;
+        let descriptor = mount.join(descriptor_name(&disk.file));
+        if std::fs::read_to_string(&descriptor).ok().as_deref() != Some(text.as_str()) {
+            std::fs::write(&descriptor, text).map_err(io_error(format!(
+                "writing the VMDK descriptor {}",
+                descriptor.display()
+            )))?;
+        }
+    }
+    Ok(())
+}
+
+/// The VirtualBox [`Vmm`]: descriptors written into the mount, then the
+/// `VBoxManage` steps run when it is installed, else handed over. A saved VM
+/// is its machine folder in the parcel ([`settings_file`]).
+#[derive(Debug)]
+pub struct VirtualboxAdapter {
+    vm: ParcelVm,
+    steps: Vec<Vec<String>>,
+    /// Started by running `VBoxManage` (not handed over).
+    executed: bool,
+    /// Believed to run: started, not saved or killed.
+    running: bool,
+}
+
+impl VirtualboxAdapter {
+    /// For `vm`.
+    pub fn new(vm: &ParcelVm) -> VirtualboxAdapter {
+        VirtualboxAdapter {
+            vm: vm.clone(),
+            steps: Vec::new(),
+            executed: false,
+            running: false,
+        }
+    }
+
+    fn start(&mut self, saved: bool) -> Result<Started, VmError> {
+        write_descriptors(&self.vm.config, &self.vm.mount)?;
+        self.steps = vboxmanage_steps(&self.vm.config, &self.vm.parcel, &self.vm.mount, saved)?;
+        let started = run_or_hand(VBOXMANAGE, &self.steps)?;
+        self.executed = started == Started::Running;
+        self.running = self.executed;
+        Ok(started)
+    }
+}
+
+impl Vmm for VirtualboxAdapter {
+    /// The VM's settings file in the mount, left by a suspend. A resume
+    /// consumes the parcel's memory image (`vm.toml`'s `memory_image`, which
+    /// VirtualBox does not write), as every resume did before the adapters
+    /// were split: VirtualBox discards its own saved state itself.
+    fn saved_state(&self) -> Option<SavedState> {
+        let settings = settings_file(&self.vm.mount, &self.vm.parcel);
+        settings.exists().then(|| SavedState {
+            path: settings,
+            consumes: vec![self.vm.memory_image()],
+        })
+    }
+
+    fn boot(&mut self) -> Result<Started, VmError> {
+        self.start(false)
+    }
+
+    fn resume(&mut self, _saved: &SavedState) -> Result<Started, VmError> {
+        self.start(true)
+    }
+
+    fn suspend(&mut self) -> Result<(), VmError> {
+        let steps = vboxmanage_suspend_steps(&self.vm.parcel);
+        if !self.executed {
+            return Err(handed(&steps));
+        }
+        self.steps = steps;
+        run_steps(&self.steps)?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Not watched: VirtualBox runs the VM on its own.
+    fn ended(&mut self) -> Option<Ended> {
+        None
+    }
+
+    fn kill(&mut self) {
+        if self.running
+            && let Err(e) = run_steps(&vboxmanage_poweroff_steps(&self.vm.parcel))
+        {
+            tracing::warn!(parcel = %self.vm.parcel, error = %e, "stopping the VM failed");
+        }
+        self.running = false;
+    }
+
+    fn status(&self) -> AdapterStatus {
+        AdapterStatus {
+            steps: self.steps.clone(),
+            ..AdapterStatus::default()
+        }
+    }
 }
 
 #[cfg(test)]
