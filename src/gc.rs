@@ -35,39 +35,32 @@
 //! `base_version`; if gc finds in its re-listing that a lock names a version it
 //! just deleted (a resume raced with gc), it deletes no chunk this time.
 //!
-//! **A writer reusing an orphan while gc deletes it.** An old unreferenced
-//! chunk (an orphan) that a writer reuses is refreshed with `put_replace`.
-//! If gc's HEAD saw the old time just before the refresh landed, gc's DELETE
-//! would remove the refreshed object, and no store here offers a delete
-//! conditional on the last-modified time (S3 has it only for directory
-//! buckets; an ETag condition cannot tell a refresh of identical bytes
-//! apart). So gc announces every batch before it looks at its chunks: it
-//! writes a notice `gc/deleting/<id>` listing the batch's keys, HEADs and
-//! deletes them, then removes the notice. A writer, after its refreshes and
-//! before its commit, runs [`finish_pass`]: it lists the notices,
-//! waits until every one naming a chunk it refreshed is gone, then HEADs
-//! those chunks and writes again any that are missing. A notice the writer
-//! does not see was posted after its refreshes, so that gc's HEAD sees the
-//! new time and keeps the chunk. gc deletes nothing under a notice older
-//! than a minute by its own clock, and writers ignore (and gc removes)
-//! notices older than ten minutes by the store's clock, left by a gc that
-//! died.
+//! **A writer reusing an orphan while gc deletes it** is the one race the
+//! grace period does not cover: gc announces every batch of chunks it is
+//! about to delete with a notice, and writers wait for the notices naming
+//! chunks they refreshed before they commit. The protocol, both sides, is in
+//! `notices.rs`; writers call [`finish_pass`].
+//!
+//! Files: this one holds the options, the report and the [`Unlocker`];
+//! [`collect`] (in `collect.rs`) runs the phases; `versions.rs` decides and
+//! deletes the versions; `notices.rs` is the writer-side protocol.
 
-use std::collections::{BTreeMap, HashSet};
+mod collect;
+mod notices;
+mod versions;
+
+pub use collect::collect;
+pub use notices::finish_pass;
+
 use std::future::Future;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use bytes::Bytes;
-use futures::StreamExt;
 use serde::Serialize;
 
-use crate::chunk::ChunkTag;
 use crate::error::{Classify, ErrorClass};
-use crate::keys::Credential;
-use crate::layout;
+use crate::keys::{Credential, KeyError};
 use crate::parcel::{self, OpenParcel, ParcelError};
-use crate::progress::Progress;
-use crate::store::{BoxError, ListStore, StoreError, StoreHandle, WriteStore};
+use crate::store::{StoreError, StoreHandle};
 
 /// What to collect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +84,57 @@ pub trait Unlocker: Sync {
         &self,
         store: &StoreHandle,
         name: &str,
-    ) -> impl Future<Output = Result<OpenParcel, BoxError>> + Send;
+    ) -> impl Future<Output = Result<OpenParcel, UnlockError>> + Send;
+}
+
+/// Why an [`Unlocker`] could not unlock a parcel: the message gc reports and
+/// the class of the error behind it (which sets isrctl's exit code).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct UnlockError {
+    /// The class of the underlying error.
+    pub class: ErrorClass,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl UnlockError {
+    /// An error of `class` saying `message` (for failures of the front end
+    /// itself, such as reading a passphrase from the terminal).
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        UnlockError {
+            class,
+            message: message.into(),
+        }
+    }
+
+    fn of(error: &(impl Classify + std::fmt::Display)) -> Self {
+        UnlockError::new(error.class(), error.to_string())
+    }
+}
+
+impl Classify for UnlockError {
+    fn class(&self) -> ErrorClass {
+        self.class
+    }
+}
+
+impl From<ParcelError> for UnlockError {
+    fn from(error: ParcelError) -> Self {
+        UnlockError::of(&error)
+    }
+}
+
+impl From<KeyError> for UnlockError {
+    fn from(error: KeyError) -> Self {
+        UnlockError::of(&error)
+    }
+}
+
+impl From<StoreError> for UnlockError {
+    fn from(error: StoreError) -> Self {
+        UnlockError::of(&error)
+    }
 }
 
 /// Unlocks every parcel with the same credentials.
@@ -99,7 +142,7 @@ pub trait Unlocker: Sync {
 pub struct WithCredentials(pub Vec<Credential>);
 
 impl Unlocker for WithCredentials {
-    async fn unlock(&self, store: &StoreHandle, name: &str) -> Result<OpenParcel, BoxError> {
+    async fn unlock(&self, store: &StoreHandle, name: &str) -> Result<OpenParcel, UnlockError> {
         Ok(parcel::open(store, name, &self.0).await?)
     }
 }
@@ -211,568 +254,23 @@ impl GcReport {
     }
 }
 
-/// One parcel's plan.
-struct Plan {
-    name: String,
-    versions: Vec<u64>,
-    delete: Vec<u64>,
-    /// Versions whose chunks are in the referenced set.
-    read: HashSet<u64>,
-}
-
-fn problem(parcel: &str, message: String, class: ErrorClass) -> GcProblem {
-    GcProblem {
-        parcel: parcel.to_owned(),
-        message,
-        class,
-    }
-}
-
-/// The class of an unlocker's error: the first of the chain that a lower
-/// module classifies.
-fn class_of_unlock_error(error: &BoxError) -> ErrorClass {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-    while let Some(error) = current {
-        if let Some(e) = error.downcast_ref::<ParcelError>() {
-            return e.class();
-        }
-        if let Some(e) = error.downcast_ref::<crate::keys::KeyError>() {
-            return e.class();
-        }
-        if let Some(e) = error.downcast_ref::<StoreError>() {
-            return e.class();
-        }
-        current = error.source();
-    }
-    ErrorClass::Other
-}
-
-fn unlock_problem(name: &str, error: &BoxError) -> GcProblem {
-    let class = class_of_unlock_error(error);
-    problem(
-        name,
-        format!(
-            "parcel {name} cannot be unlocked ({error}); gc needs every parcel's key to read which chunks its versions use: give credentials that open it (ISR_PASSPHRASE, --passphrase-file or --key-file, or run on a terminal to be asked per parcel)"
-        ),
-        class,
-    )
-}
-
-fn manifest_problem(name: &str, version: u64, error: &ParcelError) -> GcProblem {
-    problem(
-        name,
-        format!(
-            "version {version} of parcel {name} cannot be read ({error}); gc deletes nothing while it cannot see every chunk in use: fix or restore that manifest (or the store), then run gc again"
-        ),
-        error.class(),
-    )
-}
-
-fn add_chunks(referenced: &mut HashSet<ChunkTag>, manifest: &crate::manifest::Manifest) {
-    for (_, _, chunks) in manifest.files() {
-        referenced.extend(chunks.iter().filter_map(|c| c.tag()));
-    }
-}
-
-/// Which versions to delete: the oldest prefix before the first version that
-/// must be kept. `young(v)` says whether version `v` is younger than
-/// `keep_days` (asked only when that option is set, oldest first).
-async fn plan_deletion<F, Fut>(
-    versions: &[u64],
-    options: &GcOptions,
-    base: Option<u64>,
-    mut young: F,
-) -> Result<Vec<u64>, (u64, ParcelError)>
-where
-    F: FnMut(u64) -> Fut,
-    Fut: Future<Output = Result<bool, ParcelError>>,
-{
-    if options.keep_last.is_none() && options.keep_days.is_none() {
-        return Ok(Vec::new());
-    }
-    let first_kept_by_count = options.keep_last.map_or(versions.len(), |n| {
-        versions.len().saturating_sub(n as usize)
-    });
-    let mut delete = Vec::new();
-    for (index, &version) in versions.iter().enumerate() {
-        let newest = index + 1 == versions.len();
-        if newest || index >= first_kept_by_count || Some(version) == base {
-            break;
-        }
-        if options.keep_days.is_some() && young(version).await.map_err(|e| (version, e))? {
-            break;
-        }
-        delete.push(version);
-    }
-    Ok(delete)
-}
-
-/// Runs garbage collection over every parcel of `store`.
-pub async fn collect<U: Unlocker>(
-    store: &StoreHandle,
-    options: &GcOptions,
-    unlocker: &U,
-    progress: &dyn Progress,
-) -> Result<GcReport, GcError> {
-    let lister = store
-        .lister()
-        .ok_or_else(|| StoreError::Unsupported {
-            store: store.url().to_owned(),
-            operation: "collect garbage",
-            hint: "gc must list every parcel and chunk, which HTTP cannot; run it against the store itself (a directory or s3://)",
-        })?
-        .clone();
-    let writer = if options.dry_run {
-        None
-    } else {
-        Some(store.writer("collect garbage")?.clone())
-    };
-    let mut report = GcReport {
-        store: store.url().to_owned(),
-        dry_run: options.dry_run,
-        applied: false,
-        grace_secs: options.grace.as_secs(),
-        parcels: Vec::new(),
-        chunks_swept: false,
-        chunks_before: 0,
-        chunks_referenced: 0,
-        chunks_deleted: 0,
-        bytes_freed: 0,
-        chunks_in_grace: 0,
-        problems: Vec::new(),
-    };
-
-    // Phase 1: unlock every parcel, plan, and read the manifests that stay.
-    let mut opened: BTreeMap<String, OpenParcel> = BTreeMap::new();
-    let mut plans = Vec::new();
-    let mut referenced: HashSet<ChunkTag> = HashSet::new();
-    let now = SystemTime::now();
-    for name in parcel::list_parcels(store).await? {
-        let lock = parcel::read_lock(store, &name).await?;
-        let versions = parcel::list_versions(store, &name).await?;
-        let base = lock.as_ref().and_then(|l| l.base_version);
-        // A parcel without versions (an interrupted import) uses no chunk yet,
-        // so it needs no key; one committed meanwhile is unlocked in phase 3.
-        let open = if versions.is_empty() {
-            None
-        } else {
-            match unlocker.unlock(store, &name).await {
-                Ok(open) => Some(open),
-                Err(error) => {
-                    report.problems.push(unlock_problem(&name, &error));
-                    None
-                }
-            }
-        };
-        let mut plan = Plan {
-            name: name.clone(),
-            delete: Vec::new(),
-            read: HashSet::new(),
-            versions,
-        };
-        if let Some(open) = &open {
-            let keep_days = options.keep_days.unwrap_or(0);
-            let young = |version: u64| async move {
-                let manifest = parcel::read_manifest(store, open, version).await?;
-                let age = now
-                    .duration_since(manifest.created.to_system_time())
-                    .unwrap_or(Duration::ZERO);
-                Ok(age < Duration::from_secs(keep_days.saturating_mul(86_400)))
-            };
-            match plan_deletion(&plan.versions, options, base, young).await {
-                Ok(delete) => plan.delete = delete,
-                Err((version, error)) => {
-                    report
-                        .problems
-                        .push(manifest_problem(&name, version, &error));
-                }
-            }
-            for &version in &plan.versions[plan.delete.len()..] {
-                match parcel::read_manifest(store, open, version).await {
-                    Ok(manifest) => {
-                        add_chunks(&mut referenced, &manifest);
-                        plan.read.insert(version);
-                    }
-                    Err(error) => {
-                        report
-                            .problems
-                            .push(manifest_problem(&name, version, &error));
-                    }
-                }
-            }
-        } else {
-            // Report what gc would do by count; age and chunks need the key.
-            let never_young = |_| async { Ok(false) };
-            let by_count = GcOptions {
-                keep_days: None,
-                ..*options
-            };
-            plan.delete = plan_deletion(&plan.versions, &by_count, base, never_young)
-                .await
-                .unwrap_or_default();
-        }
-        if let Some(open) = open {
-            opened.insert(name.clone(), open);
-        }
-        report.parcels.push(ParcelGc {
-            name: plan.name.clone(),
-            deleted_versions: plan.delete.clone(),
-            kept_versions: plan.versions[plan.delete.len()..].to_vec(),
-            locked_base_version: base,
-        });
-        plans.push(plan);
-    }
-    let deleting = writer.is_some() && report.problems.is_empty();
-    report.applied = deleting;
-
-    // Phase 2: delete versions, oldest first, after pointing the hint past them.
-    if deleting {
-        let writer = writer.as_ref().expect("deleting needs a writer");
-        for plan in &plans {
-            delete_versions(store, lister.as_ref(), writer.as_ref(), plan).await?;
-        }
-    }
-    if !report.problems.is_empty() {
-        return Ok(report);
-    }
-
-    // Phase 3: chunks. List them, take the reference time, then re-list every
-    // parcel's lock and versions and add what was committed meanwhile.
-    let listed = lister.list_info(layout::CHUNKS).await?;
-    let chunks: Vec<(ChunkTag, String, u64, SystemTime)> = listed
-        .into_iter()
-        .filter_map(|object| {
-            let hex = object.key.strip_prefix(layout::CHUNKS)?.split_once('/')?.1;
-            let tag = ChunkTag::from_hex(hex)?;
-            (layout::chunk(&tag) == object.key).then_some((
-                tag,
-                object.key,
-                object.size,
-                object.modified,
-            ))
-        })
-        .collect();
-    report.chunks_before = chunks.len() as u64;
-    let reference_time = SystemTime::now();
-    let deleted_by_us: HashSet<(String, u64)> = if deleting {
-        plans
-            .iter()
-            .flat_map(|p| p.delete.iter().map(|&v| (p.name.clone(), v)))
-            .collect()
-    } else {
-        HashSet::new()
-    };
-    for name in parcel::list_parcels(store).await? {
-        let lock = parcel::read_lock(store, &name).await?;
-        let versions = parcel::list_versions(store, &name).await?;
-        if let Some(base) = lock.as_ref().and_then(|l| l.base_version)
-            && (deleted_by_us.contains(&(name.clone(), base))
-                || versions.first().is_some_and(|&oldest| base < oldest))
-        {
-            report.problems.push(problem(
-                &name,
-                format!(
-                    "parcel {name} was resumed from version {base} while gc deleted that version; its session still needs the version's chunks, so gc deleted no chunk this time: run gc again after the session is checked in or discarded"
-                ),
-                ErrorClass::Conflict,
-            ));
-            continue;
-        }
-        let plan = plans.iter().find(|p| p.name == name);
-        if versions.is_empty() {
-            continue;
-        }
-        let open = match opened.get(&name) {
-            Some(open) => open.clone(),
-            None => match unlocker.unlock(store, &name).await {
-                Ok(open) => {
-                    opened.insert(name.clone(), open.clone());
-                    open
-                }
-                Err(error) => {
-                    report.problems.push(unlock_problem(&name, &error));
-                    continue;
-                }
-            },
-        };
-        for version in versions {
-            // Already counted, or to be deleted (still there in a dry run).
-            if plan.is_some_and(|p| p.read.contains(&version) || p.delete.contains(&version)) {
-                continue;
-            }
-            match parcel::read_manifest(store, &open, version).await {
-                Ok(manifest) => add_chunks(&mut referenced, &manifest),
-                // Deleted meanwhile (by another gc): it no longer needs its chunks.
-                Err(ParcelError::VersionNotFound { .. }) => {}
-                Err(error) => report
-                    .problems
-                    .push(manifest_problem(&name, version, &error)),
-            }
-        }
-    }
-    if !report.problems.is_empty() {
-        return Ok(report);
-    }
-    report.chunks_swept = true;
-    report.chunks_referenced = chunks
-        .iter()
-        .filter(|(tag, ..)| referenced.contains(tag))
-        .count() as u64;
-    let old = |modified: SystemTime| {
-        reference_time
-            .duration_since(modified)
-            .is_ok_and(|age| age > options.grace)
-    };
-    let mut doomed = Vec::new();
-    for (tag, key, size, modified) in chunks {
-        if referenced.contains(&tag) {
-            continue;
-        }
-        if old(modified) {
-            doomed.push((key, size));
-        } else {
-            report.chunks_in_grace += 1;
-        }
-    }
-
-    let Some(writer) = writer else {
-        report.chunks_deleted = doomed.len() as u64;
-        report.bytes_freed = doomed.iter().map(|(_, size)| size).sum();
-        return Ok(report);
-    };
-    progress.start("deleting", doomed.iter().map(|(_, size)| size).sum());
-    remove_stale_notices(lister.as_ref(), writer.as_ref()).await?;
-    let mut results: Vec<Result<Option<u64>, StoreError>> = Vec::new();
-    for batch in doomed.chunks(NOTICE_BATCH) {
-        // Announce the batch before looking at any of its chunks: a writer
-        // that refreshed one of them and then does not see this notice
-        // refreshed it before the HEAD below, which then sees the new time.
-        let notice = layout::gc_notice(&format!("{:032x}", rand::random::<u128>()));
-        let keys: Vec<&str> = batch.iter().map(|(key, _)| key.as_str()).collect();
-        writer
-            .put_new(&notice, Bytes::from(keys.join("\n")))
-            .await?;
-        let posted = Instant::now();
-        let batch_results: Vec<_> = futures::stream::iter(batch)
-            .map(|(key, size)| {
-                let writer = writer.clone();
-                async move {
-                    // Refreshed since the listing (a writer reuses it), or gone.
-                    match writer.modified(key).await? {
-                        Some(modified) if old(modified) => {}
-                        _ => return Ok(None),
-                    }
-                    // Past the deadline a writer may take the notice for a
-                    // dead gc's: stop deleting (the next run goes on).
-                    if posted.elapsed() > NOTICE_DEADLINE {
-                        return Ok(None);
-                    }
-                    writer.delete(key).await?;
-                    progress.advance(*size);
-                    Ok(Some(*size))
-                }
-            })
-            .buffer_unordered(options.parallel.max(1))
-            .collect()
-            .await;
-        results.extend(batch_results);
-        writer.delete(&notice).await?;
-    }
-    progress.finish();
-    for result in results {
-        match result? {
-            Some(size) => {
-                report.chunks_deleted += 1;
-                report.bytes_freed += size;
-            }
-            None => report.chunks_in_grace += 1,
-        }
-    }
-    Ok(report)
-}
-
-/// Chunk keys announced per deletion notice.
-const NOTICE_BATCH: usize = 1000;
-/// gc deletes no chunk of a batch once the batch's notice is this old by its
-/// own clock.
-const NOTICE_DEADLINE: Duration = Duration::from_secs(60);
-/// A notice older than this by the store's clock was left by a gc that died;
-/// writers do not wait for it and gc removes it.
-const NOTICE_STALE: Duration = Duration::from_secs(600);
-/// How often a writer looks whether the notices it waits for are gone.
-const NOTICE_POLL: Duration = Duration::from_millis(100);
-
-fn notice_is_stale(posted: SystemTime) -> bool {
-    SystemTime::now()
-        .duration_since(posted)
-        .is_ok_and(|age| age > NOTICE_STALE)
-}
-
-async fn remove_stale_notices(
-    lister: &dyn ListStore,
-    writer: &dyn WriteStore,
-) -> Result<(), StoreError> {
-    for notice in lister.list_info(layout::GC_NOTICES).await? {
-        if notice_is_stale(notice.modified) {
-            tracing::info!(notice = %notice.key, "removing the deletion notice of a gc that did not finish");
-            writer.delete(&notice.key).await?;
-        }
-    }
-    Ok(())
-}
-
-/// For writers (import, checkin): ends a pass over the chunks a commit will
-/// reference, right before the commit. Makes every chunk put so far durable
-/// (so that nothing slow is left between the pass's timing and the commit),
-/// then confirms the refreshed chunks (`confirm_refreshed`): returns the chunks of `refreshed` that a gc
-/// deleted meanwhile, which the writer must put again before it commits.
-pub async fn finish_pass(
-    store: &StoreHandle,
-    refreshed: &[ChunkTag],
-) -> Result<Vec<ChunkTag>, StoreError> {
-    store.writer("commit a version")?.sync().await?;
-    confirm_refreshed(store, refreshed).await
-}
-
-/// Run after the chunks in `refreshed` were found older than a quarter of
-/// the grace period and rewritten with `put_replace`, before the commit
-/// that references them. A gc that looked
-/// at one of them before the rewrite may still delete the rewritten object;
-/// such a gc announced the deletion beforehand (a notice under
-/// `gc/deleting/`). This waits until every notice naming one of `refreshed`
-/// is gone (or stale), then returns the chunks of `refreshed` that are no
-/// longer in the store: the caller writes them again before it commits.
-async fn confirm_refreshed(
-    store: &StoreHandle,
-    refreshed: &[ChunkTag],
-) -> Result<Vec<ChunkTag>, StoreError> {
-    if refreshed.is_empty() {
-        return Ok(Vec::new());
-    }
-    // A store that cannot list cannot be collected either.
-    let Some(lister) = store.lister() else {
-        return Ok(Vec::new());
-    };
-    let wanted: HashSet<String> = refreshed.iter().map(layout::chunk).collect();
-    // Notices posted after this listing come from gc runs that look at the
-    // chunks after they were refreshed: only the ones listed now matter.
-    let mut blocking = HashSet::new();
-    for notice in lister.list_info(layout::GC_NOTICES).await? {
-        if notice_is_stale(notice.modified) {
-            continue;
-        }
-        let body = match store.reader().get(&notice.key).await {
-            Ok(body) => body,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e),
-        };
-        if String::from_utf8_lossy(&body)
-            .lines()
-            .any(|key| wanted.contains(key))
-        {
-            blocking.insert(notice.key);
-        }
-    }
-    if !blocking.is_empty() {
-        tracing::info!(
-            notices = blocking.len(),
-            "garbage collection is deleting chunks this commit reuses; waiting for it to finish"
-        );
-    }
-    while !blocking.is_empty() {
-        tokio::time::sleep(NOTICE_POLL).await;
-        let present: HashSet<String> = lister
-            .list_info(layout::GC_NOTICES)
-            .await?
-            .into_iter()
-            .filter(|notice| !notice_is_stale(notice.modified))
-            .map(|notice| notice.key)
-            .collect();
-        blocking.retain(|key| present.contains(key));
-    }
-    let writer = store.writer("confirm chunks")?;
-    let mut missing = Vec::new();
-    let mut checks = futures::stream::iter(refreshed)
-        .map(|tag| async move {
-            let gone = writer.modified(&layout::chunk(tag)).await?.is_none();
-            Ok::<_, StoreError>(gone.then_some(*tag))
-        })
-        .buffer_unordered(16);
-    while let Some(checked) = checks.next().await {
-        missing.extend(checked?);
-    }
-    if !missing.is_empty() {
-        tracing::warn!(
-            chunks = missing.len(),
-            "garbage collection deleted chunks this commit reuses while they were refreshed; writing them again"
-        );
-    }
-    Ok(missing)
-}
-
-/// Deletes `plan.delete` (oldest first) with their traces, after writing the
-/// `oldest` hint; also repairs a missing or stale hint and removes traces left
-/// without a manifest below the oldest version.
-async fn delete_versions(
-    store: &StoreHandle,
-    lister: &dyn ListStore,
-    writer: &dyn crate::store::WriteStore,
-    plan: &Plan,
-) -> Result<(), GcError> {
-    let Some(&oldest_kept) = plan.versions.get(plan.delete.len()) else {
-        return Ok(());
-    };
-    let hint = parcel::read_oldest_hint(store, &plan.name).await?;
-    let write_hint = |version: u64| async move {
-        writer
-            .put_replace(
-                &layout::oldest_hint(&plan.name),
-                Bytes::from(format!("{version}\n")),
-            )
-            .await
-    };
-    if oldest_kept > 1 && hint != Some(oldest_kept) {
-        write_hint(oldest_kept).await?;
-    }
-    for &version in &plan.delete {
-        writer
-            .delete(&layout::manifest(&plan.name, version))
-            .await?;
-        writer.delete(&layout::trace(&plan.name, version)).await?;
-    }
-    // Traces of versions that are gone (an interrupted earlier gc).
-    let prefix = layout::versions(&plan.name);
-    for key in lister.list(&prefix).await? {
-        let stray = key
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(".trace"))
-            .and_then(|number| number.parse::<u64>().ok())
-            .is_some_and(|version| version < oldest_kept);
-        if stray {
-            writer.delete(&key).await?;
-        }
-    }
-    // Another gc at the same time may have deleted more: point at what is there.
-    let remaining = parcel::list_versions(store, &plan.name).await?;
-    if let Some(&oldest) = remaining.first()
-        && oldest != oldest_kept
-        && oldest > 1
-    {
-        write_hint(oldest).await?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::notices::{NOTICE_STALE, confirm_refreshed};
     use super::*;
+    use crate::chunk::ChunkTag;
     use crate::import::ImportSettings;
     use crate::import::{ImportRequest, import};
     use crate::keys::{KdfParams, Zeroizing};
+    use crate::layout;
     use crate::progress::NoProgress;
     use crate::store::ReadStore;
     use crate::store::memory::MemoryStore;
+    use crate::store::{ListStore, WriteStore};
+    use bytes::Bytes;
+    use std::collections::HashSet;
     use std::path::Path;
+    use std::time::SystemTime;
 
     const PASS: &str = "pw";
 

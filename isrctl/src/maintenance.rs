@@ -13,10 +13,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use isr::error::{Classify, ErrorClass};
-use isr::gc::{GcOptions, GcReport, Unlocker};
+use isr::gc::{GcOptions, GcReport, UnlockError, Unlocker};
 use isr::keys::{Credential, KeyError, Zeroizing};
 use isr::parcel::{self, OpenParcel};
-use isr::store::{BoxError, StoreHandle};
+use isr::store::StoreHandle;
 
 use crate::context::{CommandContext, InvalidArgument, failure};
 use crate::credentials::{self, Purpose};
@@ -99,7 +99,7 @@ impl CliUnlocker {
 }
 
 impl Unlocker for CliUnlocker {
-    async fn unlock(&self, store: &StoreHandle, name: &str) -> Result<OpenParcel, BoxError> {
+    async fn unlock(&self, store: &StoreHandle, name: &str) -> Result<OpenParcel, UnlockError> {
         let mut refused = None;
         if !self.given.is_empty() {
             match parcel::open(store, name, &self.given).await {
@@ -120,7 +120,8 @@ impl Unlocker for CliUnlocker {
                 .into(),
             });
         }
-        let passphrase = credentials::prompt(name, Purpose::Unlock)?;
+        let passphrase = credentials::prompt(name, Purpose::Unlock)
+            .map_err(|e| UnlockError::new(ErrorClass::Other, e.to_string()))?;
         let open = parcel::open(store, name, &[Credential::Passphrase(passphrase.clone())]).await?;
         self.typed.lock().expect("not poisoned").push(passphrase);
         Ok(open)
