@@ -4,6 +4,12 @@
 #
 #   sudo bash benches/harness.sh              # all sections, RUNS=3, PROFILE=wan
 #   SECTIONS="mount vm" sudo bash benches/harness.sh
+#   BASELINE_REV=main~3 SECTIONS=mount sudo bash benches/harness.sh
+#
+# With BASELINE_REV, the same sections also run on that commit's release build
+# (built from `git archive` under target/baseline/), first, and a second table
+# puts each figure of this tree next to the same figure of that commit: a
+# refactor shows there that it costs nothing.
 #
 # Sections (each a script beside this one, usable alone; they print ROW lines,
 # see benches/lib.sh):
@@ -35,7 +41,19 @@ scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 export PATH="$scripts:$PATH"
 cargo build --release --quiet -p isrctl -p isrfsd >&2 && cargo build --release --quiet -p isr --example delay_proxy --example qemu_baseline >&2
 
-rows=$(mktemp); trap 'rm -f "$rows"' EXIT
+rows=$(mktemp); base_rows=$(mktemp); trap 'rm -f "$rows" "$base_rows"' EXIT
+baseline_rev=${BASELINE_REV:-}
+if [ -n "$baseline_rev" ]; then
+  rev=$(git rev-parse --short "$baseline_rev^{commit}")
+  src=target/baseline/src-$rev
+  if [ ! -d "$src" ]; then
+    mkdir -p "$src.tmp" && git archive "$rev" | tar -x -C "$src.tmp" && mv "$src.tmp" "$src"
+  fi
+  say "building $baseline_rev ($rev) for the baseline"
+  (cd "$src" && CARGO_TARGET_DIR=$PWD/../release-target cargo build --release --quiet -p isrctl -p isrfsd >&2 \
+    && CARGO_TARGET_DIR=$PWD/../release-target cargo build --release --quiet -p isr --example delay_proxy --example qemu_baseline >&2)
+  base_bin=$PWD/target/baseline/release-target/release
+fi
 import_section() {
   local work; work=$(mktemp -d "${TMPDIR:-/tmp}/isr-import.XXXXXX")
   # A disk-like image: a quarter each random, zeros, text, one repeated block.
@@ -81,16 +99,23 @@ for line in sys.stdin:
         print("ROW\tcheckin after 5 %% random 64 KiB writes, MiB uploaded\t%s\tMiB\tideal (distinct changed chunks)\t%s\t%.3f\t<= 1.05" % (m[1], m[2], float(m[1]) / float(m[2])))'
 }
 
-for s in $sections; do
-  say "section $s"
-  case $s in
+run_section() {
+  case $1 in
     import) import_section ;;
     mount) bash benches/mount.sh ;;
     link) bash benches/link-read.sh ;;
     vm) bash benches/vm-link.sh ;;
     checkin) checkin_section ;;
-    *) echo "unknown section $s" >&2; exit 2 ;;
-  esac | tee -a "$rows" | grep '^ROW' >&2 || true
+    *) echo "unknown section $1" >&2; exit 2 ;;
+  esac
+}
+for s in $sections; do
+  if [ -n "$baseline_rev" ]; then
+    say "section $s on $baseline_rev ($rev)"
+    (export ISR_BIN=$base_bin; bin=$base_bin; run_section "$s") | tee -a "$base_rows" | grep '^ROW' >&2 || true
+  fi
+  say "section $s"
+  run_section "$s" | tee -a "$rows" | grep '^ROW' >&2 || true
 done
 
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
@@ -102,3 +127,25 @@ echo "|---|---|---|---|---|"
 grep '^ROW' "$rows" | while IFS=$'\t' read -r _ figure value unit label base ratio target; do
   echo "| $figure | $value | $label $base | $ratio | ${target:--} |"
 done
+if [ -n "$baseline_rev" ]; then
+  echo
+  echo "This tree against $baseline_rev ($rev), same run:"
+  echo
+  echo "| figure | this tree | $rev | ratio |"
+  echo "|---|---|---|---|"
+  python3 - "$rows" "$base_rows" <<'PY'
+import sys
+def figures(path):
+    out = {}
+    for line in open(path):
+        if line.startswith("ROW\t"):
+            f = line.rstrip("\n").split("\t")
+            out.setdefault(f[1], (f[2], f[3]))
+    return out
+new, old = figures(sys.argv[1]), figures(sys.argv[2])
+for figure, (value, unit) in new.items():
+    base = old.get(figure, ("", ""))[0]
+    ratio = f"{float(value) / float(base):.2f}" if value and base and float(base) else "-"
+    print(f"| {figure} | {value} {unit} | {base or '-'} {unit} | {ratio} |")
+PY
+fi

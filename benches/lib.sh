@@ -7,7 +7,10 @@
 # collects the rows into one markdown table.
 
 bench_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=$bench_root/target/release
+# The binaries measured: this tree's release build, or ISR_BIN (the harness
+# points it at an earlier commit's build for BASELINE_REV; sections then skip
+# their own cargo build).
+bin=${ISR_BIN:-$bench_root/target/release}
 runs=${RUNS:-3}
 
 # median of the numbers on stdin

@@ -13,7 +13,7 @@ profile=${PROFILE:-wan}; link_mib=${LINK_MIB:-256}
 work=$(mktemp -d "${TMPDIR:-/tmp}/isr-linkread.XXXXXX")
 cleanup() { set +e; stop_machines; [ -n "${serve_pid:-}" ] && kill "$serve_pid" 2>/dev/null; link_down; rm -rf "$work"; }
 trap cleanup EXIT
-(cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd && cargo build --release --quiet -p isr --example delay_proxy)
+[ -n "${ISR_BIN:-}" ] || (cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd && cargo build --release --quiet -p isr --example delay_proxy)
 printf '[kdf]\nmemory_kib = 1024\niterations = 1\n' > "$work/config.toml"
 export ISR_PASSPHRASE=bench ISR_CONFIG="$work/config.toml"
 isrctl() { "$bin/isrctl" "$@"; }

@@ -12,7 +12,7 @@ need bindfs "apt-get install bindfs"; need fio "apt-get install fio"
 work=$(mktemp -d "${TMPDIR:-/tmp}/isr-mount.XXXXXX")
 cleanup() { set +e; mountpoint -q "$work/bindfs" && umount -l "$work/bindfs"; stop_machines; rm -rf "$work"; }
 trap cleanup EXIT
-(cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd)
+[ -n "${ISR_BIN:-}" ] || (cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd)
 printf '[kdf]\nmemory_kib = 1024\niterations = 1\n' > "$work/config.toml"
 export ISR_PASSPHRASE=bench ISR_CONFIG="$work/config.toml" ISR_STORE="$work/store"
 isrctl() { "$bin/isrctl" "$@"; }

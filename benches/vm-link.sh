@@ -17,7 +17,7 @@ need qemu-system-x86_64 "bash .ci/install-deps.sh"
 work=$(mktemp -d "${TMPDIR:-/tmp}/isr-vmlink.XXXXXX")
 cleanup() { set +e; stop_machines; link_down; rm -rf "$work"; }
 trap cleanup EXIT
-(cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd && cargo build --release --quiet -p isr --example qemu_baseline)
+[ -n "${ISR_BIN:-}" ] || (cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd && cargo build --release --quiet -p isr --example qemu_baseline)
 printf '[kdf]\nmemory_kib = 1024\niterations = 1\n\n[upload]\ntrickle = false\n' > "$work/config.toml"
 export ISR_PASSPHRASE=bench ISR_CONFIG="$work/config.toml"
 isrctl() { "$bin/isrctl" "$@"; }

@@ -227,7 +227,7 @@ pub enum Response {
     /// Session counters.
     Status {
         /// One per session.
-        sessions: Vec<SessionStatus>,
+        sessions: Vec<ParcelStatus>,
     },
     /// Every chunk is local.
     Hoarded {
@@ -256,6 +256,19 @@ pub enum Response {
         /// One-line message.
         message: String,
     },
+}
+
+/// One resumed parcel as `isrctl status` shows it: its session's counters and
+/// the VM the daemon runs from its mount. On the wire the session's fields and
+/// `vm` sit side by side in one object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParcelStatus {
+    /// The session's counters.
+    #[serde(flatten)]
+    pub session: SessionStatus,
+    /// The VM, if the daemon runs one (or is starting it).
+    #[serde(default)]
+    pub vm: Option<VmStatus>,
 }
 
 /// Errors talking to the daemon.

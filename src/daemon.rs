@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::cache::ChunkCache;
 use crate::config::Config;
-use crate::control::{self, Request, Response};
+use crate::control::{self, ParcelStatus, Request, Response};
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::Priority;
 use crate::image::ImageOptions;
@@ -289,13 +289,12 @@ impl Daemon {
                 let mut statuses: Vec<_> = sessions
                     .iter()
                     .filter(|(name, _)| parcel.as_ref().is_none_or(|p| p == *name))
-                    .map(|(_, m)| {
-                        let mut status = m.session.status();
-                        status.vm = m.vm.status();
-                        status
+                    .map(|(_, m)| ParcelStatus {
+                        session: m.session.status(),
+                        vm: m.vm.status(),
                     })
                     .collect();
-                statuses.sort_by(|a, b| a.parcel.cmp(&b.parcel));
+                statuses.sort_by(|a, b| a.session.parcel.cmp(&b.session.parcel));
                 if let Some(name) = parcel
                     && statuses.is_empty()
                 {
@@ -901,7 +900,7 @@ mod tests {
             panic!("status");
         };
         assert_eq!(sessions.len(), 1);
-        assert_eq!(sessions[0].parcel, "p");
+        assert_eq!(sessions[0].session.parcel, "p");
 
         let reply = f.daemon.handle(Request::Checkin {
             parcel: "p".into(),

@@ -326,9 +326,6 @@ pub struct SessionStatus {
     pub committed_version: Option<u64>,
     /// Fetch counters.
     pub fetch: FetchStats,
-    /// The VM isrfsd runs from this session's mount, if any (filled in by the daemon).
-    #[serde(default)]
-    pub vm: Option<crate::vmm::supervise::VmStatus>,
 }
 
 /// Detaches the mount at `mount` if it is dead: the FUSE mount of a daemon that
@@ -393,7 +390,6 @@ impl StatusSource {
             trickle_rate: self.uploads.rate.load(std::sync::atomic::Ordering::Relaxed),
             committed_version: record.committed,
             fetch: self.fetcher.stats(),
-            vm: None,
         }
     }
 

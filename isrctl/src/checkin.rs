@@ -159,7 +159,7 @@ async fn call_with_progress(
             parcel: Some(name.to_owned()),
         };
         if let Ok(Ok(Response::Status { sessions })) = daemon::call(&socket, status).await
-            && let Some(session) = sessions.first()
+            && let Some(session) = sessions.first().map(|s| &s.session)
         {
             bar.set_message(format!(
                 "{name}: {} chunks uploaded, {} ({}) to go",

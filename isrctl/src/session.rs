@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use isr::control::{ControlError, Request, Response, WireParcel};
+use isr::control::{ControlError, ParcelStatus, Request, Response, WireParcel};
 use isr::error::ErrorClass;
 use isr::session::SessionError;
 use isr::vmm::supervise::{VmState, VmStatus};
@@ -227,7 +227,7 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
     }
     let rows: Vec<Vec<String>> = sessions
         .iter()
-        .map(|s| {
+        .map(|ParcelStatus { session: s, vm }| {
             vec![
                 s.parcel.clone(),
                 s.base_version.to_string(),
@@ -243,7 +243,7 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
                 output::bytes(s.fetch.fetched_bytes),
                 s.fetch.in_flight.to_string(),
                 (s.fetch.failures + s.fetch.verify_failures).to_string(),
-                s.vm.as_ref().map_or("-".into(), |vm| {
+                vm.as_ref().map_or("-".into(), |vm| {
                     let state = serde_json::to_value(vm.state)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
@@ -297,7 +297,7 @@ pub fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
                 parcel: Some(name.to_owned()),
             };
             if let Ok(Response::Status { sessions }) = isr::control::call(&socket, request)
-                && let Some(session) = sessions.first()
+                && let Some(session) = sessions.first().map(|s| &s.session)
             {
                 bar.set_length(session.chunks_total);
                 bar.set_position(session.chunks_local);
