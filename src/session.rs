@@ -400,8 +400,8 @@ impl StatusSource {
     /// Per-file chunk-state maps, one line per file: `path: map` (see [`Image::chunk_map`]).
     pub fn chunk_maps(&self) -> String {
         let mut out = String::new();
-        for path in self.image.file_paths() {
-            if let Ok(map) = self.image.chunk_map(&path) {
+        for (path, file) in self.image.files() {
+            if let Ok(map) = self.image.chunk_map(file.id) {
                 out.push_str(&format!("{path}: {map}\n"));
             }
         }

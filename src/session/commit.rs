@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::trickle::{local_chunk, upload_new};
 use super::{Session, SessionError, check_lock, write_record};
 use crate::chunk::ChunkTag;
-use crate::image::unix_now;
+use crate::image::journal::unix_now;
 use crate::layout;
 use crate::manifest::{Manifest, Timestamp};
 use crate::parcel::{self, OpenParcel, ParcelError};

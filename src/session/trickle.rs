@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 use super::SessionError;
 use crate::cache::ChunkCache;
 use crate::chunk::ChunkTag;
-use crate::image::{Image, unix_now};
+use crate::image::Image;
+use crate::image::journal::unix_now;
 use crate::layout;
 use crate::store::{PutOutcome, StoreHandle};
 
