@@ -340,12 +340,8 @@ impl Session {
                 "uploading took a quarter of gc's grace period, or gc deleted chunks it refreshed; confirming again"
             );
         }
-        Err(SessionError::State {
-            path: self.context.state_dir.clone(),
-            source: std::io::Error::other(format!(
-                "every pass over the chunks to upload took longer than a quarter of [gc] grace_secs ({} s); raise it on every machine using the store, then run the command again",
-                self.context.upload.gc_grace.as_secs()
-            )),
+        Err(SessionError::SlowerThanGcGrace {
+            grace_secs: self.context.upload.gc_grace.as_secs(),
         })
     }
 

@@ -120,10 +120,7 @@ pub(super) fn local_chunk(cache: &ChunkCache, tag: &ChunkTag) -> Result<Bytes, S
     match cache.get(tag) {
         Ok(Some(bytes)) => Ok(bytes),
         Ok(None) => Err(SessionError::MissingLocalChunk { tag: *tag }),
-        Err(e) => Err(SessionError::State {
-            path: std::path::PathBuf::from("chunk cache"),
-            source: std::io::Error::other(e.to_string()),
-        }),
+        Err(e) => Err(SessionError::Cache(e)),
     }
 }
 
