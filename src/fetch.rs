@@ -22,8 +22,10 @@
 //!   enter the cache; a chunk that fails is never served, is counted, and is
 //!   fetched again by the next reader.
 //!
-//! Readers on FUSE threads use [`Fetcher::fetch_blocking`]: they wait on a
-//! channel while the network I/O runs on the runtime, never on their thread.
+//! Readers on FUSE threads use [`Fetcher::plaintext_blocking`] (a chunk's
+//! verified plaintext; a damaged cached copy is dropped and fetched again) or
+//! [`Fetcher::fetch_blocking`] (its stored bytes): they wait on a channel while
+//! the network I/O runs on the runtime, never on their thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +36,9 @@ use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
 use crate::cache::{CacheError, ChunkCache, Durability};
-use crate::chunk::{self, ChunkError, ChunkTag};
+use crate::chunk::{self, ChunkError, ChunkKey, ChunkTag};
 use crate::error::{Classify, ErrorClass};
+use crate::keys::DedupSecret;
 use crate::layout;
 use crate::store::{ReadStore, StoreError};
 
@@ -109,20 +112,29 @@ pub enum FetchError {
     #[error("{0}")]
     Corrupt(Arc<ChunkError>),
     /// The store kept failing until the retry limit.
-    #[error("chunk {tag}: {message}")]
+    #[error("chunk {tag}: {source}")]
     Store {
         /// Chunk.
         tag: ChunkTag,
-        /// The last store error.
-        message: String,
+        /// The last store error (shared: every waiter gets a clone).
+        source: Arc<StoreError>,
     },
     /// The local cache failed.
-    #[error("chunk {tag}: local cache: {message}")]
+    #[error("chunk {tag}: local cache: {source}")]
     Cache {
         /// Chunk.
         tag: ChunkTag,
         /// What failed.
-        message: String,
+        source: Arc<CacheError>,
+    },
+    /// Putting a downloaded chunk into the local cache did not finish (the
+    /// blocking task panicked or the runtime is shutting down).
+    #[error("chunk {tag}: local cache: {source}")]
+    CacheTask {
+        /// Chunk.
+        tag: ChunkTag,
+        /// Why the task did not finish.
+        source: Arc<tokio::task::JoinError>,
     },
     /// The scheduler is shutting down.
     #[error("chunk {tag}: fetcher stopped")]
@@ -138,8 +150,10 @@ impl Classify for FetchError {
             // A chunk a version references is gone or damaged: the store is.
             FetchError::Missing { .. } => ErrorClass::Integrity,
             FetchError::Corrupt(e) => e.class(),
+            // Retries ran out, whatever the last answer was.
             FetchError::Store { .. } => ErrorClass::Unreachable,
-            FetchError::Cache { .. } | FetchError::Stopped { .. } => ErrorClass::Other,
+            FetchError::Cache { source, .. } => source.class(),
+            FetchError::CacheTask { .. } | FetchError::Stopped { .. } => ErrorClass::Other,
         }
     }
 }
@@ -347,17 +361,37 @@ impl Fetcher {
             .map(|(bytes, _)| bytes)
     }
 
-    /// [`Fetcher::fetch_blocking`] for a reader that decrypts the bytes at
-    /// once: bytes from the cache come without the tag check
-    /// ([`ChunkCache::get_to_decrypt`]; the AEAD check finds damage), bytes
-    /// from the store are checked as always. On a failed decryption of bytes
-    /// from [`Origin::Cache`], call [`Fetcher::drop_damaged`] and fetch again.
-    pub fn fetch_to_decrypt_blocking(
+    /// The chunk's plaintext, verified, for threads outside the async
+    /// runtime (FUSE threads): `key` is the chunk's key from the manifest or
+    /// overlay, `secret` the parcel's dedup secret.
+    ///
+    /// A cached copy was checked against its tag when it entered the cache,
+    /// so it is only decrypted here (the AEAD check under `key` finds any
+    /// damage since, or another chunk's bytes). A copy that fails is dropped
+    /// from the cache and the chunk is fetched again, with every check: tag,
+    /// AEAD, and the plaintext against its convergent key. Bytes downloaded
+    /// now get those checks at once.
+    pub fn plaintext_blocking(
         &self,
         tag: ChunkTag,
+        key: &ChunkKey,
+        secret: &DedupSecret,
         priority: Priority,
-    ) -> Result<(Bytes, Origin), FetchError> {
-        self.fetch_blocking_from(tag, priority, CacheRead::ToDecrypt)
+    ) -> Result<Bytes, FetchError> {
+        let decode = |stored| {
+            chunk::decode_verified(secret, tag, key, stored)
+                .map_err(|e| FetchError::Corrupt(Arc::new(e)))
+        };
+        match self.fetch_blocking_from(tag, priority, CacheRead::ToDecrypt)? {
+            (stored, Origin::Cache) => match chunk::decrypt_cached(tag, key, stored) {
+                Ok(plaintext) => Ok(plaintext),
+                Err(_) => {
+                    self.drop_damaged(tag)?;
+                    decode(self.fetch_blocking(tag, priority)?)
+                }
+            },
+            (stored, Origin::Store) => decode(stored),
+        }
     }
 
     fn fetch_blocking_from(
@@ -382,11 +416,11 @@ impl Fetcher {
     }
 
     /// Drops a cached copy whose decryption failed, so it is fetched again.
-    pub fn drop_damaged(&self, tag: ChunkTag) -> Result<(), FetchError> {
+    fn drop_damaged(&self, tag: ChunkTag) -> Result<(), FetchError> {
         self.inner
             .cache
             .drop_damaged(&tag)
-            .map_err(|e| cache_error(tag, &e))
+            .map_err(|e| cache_error(tag, e))
     }
 
     /// Queues chunks for background download without waiting for them; chunks
@@ -414,7 +448,7 @@ impl Fetcher {
             CacheRead::Verified => self.inner.cache.get(&tag),
             CacheRead::ToDecrypt => self.inner.cache.get_to_decrypt(&tag),
         };
-        if let Some(bytes) = cached.map_err(|e| cache_error(tag, &e))? {
+        if let Some(bytes) = cached.map_err(|e| cache_error(tag, e))? {
             self.inner
                 .counters
                 .cache_hits
@@ -477,7 +511,7 @@ impl Fetcher {
 
 /// Where the bytes a reader got came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
+enum Origin {
     /// The local cache.
     Cache,
     /// A download (checked against the tag).
@@ -498,10 +532,10 @@ enum Request {
     Wait(oneshot::Receiver<Result<Bytes, FetchError>>),
 }
 
-fn cache_error(tag: ChunkTag, error: &CacheError) -> FetchError {
+fn cache_error(tag: ChunkTag, error: CacheError) -> FetchError {
     FetchError::Cache {
         tag,
-        message: error.to_string(),
+        source: Arc::new(error),
     }
 }
 
@@ -630,11 +664,11 @@ async fn download_attempts(
                     cache.insert(&tag, &stored, Durability::Refetchable)
                 })
                 .await
-                .map_err(|e| FetchError::Cache {
+                .map_err(|e| FetchError::CacheTask {
                     tag,
-                    message: e.to_string(),
+                    source: Arc::new(e),
                 })?
-                .map_err(|e| cache_error(tag, &e))?;
+                .map_err(|e| cache_error(tag, e))?;
                 inner
                     .counters
                     .fetched_chunks
@@ -671,7 +705,7 @@ async fn download_attempts(
         if !retryable || started.elapsed() + backoff > inner.settings.give_up_after {
             return Err(FetchError::Store {
                 tag,
-                message: error.to_string(),
+                source: Arc::new(error),
             });
         }
         inner.counters.retries.fetch_add(1, Ordering::Relaxed);

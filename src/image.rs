@@ -2,6 +2,12 @@
 //! durable overlay of changes. No FUSE types: the daemon's FUSE adapter
 //! translates requests into these calls and maps [`ImageError`] to errno.
 //!
+//! Files and directories are named by node id ([`Node::id`], the inode number
+//! at the FUSE edge; the root is [`ROOT`]): every operation on an open file
+//! takes its id, and a directory entry is found by (parent id, name). Paths
+//! are for callers that only have paths ([`Image::resolve`], [`Image::files`])
+//! and for the state records and the manifest, which are keyed by path.
+//!
 //! Per file, a chunk index resolves through, in order:
 //! 1. the **write-back buffer** (plaintext chunks written since they were last
 //!    sealed, bounded by `write_back_limit` bytes);
@@ -19,41 +25,47 @@
 //! of the daemon or a power loss; writes not yet fsynced may be lost, as on any
 //! file system. A chunk being sealed stays readable from the buffer until its
 //! overlay entry is committed, and a write during sealing keeps it dirty.
+//! After a failed write of local state the image refuses further writes
+//! ([`ImageError::Poisoned`]) until it is reopened.
 //!
-//! State file (redb): `entries` path → entry record; `overlay` (file id, chunk
-//! index) → chunk record encrypted with a key derived from the parcel key (the
-//! records hold chunk keys, and the cache must be useless without the parcel
-//! key); `meta` counters. After a failed write of local state the image refuses
-//! further writes ([`ImageError::Poisoned`]) until it is reopened.
+//! | file | owns |
+//! |---|---|
+//! | `image/tree.rs` | the node tree: nodes by id, directories' children by name, paths derived |
+//! | `image/records.rs` | the state file (redb): tables, stored records, encrypted overlay records |
+//! | `image/write_back.rs` | the write-back buffer of dirty plaintext chunks |
+//! | [`journal`] | the upload journal (what is in the store since when), [`journal::unix_now`] |
+//! | `image/access.rs` | the access trace (first-read order of stored chunks) |
+//! | `image/decoded.rs` | recently decoded chunks, for small reads |
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+mod access;
+mod decoded;
+pub mod journal;
+mod records;
+mod tree;
+mod write_back;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use std::time::{Duration, Instant, SystemTime};
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-
-use crate::cache::{ChunkCache, Durability};
-use crate::chunk::{self, ChunkEncoder, ChunkError, ChunkKey, ChunkRef, ChunkTag, EncodedChunk};
+use crate::cache::{CacheError, ChunkCache, Durability};
+use crate::chunk::{self, ChunkEncoder, ChunkKey, ChunkRef, ChunkTag, EncodedChunk};
 use crate::error::{Classify, ErrorClass};
-use crate::fetch::{FetchError, Fetcher, Origin, Priority};
+use crate::fetch::{FetchError, Fetcher, Priority};
 use crate::keys::ParcelSecrets;
 use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
 
-const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
-const OVERLAY: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("overlay");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Upload journal: chunk tag → when it was last written to (or found fresh
-/// in) the store, seconds since the Unix epoch; 0 = present, age unknown.
-const UPLOADED: TableDefinition<&[u8], u64> = TableDefinition::new("uploaded");
-/// Access trace: position → chunk tag, in order of first read.
-const TRACE: TableDefinition<u64, &[u8]> = TableDefinition::new("trace");
-const OVERLAY_KEY_CONTEXT: &str = "isr 2026 session overlay records v1";
+use access::AccessTrace;
+use decoded::DecodedChunks;
+use journal::UploadJournal;
+use records::{Change, ChunkSlot, Loaded, StateDb};
+pub use tree::{Node, NodeKind, ROOT};
+use tree::{Tree, join};
+use write_back::{SealScope, Taken, WriteBack};
 
 /// Errors of image operations; the FUSE adapter maps each to one errno.
 #[derive(Debug, thiserror::Error)]
@@ -76,15 +88,30 @@ pub enum ImageError {
     /// Bad path, or an operation that makes no sense (rename into itself).
     #[error("{0}")]
     Invalid(String),
-    /// A chunk could not be fetched.
+    /// A chunk could not be fetched (or what came was not the chunk).
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    /// A chunk failed to decode.
-    #[error(transparent)]
-    Chunk(#[from] ChunkError),
-    /// Local state (redb or the cache) failed; the image now refuses writes.
+    /// The session state file could not be opened or created.
+    #[error("session state {}: {source}", path.display())]
+    OpenState {
+        /// The state file.
+        path: PathBuf,
+        /// Cause.
+        source: redb::DatabaseError,
+    },
+    /// Reading or writing the session state failed; after a failed write the
+    /// image refuses writes.
     #[error("session state: {0}")]
-    State(String),
+    State(#[source] redb::Error),
+    /// A record of the session state is corrupt or from another parcel.
+    #[error("session state: {0}")]
+    CorruptState(String),
+    /// The local cache could not keep a sealed chunk; the image now refuses writes.
+    #[error("session state: {0}")]
+    Cache(#[source] CacheError),
+    /// The chunk encoder could not be set up.
+    #[error("chunk encoder: {0}")]
+    Encoder(#[source] std::io::Error),
     /// The session is being checked in: no more changes.
     #[error("the parcel is being checked in; it is read-only until the checkin ends")]
     Frozen,
@@ -105,173 +132,13 @@ impl Classify for ImageError {
             | ImageError::NotEmpty(_)
             | ImageError::Invalid(_) => ErrorClass::Invalid,
             ImageError::Fetch(e) => e.class(),
-            ImageError::Chunk(e) => e.class(),
-            ImageError::State(_) | ImageError::Poisoned => ErrorClass::Other,
+            ImageError::Cache(e) => e.class(),
+            ImageError::OpenState { .. }
+            | ImageError::State(_)
+            | ImageError::CorruptState(_)
+            | ImageError::Encoder(_)
+            | ImageError::Poisoned => ErrorClass::Other,
         }
-    }
-}
-
-fn state_error(error: impl std::fmt::Display) -> ImageError {
-    ImageError::State(error.to_string())
-}
-
-/// What a tree entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeKind {
-    /// A directory.
-    Directory,
-    /// A regular file.
-    File,
-}
-
-/// The attributes of one entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Node {
-    /// Stable id (inode number), unchanged by rename; the root is 1.
-    pub id: u64,
-    /// Directory or file.
-    pub kind: NodeKind,
-    /// Permission bits.
-    pub mode: u32,
-    /// Modification time.
-    pub mtime: Timestamp,
-    /// Size in bytes (0 for directories).
-    pub size: u64,
-    /// Index of the base manifest file this file started as.
-    base: Option<u64>,
-    /// Base chunks at or past this index are zeros (after truncation).
-    base_limit: u64,
-}
-
-impl Node {
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(54);
-        out.push(match self.kind {
-            NodeKind::Directory => 1,
-            NodeKind::File => 2,
-        });
-        out.extend_from_slice(&self.id.to_le_bytes());
-        out.extend_from_slice(&self.mode.to_le_bytes());
-        out.extend_from_slice(&self.mtime.secs.to_le_bytes());
-        out.extend_from_slice(&self.mtime.nanos.to_le_bytes());
-        out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&self.base.map_or(0, |b| b + 1).to_le_bytes());
-        out.extend_from_slice(&self.base_limit.to_le_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Node> {
-        if bytes.len() != 49 {
-            return None;
-        }
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        let base = u64_at(33);
-        Some(Node {
-            kind: match bytes[0] {
-                1 => NodeKind::Directory,
-                2 => NodeKind::File,
-                _ => return None,
-            },
-            id: u64_at(1),
-            mode: u32::from_le_bytes(bytes[9..13].try_into().expect("4 bytes")),
-            mtime: Timestamp {
-                secs: i64::from_le_bytes(bytes[13..21].try_into().expect("8 bytes")),
-                nanos: u32::from_le_bytes(bytes[21..25].try_into().expect("4 bytes")),
-            },
-            size: u64_at(25),
-            base: base.checked_sub(1),
-            base_limit: u64_at(41),
-        })
-    }
-}
-
-#[derive(Debug)]
-struct Dirty {
-    data: Vec<u8>,
-    generation: u64,
-    /// Last change, for sealing chunks that have been quiet a while.
-    modified: Instant,
-}
-
-/// Which buffered chunks a seal takes.
-#[derive(Debug, Clone, Copy)]
-enum SealScope {
-    All,
-    File(u64),
-    QuietFor(Duration),
-}
-
-impl SealScope {
-    fn takes(self, key: (u64, u64), dirty: &Dirty, now: Instant) -> bool {
-        match self {
-            SealScope::All => true,
-            SealScope::File(id) => key.0 == id,
-            SealScope::QuietFor(quiet) => now.duration_since(dirty.modified) >= quiet,
-        }
-    }
-
-    fn covers_file(self, id: u64) -> bool {
-        match self {
-            SealScope::File(file) => file == id,
-            SealScope::All | SealScope::QuietFor(_) => true,
-        }
-    }
-}
-
-/// The order in which this session first read each stored chunk.
-#[derive(Debug, Default)]
-struct AccessTrace {
-    seen: HashSet<ChunkTag>,
-    order: Vec<ChunkTag>,
-    persisted: usize,
-}
-
-#[derive(Debug, Default)]
-struct WriteBack {
-    chunks: HashMap<(u64, u64), Dirty>,
-    bytes: u64,
-    generation: u64,
-}
-
-/// Recently decoded stored chunks (plaintext, by tag), so small reads do not
-/// decrypt a whole chunk each time. Tags name immutable content, so an entry
-/// can never be stale. Bounded by [`ImageOptions::decoded_cache_chunks`].
-#[derive(Debug, Default)]
-struct DecodedChunks {
-    entries: HashMap<ChunkTag, (Bytes, u64)>,
-    clock: u64,
-}
-
-impl DecodedChunks {
-    fn contains(&self, tag: &ChunkTag) -> bool {
-        self.entries.contains_key(tag)
-    }
-
-    fn get(&mut self, tag: &ChunkTag) -> Option<Bytes> {
-        self.clock += 1;
-        let now = self.clock;
-        self.entries.get_mut(tag).map(|(data, last_use)| {
-            *last_use = now;
-            data.clone()
-        })
-    }
-
-    fn insert(&mut self, tag: ChunkTag, data: Bytes, capacity: usize) {
-        if capacity == 0 {
-            return;
-        }
-        if self.entries.len() >= capacity {
-            if let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(t, _)| *t)
-            {
-                self.entries.remove(&oldest);
-            }
-        }
-        self.clock += 1;
-        self.entries.insert(tag, (data, self.clock));
     }
 }
 
@@ -300,11 +167,10 @@ impl Default for ImageOptions {
 pub struct Image {
     chunk_size: u64,
     secrets: ParcelSecrets,
-    overlay_key: zeroize::Zeroizing<[u8; 32]>,
     base_files: Vec<Vec<ChunkRef>>,
-    db: redb::Database,
-    tree: RwLock<BTreeMap<String, Node>>,
-    overlay: RwLock<HashMap<(u64, u64), ChunkRef>>,
+    state: StateDb,
+    tree: RwLock<Tree>,
+    overlay: RwLock<HashMap<ChunkSlot, ChunkRef>>,
     buffer: Mutex<WriteBack>,
     /// Serialises sealing, so a chunk is never sealed twice at once.
     sealing: Mutex<()>,
@@ -318,10 +184,7 @@ pub struct Image {
     gate: RwLock<()>,
     /// Set for the end of a checkin: changes fail with [`ImageError::Frozen`].
     frozen: AtomicBool,
-    /// When each chunk of the overlay was sealed (since the image was opened).
-    sealed_at: Mutex<HashMap<ChunkTag, Instant>>,
-    /// The upload journal (mirror of the `uploaded` table).
-    uploaded: Mutex<HashMap<ChunkTag, u64>>,
+    journal: Mutex<UploadJournal>,
     trace: Mutex<AccessTrace>,
 }
 
@@ -333,8 +196,34 @@ impl std::fmt::Debug for Image {
     }
 }
 
-fn parent_of(path: &str) -> &str {
-    path.rsplit_once('/').map_or("", |(parent, _)| parent)
+/// How node `id` is named in messages: its path, or its number once gone.
+fn describe(tree: &Tree, id: u64) -> String {
+    tree.path_of(id).unwrap_or_else(|| format!("inode {id}"))
+}
+
+/// How `name` in directory `parent` is named in messages.
+fn describe_child(tree: &Tree, parent: u64, name: &str) -> String {
+    tree.path_of(parent)
+        .map_or_else(|| name.to_owned(), |p| join(&p, name))
+}
+
+/// Where chunk `index` of `node` comes from, short of the write-back buffer.
+fn committed_chunk(
+    overlay: &HashMap<ChunkSlot, ChunkRef>,
+    base_files: &[Vec<ChunkRef>],
+    node: &Node,
+    index: u64,
+) -> ChunkRef {
+    if let Some(chunk) = overlay.get(&(node.id, index)) {
+        return chunk.clone();
+    }
+    match node.base {
+        Some(base) if index < node.base_limit => base_files[base as usize]
+            .get(index as usize)
+            .cloned()
+            .unwrap_or(ChunkRef::Zero),
+        _ => ChunkRef::Zero,
+    }
 }
 
 impl Image {
@@ -349,22 +238,16 @@ impl Image {
         cache: Arc<ChunkCache>,
         options: ImageOptions,
     ) -> Result<Image, ImageError> {
-        let db = redb::Database::create(state).map_err(state_error)?;
-        let overlay_key = zeroize::Zeroizing::new(blake3::derive_key(
-            OVERLAY_KEY_CONTEXT,
-            secrets.parcel_key.as_bytes(),
-        ));
-        let base_files: Vec<Vec<ChunkRef>> =
-            base.files().map(|(_, _, chunks)| chunks.to_vec()).collect();
+        let state = StateDb::open(state, &secrets)?;
+        let chunk_size = u64::from(base.chunk_size);
         let image = Image {
-            chunk_size: u64::from(base.chunk_size),
+            chunk_size,
             secrets,
-            overlay_key,
-            base_files,
-            db,
-            tree: RwLock::new(BTreeMap::new()),
+            base_files: base.files().map(|(_, _, chunks)| chunks.to_vec()).collect(),
+            state,
+            tree: RwLock::new(Tree::new()),
             overlay: RwLock::new(HashMap::new()),
-            buffer: Mutex::new(WriteBack::default()),
+            buffer: Mutex::new(WriteBack::new(chunk_size)),
             sealing: Mutex::new(()),
             fetcher,
             cache,
@@ -374,81 +257,39 @@ impl Image {
             poisoned: AtomicBool::new(false),
             gate: RwLock::new(()),
             frozen: AtomicBool::new(false),
-            sealed_at: Mutex::new(HashMap::new()),
-            uploaded: Mutex::new(HashMap::new()),
+            journal: Mutex::new(UploadJournal::default()),
             trace: Mutex::new(AccessTrace::default()),
         };
-        if !image.load()? {
-            image.initialise(base)?;
+        match image.state.load()? {
+            Some(loaded) => image.resume(loaded)?,
+            None => image.initialise(base)?,
         }
         Ok(image)
     }
 
-    /// Loads existing state; false if the state file is new.
-    fn load(&self) -> Result<bool, ImageError> {
-        let read = self.db.begin_read().map_err(state_error)?;
-        let Ok(meta) = read.open_table(META) else {
-            return Ok(false);
-        };
-        let next_id = meta.get("next_id").map_err(state_error)?.map(|v| v.value());
-        let Some(next_id) = next_id else {
-            return Ok(false);
-        };
-        self.next_id.store(next_id, Ordering::SeqCst);
+    /// Takes over the state of an existing state file.
+    fn resume(&self, loaded: Loaded) -> Result<(), ImageError> {
+        self.next_id.store(loaded.next_id, Ordering::SeqCst);
         let mut tree = self.tree.write().expect("tree lock");
-        for item in read
-            .open_table(ENTRIES)
-            .map_err(state_error)?
-            .iter()
-            .map_err(state_error)?
-        {
-            let (path, record) = item.map_err(state_error)?;
-            let node = Node::decode(record.value()).ok_or_else(|| {
-                ImageError::State(format!("corrupt entry record for {}", path.value()))
-            })?;
-            tree.insert(path.value().to_owned(), node);
+        for (path, node) in loaded.entries {
+            if !tree.insert_at(&path, node) {
+                return Err(ImageError::CorruptState(format!(
+                    "entry record for {path} has no parent directory"
+                )));
+            }
         }
         let mut overlay = self.overlay.write().expect("overlay lock");
-        for item in read
-            .open_table(OVERLAY)
-            .map_err(state_error)?
-            .iter()
-            .map_err(state_error)?
-        {
-            let (key, record) = item.map_err(state_error)?;
-            let key = key.value();
-            overlay.insert(key, self.open_record(key, record.value())?);
-        }
+        overlay.extend(loaded.overlay);
         let stored: Vec<ChunkTag> = overlay.values().filter_map(ChunkRef::tag).collect();
         self.cache.pin(stored.iter());
-        let now = Instant::now();
-        self.sealed_at
-            .lock()
-            .expect("sealed_at lock")
-            .extend(stored.iter().map(|tag| (*tag, now)));
-        let corrupt = |what: &str| ImageError::State(format!("corrupt {what} record"));
-        if let Ok(table) = read.open_table(UPLOADED) {
-            let mut uploaded = self.uploaded.lock().expect("uploaded lock");
-            for item in table.iter().map_err(state_error)? {
-                let (tag, at) = item.map_err(state_error)?;
-                let tag = ChunkTag(tag.value().try_into().map_err(|_| corrupt("upload"))?);
-                uploaded.insert(tag, at.value());
-            }
-        }
-        if let Ok(table) = read.open_table(TRACE) {
-            let mut trace = self.trace.lock().expect("trace lock");
-            for item in table.iter().map_err(state_error)? {
-                let (_, tag) = item.map_err(state_error)?;
-                let tag = ChunkTag(tag.value().try_into().map_err(|_| corrupt("trace"))?);
-                if trace.seen.insert(tag) {
-                    trace.order.push(tag);
-                }
-            }
-            trace.persisted = trace.order.len();
-        }
-        Ok(true)
+        let mut journal = self.journal.lock().expect("journal lock");
+        journal.sealed(stored, Instant::now());
+        journal.uploaded(loaded.uploaded);
+        *self.trace.lock().expect("trace lock") = AccessTrace::resumed(loaded.trace);
+        Ok(())
     }
 
+    /// Builds the tree of a new session from its base version.
     fn initialise(&self, base: &Manifest) -> Result<(), ImageError> {
         let mut tree = self.tree.write().expect("tree lock");
         let mut base_index = 0u64;
@@ -478,92 +319,15 @@ impl Image {
                     node
                 }
             };
-            tree.insert(entry.path.clone(), node);
-        }
-        let write = self.db.begin_write().map_err(state_error)?;
-        {
-            let mut entries = write.open_table(ENTRIES).map_err(state_error)?;
-            for (path, node) in tree.iter() {
-                entries
-                    .insert(path.as_str(), node.encode().as_slice())
-                    .map_err(state_error)?;
-            }
-            write.open_table(OVERLAY).map_err(state_error)?;
-            write.open_table(UPLOADED).map_err(state_error)?;
-            write.open_table(TRACE).map_err(state_error)?;
-            let mut meta = write.open_table(META).map_err(state_error)?;
-            meta.insert("next_id", self.next_id.load(Ordering::SeqCst))
-                .map_err(state_error)?;
-        }
-        write.commit().map_err(state_error)
-    }
-
-    fn seal_record(&self, key: (u64, u64), chunk: &ChunkRef) -> Vec<u8> {
-        let mut plain = Vec::with_capacity(69);
-        match chunk {
-            ChunkRef::Zero => plain.push(1),
-            ChunkRef::Stored {
-                tag,
-                key,
-                stored_len,
-            } => {
-                plain.push(0);
-                plain.extend_from_slice(&tag.0);
-                plain.extend_from_slice(key.as_bytes());
-                plain.extend_from_slice(&stored_len.to_le_bytes());
+            if !tree.insert_at(&entry.path, node) {
+                return Err(ImageError::Invalid(format!(
+                    "{}: the base version lists it twice or without its directory",
+                    entry.path
+                )));
             }
         }
-        let plain = zeroize::Zeroizing::new(plain);
-        let nonce: [u8; 24] = rand::random();
-        let aad = [key.0.to_le_bytes(), key.1.to_le_bytes()].concat();
-        let cipher = XChaCha20Poly1305::new(&Key::from(*self.overlay_key));
-        let mut out = nonce.to_vec();
-        out.extend(
-            cipher
-                .encrypt(
-                    &XNonce::from(nonce),
-                    Payload {
-                        msg: &plain,
-                        aad: &aad,
-                    },
-                )
-                .expect("encryption of a small record cannot fail"),
-        );
-        out
-    }
-
-    fn open_record(&self, key: (u64, u64), record: &[u8]) -> Result<ChunkRef, ImageError> {
-        let corrupt = || {
-            ImageError::State(format!(
-                "overlay record {key:?} is corrupt or from another parcel"
-            ))
-        };
-        if record.len() < 24 {
-            return Err(corrupt());
-        }
-        let aad = [key.0.to_le_bytes(), key.1.to_le_bytes()].concat();
-        let cipher = XChaCha20Poly1305::new(&Key::from(*self.overlay_key));
-        let nonce: [u8; 24] = record[..24].try_into().expect("24 bytes");
-        let plain = zeroize::Zeroizing::new(
-            cipher
-                .decrypt(
-                    &XNonce::from(nonce),
-                    Payload {
-                        msg: &record[24..],
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| corrupt())?,
-        );
-        match (plain.first(), plain.len()) {
-            (Some(1), 1) => Ok(ChunkRef::Zero),
-            (Some(0), 69) => Ok(ChunkRef::Stored {
-                tag: ChunkTag(plain[1..33].try_into().expect("32 bytes")),
-                key: ChunkKey::from_bytes(plain[33..65].try_into().expect("32 bytes")),
-                stored_len: u32::from_le_bytes(plain[65..69].try_into().expect("4 bytes")),
-            }),
-            _ => Err(corrupt()),
-        }
+        self.state
+            .initialise(&tree.all(), self.next_id.load(Ordering::SeqCst))
     }
 
     fn check_writable(&self) -> Result<(), ImageError> {
@@ -592,82 +356,61 @@ impl Image {
         Err(error)
     }
 
-    /// The entry at `path` ("" is the root directory).
-    pub fn lookup(&self, path: &str) -> Result<Node, ImageError> {
-        if path.is_empty() {
-            return Ok(Node {
-                id: 1,
-                kind: NodeKind::Directory,
-                mode: 0o755,
-                mtime: Timestamp::default(),
-                size: 0,
-                base: None,
-                base_limit: 0,
-            });
-        }
+    /// The node with id `id` ([`ROOT`] is the root directory).
+    pub fn node(&self, id: u64) -> Result<Node, ImageError> {
         self.tree
             .read()
             .expect("tree lock")
-            .get(path)
-            .copied()
+            .get(id)
+            .ok_or_else(|| ImageError::NotFound(format!("inode {id}")))
+    }
+
+    /// The entry `name` in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Node, ImageError> {
+        let tree = self.tree.read().expect("tree lock");
+        tree.child(parent, name)
+            .and_then(|id| tree.get(id))
+            .ok_or_else(|| ImageError::NotFound(describe_child(&tree, parent, name)))
+    }
+
+    /// The entry at `path` ("" is the root directory), for callers that name
+    /// files by path; one step per path component.
+    pub fn resolve(&self, path: &str) -> Result<Node, ImageError> {
+        let tree = self.tree.read().expect("tree lock");
+        tree.resolve(path)
+            .and_then(|id| tree.get(id))
             .ok_or_else(|| ImageError::NotFound(path.to_owned()))
     }
 
-    /// The path of the entry with id `id` ("" for the root, 1).
-    pub fn path_of(&self, id: u64) -> Option<String> {
-        if id == 1 {
-            return Some(String::new());
-        }
+    /// The entries directly inside directory `dir`, as (name, node), by name.
+    pub fn list(&self, dir: u64) -> Result<Vec<(String, Node)>, ImageError> {
         let tree = self.tree.read().expect("tree lock");
-        tree.iter()
-            .find(|(_, node)| node.id == id)
-            .map(|(path, _)| path.clone())
-    }
-
-    /// The entries directly inside directory `path`, as (name, node), by name.
-    pub fn list(&self, path: &str) -> Result<Vec<(String, Node)>, ImageError> {
-        if self.lookup(path)?.kind != NodeKind::Directory {
-            return Err(ImageError::NotDirectory(path.to_owned()));
+        if tree.get(dir).is_none() {
+            return Err(ImageError::NotFound(format!("inode {dir}")));
         }
-        let tree = self.tree.read().expect("tree lock");
-        let prefix = if path.is_empty() {
-            String::new()
-        } else {
-            format!("{path}/")
-        };
-        Ok(tree
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .filter(|(p, _)| !p[prefix.len()..].contains('/'))
-            .map(|(p, node)| (p[prefix.len()..].to_owned(), *node))
+        let children = tree
+            .children(dir)
+            .ok_or_else(|| ImageError::NotDirectory(describe(&tree, dir)))?;
+        Ok(children
+            .iter()
+            .filter_map(|(name, id)| Some((name.clone(), tree.get(*id)?)))
             .collect())
     }
 
-    fn file(&self, path: &str) -> Result<Node, ImageError> {
-        let node = self.lookup(path)?;
-        match node.kind {
-            NodeKind::File => Ok(node),
-            NodeKind::Directory => Err(ImageError::IsDirectory(path.to_owned())),
+    /// The file with id `id` (an error for a directory).
+    fn file(&self, id: u64) -> Result<Node, ImageError> {
+        let tree = self.tree.read().expect("tree lock");
+        match tree.get(id) {
+            Some(node) if node.kind == NodeKind::File => Ok(node),
+            Some(_) => Err(ImageError::IsDirectory(describe(&tree, id))),
+            None => Err(ImageError::NotFound(format!("inode {id}"))),
         }
     }
 
     /// Where chunk `index` of `node` comes from, short of the write-back buffer.
     fn committed_chunk(&self, node: &Node, index: u64) -> ChunkRef {
-        if let Some(chunk) = self
-            .overlay
-            .read()
-            .expect("overlay lock")
-            .get(&(node.id, index))
-        {
-            return chunk.clone();
-        }
-        match node.base {
-            Some(base) if index < node.base_limit => self.base_files[base as usize]
-                .get(index as usize)
-                .cloned()
-                .unwrap_or(ChunkRef::Zero),
-            _ => ChunkRef::Zero,
-        }
+        let overlay = self.overlay.read().expect("overlay lock");
+        committed_chunk(&overlay, &self.base_files, node, index)
     }
 
     /// Plaintext of a stored chunk, from the decoded-chunk cache or fetched
@@ -681,28 +424,10 @@ impl Image {
         if let Some(data) = self.decoded.lock().expect("decoded lock").get(&tag) {
             return Ok(data);
         }
-        {
-            let mut trace = self.trace.lock().expect("trace lock");
-            if trace.seen.insert(tag) {
-                trace.order.push(tag);
-            }
-        }
-        // A cached chunk was checked against its tag when it entered the
-        // cache, so it is only decrypted (the AEAD check finds any damage
-        // since); a downloaded one arrives checked against its tag.
-        let (stored, origin) = self.fetcher.fetch_to_decrypt_blocking(tag, priority)?;
-        let secret = &self.secrets.dedup_secret;
-        let data = match origin {
-            Origin::Cache => match chunk::decrypt_cached(tag, key, stored) {
-                Ok(data) => data,
-                Err(_) => {
-                    self.fetcher.drop_damaged(tag)?;
-                    let stored = self.fetcher.fetch_blocking(tag, priority)?;
-                    chunk::decode_verified(secret, tag, key, stored)?
-                }
-            },
-            Origin::Store => chunk::decode_verified(secret, tag, key, stored)?,
-        };
+        self.trace.lock().expect("trace lock").read(tag);
+        let data =
+            self.fetcher
+                .plaintext_blocking(tag, key, &self.secrets.dedup_secret, priority)?;
         self.decoded.lock().expect("decoded lock").insert(
             tag,
             data.clone(),
@@ -723,9 +448,9 @@ impl Image {
         Ok(data)
     }
 
-    /// Reads up to `len` bytes at `offset` (short at end of file).
-    pub fn read(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, ImageError> {
-        let node = self.file(path)?;
+    /// Reads up to `len` bytes at `offset` of file `id` (short at end of file).
+    pub fn read(&self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, ImageError> {
+        let node = self.file(id)?;
         let end = node.size.min(offset.saturating_add(len as u64));
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         if end > offset && (end - 1) / self.chunk_size > offset / self.chunk_size {
@@ -739,13 +464,11 @@ impl Image {
             let index = position / self.chunk_size;
             let within = (position % self.chunk_size) as usize;
             let take = ((self.chunk_size - within as u64).min(end - position)) as usize;
-            let buffered = {
-                let buffer = self.buffer.lock().expect("buffer lock");
-                buffer
-                    .chunks
-                    .get(&(node.id, index))
-                    .map(|d| d.data[within..within + take].to_vec())
-            };
+            let buffered =
+                self.buffer
+                    .lock()
+                    .expect("buffer lock")
+                    .read(&(node.id, index), within, take);
             match buffered {
                 Some(bytes) => out.extend_from_slice(&bytes),
                 None => {
@@ -774,18 +497,19 @@ impl Image {
     fn advise_will_need(&self, node: &Node, chunks: std::ops::RangeInclusive<u64>) {
         let wanted: Vec<ChunkTag> = {
             let decoded = self.decoded.lock().expect("decoded lock");
+            let overlay = self.overlay.read().expect("overlay lock");
             chunks
-                .filter_map(|index| self.committed_chunk(node, index).tag())
+                .filter_map(|index| committed_chunk(&overlay, &self.base_files, node, index).tag())
                 .filter(|tag| !decoded.contains(tag))
                 .collect()
         };
         self.fetcher.advise_will_need(wanted);
     }
 
-    /// Writes `data` at `offset`, extending the file if needed.
-    pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> Result<usize, ImageError> {
+    /// Writes `data` at `offset` of file `id`, extending the file if needed.
+    pub fn write(&self, id: u64, offset: u64, data: &[u8]) -> Result<usize, ImageError> {
         let _change = self.begin_change()?;
-        let node = self.file(path)?;
+        let node = self.file(id)?;
         let mut position = offset;
         let mut written = 0usize;
         while written < data.len() {
@@ -798,7 +522,7 @@ impl Image {
             position += take as u64;
             written += take;
         }
-        self.update_node(path, |n| {
+        self.update_node(id, |n| {
             n.size = n.size.max(offset + data.len() as u64);
             n.mtime = Timestamp::now();
         })?;
@@ -814,72 +538,40 @@ impl Image {
         index: u64,
         change: impl FnOnce(&mut [u8]),
     ) -> Result<(), ImageError> {
-        let key = (node.id, index);
+        let slot = (node.id, index);
         let mut loaded: Option<Vec<u8>> = None;
+        let mut change = change;
         loop {
-            let mut buffer = self.buffer.lock().expect("buffer lock");
-            buffer.generation += 1;
-            let generation = buffer.generation;
-            if let Some(dirty) = buffer.chunks.get_mut(&key) {
-                dirty.generation = generation;
-                dirty.modified = Instant::now();
-                change(&mut dirty.data);
-                return Ok(());
+            let applied =
+                self.buffer
+                    .lock()
+                    .expect("buffer lock")
+                    .modify(slot, &mut loaded, change);
+            match applied {
+                Ok(()) => return Ok(()),
+                Err(unapplied) => change = unapplied,
             }
-            if let Some(data) = loaded.take() {
-                buffer.bytes += self.chunk_size;
-                let dirty = buffer.chunks.entry(key).or_insert(Dirty {
-                    data,
-                    generation,
-                    modified: Instant::now(),
-                });
-                change(&mut dirty.data);
-                return Ok(());
-            }
-            drop(buffer);
             loaded = Some(self.load_chunk(&self.committed_chunk(node, index), Priority::Demand)?);
         }
     }
 
-    /// Replaces chunk `index` of `node` with zeros in the buffer, without reading it.
-    fn zero_chunk(&self, node: &Node, index: u64) {
-        let mut buffer = self.buffer.lock().expect("buffer lock");
-        buffer.generation += 1;
-        let generation = buffer.generation;
-        let data = vec![0u8; self.chunk_size as usize];
-        if buffer
-            .chunks
-            .insert(
-                (node.id, index),
-                Dirty {
-                    data,
-                    generation,
-                    modified: Instant::now(),
-                },
-            )
-            .is_none()
-        {
-            buffer.bytes += self.chunk_size;
-        }
-    }
-
-    fn update_node(&self, path: &str, change: impl FnOnce(&mut Node)) -> Result<Node, ImageError> {
+    fn update_node(&self, id: u64, change: impl FnOnce(&mut Node)) -> Result<Node, ImageError> {
         let mut tree = self.tree.write().expect("tree lock");
-        let node = tree
-            .get_mut(path)
-            .ok_or_else(|| ImageError::NotFound(path.to_owned()))?;
+        let Some(node) = tree.get_mut(id) else {
+            return Err(ImageError::NotFound(describe(&tree, id)));
+        };
         change(node);
         Ok(*node)
     }
 
     fn evict_if_full(&self) -> Result<(), ImageError> {
-        let over = self.buffer.lock().expect("buffer lock").bytes > self.options.write_back_limit;
+        let over = self.buffer.lock().expect("buffer lock").bytes() > self.options.write_back_limit;
         if over { self.flush_all() } else { Ok(()) }
     }
 
-    /// Makes every write to `path` so far durable (the file's `fsync`).
-    pub fn fsync(&self, path: &str) -> Result<(), ImageError> {
-        let node = self.lookup(path)?;
+    /// Makes every write to `id` so far durable (the file's `fsync`).
+    pub fn fsync(&self, id: u64) -> Result<(), ImageError> {
+        let node = self.node(id)?;
         self.seal(SealScope::File(node.id), &[])
     }
 
@@ -891,14 +583,7 @@ impl Image {
     /// Seals the buffered chunks nobody has changed for `quiet` (the
     /// trickle uploader's timer), so they can be uploaded.
     pub fn seal_quiet(&self, quiet: Duration) -> Result<(), ImageError> {
-        let any_quiet = {
-            let buffer = self.buffer.lock().expect("buffer lock");
-            let now = Instant::now();
-            buffer
-                .chunks
-                .values()
-                .any(|dirty| now.duration_since(dirty.modified) >= quiet)
-        };
+        let any_quiet = self.buffer.lock().expect("buffer lock").any_quiet(quiet);
         if any_quiet {
             self.seal(SealScope::QuietFor(quiet), &[])
         } else {
@@ -906,27 +591,32 @@ impl Image {
         }
     }
 
-    /// Seals the dirty chunks of file `id` (or all), then commits their overlay
+    /// The entry records a seal of `scope` writes: the file's own, or all.
+    fn entries_of(&self, scope: SealScope) -> Vec<(String, Node)> {
+        let tree = self.tree.read().expect("tree lock");
+        match scope {
+            SealScope::File(id) => tree.entry(id).into_iter().collect(),
+            SealScope::All | SealScope::QuietFor(_) => tree.all(),
+        }
+    }
+
+    /// Seals the dirty chunks of `scope`, then commits their overlay
     /// entries, the removal of `dropped` overlay entries and the entry records
     /// in one transaction.
-    fn seal(&self, scope: SealScope, dropped: &[(u64, u64)]) -> Result<(), ImageError> {
+    fn seal(&self, scope: SealScope, dropped: &[ChunkSlot]) -> Result<(), ImageError> {
         self.check_writable()?;
         let _sealing = self.sealing.lock().expect("sealing lock");
-        let now = Instant::now();
-        let snapshot: Vec<((u64, u64), Vec<u8>, u64)> = {
-            let buffer = self.buffer.lock().expect("buffer lock");
-            buffer
-                .chunks
-                .iter()
-                .filter(|(key, dirty)| scope.takes(**key, dirty, now))
-                .map(|(key, dirty)| (*key, dirty.data.clone(), dirty.generation))
-                .collect()
-        };
-        let mut sealed = Vec::with_capacity(snapshot.len());
+        let taken = self.buffer.lock().expect("buffer lock").take(scope);
+        let mut sealed = Vec::with_capacity(taken.len());
         let mut encoder =
             ChunkEncoder::new(self.secrets.dedup_secret.clone(), self.options.zstd_level)
-                .map_err(state_error)?;
-        for (key, data, generation) in snapshot {
+                .map_err(ImageError::Encoder)?;
+        for Taken {
+            slot,
+            data,
+            generation,
+        } in taken
+        {
             let encoded = encoder.encode(&data);
             if let EncodedChunk::Stored {
                 chunk: ChunkRef::Stored { tag, .. },
@@ -934,62 +624,37 @@ impl Image {
             } = &encoded
             {
                 if let Err(e) = self.cache.insert(tag, stored, Durability::Durable) {
-                    return self.poison(state_error(e));
+                    return self.poison(ImageError::Cache(e));
                 }
                 self.cache.pin([tag]);
             }
-            sealed.push((key, encoded.chunk_ref(), generation));
+            sealed.push((slot, encoded.chunk_ref(), generation));
         }
-        let tree = self.tree.read().expect("tree lock").clone();
-        let commit = || -> Result<(), redb::Error> {
-            let write = self.db.begin_write()?;
-            {
-                let mut overlay = write.open_table(OVERLAY)?;
-                for key in dropped {
-                    overlay.remove(*key)?;
-                }
-                for (key, chunk, _) in &sealed {
-                    overlay.insert(*key, self.seal_record(*key, chunk).as_slice())?;
-                }
-                let mut entries = write.open_table(ENTRIES)?;
-                for (path, node) in &tree {
-                    if scope.covers_file(node.id) {
-                        entries.insert(path.as_str(), node.encode().as_slice())?;
-                    }
-                }
-            }
-            write.commit()?;
-            Ok(())
+        let change = Change {
+            dropped,
+            sealed: sealed
+                .iter()
+                .map(|(slot, chunk, _)| (*slot, chunk.clone()))
+                .collect(),
+            entries: self.entries_of(scope),
+            ..Change::default()
         };
-        if let Err(e) = commit() {
-            return self.poison(state_error(e));
+        if let Err(e) = self.state.commit(&change) {
+            return self.poison(e);
         }
         let mut overlay = self.overlay.write().expect("overlay lock");
         let mut buffer = self.buffer.lock().expect("buffer lock");
         let mut superseded = Vec::new();
-        {
-            let mut sealed_at = self.sealed_at.lock().expect("sealed_at lock");
-            let now = Instant::now();
-            sealed_at.extend(
-                sealed
-                    .iter()
-                    .filter_map(|(_, c, _)| c.tag())
-                    .map(|t| (t, now)),
-            );
-        }
-        for (key, chunk, generation) in sealed {
-            if let Some(old) = overlay.insert(key, chunk).and_then(|c| c.tag()) {
+        self.journal.lock().expect("journal lock").sealed(
+            sealed.iter().filter_map(|(_, c, _)| c.tag()),
+            Instant::now(),
+        );
+        for (slot, chunk, generation) in sealed {
+            if let Some(old) = overlay.insert(slot, chunk).and_then(|c| c.tag()) {
                 self.cache.unpin([&old]);
                 superseded.push(old);
             }
-            if buffer
-                .chunks
-                .get(&key)
-                .is_some_and(|d| d.generation == generation)
-            {
-                buffer.chunks.remove(&key);
-                buffer.bytes -= self.chunk_size;
-            }
+            buffer.settle(slot, generation);
         }
         drop((overlay, buffer));
         // Earlier versions of rewritten chunks: only this session had them
@@ -1000,66 +665,66 @@ impl Image {
         Ok(())
     }
 
-    /// Persists the current tree records (after a metadata change).
+    /// Persists a change of the tree: removes the entry records at
+    /// `removed`, writes those of the nodes `changed` as they are now (paths
+    /// included), drops `dropped` overlay entries, and records the id counter.
     fn persist_tree_change(
         &self,
-        removed: &[String],
-        changed: &[String],
-        dropped: &[(u64, u64)],
+        removed: Vec<String>,
+        changed: &[u64],
+        dropped: &[ChunkSlot],
     ) -> Result<(), ImageError> {
         self.check_writable()?;
-        let tree = self.tree.read().expect("tree lock").clone();
-        let commit = || -> Result<(), redb::Error> {
-            let write = self.db.begin_write()?;
-            {
-                let mut overlay = write.open_table(OVERLAY)?;
-                for key in dropped {
-                    overlay.remove(*key)?;
-                }
-                let mut entries = write.open_table(ENTRIES)?;
-                for path in removed {
-                    entries.remove(path.as_str())?;
-                }
-                for path in changed {
-                    if let Some(node) = tree.get(path) {
-                        entries.insert(path.as_str(), node.encode().as_slice())?;
-                    }
-                }
-                let mut meta = write.open_table(META)?;
-                meta.insert("next_id", self.next_id.load(Ordering::SeqCst))?;
-            }
-            write.commit()?;
-            Ok(())
+        let entries = {
+            let tree = self.tree.read().expect("tree lock");
+            changed.iter().filter_map(|id| tree.entry(*id)).collect()
         };
-        match commit() {
+        let change = Change {
+            dropped,
+            removed,
+            entries,
+            next_id: Some(self.next_id.load(Ordering::SeqCst)),
+            ..Change::default()
+        };
+        match self.state.commit(&change) {
             Ok(()) => Ok(()),
-            Err(e) => self.poison(state_error(e)),
+            Err(e) => self.poison(e),
         }
     }
 
-    fn check_new_path(&self, tree: &BTreeMap<String, Node>, path: &str) -> Result<(), ImageError> {
-        validate_path(path).map_err(ImageError::Invalid)?;
-        if tree.contains_key(path) {
-            return Err(ImageError::Exists(path.to_owned()));
+    /// The path `name` would have in directory `parent`, if it can be
+    /// created there: a valid path, free, in an existing directory.
+    fn check_new(&self, tree: &Tree, parent: u64, name: &str) -> Result<String, ImageError> {
+        let Some(parent_path) = tree.path_of(parent) else {
+            return Err(ImageError::NotFound(format!("inode {parent}")));
+        };
+        let path = join(&parent_path, name);
+        validate_path(&path).map_err(ImageError::Invalid)?;
+        if name.contains('/') {
+            return Err(ImageError::Invalid(format!(
+                "{name:?} is not a name: it has a slash"
+            )));
         }
-        let parent = parent_of(path);
-        if !parent.is_empty() {
-            match tree.get(parent) {
-                None => return Err(ImageError::NotFound(parent.to_owned())),
-                Some(node) if node.kind != NodeKind::Directory => {
-                    return Err(ImageError::NotDirectory(parent.to_owned()));
-                }
-                Some(_) => {}
-            }
+        if tree.child(parent, name).is_some() {
+            return Err(ImageError::Exists(path));
         }
-        Ok(())
+        if tree.children(parent).is_none() {
+            return Err(ImageError::NotDirectory(parent_path));
+        }
+        Ok(path)
     }
 
-    fn create_node(&self, path: &str, kind: NodeKind, mode: u32) -> Result<Node, ImageError> {
+    fn create_node(
+        &self,
+        parent: u64,
+        name: &str,
+        kind: NodeKind,
+        mode: u32,
+    ) -> Result<Node, ImageError> {
         let _change = self.begin_change()?;
         let node = {
             let mut tree = self.tree.write().expect("tree lock");
-            self.check_new_path(&tree, path)?;
+            self.check_new(&tree, parent, name)?;
             let node = Node {
                 id: self.next_id.fetch_add(1, Ordering::SeqCst),
                 kind,
@@ -1069,43 +734,39 @@ impl Image {
                 base: None,
                 base_limit: 0,
             };
-            tree.insert(path.to_owned(), node);
+            tree.insert(parent, name, node);
             node
         };
-        self.persist_tree_change(&[], &[path.to_owned()], &[])?;
+        self.persist_tree_change(Vec::new(), &[node.id], &[])?;
         Ok(node)
     }
 
-    /// Creates an empty file.
-    pub fn create_file(&self, path: &str, mode: u32) -> Result<Node, ImageError> {
-        self.create_node(path, NodeKind::File, mode)
+    /// Creates an empty file `name` in directory `parent`.
+    pub fn create_file(&self, parent: u64, name: &str, mode: u32) -> Result<Node, ImageError> {
+        self.create_node(parent, name, NodeKind::File, mode)
     }
 
-    /// Creates a directory.
-    pub fn mkdir(&self, path: &str, mode: u32) -> Result<Node, ImageError> {
-        self.create_node(path, NodeKind::Directory, mode)
+    /// Creates a directory `name` in directory `parent`.
+    pub fn mkdir(&self, parent: u64, name: &str, mode: u32) -> Result<Node, ImageError> {
+        self.create_node(parent, name, NodeKind::Directory, mode)
     }
 
     /// Forgets the buffered and sealed chunks of file `id` (beyond chunk
     /// `keep - 1`; all with 0); returns the overlay keys to delete durably.
-    fn drop_chunks(&self, id: u64, keep: u64) -> Vec<(u64, u64)> {
-        let mut buffer = self.buffer.lock().expect("buffer lock");
-        let before = buffer.chunks.len();
-        buffer
-            .chunks
-            .retain(|(file, index), _| *file != id || *index < keep);
-        let removed = (before - buffer.chunks.len()) as u64;
-        buffer.bytes -= removed * self.chunk_size;
-        drop(buffer);
+    fn drop_chunks(&self, id: u64, keep: u64) -> Vec<ChunkSlot> {
+        self.buffer
+            .lock()
+            .expect("buffer lock")
+            .drop_file_from(id, keep);
         let mut overlay = self.overlay.write().expect("overlay lock");
-        let dropped: Vec<(u64, u64)> = overlay
+        let dropped: Vec<ChunkSlot> = overlay
             .keys()
             .filter(|(file, index)| *file == id && *index >= keep)
             .copied()
             .collect();
         let mut unreferenced = Vec::new();
-        for key in &dropped {
-            if let Some(tag) = overlay.remove(key).and_then(|c| c.tag()) {
+        for slot in &dropped {
+            if let Some(tag) = overlay.remove(slot).and_then(|c| c.tag()) {
                 self.cache.unpin([&tag]);
                 unreferenced.push(tag);
             }
@@ -1117,99 +778,133 @@ impl Image {
         dropped
     }
 
-    /// Removes a file.
-    pub fn unlink(&self, path: &str) -> Result<(), ImageError> {
+    /// Removes file `name` from directory `parent`.
+    pub fn unlink(&self, parent: u64, name: &str) -> Result<(), ImageError> {
         let _change = self.begin_change()?;
-        let node = self.file(path)?;
-        self.tree.write().expect("tree lock").remove(path);
-        let dropped = self.drop_chunks(node.id, 0);
-        self.persist_tree_change(&[path.to_owned()], &[], &dropped)
+        let (id, path) = {
+            let mut tree = self.tree.write().expect("tree lock");
+            let path = describe_child(&tree, parent, name);
+            let Some((id, node)) = tree
+                .child(parent, name)
+                .and_then(|id| Some((id, tree.get(id)?)))
+            else {
+                return Err(ImageError::NotFound(path));
+            };
+            if node.kind != NodeKind::File {
+                return Err(ImageError::IsDirectory(path));
+            }
+            tree.remove(id);
+            (id, path)
+        };
+        let dropped = self.drop_chunks(id, 0);
+        self.persist_tree_change(vec![path], &[], &dropped)
     }
 
-    /// Removes an empty directory.
-    pub fn rmdir(&self, path: &str) -> Result<(), ImageError> {
+    /// Removes the empty directory `name` from directory `parent`.
+    pub fn rmdir(&self, parent: u64, name: &str) -> Result<(), ImageError> {
         let _change = self.begin_change()?;
-        if self.lookup(path)?.kind != NodeKind::Directory {
-            return Err(ImageError::NotDirectory(path.to_owned()));
-        }
-        if !self.list(path)?.is_empty() {
-            return Err(ImageError::NotEmpty(path.to_owned()));
-        }
-        self.tree.write().expect("tree lock").remove(path);
-        self.persist_tree_change(&[path.to_owned()], &[], &[])
+        let path = {
+            let mut tree = self.tree.write().expect("tree lock");
+            let path = describe_child(&tree, parent, name);
+            let Some(id) = tree.child(parent, name) else {
+                return Err(ImageError::NotFound(path));
+            };
+            match tree.children(id) {
+                None => return Err(ImageError::NotDirectory(path)),
+                Some(children) if !children.is_empty() => {
+                    return Err(ImageError::NotEmpty(path));
+                }
+                Some(_) => {}
+            }
+            tree.remove(id);
+            path
+        };
+        self.persist_tree_change(vec![path], &[], &[])
     }
 
-    /// Renames `from` to `to` atomically, replacing a file at `to`.
-    pub fn rename(&self, from: &str, to: &str) -> Result<(), ImageError> {
+    /// Renames `name` in directory `parent` to `new_name` in `new_parent`
+    /// atomically, replacing a file (or an empty directory, for a directory)
+    /// there.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+    ) -> Result<(), ImageError> {
         let _change = self.begin_change()?;
-        validate_path(to).map_err(ImageError::Invalid)?;
-        if to == from {
-            return Ok(());
-        }
-        if to.starts_with(&format!("{from}/")) {
-            return Err(ImageError::Invalid(format!(
-                "cannot move {from} into itself"
-            )));
-        }
         let (removed, changed, replaced) = {
             let mut tree = self.tree.write().expect("tree lock");
-            let node = *tree
-                .get(from)
-                .ok_or_else(|| ImageError::NotFound(from.to_owned()))?;
+            let (Some(from_dir), Some(to_dir)) = (tree.path_of(parent), tree.path_of(new_parent))
+            else {
+                let missing = if tree.get(parent).is_none() {
+                    parent
+                } else {
+                    new_parent
+                };
+                return Err(ImageError::NotFound(format!("inode {missing}")));
+            };
+            let (from, to) = (join(&from_dir, name), join(&to_dir, new_name));
+            validate_path(&to).map_err(ImageError::Invalid)?;
+            if new_name.contains('/') {
+                return Err(ImageError::Invalid(format!(
+                    "{new_name:?} is not a name: it has a slash"
+                )));
+            }
+            if (parent, name) == (new_parent, new_name) {
+                return Ok(());
+            }
+            let moving = tree.child(parent, name);
+            if moving.is_some_and(|id| tree.is_within(new_parent, id)) {
+                return Err(ImageError::Invalid(format!(
+                    "cannot move {from} into itself"
+                )));
+            }
+            let Some((id, node)) = moving.and_then(|id| Some((id, tree.get(id)?))) else {
+                return Err(ImageError::NotFound(from));
+            };
             let mut replaced = None;
-            if let Some(existing) = tree.get(to).copied() {
+            if let Some(existing) = tree.child(new_parent, new_name).and_then(|id| tree.get(id)) {
                 match (existing.kind, node.kind) {
                     (NodeKind::File, NodeKind::File) => replaced = Some(existing.id),
                     (NodeKind::Directory, NodeKind::Directory) => {
-                        let prefix = format!("{to}/");
                         if tree
-                            .range(prefix.clone()..)
-                            .next()
-                            .is_some_and(|(p, _)| p.starts_with(&prefix))
+                            .children(existing.id)
+                            .is_some_and(|children| !children.is_empty())
                         {
-                            return Err(ImageError::NotEmpty(to.to_owned()));
+                            return Err(ImageError::NotEmpty(to));
                         }
                     }
                     (NodeKind::Directory, NodeKind::File) => {
-                        return Err(ImageError::IsDirectory(to.to_owned()));
+                        return Err(ImageError::IsDirectory(to));
                     }
                     (NodeKind::File, NodeKind::Directory) => {
-                        return Err(ImageError::NotDirectory(to.to_owned()));
+                        return Err(ImageError::NotDirectory(to));
                     }
                 }
-                tree.remove(to);
+                tree.remove(existing.id);
             }
-            self.check_new_path(&tree, to)?;
-            let prefix = format!("{from}/");
-            let moved: Vec<String> = std::iter::once(from.to_owned())
-                .chain(
-                    tree.range(prefix.clone()..)
-                        .take_while(|(p, _)| p.starts_with(&prefix))
-                        .map(|(p, _)| p.clone()),
-                )
-                .collect();
-            let mut changed = Vec::new();
-            for old in &moved {
-                let node = tree.remove(old).expect("listed above");
-                let new = format!("{to}{}", &old[from.len()..]);
-                tree.insert(new.clone(), node);
-                changed.push(new);
+            if tree.children(new_parent).is_none() {
+                return Err(ImageError::NotDirectory(to_dir));
             }
-            let mut removed = moved;
-            removed.push(to.to_owned());
+            let moved = tree.subtree(id);
+            tree.move_to(id, new_parent, new_name);
+            let changed: Vec<u64> = moved.iter().map(|(_, node)| node.id).collect();
+            let mut removed: Vec<String> = moved.into_iter().map(|(path, _)| path).collect();
+            removed.push(to);
             (removed, changed, replaced)
         };
         let dropped = replaced
             .map(|id| self.drop_chunks(id, 0))
             .unwrap_or_default();
-        self.persist_tree_change(&removed, &changed, &dropped)
+        self.persist_tree_change(removed, &changed, &dropped)
     }
 
-    /// Sets the size: shrinking drops data past it (the rest of the last chunk
-    /// is zeroed), growing adds zeros. Durable when it returns.
-    pub fn truncate(&self, path: &str, size: u64) -> Result<(), ImageError> {
+    /// Sets the size of file `id`: shrinking drops data past it (the rest of
+    /// the last chunk is zeroed), growing adds zeros. Durable when it returns.
+    pub fn truncate(&self, id: u64, size: u64) -> Result<(), ImageError> {
         let _change = self.begin_change()?;
-        let node = self.file(path)?;
+        let node = self.file(id)?;
         let keep = size.div_ceil(self.chunk_size);
         let mut dropped = Vec::new();
         if size < node.size {
@@ -1221,7 +916,7 @@ impl Image {
             }
             dropped = self.drop_chunks(node.id, keep);
         }
-        self.update_node(path, |n| {
+        self.update_node(id, |n| {
             if size < n.size {
                 n.base_limit = n.base_limit.min(keep);
             }
@@ -1231,11 +926,12 @@ impl Image {
         self.seal(SealScope::File(node.id), &dropped)
     }
 
-    /// Zeroes `len` bytes at `offset`: whole chunks become zero chunks (nothing
-    /// stored or uploaded), partial ones are zeroed in place. The size is unchanged.
-    pub fn punch_hole(&self, path: &str, offset: u64, len: u64) -> Result<(), ImageError> {
+    /// Zeroes `len` bytes at `offset` of file `id`: whole chunks become zero
+    /// chunks (nothing stored or uploaded), partial ones are zeroed in place.
+    /// The size is unchanged.
+    pub fn punch_hole(&self, id: u64, offset: u64, len: u64) -> Result<(), ImageError> {
         let _change = self.begin_change()?;
-        let node = self.file(path)?;
+        let node = self.file(id)?;
         let end = node.size.min(offset.saturating_add(len));
         let mut position = offset;
         while position < end {
@@ -1245,7 +941,10 @@ impl Image {
             let whole = take as u64 == self.chunk_size
                 || (within == 0 && position + take as u64 == node.size);
             if whole {
-                self.zero_chunk(&node, index);
+                self.buffer
+                    .lock()
+                    .expect("buffer lock")
+                    .zero((node.id, index));
             } else {
                 self.modify_chunk(&node, index, |chunk| chunk[within..within + take].fill(0))?;
             }
@@ -1254,15 +953,15 @@ impl Image {
         self.seal(SealScope::File(node.id), &[])
     }
 
-    /// Sets permission bits and/or the modification time.
+    /// Sets permission bits and/or the modification time of node `id`.
     pub fn set_attributes(
         &self,
-        path: &str,
+        id: u64,
         mode: Option<u32>,
         mtime: Option<Timestamp>,
     ) -> Result<Node, ImageError> {
         let _change = self.begin_change()?;
-        let node = self.update_node(path, |n| {
+        let node = self.update_node(id, |n| {
             if let Some(mode) = mode {
                 n.mode = mode & 0o7777;
             }
@@ -1270,23 +969,24 @@ impl Image {
                 n.mtime = mtime;
             }
         })?;
-        self.persist_tree_change(&[], &[path.to_owned()], &[])?;
+        self.persist_tree_change(Vec::new(), &[id], &[])?;
         Ok(node)
     }
 
     /// The current tree as a manifest body (all writes must be flushed first:
     /// call [`Image::flush_all`]).
     pub fn to_manifest(&self, template: &Manifest) -> Result<Manifest, ImageError> {
-        if !self.buffer.lock().expect("buffer lock").chunks.is_empty() {
+        if !self.buffer.lock().expect("buffer lock").is_empty() {
             return Err(ImageError::Invalid(
                 "unflushed writes: flush before building a manifest".into(),
             ));
         }
-        let tree = self.tree.read().expect("tree lock");
-        let entries = tree
-            .iter()
+        let all = self.tree.read().expect("tree lock").all();
+        let overlay = self.overlay.read().expect("overlay lock");
+        let entries = all
+            .into_iter()
             .map(|(path, node)| Entry {
-                path: path.clone(),
+                path,
                 mode: node.mode,
                 mtime: node.mtime,
                 kind: match node.kind {
@@ -1294,7 +994,7 @@ impl Image {
                     NodeKind::File => EntryKind::File {
                         size: node.size,
                         chunks: (0..node.size.div_ceil(self.chunk_size))
-                            .map(|index| self.committed_chunk(node, index))
+                            .map(|index| committed_chunk(&overlay, &self.base_files, &node, index))
                             .collect(),
                     },
                 },
@@ -1306,19 +1006,19 @@ impl Image {
         })
     }
 
-    /// One character per chunk of `path`: `.` zero, `L` in the local cache,
+    /// One character per chunk of file `id`: `.` zero, `L` in the local cache,
     /// `R` remote only, `D` changed by this session.
-    pub fn chunk_map(&self, path: &str) -> Result<String, ImageError> {
-        let node = self.file(path)?;
+    pub fn chunk_map(&self, id: u64) -> Result<String, ImageError> {
+        let node = self.file(id)?;
         let overlay = self.overlay.read().expect("overlay lock");
         let buffer = self.buffer.lock().expect("buffer lock");
         Ok((0..node.size.div_ceil(self.chunk_size))
             .map(|index| {
-                let key = (node.id, index);
-                if buffer.chunks.contains_key(&key) || overlay.contains_key(&key) {
+                let slot = (node.id, index);
+                if buffer.contains(&slot) || overlay.contains_key(&slot) {
                     return 'D';
                 }
-                match self.committed_chunk(&node, index) {
+                match committed_chunk(&overlay, &self.base_files, &node, index) {
                     ChunkRef::Zero => '.',
                     ChunkRef::Stored { tag, .. } if self.cache.contains(&tag) => 'L',
                     ChunkRef::Stored { .. } => 'R',
@@ -1327,13 +1027,11 @@ impl Image {
             .collect())
     }
 
-    /// Every file path, in order.
-    pub fn file_paths(&self) -> Vec<String> {
-        let tree = self.tree.read().expect("tree lock");
-        tree.iter()
-            .filter(|(_, node)| node.kind == NodeKind::File)
-            .map(|(path, _)| path.clone())
-            .collect()
+    /// Every file with its path, in path order.
+    pub fn files(&self) -> Vec<(String, Node)> {
+        let mut all = self.tree.read().expect("tree lock").all();
+        all.retain(|(_, node)| node.kind == NodeKind::File);
+        all
     }
 
     /// Chunks sealed by this session and stored in the cache (for upload).
@@ -1348,7 +1046,7 @@ impl Image {
 
     /// Plaintext bytes waiting in the write-back buffer.
     pub fn dirty_bytes(&self) -> u64 {
-        self.buffer.lock().expect("buffer lock").bytes
+        self.buffer.lock().expect("buffer lock").bytes()
     }
 
     /// Stops accepting changes (the end of a checkin): waits for changes in
@@ -1386,29 +1084,16 @@ impl Image {
     /// journal does not list yet: what the trickle uploader sends next.
     pub fn upload_candidates(&self, quiet: Duration) -> Vec<ChunkTag> {
         let overlay_tags: HashSet<ChunkTag> = self.overlay_tags().into_iter().collect();
-        let uploaded = self.uploaded.lock().expect("uploaded lock");
-        let sealed_at = self.sealed_at.lock().expect("sealed_at lock");
-        let now = Instant::now();
-        let mut candidates: Vec<(Instant, ChunkTag)> = overlay_tags
-            .into_iter()
-            .filter(|tag| !uploaded.contains_key(tag))
-            .filter_map(|tag| {
-                let sealed = sealed_at.get(&tag).copied().unwrap_or(now);
-                (now.duration_since(sealed) >= quiet).then_some((sealed, tag))
-            })
-            .collect();
-        candidates.sort();
-        candidates.into_iter().map(|(_, tag)| tag).collect()
+        self.journal
+            .lock()
+            .expect("journal lock")
+            .candidates(overlay_tags, quiet)
     }
 
     /// When the upload journal says `tag` was last written to (or found in)
     /// the store: seconds since the epoch, 0 when its age is unknown.
     pub fn uploaded_at(&self, tag: &ChunkTag) -> Option<u64> {
-        self.uploaded
-            .lock()
-            .expect("uploaded lock")
-            .get(tag)
-            .copied()
+        self.journal.lock().expect("journal lock").uploaded_at(tag)
     }
 
     /// Records uploads in the journal, durably (a restart does not send them again).
@@ -1416,86 +1101,42 @@ impl Image {
         if entries.is_empty() {
             return Ok(());
         }
-        let commit = || -> Result<(), redb::Error> {
-            let write = self.db.begin_write()?;
-            {
-                let mut table = write.open_table(UPLOADED)?;
-                for (tag, at) in entries {
-                    table.insert(tag.0.as_slice(), *at)?;
-                }
-            }
-            write.commit()?;
-            Ok(())
-        };
-        commit().map_err(state_error)?;
-        self.uploaded
+        self.state.record_uploaded(entries)?;
+        self.journal
             .lock()
-            .expect("uploaded lock")
-            .extend(entries.iter().copied());
+            .expect("journal lock")
+            .uploaded(entries.iter().copied());
         Ok(())
     }
 
     /// Distinct overlay chunks: (uploaded, pending upload, pending stored bytes).
     pub fn upload_counts(&self) -> (u64, u64, u64) {
         let overlay = self.overlay.read().expect("overlay lock");
-        let uploaded = self.uploaded.lock().expect("uploaded lock");
-        let mut seen = HashSet::new();
-        let (mut done, mut pending, mut pending_bytes) = (0, 0, 0);
-        for chunk in overlay.values() {
-            if let ChunkRef::Stored {
-                tag, stored_len, ..
-            } = chunk
-                && seen.insert(*tag)
-            {
-                if uploaded.contains_key(tag) {
-                    done += 1;
-                } else {
-                    pending += 1;
-                    pending_bytes += u64::from(*stored_len);
-                }
-            }
-        }
-        (done, pending, pending_bytes)
+        self.journal
+            .lock()
+            .expect("journal lock")
+            .counts(overlay.values())
     }
 
     /// The access trace so far: stored chunks in the order they were first read.
     pub fn trace(&self) -> Vec<ChunkTag> {
-        self.trace.lock().expect("trace lock").order.clone()
+        self.trace.lock().expect("trace lock").order().to_vec()
     }
 
     /// Appends the trace entries recorded since the last call to the state
     /// file, so a restarted daemon continues the trace.
     pub fn persist_trace(&self) -> Result<(), ImageError> {
-        let (start, fresh) = {
-            let trace = self.trace.lock().expect("trace lock");
-            (trace.persisted, trace.order[trace.persisted..].to_vec())
-        };
+        let (start, fresh) = self.trace.lock().expect("trace lock").fresh();
         if fresh.is_empty() {
             return Ok(());
         }
-        let commit = || -> Result<(), redb::Error> {
-            let write = self.db.begin_write()?;
-            {
-                let mut table = write.open_table(TRACE)?;
-                for (offset, tag) in fresh.iter().enumerate() {
-                    table.insert((start + offset) as u64, tag.0.as_slice())?;
-                }
-            }
-            write.commit()?;
-            Ok(())
-        };
-        commit().map_err(state_error)?;
-        let mut trace = self.trace.lock().expect("trace lock");
-        trace.persisted = trace.persisted.max(start + fresh.len());
+        self.state.append_trace(start, &fresh)?;
+        self.trace
+            .lock()
+            .expect("trace lock")
+            .persisted_up_to(start + fresh.len());
         Ok(())
     }
-}
-
-/// Seconds since the Unix epoch, for the upload journal.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -1624,6 +1265,7 @@ mod tests {
         let h = harness(&[("disk.img", initial.clone())]);
         let mut model = initial;
         let mut image = h.open(3 * u64::from(CHUNK)); // tiny buffer: forces eviction
+        let disk = image.resolve("disk.img").unwrap().id;
         let mut rng = 0x9E37_79B9_7F4A_7C15u64;
         for step in 0..400u64 {
             let op = next(&mut rng) % 100;
@@ -1632,7 +1274,7 @@ mod tests {
                 let offset = next(&mut rng) % max;
                 let len = (next(&mut rng) % (2 * u64::from(CHUNK) + 7)) as usize + 1;
                 let data = pattern(step + 100, len);
-                image.write("disk.img", offset, &data).unwrap();
+                image.write(disk, offset, &data).unwrap();
                 let end = offset as usize + len;
                 if model.len() < end {
                     model.resize(end, 0);
@@ -1640,18 +1282,18 @@ mod tests {
                 model[offset as usize..end].copy_from_slice(&data);
             } else if op < 70 {
                 let size = next(&mut rng) % max;
-                image.truncate("disk.img", size).unwrap();
+                image.truncate(disk, size).unwrap();
                 model.resize(size as usize, 0);
             } else if op < 78 {
                 let offset = next(&mut rng) % max;
                 let len = next(&mut rng) % (3 * u64::from(CHUNK));
-                image.punch_hole("disk.img", offset, len).unwrap();
+                image.punch_hole(disk, offset, len).unwrap();
                 let end = (offset + len).min(model.len() as u64) as usize;
                 if (offset as usize) < end {
                     model[offset as usize..end].fill(0);
                 }
             } else if op < 85 {
-                image.fsync("disk.img").unwrap();
+                image.fsync(disk).unwrap();
             } else if op < 88 {
                 image.flush_all().unwrap();
                 drop(image);
@@ -1666,24 +1308,25 @@ mod tests {
                     &[][..]
                 };
                 assert_eq!(
-                    image.read("disk.img", offset, len).unwrap(),
+                    image.read(disk, offset, len).unwrap(),
                     expected,
                     "step {step}: read at {offset}+{len}"
                 );
             }
             assert_eq!(
-                image.lookup("disk.img").unwrap().size,
+                image.node(disk).unwrap().size,
                 model.len() as u64,
                 "step {step}: size"
             );
         }
-        assert_eq!(image.read("disk.img", 0, model.len()).unwrap(), model);
+        assert_eq!(image.read(disk, 0, model.len()).unwrap(), model);
     }
 
     #[test]
     fn concurrent_writers_of_disjoint_ranges() {
         let h = harness(&[("disk.img", pattern(2, 8 * CHUNK as usize))]);
         let image = Arc::new(h.open(4 * u64::from(CHUNK)));
+        let disk = image.resolve("disk.img").unwrap().id;
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
                 let image = image.clone();
@@ -1693,10 +1336,10 @@ mod tests {
                         let offset = (i * 4 + t) * 1000 + i * 37 % 100;
                         let len = 1000 - (i * 37 % 100) as usize;
                         image
-                            .write("disk.img", offset * 3, &vec![t as u8 + 1; len.min(900)])
+                            .write(disk, offset * 3, &vec![t as u8 + 1; len.min(900)])
                             .unwrap();
                         if i % 10 == 0 {
-                            image.fsync("disk.img").unwrap();
+                            image.fsync(disk).unwrap();
                         }
                     }
                 })
@@ -1718,33 +1361,29 @@ mod tests {
                 model[offset as usize..end].fill(t as u8 + 1);
             }
         }
-        assert_eq!(image.read("disk.img", 0, model.len()).unwrap(), model);
+        assert_eq!(image.read(disk, 0, model.len()).unwrap(), model);
     }
 
     #[test]
     fn fsynced_writes_survive_a_crash_and_unsynced_ones_do_not_corrupt() {
         let h = harness(&[("disk.img", pattern(3, 3 * CHUNK as usize))]);
         let image = h.open(1 << 30);
-        image.write("disk.img", 100, b"durable").unwrap();
-        image
-            .write("disk.img", 4 * u64::from(CHUNK), b"grown")
-            .unwrap();
-        image.fsync("disk.img").unwrap();
-        image.write("disk.img", 200, b"lost in the crash").unwrap();
+        let disk = image.resolve("disk.img").unwrap().id;
+        image.write(disk, 100, b"durable").unwrap();
+        image.write(disk, 4 * u64::from(CHUNK), b"grown").unwrap();
+        image.fsync(disk).unwrap();
+        image.write(disk, 200, b"lost in the crash").unwrap();
         drop(image); // a kill: the write-back buffer is gone, nothing else happens
         let reopened = h.open(1 << 30);
-        assert_eq!(reopened.read("disk.img", 100, 7).unwrap(), b"durable");
+        assert_eq!(reopened.read(disk, 100, 7).unwrap(), b"durable");
         assert_eq!(
-            reopened.read("disk.img", 4 * u64::from(CHUNK), 5).unwrap(),
+            reopened.read(disk, 4 * u64::from(CHUNK), 5).unwrap(),
             b"grown"
         );
-        assert_eq!(
-            reopened.lookup("disk.img").unwrap().size,
-            4 * u64::from(CHUNK) + 5
-        );
+        assert_eq!(reopened.node(disk).unwrap().size, 4 * u64::from(CHUNK) + 5);
         let base = pattern(3, 3 * CHUNK as usize);
         assert_eq!(
-            reopened.read("disk.img", 200, 17).unwrap(),
+            reopened.read(disk, 200, 17).unwrap(),
             &base[200..217],
             "unsynced write is simply absent"
         );
@@ -1757,60 +1396,60 @@ mod tests {
             ("vm.toml", b"x = 1\n".to_vec()),
         ]);
         let image = h.open(1 << 30);
-        image.mkdir("sub", 0o755).unwrap();
-        image.create_file("sub/new", 0o600).unwrap();
-        image.write("sub/new", 0, b"hello").unwrap();
+        let sub = image.mkdir(ROOT, "sub", 0o755).unwrap().id;
+        let id = image.create_file(sub, "new", 0o600).unwrap().id;
+        image.write(id, 0, b"hello").unwrap();
         assert!(matches!(
-            image.create_file("sub/new", 0o600),
+            image.create_file(sub, "new", 0o600),
             Err(ImageError::Exists(_))
         ));
+        let nodir = image.next_id.load(Ordering::SeqCst) + 10;
         assert!(matches!(
-            image.create_file("nodir/x", 0o600),
+            image.create_file(nodir, "x", 0o600),
             Err(ImageError::NotFound(_))
         ));
-        assert!(matches!(image.rmdir("sub"), Err(ImageError::NotEmpty(_))));
+        assert!(matches!(
+            image.rmdir(ROOT, "sub"),
+            Err(ImageError::NotEmpty(_))
+        ));
         let names: Vec<String> = image
-            .list("")
+            .list(ROOT)
             .unwrap()
             .into_iter()
             .map(|(n, _)| n)
             .collect();
         assert_eq!(names, vec!["disk.img", "sub", "vm.toml"]);
         // Atomic rename over an existing file keeps the moved file's identity and content.
-        let id = image.lookup("sub/new").unwrap().id;
-        image.rename("sub/new", "vm.toml").unwrap();
-        assert_eq!(image.lookup("vm.toml").unwrap().id, id);
-        assert_eq!(image.read("vm.toml", 0, 100).unwrap(), b"hello");
+        assert_eq!(image.lookup(sub, "new").unwrap().id, id);
+        image.rename(sub, "new", ROOT, "vm.toml").unwrap();
+        assert_eq!(image.lookup(ROOT, "vm.toml").unwrap().id, id);
+        assert_eq!(image.read(id, 0, 100).unwrap(), b"hello");
         assert!(matches!(
-            image.lookup("sub/new"),
+            image.lookup(sub, "new"),
             Err(ImageError::NotFound(_))
         ));
-        image.rename("sub", "moved").unwrap();
-        image.rmdir("moved").unwrap();
-        image.unlink("disk.img").unwrap();
+        image.rename(ROOT, "sub", ROOT, "moved").unwrap();
+        image.rmdir(ROOT, "moved").unwrap();
+        image.unlink(ROOT, "disk.img").unwrap();
         image
-            .set_attributes(
-                "vm.toml",
-                Some(0o640),
-                Some(Timestamp { secs: 5, nanos: 6 }),
-            )
+            .set_attributes(id, Some(0o640), Some(Timestamp { secs: 5, nanos: 6 }))
             .unwrap();
         image.flush_all().unwrap();
         drop(image);
         let reopened = h.open(1 << 30);
         let names: Vec<String> = reopened
-            .list("")
+            .list(ROOT)
             .unwrap()
             .into_iter()
             .map(|(n, _)| n)
             .collect();
         assert_eq!(names, vec!["vm.toml"]);
-        let node = reopened.lookup("vm.toml").unwrap();
+        let node = reopened.resolve("vm.toml").unwrap();
         assert_eq!(
             (node.mode, node.mtime, node.id),
             (0o640, Timestamp { secs: 5, nanos: 6 }, id)
         );
-        assert_eq!(reopened.read("vm.toml", 0, 100).unwrap(), b"hello");
+        assert_eq!(reopened.read(id, 0, 100).unwrap(), b"hello");
         assert!(
             reopened.next_id.load(Ordering::SeqCst) > id,
             "ids are never reused"
@@ -1818,11 +1457,46 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_directory_takes_its_files_along_across_a_reopen() {
+        let h = harness(&[("disk.img", pattern(7, 1000))]);
+        let image = h.open(1 << 30);
+        let a = image.mkdir(ROOT, "a", 0o755).unwrap().id;
+        let b = image.mkdir(a, "b", 0o755).unwrap().id;
+        let file = image.create_file(b, "f", 0o644).unwrap().id;
+        image.write(file, 0, b"inside").unwrap();
+        assert!(matches!(
+            image.rename(ROOT, "a", b, "a"),
+            Err(ImageError::Invalid(_))
+        ));
+        image.rename(ROOT, "a", ROOT, "z").unwrap();
+        assert!(matches!(
+            image.resolve("a/b/f"),
+            Err(ImageError::NotFound(_))
+        ));
+        assert_eq!(image.resolve("z/b/f").unwrap().id, file);
+        image.flush_all().unwrap();
+        drop(image);
+        let reopened = h.open(1 << 30);
+        assert_eq!(reopened.resolve("z/b/f").unwrap().id, file);
+        assert_eq!(reopened.read(file, 0, 100).unwrap(), b"inside");
+        let paths: Vec<String> = reopened.files().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(paths, ["disk.img", "z/b/f"]);
+        let names: Vec<String> = reopened
+            .list(ROOT)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["disk.img", "z"]);
+    }
+
+    #[test]
     fn a_cached_chunk_damaged_on_disk_is_dropped_and_fetched_again() {
         let data = pattern(8, 2 * CHUNK as usize);
         let h = harness(&[("disk.img", data.clone())]);
         let image = h.open(1 << 30);
-        assert_eq!(image.read("disk.img", 0, data.len()).unwrap(), data);
+        let disk = image.resolve("disk.img").unwrap().id;
+        assert_eq!(image.read(disk, 0, data.len()).unwrap(), data);
         drop(image);
         let EntryKind::File { chunks, .. } = &h.base.entries[0].kind else {
             panic!("file")
@@ -1835,7 +1509,8 @@ mod tests {
         // A warm read only decrypts a cached chunk: the AEAD check finds the
         // damage, and the chunk comes from the store again, checked in full.
         let image = h.open(1 << 30);
-        assert_eq!(image.read("disk.img", 0, data.len()).unwrap(), data);
+        let disk = image.resolve("disk.img").unwrap().id;
+        assert_eq!(image.read(disk, 0, data.len()).unwrap(), data);
         assert!(chunk::verify_tag(tag, &std::fs::read(&file).unwrap()).is_ok());
     }
 
@@ -1843,7 +1518,8 @@ mod tests {
     fn a_snapshot_keeps_its_chunks_cached_until_unpinned() {
         let h = harness(&[("disk.img", pattern(6, 2 * CHUNK as usize))]);
         let image = h.open(1 << 30);
-        image.write("disk.img", 0, b"first").unwrap();
+        let disk = image.resolve("disk.img").unwrap().id;
+        image.write(disk, 0, b"first").unwrap();
         let (manifest, pinned) = image.snapshot(&h.base).unwrap();
         let EntryKind::File { chunks, .. } = &manifest.entries[0].kind else {
             panic!("file")
@@ -1852,8 +1528,8 @@ mod tests {
         assert_eq!(pinned, vec![tag]);
         // A write after the snapshot supersedes the chunk in the overlay; the
         // snapshot's copy must stay until it has been uploaded.
-        image.write("disk.img", 0, b"second").unwrap();
-        image.fsync("disk.img").unwrap();
+        image.write(disk, 0, b"second").unwrap();
+        image.fsync(disk).unwrap();
         assert_ne!(image.overlay_tags(), vec![tag]);
         assert!(
             image.cache.get(&tag).unwrap().is_some(),
@@ -1866,9 +1542,10 @@ mod tests {
     fn punched_chunks_become_zero_chunks_and_keys_stay_encrypted_on_disk() {
         let h = harness(&[("disk.img", pattern(5, 4 * CHUNK as usize))]);
         let image = h.open(1 << 30);
-        image.write("disk.img", 10, b"changed").unwrap();
+        let disk = image.resolve("disk.img").unwrap().id;
+        image.write(disk, 10, b"changed").unwrap();
         image
-            .punch_hole("disk.img", u64::from(CHUNK), 2 * u64::from(CHUNK))
+            .punch_hole(disk, u64::from(CHUNK), 2 * u64::from(CHUNK))
             .unwrap();
         image.flush_all().unwrap();
         let manifest = image.to_manifest(&h.base).unwrap();
@@ -1901,11 +1578,12 @@ mod tests {
     fn growing_a_file_with_a_short_last_chunk_reads_zeros_past_the_old_end() {
         let h = harness(&[("disk.img", pattern(6, 1000))]);
         let image = h.open(1 << 30);
-        assert_eq!(image.read("disk.img", 0, 1000).unwrap(), pattern(6, 1000));
-        image.truncate("disk.img", 3000).unwrap();
-        assert_eq!(image.read("disk.img", 2000, 500).unwrap(), vec![0u8; 500]);
+        let disk = image.resolve("disk.img").unwrap().id;
+        assert_eq!(image.read(disk, 0, 1000).unwrap(), pattern(6, 1000));
+        image.truncate(disk, 3000).unwrap();
+        assert_eq!(image.read(disk, 2000, 500).unwrap(), vec![0u8; 500]);
         assert_eq!(
-            image.read("disk.img", 900, 200).unwrap()[..100],
+            image.read(disk, 900, 200).unwrap()[..100],
             pattern(6, 1000)[900..]
         );
     }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::ChunkCache;
+use crate::cache::{CacheError, ChunkCache};
 use crate::chunk::ChunkTag;
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::{FetchSettings, FetchStats, Fetcher, Priority};
@@ -94,6 +94,26 @@ pub enum SessionError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The session record is not what this version writes.
+    #[error("session state {}: {source}", path.display())]
+    Record {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: toml::de::Error,
+    },
+    /// Every pass over the chunks to upload outlasted a quarter of gc's
+    /// grace period, so gc may have deleted some of them meanwhile.
+    #[error(
+        "every pass over the chunks to upload took longer than a quarter of [gc] grace_secs ({grace_secs} s); raise it on every machine using the store, then run the command again"
+    )]
+    SlowerThanGcGrace {
+        /// The grace period, in seconds.
+        grace_secs: u64,
+    },
+    /// The local chunk cache failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     /// Parcel-level failure.
     #[error(transparent)]
     Parcel(#[from] ParcelError),
@@ -112,7 +132,10 @@ impl Classify for SessionError {
             SessionError::NotResumed(_) => ErrorClass::NotFound,
             SessionError::MissingLocalChunk { .. } => ErrorClass::Integrity,
             SessionError::Diverged { .. } => ErrorClass::Conflict,
-            SessionError::State { .. } => ErrorClass::Other,
+            SessionError::State { .. }
+            | SessionError::Record { .. }
+            | SessionError::SlowerThanGcGrace { .. } => ErrorClass::Other,
+            SessionError::Cache(e) => e.class(),
             SessionError::Parcel(e) => e.class(),
             SessionError::Store(e) => e.class(),
             SessionError::Image(_) => ErrorClass::Other,
@@ -165,10 +188,7 @@ pub fn read_record(state_dir: &Path, parcel: &str) -> Result<Option<SessionRecor
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text)
             .map(Some)
-            .map_err(|e| SessionError::State {
-                path,
-                source: std::io::Error::other(e.to_string()),
-            }),
+            .map_err(|source| SessionError::Record { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SessionError::State { path, source }),
     }
@@ -396,8 +416,8 @@ impl StatusSource {
     /// Per-file chunk-state maps, one line per file: `path: map` (see [`Image::chunk_map`]).
     pub fn chunk_maps(&self) -> String {
         let mut out = String::new();
-        for path in self.image.file_paths() {
-            if let Ok(map) = self.image.chunk_map(&path) {
+        for (path, file) in self.image.files() {
+            if let Ok(map) = self.image.chunk_map(file.id) {
                 out.push_str(&format!("{path}: {map}\n"));
             }
         }

@@ -59,9 +59,10 @@ fn workload() -> Vec<u64> {
 }
 
 fn replay(session: &Session, data: &[u8]) -> Duration {
+    let disk = session.image.resolve("disk.img").unwrap().id;
     let started = Instant::now();
     for index in workload() {
-        let read = session.image.read("disk.img", index * CHUNK, 4096).unwrap();
+        let read = session.image.read(disk, index * CHUNK, 4096).unwrap();
         assert_eq!(read, data[(index * CHUNK) as usize..][..4096]);
         std::thread::sleep(Duration::from_millis(5));
     }

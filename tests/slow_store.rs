@@ -69,7 +69,8 @@ fn a_missing_chunk_read_blocks_then_returns_the_right_bytes_while_prefetch_runs(
     // Read the last chunk: the sequential prefetch would reach it last.
     let offset = 63 * 128 * 1024;
     let image = session.image.clone();
-    let read = image.read("disk.img", offset, 128 * 1024).unwrap();
+    let disk = image.resolve("disk.img").unwrap().id;
+    let read = image.read(disk, offset, 128 * 1024).unwrap();
     assert_eq!(read, data[offset as usize..]);
     let status = session.status();
     assert!(status.fetch.fetched_chunks >= 1);

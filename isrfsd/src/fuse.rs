@@ -1,6 +1,8 @@
 //! The FUSE edge: a thin `fuser::Filesystem` over [`isr::image::Image`].
-//! Inode numbers are the image's stable node ids (root = 1). Every
-//! [`ImageError`] becomes an errno here and nowhere else.
+//! Inode numbers are the image's stable node ids (root = [`ROOT`]), passed
+//! to the image as they come: an operation on an open file names its node,
+//! a directory entry is (parent node, name); no request resolves a path.
+//! Every [`ImageError`] becomes an errno here and nowhere else.
 //!
 //! A read-only virtual directory `.isr/` at the root shows the session:
 //! `.isr/stats` (the same JSON as `isrctl status --json`) and `.isr/chunks`
@@ -18,7 +20,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
-use isr::image::{Image, ImageError, Node, NodeKind};
+use isr::image::{Image, ImageError, Node, NodeKind, ROOT};
 use isr::manifest::Timestamp;
 use isr::session::StatusSource;
 
@@ -43,8 +45,11 @@ pub fn errno(error: &ImageError) -> Errno {
         ImageError::Invalid(_) => Errno::EINVAL,
         ImageError::Frozen => Errno::EROFS,
         ImageError::Fetch(_)
-        | ImageError::Chunk(_)
+        | ImageError::OpenState { .. }
         | ImageError::State(_)
+        | ImageError::CorruptState(_)
+        | ImageError::Cache(_)
+        | ImageError::Encoder(_)
         | ImageError::Poisoned => Errno::EIO,
     }
 }
@@ -104,7 +109,7 @@ impl ParcelFs {
             STATS_FILE | CHUNKS_FILE => (NodeKind::File, 0o444),
             _ => return None,
         };
-        let mut attr = self.attr(&self.image.lookup("").expect("root exists"));
+        let mut attr = self.attr(&self.image.node(ROOT).expect("root exists"));
         attr.ino = INodeNo(ino);
         attr.perm = perm;
         if kind == NodeKind::File {
@@ -137,33 +142,30 @@ impl ParcelFs {
         errno
     }
 
-    fn path(&self, ino: INodeNo) -> Result<String, Errno> {
+    /// The image node of `ino`: every inode but the virtual ones of `.isr`.
+    fn id(&self, ino: INodeNo) -> Result<u64, Errno> {
         if self.virtual_attr(ino.0).is_some() {
             return Err(Errno::EACCES); // nothing can be created or changed in .isr
         }
-        self.image.path_of(ino.0).ok_or(Errno::ENOENT)
+        Ok(ino.0)
     }
 
-    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
-        let parent = self.path(parent)?;
-        let name = name.to_str().ok_or(Errno::EINVAL)?;
-        Ok(if parent.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{parent}/{name}")
-        })
+    /// The entry `name` of directory `parent`, as the image names it.
+    fn child<'a>(&self, parent: INodeNo, name: &'a OsStr) -> Result<(u64, &'a str), Errno> {
+        let parent = self.id(parent)?;
+        Ok((parent, name.to_str().ok_or(Errno::EINVAL)?))
     }
 
     fn sync_file(&self, ino: INodeNo) -> Result<(), Errno> {
         if self.virtual_attr(ino.0).is_some() {
             return Ok(()); // nothing to sync in .isr (closing its files must not fail)
         }
-        let path = self.path(ino)?;
-        self.image.fsync(&path).map_err(|e| self.fail(&e))
+        self.image.fsync(ino.0).map_err(|e| self.fail(&e))
     }
 
-    fn node(&self, path: &str) -> Result<Node, Errno> {
-        self.image.lookup(path).map_err(|e| self.fail(&e))
+    fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
+        let id = self.id(ino)?;
+        self.image.node(id).map_err(|e| self.fail(&e))
     }
 }
 
@@ -234,7 +236,10 @@ impl Filesystem for ParcelFs {
         if let Some(attr) = virtual_ino.and_then(|ino| self.virtual_attr(ino)) {
             return reply.entry(&TTL, &attr, Generation(0));
         }
-        match self.child(parent, name).and_then(|p| self.node(&p)) {
+        match self
+            .child(parent, name)
+            .and_then(|(parent, name)| self.image.lookup(parent, name).map_err(|e| self.fail(&e)))
+        {
             Ok(node) => reply.entry(&TTL, &self.attr(&node), Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -244,7 +249,7 @@ impl Filesystem for ParcelFs {
         if let Some(attr) = self.virtual_attr(ino.0) {
             return reply.attr(&TTL, &attr);
         }
-        match self.path(ino).and_then(|p| self.node(&p)) {
+        match self.node(ino) {
             Ok(node) => reply.attr(&TTL, &self.attr(&node)),
             Err(e) => reply.error(e),
         }
@@ -269,18 +274,16 @@ impl Filesystem for ParcelFs {
         reply: ReplyAttr,
     ) {
         let result = (|| {
-            let path = self.path(ino)?;
+            let id = self.id(ino)?;
             if let Some(size) = size {
-                self.image
-                    .truncate(&path, size)
-                    .map_err(|e| self.fail(&e))?;
+                self.image.truncate(id, size).map_err(|e| self.fail(&e))?;
             }
             if mode.is_some() || mtime.is_some() {
                 self.image
-                    .set_attributes(&path, mode, mtime.map(time))
+                    .set_attributes(id, mode, mtime.map(time))
                     .map_err(|e| self.fail(&e))?;
             }
-            self.node(&path)
+            self.node(ino)
         })();
         match result {
             Ok(node) => reply.attr(&TTL, &self.attr(&node)),
@@ -305,8 +308,8 @@ impl Filesystem for ParcelFs {
             entries.push((INodeNo(CHUNKS_FILE), FileType::RegularFile, "chunks".into()));
         } else {
             let listing = self
-                .path(ino)
-                .and_then(|p| self.image.list(&p).map_err(|e| self.fail(&e)));
+                .id(ino)
+                .and_then(|id| self.image.list(id).map_err(|e| self.fail(&e)));
             match listing {
                 Ok(listing) => entries.extend(listing.into_iter().map(|(name, node)| {
                     let kind = if node.kind == NodeKind::Directory {
@@ -318,7 +321,7 @@ impl Filesystem for ParcelFs {
                 })),
                 Err(e) => return reply.error(e),
             }
-            if ino.0 == 1 {
+            if ino.0 == ROOT {
                 entries.push((INodeNo(ISR_DIR), FileType::Directory, ISR_DIR_NAME.into()));
             }
         }
@@ -335,7 +338,7 @@ impl Filesystem for ParcelFs {
         if matches!(ino.0, STATS_FILE | CHUNKS_FILE) {
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
         }
-        match self.path(ino).and_then(|p| self.node(&p)) {
+        match self.node(ino) {
             Ok(node) if node.kind == NodeKind::File => {
                 reply.opened(FileHandle(0), FopenFlags::empty())
             }
@@ -361,9 +364,9 @@ impl Filesystem for ParcelFs {
             let end = (start + size as usize).min(content.len());
             return reply.data(&content[start..end]);
         }
-        match self.path(ino).and_then(|p| {
+        match self.id(ino).and_then(|id| {
             self.image
-                .read(&p, offset, size as usize)
+                .read(id, offset, size as usize)
                 .map_err(|e| self.fail(&e))
         }) {
             Ok(data) => reply.data(&data),
@@ -383,9 +386,9 @@ impl Filesystem for ParcelFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.path(ino).and_then(|p| {
+        match self.id(ino).and_then(|id| {
             self.image
-                .write(&p, offset, data)
+                .write(id, offset, data)
                 .map_err(|e| self.fail(&e))
         }) {
             Ok(written) => reply.written(written as u32),
@@ -426,9 +429,9 @@ impl Filesystem for ParcelFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.child(parent, name).and_then(|p| {
+        match self.child(parent, name).and_then(|(parent, name)| {
             self.image
-                .create_file(&p, mode & !umask)
+                .create_file(parent, name, mode & !umask)
                 .map_err(|e| self.fail(&e))
         }) {
             Ok(node) => reply.created(
@@ -451,9 +454,9 @@ impl Filesystem for ParcelFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.child(parent, name).and_then(|p| {
+        match self.child(parent, name).and_then(|(parent, name)| {
             self.image
-                .mkdir(&p, mode & !umask)
+                .mkdir(parent, name, mode & !umask)
                 .map_err(|e| self.fail(&e))
         }) {
             Ok(node) => reply.entry(&TTL, &self.attr(&node), Generation(0)),
@@ -464,16 +467,18 @@ impl Filesystem for ParcelFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         answer(
             reply,
-            self.child(parent, name)
-                .and_then(|p| self.image.unlink(&p).map_err(|e| self.fail(&e))),
+            self.child(parent, name).and_then(|(parent, name)| {
+                self.image.unlink(parent, name).map_err(|e| self.fail(&e))
+            }),
         );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         answer(
             reply,
-            self.child(parent, name)
-                .and_then(|p| self.image.rmdir(&p).map_err(|e| self.fail(&e))),
+            self.child(parent, name).and_then(|(parent, name)| {
+                self.image.rmdir(parent, name).map_err(|e| self.fail(&e))
+            }),
         );
     }
 
@@ -487,9 +492,11 @@ impl Filesystem for ParcelFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let result = self.child(parent, name).and_then(|from| {
-            let to = self.child(newparent, newname)?;
-            self.image.rename(&from, &to).map_err(|e| self.fail(&e))
+        let result = self.child(parent, name).and_then(|(parent, name)| {
+            let (newparent, newname) = self.child(newparent, newname)?;
+            self.image
+                .rename(parent, name, newparent, newname)
+                .map_err(|e| self.fail(&e))
         });
         answer(reply, result);
     }
@@ -519,16 +526,16 @@ impl Filesystem for ParcelFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let result = self.path(ino).and_then(|path| {
+        let result = self.id(ino).and_then(|id| {
             if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE {
                 self.image
-                    .punch_hole(&path, offset, length)
+                    .punch_hole(id, offset, length)
                     .map_err(|e| self.fail(&e))
             } else if mode == 0 {
-                let node = self.node(&path)?;
+                let node = self.node(ino)?;
                 if offset + length > node.size {
                     self.image
-                        .truncate(&path, offset + length)
+                        .truncate(id, offset + length)
                         .map_err(|e| self.fail(&e))?;
                 }
                 Ok(())

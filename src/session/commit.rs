@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::trickle::{local_chunk, upload_new};
 use super::{Session, SessionError, check_lock, write_record};
 use crate::chunk::ChunkTag;
-use crate::image::unix_now;
+use crate::image::journal::unix_now;
 use crate::layout;
 use crate::manifest::{Manifest, Timestamp};
 use crate::parcel::{self, OpenParcel, ParcelError};
@@ -340,12 +340,8 @@ impl Session {
                 "uploading took a quarter of gc's grace period, or gc deleted chunks it refreshed; confirming again"
             );
         }
-        Err(SessionError::State {
-            path: self.context.state_dir.clone(),
-            source: std::io::Error::other(format!(
-                "every pass over the chunks to upload took longer than a quarter of [gc] grace_secs ({} s); raise it on every machine using the store, then run the command again",
-                self.context.upload.gc_grace.as_secs()
-            )),
+        Err(SessionError::SlowerThanGcGrace {
+            grace_secs: self.context.upload.gc_grace.as_secs(),
         })
     }
 

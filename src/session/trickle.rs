@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 use super::SessionError;
 use crate::cache::ChunkCache;
 use crate::chunk::ChunkTag;
-use crate::image::{Image, unix_now};
+use crate::image::Image;
+use crate::image::journal::unix_now;
 use crate::layout;
 use crate::store::{PutOutcome, StoreHandle};
 
@@ -119,10 +120,7 @@ pub(super) fn local_chunk(cache: &ChunkCache, tag: &ChunkTag) -> Result<Bytes, S
     match cache.get(tag) {
         Ok(Some(bytes)) => Ok(bytes),
         Ok(None) => Err(SessionError::MissingLocalChunk { tag: *tag }),
-        Err(e) => Err(SessionError::State {
-            path: std::path::PathBuf::from("chunk cache"),
-            source: std::io::Error::other(e.to_string()),
-        }),
+        Err(e) => Err(SessionError::Cache(e)),
     }
 }
 

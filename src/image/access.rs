@@ -1,0 +1,53 @@
+//! The access trace: the stored chunks this session read, in the order of
+//! their first read. Stored beside a version at commit (see
+//! [`crate::trace`]), it orders the next resume's prefetch.
+//!
+//! Invariants: `order` holds each tag once (`seen` is its set); the first
+//! `persisted` entries are in the state file's `trace` table
+//! ([`super::records`]), and only entries past them are appended.
+
+use std::collections::HashSet;
+
+use crate::chunk::ChunkTag;
+
+/// The trace; see the module doc.
+#[derive(Debug, Default)]
+pub(super) struct AccessTrace {
+    seen: HashSet<ChunkTag>,
+    order: Vec<ChunkTag>,
+    persisted: usize,
+}
+
+impl AccessTrace {
+    /// A trace continued from the `persisted` entries of the state file.
+    pub(super) fn resumed(persisted: impl IntoIterator<Item = ChunkTag>) -> AccessTrace {
+        let mut trace = AccessTrace::default();
+        for tag in persisted {
+            trace.read(tag);
+        }
+        trace.persisted = trace.order.len();
+        trace
+    }
+
+    /// Notes a read of `tag`.
+    pub(super) fn read(&mut self, tag: ChunkTag) {
+        if self.seen.insert(tag) {
+            self.order.push(tag);
+        }
+    }
+
+    /// Every chunk read so far, in order.
+    pub(super) fn order(&self) -> &[ChunkTag] {
+        &self.order
+    }
+
+    /// The entries not persisted yet, and the position of the first.
+    pub(super) fn fresh(&self) -> (usize, Vec<ChunkTag>) {
+        (self.persisted, self.order[self.persisted..].to_vec())
+    }
+
+    /// Notes that the entries up to `end` are persisted.
+    pub(super) fn persisted_up_to(&mut self, end: usize) {
+        self.persisted = self.persisted.max(end);
+    }
+}
