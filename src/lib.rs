@@ -4,6 +4,8 @@
 //! history, kept in a *store* as immutable, encrypted, content-addressed chunks
 //! and one encrypted manifest per version. This library holds everything that is
 //! not argument parsing; `isrctl` and `isrfsd` are thin front ends over it.
+//! Modules are layered, each importing only from layers below it
+//! (docs/architecture.md; `tests/layering.rs` checks it).
 //!
 //! | module | owns |
 //! |---|---|
@@ -22,7 +24,7 @@
 //! | [`session`] | lifecycle: lock, resume or reattach, prefetch order, trickle upload, sync, checkin, discard |
 //! | [`trace`] | the access trace stored beside a version (first-read order of chunks), encrypted |
 //! | [`maintenance`] | rollback to an earlier version; passwd (re-wrap the parcel key) |
-//! | [`vmm`] | the parcel's VM: `vm.toml` ([`vmm::config`]); later the adapters that run it |
+//! | [`vmm`] | the parcel's VM: `vm.toml` ([`vmm::config`]), the [`vmm::Vmm`] adapters (QEMU over QMP, libvirt, VirtualBox, none), supervision |
 //! | [`daemon`] | the daemon's orchestration: sessions, their mounts (through a [`daemon::Mounter`]) and VMs, one answer per control request |
 //! | [`control`] | isrctl ⇄ isrfsd protocol: versioned JSON lines over an owner-only Unix socket |
 //! | [`config`] | TOML configuration |
