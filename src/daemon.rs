@@ -754,8 +754,7 @@ mod tests {
 
     use super::*;
     use crate::control::{WireParcel, WireStore};
-    use crate::keys::{Credential, KdfParams, ParcelSecrets, Zeroizing};
-    use crate::manifest::{Manifest, Timestamp};
+    use crate::keys::{Credential, Zeroizing};
     use crate::parcel::{self, OpenParcel};
     use crate::store::{RetrySettings, S3Settings};
 
@@ -806,34 +805,10 @@ mod tests {
         let store =
             store::open(&store_url, &S3Settings::default(), RetrySettings::default()).unwrap();
         let setup = tokio::runtime::Runtime::new().unwrap();
-        let parcel = setup.block_on(async {
-            let parcel = parcel::create(
-                &store,
-                "p",
-                65536,
-                ParcelSecrets::generate(None),
-                &[Credential::Passphrase(Zeroizing::new("pw".into()))],
-                KdfParams {
-                    memory_kib: 64,
-                    iterations: 1,
-                    parallelism: 1,
-                },
-            )
-            .await
-            .unwrap();
-            let manifest = Manifest {
-                version: 1,
-                parent: None,
-                created: Timestamp::now(),
-                lock_nonce: None,
-                host: "h".into(),
-                message: "first".into(),
-                chunk_size: 65536,
-                entries: vec![],
-            };
-            parcel::commit(&store, &parcel, &manifest).await.unwrap();
-            parcel
-        });
+        let parcel = setup.block_on(parcel::testing::parcel_with_one_version(
+            &store,
+            &[Credential::Passphrase(Zeroizing::new("pw".into()))],
+        ));
         let mut config = Config::from_toml("", Path::new("test.toml")).unwrap();
         config.state_dir = dir.path().join("state");
         config.runtime_dir = dir.path().join("run");

@@ -177,7 +177,7 @@ pub async fn change_credential(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{ParcelSecrets, Zeroizing};
+    use crate::keys::Zeroizing;
     use crate::store::memory::MemoryStore;
 
     const CHEAP: KdfParams = KdfParams {
@@ -191,28 +191,7 @@ mod tests {
     }
 
     async fn parcel_with_one_version(store: &StoreHandle) -> OpenParcel {
-        let parcel = parcel::create(
-            store,
-            "p",
-            65536,
-            ParcelSecrets::generate(None),
-            &[pass("old"), pass("other")],
-            CHEAP,
-        )
-        .await
-        .unwrap();
-        let manifest = Manifest {
-            version: 1,
-            parent: None,
-            created: Timestamp::now(),
-            lock_nonce: None,
-            host: "h".into(),
-            message: "first".into(),
-            chunk_size: 65536,
-            entries: vec![],
-        };
-        parcel::commit(store, &parcel, &manifest).await.unwrap();
-        parcel
+        parcel::testing::parcel_with_one_version(store, &[pass("old"), pass("other")]).await
     }
 
     #[tokio::test]

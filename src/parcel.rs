@@ -637,6 +637,48 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// Parcels for other modules' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Argon2 parameters cheap enough for unit tests.
+    pub const CHEAP: KdfParams = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    /// Parcel `p` with one empty version, opened by each of `credentials`.
+    pub async fn parcel_with_one_version(
+        store: &StoreHandle,
+        credentials: &[Credential],
+    ) -> OpenParcel {
+        let parcel = create(
+            store,
+            "p",
+            65536,
+            ParcelSecrets::generate(None),
+            credentials,
+            CHEAP,
+        )
+        .await
+        .unwrap();
+        let manifest = Manifest {
+            version: 1,
+            parent: None,
+            created: Timestamp::now(),
+            lock_nonce: None,
+            host: "h".into(),
+            message: "first".into(),
+            chunk_size: 65536,
+            entries: vec![],
+        };
+        commit(store, &parcel, &manifest).await.unwrap();
+        parcel
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

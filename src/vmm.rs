@@ -86,6 +86,18 @@ impl ParcelVm {
     pub fn memory_image(&self) -> PathBuf {
         self.mount.join(&self.config.memory_image)
     }
+
+    /// The memory image as the saved state to resume from (and consume), when
+    /// it is there and not empty.
+    pub fn saved_memory_image(&self) -> Option<SavedState> {
+        let memory = self.memory_image();
+        std::fs::metadata(&memory)
+            .is_ok_and(|m| m.len() > 0)
+            .then(|| SavedState {
+                path: memory.clone(),
+                consumes: vec![memory],
+            })
+    }
 }
 
 /// A saved state in the mount that a VM resumes from.

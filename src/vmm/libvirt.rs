@@ -578,13 +578,7 @@ impl Vmm for LibvirtAdapter {
     /// The memory image, when it is there and not empty (resumed from with
     /// `virsh restore`, or refused when it is not libvirt's).
     fn saved_state(&self) -> Option<SavedState> {
-        let memory = self.vm.memory_image();
-        std::fs::metadata(&memory)
-            .is_ok_and(|m| m.len() > 0)
-            .then(|| SavedState {
-                path: memory.clone(),
-                consumes: vec![memory],
-            })
+        self.vm.saved_memory_image()
     }
 
     fn boot(&mut self) -> Result<Started, VmError> {

@@ -901,13 +901,7 @@ impl QemuAdapter {
 impl Vmm for QemuAdapter {
     /// The memory image, when it is there and not empty.
     fn saved_state(&self) -> Option<SavedState> {
-        let memory = self.vm.memory_image();
-        std::fs::metadata(&memory)
-            .is_ok_and(|m| m.len() > 0)
-            .then(|| SavedState {
-                path: memory.clone(),
-                consumes: vec![memory],
-            })
+        self.vm.saved_memory_image()
     }
 
     fn boot(&mut self) -> Result<Started, VmError> {
