@@ -237,7 +237,7 @@ pub enum Response {
     /// A sync or checkin finished.
     Committed {
         /// What it did.
-        report: CommitReport,
+        report: Box<CommitReport>,
     },
     /// A suspend finished: the VM's memory was saved (unless no VM was running
     /// under isrfsd), then the session was checked in.

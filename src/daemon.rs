@@ -169,7 +169,10 @@ fn starting_slot(
 ) -> Arc<VmSlot> {
     let config = supervise::load_config(parcel, mount);
     if let Ok(config) = &config {
-        session.prefetch_files(&config.boot_files(), Priority::Boot);
+        // Lazy mode's device state is small and read whole as QEMU starts.
+        let mut boot = config.boot_files();
+        boot.push(config.device_state.as_path());
+        session.prefetch_files(&boot, Priority::Boot);
         session.prefetch_files(&[config.memory_image.as_path()], Priority::Memory);
     }
     let kind = match requested {
@@ -263,7 +266,9 @@ impl Daemon {
                     );
                 };
                 match self.runtime.block_on(session.commit(&message, None)) {
-                    Ok(report) => Response::Committed { report },
+                    Ok(report) => Response::Committed {
+                        report: Box::new(report),
+                    },
                     Err(e) => error_response(e.class(), e.to_string()),
                 }
             }
@@ -411,7 +416,7 @@ impl Daemon {
         match self.checkin(parcel, message, wipe, None, reopen) {
             Response::Committed { report } => Response::Suspended {
                 saved: saved.map(Box::new),
-                report: Box::new(report),
+                report,
             },
             other => other,
         }
@@ -478,7 +483,15 @@ impl Daemon {
             fail(e)
         })?;
         let status = slot.remember(&mut vm);
-        tracing::info!(parcel, vmm = %chosen, from_memory = status.resumed_from_memory, seconds = status.start_seconds, "VM started");
+        tracing::info!(parcel, vmm = %chosen, from_memory = status.resumed_from_memory, seconds = status.start_seconds, lazy = status.ram_file.is_some(), "VM started");
+        if let Some(ram_file) = status
+            .ram_file
+            .as_ref()
+            .and_then(|f| f.strip_prefix(&mount).ok())
+            && let Some(session) = self.live_session(parcel)
+        {
+            session.record_working_set(ram_file);
+        }
         *guard = Some(vm);
         Ok((Some(status), warnings))
     }
@@ -526,15 +539,19 @@ impl Daemon {
             None => {
                 if let Some(report) = self.checked_in.lock().expect("checked_in").get(parcel) {
                     return Response::Committed {
-                        report: CommitReport {
+                        report: Box::new(CommitReport {
                             already_done: true,
                             ..report.clone()
-                        },
+                        }),
                     };
                 }
                 match self.reopen_for_checkin(parcel, reopen) {
                     Ok(Ok(session)) => Arc::new(session),
-                    Ok(Err(report)) => return Response::Committed { report },
+                    Ok(Err(report)) => {
+                        return Response::Committed {
+                            report: Box::new(report),
+                        };
+                    }
                     Err(response) => return response,
                 }
             }
@@ -547,7 +564,9 @@ impl Daemon {
             Err(e) => return error_response(e.class(), e.to_string()),
         };
         if report.already_done {
-            return Response::Committed { report };
+            return Response::Committed {
+                report: Box::new(report),
+            };
         }
         let mounted = self.sessions.lock().expect("sessions lock").remove(parcel);
         if let Some(mount) = mounted.and_then(|m| m.mount) {
@@ -569,7 +588,9 @@ impl Daemon {
             .lock()
             .expect("checked_in")
             .insert(parcel.to_owned(), report.clone());
-        Response::Committed { report }
+        Response::Committed {
+            report: Box::new(report),
+        }
     }
 
     /// Opens a session this daemon does not have (it was restarted) for

@@ -51,17 +51,22 @@ pub enum Priority {
     /// A file the VMM reads whole as it starts, before it loads the memory
     /// image (a kernel and initrd for direct boot, firmware).
     Boot = 1,
-    /// Part of a memory image the VMM will read whole before the guest runs.
-    Memory = 2,
+    /// Lazy memory's working set: the RAM chunks the guest touched first
+    /// after its last resume, in that order.
+    WorkingSet = 2,
+    /// Part of a memory image the VMM will read whole before the guest runs
+    /// (or, in lazy mode, the rest of the RAM file).
+    Memory = 3,
     /// In the access trace of the previous session.
-    Trace = 3,
+    Trace = 4,
     /// Sequential background prefetch / hoard.
-    Prefetch = 4,
+    Prefetch = 5,
 }
 
-const PRIORITIES: [Priority; 5] = [
+const PRIORITIES: [Priority; 6] = [
     Priority::Demand,
     Priority::Boot,
+    Priority::WorkingSet,
     Priority::Memory,
     Priority::Trace,
     Priority::Prefetch,
@@ -193,7 +198,7 @@ struct State {
     slots: HashMap<ChunkTag, Slot>,
     /// Per priority, chunks in arrival order; stale entries (started, or
     /// promoted to a higher queue) are skipped when popped.
-    queues: [VecDeque<ChunkTag>; 5],
+    queues: [VecDeque<ChunkTag>; 6],
     running: usize,
     window: BackgroundWindow,
     stopped: bool,

@@ -59,7 +59,7 @@ use crate::fetch::{FetchError, Fetcher, Priority};
 use crate::keys::ParcelSecrets;
 use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
 
-use access::AccessTrace;
+use access::{AccessTrace, WorkingSetRecorder};
 use decoded::DecodedChunks;
 use journal::UploadJournal;
 use records::{Change, ChunkSlot, Loaded, StateDb};
@@ -186,6 +186,7 @@ pub struct Image {
     frozen: AtomicBool,
     journal: Mutex<UploadJournal>,
     trace: Mutex<AccessTrace>,
+    working_set: Mutex<WorkingSetRecorder>,
 }
 
 impl std::fmt::Debug for Image {
@@ -259,6 +260,7 @@ impl Image {
             frozen: AtomicBool::new(false),
             journal: Mutex::new(UploadJournal::default()),
             trace: Mutex::new(AccessTrace::default()),
+            working_set: Mutex::new(WorkingSetRecorder::default()),
         };
         match image.state.load()? {
             Some(loaded) => image.resume(loaded)?,
@@ -475,6 +477,10 @@ impl Image {
                     match self.committed_chunk(&node, index) {
                         ChunkRef::Zero => out.resize(out.len() + take, 0),
                         ChunkRef::Stored { tag, key, .. } => {
+                            self.working_set
+                                .lock()
+                                .expect("working set lock")
+                                .read(node.id, index);
                             let data = self.stored_plaintext(tag, &key, Priority::Demand)?;
                             // A base file's last chunk may be shorter than the range read.
                             let available = data.len().saturating_sub(within).min(take);
@@ -1081,9 +1087,17 @@ impl Image {
     }
 
     /// Distinct overlay chunks sealed at least `quiet` ago that the upload
-    /// journal does not list yet: what the trickle uploader sends next.
-    pub fn upload_candidates(&self, quiet: Duration) -> Vec<ChunkTag> {
-        let overlay_tags: HashSet<ChunkTag> = self.overlay_tags().into_iter().collect();
+    /// journal does not list yet, of files other than `skip` (node ids):
+    /// what the trickle uploader sends next.
+    pub fn upload_candidates(&self, quiet: Duration, skip: &[u64]) -> Vec<ChunkTag> {
+        let overlay_tags: HashSet<ChunkTag> = self
+            .overlay
+            .read()
+            .expect("overlay lock")
+            .iter()
+            .filter(|((node, _), _)| !skip.contains(node))
+            .filter_map(|(_, chunk)| chunk.tag())
+            .collect();
         self.journal
             .lock()
             .expect("journal lock")
@@ -1121,6 +1135,24 @@ impl Image {
     /// The access trace so far: stored chunks in the order they were first read.
     pub fn trace(&self) -> Vec<ChunkTag> {
         self.trace.lock().expect("trace lock").order().to_vec()
+    }
+
+    /// Starts recording lazy memory's working set: the stored chunks of file
+    /// `id` read from now until `window` has passed, in first-read order.
+    pub fn record_working_set(&self, id: u64, window: Duration) {
+        self.working_set
+            .lock()
+            .expect("working set lock")
+            .start(id, window);
+    }
+
+    /// The working set recorded: the file and its chunk indexes in first-read
+    /// order (not kept across a restart of the daemon).
+    pub fn working_set(&self) -> Option<(u64, Vec<u64>)> {
+        self.working_set
+            .lock()
+            .expect("working set lock")
+            .recorded()
     }
 
     /// Appends the trace entries recorded since the last call to the state

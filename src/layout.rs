@@ -46,6 +46,12 @@ pub fn manifest(name: &str, version: u64) -> String {
 pub fn trace(name: &str, version: u64) -> String {
     format!("parcels/{name}/versions/{version:010}.trace")
 }
+/// `parcels/<name>/versions/<0000000042>.wset`: lazy memory's working set
+/// (the RAM chunks of the version its guest touched first after its last
+/// resume, in that order; optional). Sealed like a trace.
+pub fn working_set(name: &str, version: u64) -> String {
+    format!("parcels/{name}/versions/{version:010}.wset")
+}
 /// `parcels/<name>/versions/oldest`: the oldest version garbage collection
 /// kept, as decimal text (a hint for stores that cannot list).
 pub fn oldest_hint(name: &str) -> String {

@@ -17,6 +17,7 @@
 //! VMM reads before the guest runs further ahead ([`Session::prefetch_files`]).
 
 mod commit;
+pub mod memory;
 mod trickle;
 
 pub use commit::CommitReport;
@@ -346,6 +347,10 @@ pub struct SessionStatus {
     pub committed_version: Option<u64>,
     /// Fetch counters.
     pub fetch: FetchStats,
+    /// Chunks of lazy memory's stored working set fetched first at this
+    /// resume (0 when the base version has none).
+    #[serde(default)]
+    pub working_set_chunks: u64,
 }
 
 /// Detaches the mount at `mount` if it is dead: the FUSE mount of a daemon that
@@ -380,6 +385,7 @@ pub struct StatusSource {
     fetcher: Fetcher,
     cache: Arc<ChunkCache>,
     uploads: Arc<trickle::UploadCounters>,
+    working_set: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StatusSource {
@@ -410,6 +416,7 @@ impl StatusSource {
             trickle_rate: self.uploads.rate.load(std::sync::atomic::Ordering::Relaxed),
             committed_version: record.committed,
             fetch: self.fetcher.stats(),
+            working_set_chunks: self.working_set.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -439,6 +446,7 @@ pub struct Session {
     store: StoreHandle,
     context: SessionContext,
     uploads: Arc<trickle::UploadCounters>,
+    working_set: Arc<std::sync::atomic::AtomicU64>,
     trickle: trickle::Trickle,
     /// One sync or checkin at a time.
     commit_lock: tokio::sync::Mutex<()>,
@@ -642,10 +650,12 @@ impl Session {
             store,
             context,
             uploads,
+            working_set: Arc::default(),
             trickle,
             commit_lock: tokio::sync::Mutex::new(()),
             checked_in: Mutex::new(None),
         };
+        session.fetch_working_set();
         if session.context.prefetch {
             session.start_prefetch();
         }
@@ -695,6 +705,41 @@ impl Session {
         });
     }
 
+    /// Fetches the base version's working set (lazy memory, see [`memory`])
+    /// ahead of everything but demand reads and boot files, whether or not the
+    /// background prefetch is on: it is what the resumed guest touches first.
+    fn fetch_working_set(&self) {
+        let (store, parcel, version, fetcher, count) = (
+            self.store.clone(),
+            self.parcel.clone(),
+            self.record().base_version,
+            self.fetcher.clone(),
+            self.working_set.clone(),
+        );
+        self.context.runtime.spawn(async move {
+            match read_sealed_tags(&store, &parcel, version, layout::working_set(&parcel.name, version)).await {
+                Ok(Some(tags)) => {
+                    tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), "fetching the working set first");
+                    count.store(tags.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    fetcher.prefetch(tags, Priority::WorkingSet);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "ignoring the working set"),
+            }
+        });
+    }
+
+    /// Starts recording lazy memory's working set: the first reads of the
+    /// file at `path` (the VM's RAM file) for [`memory::WORKING_SET_WINDOW`].
+    pub fn record_working_set(&self, path: &Path) {
+        match self.image.resolve(&path.to_string_lossy()) {
+            Ok(node) => self
+                .image
+                .record_working_set(node.id, memory::WORKING_SET_WINDOW),
+            Err(e) => tracing::warn!(error = %e, "not recording the working set"),
+        }
+    }
+
     /// Moves the base version's chunks of `files` (paths relative to the
     /// parcel's root) ahead of the sweep, at `priority`: the daemon names the
     /// files its VMM reads before the guest runs ([`Priority::Boot`] for a
@@ -723,6 +768,7 @@ impl Session {
             fetcher: self.fetcher.clone(),
             cache: self.context.cache.clone(),
             uploads: self.uploads.clone(),
+            working_set: self.working_set.clone(),
         }
     }
 
@@ -761,7 +807,17 @@ pub async fn read_trace(
     parcel: &OpenParcel,
     version: u64,
 ) -> Result<Option<Vec<ChunkTag>>, SessionError> {
-    let key = layout::trace(&parcel.name, version);
+    read_sealed_tags(store, parcel, version, layout::trace(&parcel.name, version)).await
+}
+
+/// A list of chunk tags sealed like a trace ([`crate::trace`]) under `key`
+/// beside `version`; `None` when there is none.
+async fn read_sealed_tags(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    version: u64,
+    key: String,
+) -> Result<Option<Vec<ChunkTag>>, SessionError> {
     let bytes = match store.reader().get(&key).await {
         Ok(bytes) => bytes,
         Err(e) if e.is_not_found() => return Ok(None),

@@ -44,11 +44,14 @@
 //! state (running, saved, exited, handed) and consumes the saved state a resume
 //! started from.
 //!
-//! Another way of keeping memory fits the same interface: guest RAM as a file
-//! on the mount with only the device state saved, say, is a [`SavedState`]
-//! whose `consumes` names the device state but not the RAM file, a
-//! [`Vmm::resume`] that maps the one and loads the other, and a
-//! [`Vmm::suspend`] that writes the device state.
+//! Two ways of keeping memory fit the same interface ([`config::MemoryMode`]):
+//! a memory image (a [`SavedState`] of form [`SavedForm::MemoryImage`], read
+//! whole before the guest runs), and lazy mode (QEMU only): guest RAM as a file
+//! on the mount with only the device state saved — a [`SavedState`] of form
+//! [`SavedForm::DeviceState`] whose `consumes` names the device state but not
+//! the RAM file, a [`Vmm::resume`] that maps the one and loads the other, and a
+//! [`Vmm::suspend`] that makes the RAM file durable before it puts the device
+//! state in place.
 
 use std::path::PathBuf;
 
@@ -87,17 +90,51 @@ impl ParcelVm {
         self.mount.join(&self.config.memory_image)
     }
 
+    /// Lazy mode's RAM file in the mount (`vm.toml`'s `ram_file`).
+    pub fn ram_file(&self) -> PathBuf {
+        self.mount.join(&self.config.ram_file)
+    }
+
+    /// Lazy mode's device state in the mount (`vm.toml`'s `device_state`).
+    pub fn device_state(&self) -> PathBuf {
+        self.mount.join(&self.config.device_state)
+    }
+
     /// The memory image as the saved state to resume from (and consume), when
     /// it is there and not empty.
     pub fn saved_memory_image(&self) -> Option<SavedState> {
         let memory = self.memory_image();
-        std::fs::metadata(&memory)
-            .is_ok_and(|m| m.len() > 0)
-            .then(|| SavedState {
-                path: memory.clone(),
-                consumes: vec![memory],
-            })
+        is_non_empty(&memory).then(|| SavedState {
+            path: memory.clone(),
+            consumes: vec![memory],
+            form: SavedForm::MemoryImage,
+        })
     }
+
+    /// Lazy mode's saved state: the device state, with the RAM file it goes
+    /// with (both there, the device state not empty). Consumes the device
+    /// state only: the RAM file is the running guest's memory.
+    pub fn saved_device_state(&self) -> Option<SavedState> {
+        let state = self.device_state();
+        (is_non_empty(&state) && self.ram_file().is_file()).then(|| SavedState {
+            path: state.clone(),
+            consumes: vec![state],
+            form: SavedForm::DeviceState,
+        })
+    }
+}
+
+fn is_non_empty(path: &std::path::Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() > 0)
+}
+
+/// What a [`SavedState`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedForm {
+    /// The whole memory (image mode, or the VMM's own saved-state format).
+    MemoryImage,
+    /// Device state only; the memory is the RAM file (lazy mode).
+    DeviceState,
 }
 
 /// A saved state in the mount that a VM resumes from.
@@ -109,6 +146,8 @@ pub struct SavedState {
     /// from them, because they describe a moment the disks are about to move
     /// past (see [`supervise`]).
     pub consumes: Vec<PathBuf>,
+    /// What it holds.
+    pub form: SavedForm,
 }
 
 /// How a start ended.
@@ -146,6 +185,8 @@ pub struct AdapterStatus {
     pub vnc: Option<String>,
     /// The external command lines run, or to run when handed.
     pub steps: Vec<Vec<String>>,
+    /// Lazy memory: the RAM file on the mount that is the guest's memory.
+    pub ram_file: Option<PathBuf>,
 }
 
 /// One way of running a parcel's VM (see the module docs). Made for one

@@ -121,7 +121,7 @@ async fn call_reopening(
         if let Some(version) = isr::session::last_checkin(&context.config.state_dir, name) {
             // An earlier run finished the checkin (and was then interrupted).
             return Ok(Response::Committed {
-                report: CommitReport::finished_earlier(name, version),
+                report: Box::new(CommitReport::finished_earlier(name, version)),
             });
         }
         return Err(SessionError::NotResumed(name.to_owned()).into());
@@ -203,6 +203,13 @@ fn print_report(context: &CommandContext, report: &CommitReport, what: &str) -> 
             report.present_chunks,
         );
     }
+    if !report.left_out.is_empty() {
+        println!(
+            "{}: left out {} (the memory of a running or crashed VM, without its saved device state): this version holds the disks alone, and resuming it boots the VM",
+            report.parcel,
+            report.left_out.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -270,7 +277,7 @@ pub async fn suspend(context: &CommandContext, args: SuspendArgs) -> anyhow::Res
     let (saved, report) = match response {
         Response::Suspended { saved, report } => (saved, *report),
         // A rerun after the checkin was finished by an earlier run.
-        Response::Committed { report } => (None, report),
+        Response::Committed { report } => (None, *report),
         other => anyhow::bail!("isrfsd answered suspend with {other:?}"),
     };
     if context.global.json {
@@ -278,12 +285,21 @@ pub async fn suspend(context: &CommandContext, args: SuspendArgs) -> anyhow::Res
             .map(|()| ExitCode::SUCCESS);
     }
     match &saved {
-        Some(saved) => println!(
-            "{name}: VM memory saved to {} ({}) in {:.1} s",
-            saved.memory_image.display(),
-            output::bytes(saved.memory_bytes),
-            saved.seconds
-        ),
+        Some(saved) => match &saved.ram_file {
+            Some(ram_file) => println!(
+                "{name}: VM device state saved to {} ({}) in {:.1} s; its memory is {} (only the changed chunks are uploaded)",
+                saved.memory_image.display(),
+                output::bytes(saved.memory_bytes),
+                saved.seconds,
+                ram_file.display()
+            ),
+            None => println!(
+                "{name}: VM memory saved to {} ({}) in {:.1} s",
+                saved.memory_image.display(),
+                output::bytes(saved.memory_bytes),
+                saved.seconds
+            ),
+        },
         None => println!("{name}: no VM running under isrfsd; checking in the files as they are"),
     }
     print_report(context, &report, "checked in")?;

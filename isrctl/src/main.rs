@@ -119,6 +119,11 @@ enum Command {
     /// The version is one point in time: every write either made it entirely
     /// or not at all. Only chunks not yet in the store are uploaded (most are
     /// usually there already: the daemon trickles changes up in the background).
+    ///
+    /// With a VM running, the version holds its disks alone, as after a power
+    /// cut: its memory is not saved (in lazy mode the live RAM file is left out
+    /// of the version and not uploaded), so resuming that version boots the VM.
+    /// `isrctl suspend` saves memory and disks together.
     Sync(checkin::SyncArgs),
     /// Commit a resumed parcel as a new version, unmount it, release its lock.
     ///

@@ -82,13 +82,17 @@ pub(super) async fn delete_versions(
     for &version in delete {
         writer.delete(&layout::manifest(name, version)).await?;
         writer.delete(&layout::trace(name, version)).await?;
+        writer.delete(&layout::working_set(name, version)).await?;
     }
-    // Traces of versions that are gone (an interrupted earlier gc).
+    // Traces and working sets of versions that are gone (an interrupted earlier gc).
     let prefix = layout::versions(name);
     for key in lister.list(&prefix).await? {
         let stray = key
             .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(".trace"))
+            .and_then(|rest| {
+                rest.strip_suffix(".trace")
+                    .or_else(|| rest.strip_suffix(".wset"))
+            })
             .and_then(|number| number.parse::<u64>().ok())
             .is_some_and(|version| version < oldest_kept);
         if stray {

@@ -51,3 +51,44 @@ impl AccessTrace {
         self.persisted = self.persisted.max(end);
     }
 }
+
+/// Lazy memory's working set as it is recorded: the chunk indexes of one file
+/// (the VM's RAM file) in the order of their first read, during a window that
+/// starts when the VM does. Only reads of stored chunks count (a hole or a
+/// chunk this session wrote costs no fetch).
+#[derive(Debug, Default)]
+pub(super) struct WorkingSetRecorder {
+    node: Option<u64>,
+    until: Option<std::time::Instant>,
+    seen: HashSet<u64>,
+    order: Vec<u64>,
+}
+
+impl WorkingSetRecorder {
+    /// Records reads of file `node` from now until `window` has passed,
+    /// replacing what was recorded before.
+    pub(super) fn start(&mut self, node: u64, window: std::time::Duration) {
+        *self = WorkingSetRecorder {
+            node: Some(node),
+            until: Some(std::time::Instant::now() + window),
+            ..WorkingSetRecorder::default()
+        };
+    }
+
+    /// Notes a read of chunk `index` of file `node`.
+    pub(super) fn read(&mut self, node: u64, index: u64) {
+        if self.node == Some(node)
+            && self
+                .until
+                .is_some_and(|until| std::time::Instant::now() < until)
+            && self.seen.insert(index)
+        {
+            self.order.push(index);
+        }
+    }
+
+    /// The file recorded and its chunk indexes in first-read order.
+    pub(super) fn recorded(&self) -> Option<(u64, Vec<u64>)> {
+        self.node.map(|node| (node, self.order.clone()))
+    }
+}

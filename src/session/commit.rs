@@ -34,7 +34,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::trickle::{local_chunk, upload_new};
-use super::{Session, SessionError, check_lock, write_record};
+use super::{Session, SessionError, check_lock, memory, write_record};
 use crate::chunk::ChunkTag;
 use crate::image::journal::unix_now;
 use crate::layout;
@@ -69,6 +69,11 @@ pub struct CommitReport {
     /// True when an earlier request already did this checkin.
     #[serde(default)]
     pub already_done: bool,
+    /// Files of the session the version leaves out: lazy memory's RAM file
+    /// without its device state (the VM runs, or crashed: the version holds
+    /// the disks alone and its next resume boots), see [`super::memory`].
+    #[serde(default)]
+    pub left_out: Vec<String>,
 }
 
 impl CommitReport {
@@ -87,6 +92,7 @@ impl CommitReport {
             new_bytes: 0,
             seconds: 0.0,
             already_done: true,
+            left_out: Vec::new(),
         }
     }
 }
@@ -139,15 +145,21 @@ impl Session {
     ) -> Result<CommitReport, SessionError> {
         let started = Instant::now();
         let (image, base) = (self.image.clone(), self.base.clone());
-        let (snapshot, pinned) = tokio::task::spawn_blocking(move || {
+        let (mut snapshot, pinned, config) = tokio::task::spawn_blocking(move || {
             image.persist_trace()?;
-            image.snapshot(&base)
+            let (snapshot, pinned) = image.snapshot(&base)?;
+            Ok::<_, crate::image::ImageError>((snapshot, pinned, memory::image_vm_config(&image)))
         })
         .await
         .expect("snapshot task")?;
+        let left_out = memory::leave_out_unpaired(&mut snapshot, config.as_ref());
+        if !left_out.is_empty() {
+            tracing::info!(parcel = %self.parcel.name, ?left_out, "lazy memory without its device state: the version holds the disks alone");
+        }
         let result = self
             .commit_snapshot(snapshot, message, save_as, started)
-            .await;
+            .await
+            .map(|report| CommitReport { left_out, ..report });
         self.context.cache.unpin(pinned.iter());
         result
     }
@@ -223,6 +235,7 @@ impl Session {
                 new_bytes: 0,
                 seconds: started.elapsed().as_secs_f64(),
                 already_done: false,
+                left_out: Vec::new(),
             });
         }
 
@@ -262,6 +275,8 @@ impl Session {
         }
         tracing::info!(parcel = %target.name, version, "committed");
         self.store_trace(target, version, &trace).await;
+        let working_set = memory::working_set_tags(&self.image, &manifest);
+        self.store_working_set(target, version, &working_set).await;
         if save_as.is_none() {
             self.note_committed(version)?;
         }
@@ -278,7 +293,30 @@ impl Session {
             new_bytes,
             seconds: started.elapsed().as_secs_f64(),
             already_done: false,
+            left_out: Vec::new(),
         })
+    }
+
+    /// Stores lazy memory's working set beside `version` (see
+    /// [`super::memory`]); like the trace, it only orders fetching.
+    async fn store_working_set(&self, parcel: &OpenParcel, version: u64, tags: &[ChunkTag]) {
+        if tags.is_empty() {
+            return;
+        }
+        let sealed = crate::trace::seal(tags, &parcel.secrets.parcel_key, &parcel.id, version);
+        let stored = match self.store.writer("store the working set") {
+            Ok(writer) => writer
+                .put_new(&layout::working_set(&parcel.name, version), sealed.into())
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(()) => {
+                tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), "stored the working set")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not store the working set"),
+        }
     }
 
     /// Stores the access trace beside `version` unless it has one. The trace

@@ -185,7 +185,12 @@ async fn run(parts: TrickleParts, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
         // Up to one tick's worth of bytes, paced, then look again (chunks
         // rewritten meanwhile drop out of the candidates).
         let mut budget = rate_now(best_upload) as i64;
-        for tag in parts.image.upload_candidates(settings.quiet) {
+        // Lazy memory's RAM file while its guest runs is left alone.
+        let image = parts.image.clone();
+        let skip = tokio::task::spawn_blocking(move || super::memory::unpaired_nodes(&image))
+            .await
+            .unwrap_or_default();
+        for tag in parts.image.upload_candidates(settings.quiet, &skip) {
             if stop.load(Ordering::SeqCst) {
                 break;
             }

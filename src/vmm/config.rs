@@ -10,7 +10,11 @@
 //! memory = "512M"              # guest RAM: MiB as an integer (512), or "512M", "2G"
 //!                              # (also "512MiB", "2GiB"); 16 MiB to 1 TiB
 //! cpus = 1                     # virtual CPUs, 1 to 255 (default 1)
-//! memory_image = "memory.img"  # the saved-state (suspended memory) file (default memory.img)
+//! memory_mode = "lazy"        # qemu: "lazy" (default) or "image"; others: "image" only
+//! memory_image = "memory.img"  # image mode: the saved memory (default memory.img)
+//! ram_file = "memory.ram"      # lazy mode: guest RAM itself, a file on the mount (default memory.ram)
+//! device_state = "state.mig"   # lazy mode: the saved device state (default state.mig)
+//! free_page_reporting = true   # qemu: a virtio-balloon reporting free guest pages (default true)
 //! kernel = "vmlinuz"           # optional direct kernel boot (no bootloader on the disk)
 //! initrd = "initrd.img"        # optional, only with kernel
 //! append = "console=ttyS0"     # optional kernel command line, only with kernel
@@ -43,8 +47,24 @@
 //! - `memory` (required): guest RAM, a whole number of MiB. A string takes a binary
 //!   suffix: `M`/`MiB` or `G`/`GiB`.
 //! - `cpus`: number of virtual CPUs.
+//! - `memory_mode`: how the VM's memory is kept in the parcel.
+//!   - `lazy` (QEMU's default): guest RAM *is* `ram_file`, a file on the mount
+//!     that QEMU maps; a suspend saves only the device state (`device_state`,
+//!     a few hundred KB) and the RAM file's changed chunks, and a resume starts
+//!     the guest at once while its memory arrives on demand. `ram_file` and
+//!     `device_state` are one unit: a version holds both or neither.
+//!   - `image` (libvirt's and VirtualBox's only mode): suspend writes the whole
+//!     memory into `memory_image` and resume reads all of it before the guest
+//!     runs. A version saved in either mode resumes in the other.
 //! - `memory_image`: the file the VM's memory is saved into on suspend and restored
-//!   from on resume; it need not exist before the first suspend.
+//!   from on resume in image mode; it need not exist before the first suspend.
+//! - `ram_file`, `device_state`: lazy mode's two files (created by the first boot
+//!   and the first suspend).
+//! - `free_page_reporting`: QEMU gets a `virtio-balloon` device with free page
+//!   reporting: the guest reports the pages it frees, and QEMU punches them out
+//!   of the RAM file (lazy mode), so they are zero chunks, neither fetched nor
+//!   stored. Part of the VM's device set: change it only while the parcel holds
+//!   no saved memory.
 //! - `kernel`, `initrd`, `append`: boot this kernel directly instead of from the
 //!   first disk (the test guest does this). `initrd` and `append` need `kernel`.
 //! - `extra_args`: extra QEMU command-line arguments, one string per argument
@@ -346,6 +366,28 @@ fn default_memory_image() -> PathBuf {
     PathBuf::from("memory.img")
 }
 
+fn default_ram_file() -> PathBuf {
+    PathBuf::from("memory.ram")
+}
+
+fn default_device_state() -> PathBuf {
+    PathBuf::from("state.mig")
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How a VM's memory is kept in the parcel (`memory_mode`; see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// Guest RAM is a file on the mount; only device state is saved.
+    Lazy,
+    /// The whole memory is saved into one image.
+    Image,
+}
+
 /// A parcel's VM description (`vm.toml`), validated.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -357,9 +399,21 @@ pub struct VmConfig {
     /// Virtual CPUs.
     #[serde(default = "default_cpus")]
     pub cpus: u32,
-    /// The saved-state file, relative to the parcel's root.
+    /// How memory is kept; `None` means the VMM's default ([`VmConfig::memory_mode`]).
+    #[serde(default, rename = "memory_mode")]
+    pub memory_mode_setting: Option<MemoryMode>,
+    /// Image mode's saved memory, relative to the parcel's root.
     #[serde(default = "default_memory_image")]
     pub memory_image: PathBuf,
+    /// Lazy mode's RAM file.
+    #[serde(default = "default_ram_file")]
+    pub ram_file: PathBuf,
+    /// Lazy mode's saved device state.
+    #[serde(default = "default_device_state")]
+    pub device_state: PathBuf,
+    /// A virtio-balloon device with free page reporting (QEMU).
+    #[serde(default = "default_true")]
+    pub free_page_reporting: bool,
     /// Direct kernel boot: the kernel, relative to the parcel's root.
     #[serde(default)]
     pub kernel: Option<PathBuf>,
@@ -414,10 +468,23 @@ impl VmConfig {
         self.memory.0
     }
 
-    /// Every parcel file the description names (memory image, disks, kernel,
-    /// initrd), relative to the parcel's root.
+    /// How memory is kept: as `memory_mode` says, else lazy for QEMU and image
+    /// for the others.
+    pub fn memory_mode(&self) -> MemoryMode {
+        self.memory_mode_setting.unwrap_or(match self.vmm {
+            VmmKind::Qemu => MemoryMode::Lazy,
+            _ => MemoryMode::Image,
+        })
+    }
+
+    /// Every parcel file the description names (memory image, RAM file, device
+    /// state, disks, kernel, initrd), relative to the parcel's root.
     pub fn files(&self) -> Vec<&Path> {
-        let mut files = vec![self.memory_image.as_path()];
+        let mut files = vec![
+            self.memory_image.as_path(),
+            self.ram_file.as_path(),
+            self.device_state.as_path(),
+        ];
         files.extend(self.disks.iter().map(|d| d.file.as_path()));
         files.extend(self.kernel.as_deref());
         files.extend(self.initrd.as_deref());
@@ -457,6 +524,17 @@ impl VmConfig {
             ));
         }
         check_parcel_path("memory_image", &self.memory_image)?;
+        check_parcel_path("ram_file", &self.ram_file)?;
+        check_parcel_path("device_state", &self.device_state)?;
+        if self.memory_mode_setting == Some(MemoryMode::Lazy) && self.vmm != VmmKind::Qemu {
+            return Err(invalid(
+                "memory_mode",
+                format!(
+                    "\"lazy\" needs QEMU ({} saves whole memory images): set memory_mode = \"image\", or vmm = \"qemu\"",
+                    self.vmm.as_str()
+                ),
+            ));
+        }
         for (i, disk) in self.disks.iter().enumerate() {
             check_parcel_path(&format!("disk[{i}].file"), &disk.file)?;
         }
@@ -488,14 +566,27 @@ impl VmConfig {
             }
         }
         let mut seen = HashSet::new();
-        seen.insert(normalise(&self.memory_image));
-        for (i, disk) in self.disks.iter().enumerate() {
-            if !seen.insert(normalise(&disk.file)) {
+        let memory_files = [
+            ("memory_image", &self.memory_image),
+            ("ram_file", &self.ram_file),
+            ("device_state", &self.device_state),
+        ];
+        let disk_files = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, disk)| (format!("disk[{i}].file"), &disk.file));
+        for (field, file) in memory_files
+            .into_iter()
+            .map(|(f, p)| (f.to_owned(), p))
+            .chain(disk_files)
+        {
+            if !seen.insert(normalise(file)) {
                 return Err(invalid(
-                    &format!("disk[{i}].file"),
+                    &field,
                     format!(
-                        "{} is already used by memory_image or another disk: give each its own file",
-                        disk.file.display()
+                        "{} is already used by memory_image, ram_file, device_state or a disk: give each its own file",
+                        file.display()
                     ),
                 ));
             }
@@ -671,11 +762,52 @@ file = "disk.img"
             config.files(),
             [
                 Path::new("memory.img"),
+                Path::new("memory.ram"),
+                Path::new("state.mig"),
                 Path::new("disk.img"),
                 Path::new("vmlinuz"),
                 Path::new("initrd.img")
             ]
         );
+        assert_eq!(config.memory_mode(), MemoryMode::Lazy, "QEMU's default");
+        assert!(config.free_page_reporting);
+    }
+
+    #[test]
+    fn memory_modes() {
+        let parse = |vmm: &str, extra: &str| {
+            VmConfig::parse(&format!(
+                "vmm = \"{vmm}\"\nmemory = 64\n{extra}[[disk]]\nfile = \"disk.img\"\n"
+            ))
+        };
+        assert_eq!(parse("qemu", "").unwrap().memory_mode(), MemoryMode::Lazy);
+        let image = parse("qemu", "memory_mode = \"image\"\n").unwrap();
+        assert_eq!(image.memory_mode(), MemoryMode::Image);
+        for vmm in ["libvirt", "virtualbox"] {
+            assert_eq!(parse(vmm, "").unwrap().memory_mode(), MemoryMode::Image);
+            let error = parse(vmm, "memory_mode = \"lazy\"\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with("vm.toml: memory_mode: \"lazy\" needs QEMU"),
+                "{error}"
+            );
+        }
+        let error = parse("qemu", "memory_mode = \"eager\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("memory_mode"), "{error}");
+        let error = parse("qemu", "ram_file = \"disk.img\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("vm.toml: disk[0].file: disk.img is already used"),
+            "{error}"
+        );
+        let error = parse("qemu", "device_state = \"/abs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("vm.toml: device_state"), "{error}");
     }
 
     #[test]

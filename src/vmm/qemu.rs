@@ -32,9 +32,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::config::{DiskInterface, DisplayKind, NicMode, NicModel, Protocol, VmConfig};
+use super::config::{
+    DiskInterface, DisplayKind, MemoryMode, NicMode, NicModel, Protocol, VmConfig,
+};
 use super::qmp::{Qmp, QmpError};
-use super::{AdapterStatus, Ended, ParcelVm, SavedState, Started, VmError, Vmm};
+use super::{AdapterStatus, Ended, ParcelVm, SavedForm, SavedState, Started, VmError, Vmm};
 use crate::error::{Classify, ErrorClass};
 
 /// The accelerator used unless the runtime says otherwise. `tcg` (emulation)
@@ -242,6 +244,9 @@ pub struct QemuRuntime {
     pub dir: PathBuf,
     /// Start with `-incoming defer` (to load a saved state).
     pub incoming: bool,
+    /// Guest RAM backed by this file (lazy mode: the parcel's RAM file on the
+    /// mount, shared, mapped by QEMU), instead of QEMU's anonymous memory.
+    pub ram_file: Option<PathBuf>,
 }
 
 impl QemuRuntime {
@@ -252,6 +257,7 @@ impl QemuRuntime {
             accel: DEFAULT_ACCEL.into(),
             dir: dir.into(),
             incoming: false,
+            ram_file: None,
         }
     }
 
@@ -302,7 +308,21 @@ pub fn qemu_command(config: &VmConfig, parcel_dir: &Path, runtime: &QemuRuntime)
 pub fn qemu_args(config: &VmConfig, parcel_dir: &Path, runtime: &QemuRuntime) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-    push(&["-nodefaults", "-no-user-config", "-machine", "pc"]);
+    push(&["-nodefaults", "-no-user-config"]);
+    match &runtime.ram_file {
+        // prealloc stays off: it would read the whole file before the guest runs.
+        Some(ram_file) => push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                config.memory_mib(),
+                option_path(ram_file)
+            ),
+            "-machine",
+            "pc,memory-backend=ram0",
+        ]),
+        None => push(&["-machine", "pc"]),
+    }
     push(&["-accel", &runtime.accel]);
     push(&["-m", &config.memory_mib().to_string()]);
     push(&["-smp", &config.cpus.to_string()]);
@@ -390,6 +410,15 @@ pub fn qemu_args(config: &VmConfig, parcel_dir: &Path, runtime: &QemuRuntime) ->
             }
         }
     }
+    if config.free_page_reporting {
+        args.extend(
+            [
+                "-device",
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+            ]
+            .map(OsString::from),
+        );
+    }
     args.push("-serial".into());
     args.push(format!("file:{}", runtime.serial_log().display()).into());
     args.push("-qmp".into());
@@ -421,23 +450,65 @@ pub fn partial_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.partial"))
 }
 
-fn set_migration_options(qmp: &mut Qmp, version: QemuVersion) -> Result<(), QemuError> {
+/// What a migration file holds, and so how it is written and read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFormat {
+    /// The whole memory at fixed offsets (`file:` + mapped-ram, QEMU ≥ 9).
+    MappedRam,
+    /// The whole memory as a migration stream (`exec:cat`, any QEMU).
+    Stream,
+    /// Device state only (`file:` + `x-ignore-shared`): the RAM is a shared
+    /// file-backed memory backend that QEMU leaves where it is (lazy mode).
+    DeviceOnly,
+}
+
+impl StateFormat {
+    /// The whole-memory format a QEMU of `version` writes.
+    pub fn memory_image(version: QemuVersion) -> StateFormat {
+        if version.has_mapped_ram() {
+            StateFormat::MappedRam
+        } else {
+            StateFormat::Stream
+        }
+    }
+
+    fn uri(self, file: &Path, incoming: bool) -> String {
+        match (self, incoming) {
+            (StateFormat::Stream, false) => format!("exec:cat > {}", shell_quote(file)),
+            (StateFormat::Stream, true) => format!("exec:cat {}", shell_quote(file)),
+            _ => format!("file:{}", file.display()),
+        }
+    }
+}
+
+fn set_migration_options(qmp: &mut Qmp, format: StateFormat) -> Result<(), QemuError> {
     qmp.execute(
         "migrate-set-parameters",
         Some(json!({ "max-bandwidth": MAX_BANDWIDTH })),
     )?;
-    if version.has_mapped_ram() {
-        qmp.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": [
-                { "capability": "mapped-ram", "state": true },
-                { "capability": "multifd", "state": true },
-            ] })),
-        )?;
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({ "multifd-channels": MULTIFD_CHANNELS })),
-        )?;
+    match format {
+        StateFormat::MappedRam => {
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [
+                    { "capability": "mapped-ram", "state": true },
+                    { "capability": "multifd", "state": true },
+                ] })),
+            )?;
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(json!({ "multifd-channels": MULTIFD_CHANNELS })),
+            )?;
+        }
+        StateFormat::DeviceOnly => {
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [
+                    { "capability": "x-ignore-shared", "state": true },
+                ] })),
+            )?;
+        }
+        StateFormat::Stream => {}
     }
     Ok(())
 }
@@ -456,9 +527,37 @@ fn migration_error(status: &Value) -> String {
 /// migration completed and the file is synced; on any error the partial file is
 /// removed and `dest` is untouched.
 pub fn save_memory(qmp: &mut Qmp, dest: &Path, version: QemuVersion) -> Result<(), QemuError> {
+    save_state(qmp, dest, StateFormat::memory_image(version), None)
+}
+
+/// Suspends in lazy mode: stops the VM, saves its device state into `dest`
+/// (`x-ignore-shared`), makes `ram_file` durable (QEMU never syncs it: its
+/// pages reach the file only by the kernel's writeback), and only then puts the
+/// device state in place and quits QEMU. So a device state in place always has
+/// its RAM file beside it, complete; on any error `dest` is untouched.
+pub fn save_device_state(qmp: &mut Qmp, dest: &Path, ram_file: &Path) -> Result<(), QemuError> {
+    save_state(qmp, dest, StateFormat::DeviceOnly, Some(ram_file))
+}
+
+/// Syncs `file` (opened for reading: fsync writes back its dirty pages).
+fn sync_file(file: &Path) -> Result<(), QemuError> {
+    File::open(file)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("syncing {}", file.display())))
+}
+
+fn save_state(
+    qmp: &mut Qmp,
+    dest: &Path,
+    format: StateFormat,
+    ram_file: Option<&Path>,
+) -> Result<(), QemuError> {
     let what = || format!("saving the VM's memory to {}", dest.display());
     let partial = partial_name(dest);
-    let result = save_to_partial(qmp, &partial, version).and_then(|()| {
+    let result = save_to_partial(qmp, &partial, format).and_then(|()| {
+        if let Some(ram_file) = ram_file {
+            sync_file(ram_file)?;
+        }
         let file = File::open(&partial).map_err(io(format!("opening {}", partial.display())))?;
         file.sync_all()
             .map_err(io(format!("syncing {}", partial.display())))?;
@@ -492,15 +591,11 @@ pub fn save_memory(qmp: &mut Qmp, dest: &Path, version: QemuVersion) -> Result<(
     }
 }
 
-fn save_to_partial(qmp: &mut Qmp, partial: &Path, version: QemuVersion) -> Result<(), QemuError> {
+fn save_to_partial(qmp: &mut Qmp, partial: &Path, format: StateFormat) -> Result<(), QemuError> {
     let _ = std::fs::remove_file(partial);
     qmp.execute("stop", None)?;
-    set_migration_options(qmp, version)?;
-    let uri = if version.has_mapped_ram() {
-        format!("file:{}", partial.display())
-    } else {
-        format!("exec:cat > {}", shell_quote(partial))
-    };
+    set_migration_options(qmp, format)?;
+    let uri = format.uri(partial, false);
     qmp.execute("migrate", Some(json!({ "uri": uri })))?;
     loop {
         let status = qmp.execute("query-migrate", None)?;
@@ -520,6 +615,17 @@ fn save_to_partial(qmp: &mut Qmp, partial: &Path, version: QemuVersion) -> Resul
 /// Resumes: loads `src` into a QEMU started with `-incoming defer` and continues
 /// the VM (a VM stopped before saving comes back paused), then checks it runs.
 pub fn load_memory(qmp: &mut Qmp, src: &Path, version: QemuVersion) -> Result<(), QemuError> {
+    load_state(qmp, src, StateFormat::memory_image(version))
+}
+
+/// Resumes in lazy mode: loads the device state `src` into a QEMU started with
+/// `-incoming defer` over the RAM file it was saved with, then continues the VM.
+/// No memory is read: the guest's pages come from the RAM file as it touches them.
+pub fn load_device_state(qmp: &mut Qmp, src: &Path) -> Result<(), QemuError> {
+    load_state(qmp, src, StateFormat::DeviceOnly)
+}
+
+fn load_state(qmp: &mut Qmp, src: &Path, format: StateFormat) -> Result<(), QemuError> {
     let what = || format!("loading the VM's memory from {}", src.display());
     if !src.is_file() {
         return Err(QemuError::Migration {
@@ -527,12 +633,8 @@ pub fn load_memory(qmp: &mut Qmp, src: &Path, version: QemuVersion) -> Result<()
             reason: "no such file".into(),
         });
     }
-    set_migration_options(qmp, version)?;
-    let uri = if version.has_mapped_ram() {
-        format!("file:{}", src.display())
-    } else {
-        format!("exec:cat {}", shell_quote(src))
-    };
+    set_migration_options(qmp, format)?;
+    let uri = format.uri(src, true);
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
     loop {
         let migration = qmp.execute("query-migrate", None)?;
@@ -639,6 +741,25 @@ impl QemuVm {
         }
     }
 
+    /// Starts QEMU over the RAM file `runtime.ram_file` waiting for a saved
+    /// device state, loads `device_state` ([`load_device_state`]) and runs the VM.
+    pub fn resume_lazy(
+        config: &VmConfig,
+        parcel_dir: &Path,
+        runtime: &QemuRuntime,
+        device_state: &Path,
+    ) -> Result<QemuVm, QemuError> {
+        let runtime = QemuRuntime {
+            incoming: true,
+            ..runtime.clone()
+        };
+        let mut vm = QemuVm::start(config, parcel_dir, runtime)?;
+        match load_device_state(&mut vm.qmp, device_state) {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(vm.fail(format!("resuming from {}", device_state.display()), e)),
+        }
+    }
+
     /// Starts QEMU as `runtime` says (booting, or with `-incoming defer` waiting
     /// for [`load_memory`] through [`QemuVm::qmp`]) and connects over QMP.
     pub fn start(
@@ -735,8 +856,25 @@ impl QemuVm {
     /// alive the VM is continued (`cont`) and goes on running as if nothing had
     /// happened ([`QemuVm::is_running`] tells), otherwise QEMU is killed.
     pub fn suspend_to(&mut self, memory_image: &Path) -> Result<(), QemuError> {
-        let what = format!("suspending the VM to {}", memory_image.display());
-        if let Err(e) = save_memory(&mut self.qmp, memory_image, self.version) {
+        let format = StateFormat::memory_image(self.version);
+        self.suspend_as(memory_image, format, None)
+    }
+
+    /// Suspends the VM in lazy mode: its device state into `device_state`, its
+    /// RAM file made durable first (see [`save_device_state`]); otherwise as
+    /// [`QemuVm::suspend_to`].
+    pub fn suspend_lazy(&mut self, device_state: &Path, ram_file: &Path) -> Result<(), QemuError> {
+        self.suspend_as(device_state, StateFormat::DeviceOnly, Some(ram_file))
+    }
+
+    fn suspend_as(
+        &mut self,
+        dest: &Path,
+        format: StateFormat,
+        ram_file: Option<&Path>,
+    ) -> Result<(), QemuError> {
+        let what = format!("suspending the VM to {}", dest.display());
+        if let Err(e) = save_state(&mut self.qmp, dest, format, ram_file) {
             if self.is_running() && self.qmp.execute("cont", None).is_ok() {
                 tracing::warn!(error = %e, "suspend failed; the VM goes on running");
                 return Err(QemuError::Process {
@@ -848,7 +986,22 @@ pub fn kill_leftover(dir: &Path) {
 
 /// The QEMU [`Vmm`]: a [`QemuVm`] started from the mount, its runtime files
 /// (QMP socket, serial console, QEMU's log, `qemu.pid`) in the VM's runtime
-/// directory. Resumes from and suspends to the memory image `vm.toml` names.
+/// directory.
+///
+/// Memory ([`MemoryMode`]): in lazy mode guest RAM is the parcel's RAM file,
+/// mapped from the mount, and a suspend saves the device state beside it; in
+/// image mode RAM is QEMU's own and a suspend saves the memory image. A resume
+/// takes whichever saved state the parcel holds (a device state with its RAM
+/// file first), so a version saved in one mode resumes in the other: a device
+/// state always needs the RAM file it was saved with; a memory image loads
+/// into either kind of RAM. A boot, or a resume from a memory image, removes a
+/// RAM file left from before (its pages would be fetched for nothing) so QEMU
+/// starts from a sparse new one.
+///
+/// With the RAM file on the mount, QEMU's process runs with transparent huge
+/// pages disabled ([`disable_huge_pages`]): QEMU advises huge pages on guest
+/// RAM, which turns every fault of a 4 KiB page into a read of up to 2 MiB
+/// around it — megabytes fetched that the guest never touches.
 #[derive(Debug)]
 pub struct QemuAdapter {
     vm: ParcelVm,
@@ -878,7 +1031,21 @@ impl QemuAdapter {
     fn start(&mut self, saved: Option<&SavedState>) -> Result<Started, VmError> {
         kill_leftover(&self.vm.dir);
         let config = &self.vm.config;
+        let from_device_state = saved.is_some_and(|s| s.form == SavedForm::DeviceState);
+        let ram_file = self.vm.ram_file();
+        self.runtime.ram_file = if from_device_state || config.memory_mode() == MemoryMode::Lazy {
+            if !from_device_state {
+                remove_stale(&ram_file)?;
+            }
+            disable_huge_pages();
+            Some(ram_file)
+        } else {
+            None
+        };
         let mut qemu = match saved {
+            Some(saved) if from_device_state => {
+                QemuVm::resume_lazy(config, &self.vm.mount, &self.runtime, &saved.path)?
+            }
             Some(saved) => QemuVm::resume_from(config, &self.vm.mount, &self.runtime, &saved.path)?,
             None => QemuVm::boot(config, &self.vm.mount, &self.runtime)?,
         };
@@ -898,10 +1065,33 @@ impl QemuAdapter {
     }
 }
 
+/// Removes a RAM file that a boot (or a memory image's load) would only
+/// overwrite.
+fn remove_stale(ram_file: &Path) -> Result<(), VmError> {
+    match std::fs::remove_file(ram_file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VmError::Io {
+            what: format!("removing the old RAM file {}", ram_file.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Disables transparent huge pages for this process and the QEMU it starts
+/// (`PR_SET_THP_DISABLE`, inherited across fork and exec). Process-wide, so it
+/// also covers the daemon's own memory, which gains nothing from huge pages.
+fn disable_huge_pages() {
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::warn!(error = %e, "cannot disable transparent huge pages: faults on guest RAM will read more than they need");
+    }
+}
+
 impl Vmm for QemuAdapter {
-    /// The memory image, when it is there and not empty.
+    /// Lazy mode's device state with its RAM file, else the memory image.
     fn saved_state(&self) -> Option<SavedState> {
-        self.vm.saved_memory_image()
+        self.vm
+            .saved_device_state()
+            .or_else(|| self.vm.saved_memory_image())
     }
 
     fn boot(&mut self) -> Result<Started, VmError> {
@@ -914,15 +1104,28 @@ impl Vmm for QemuAdapter {
         self.start(Some(saved))
     }
 
+    /// Lazy mode with RAM on the mount: the device state; otherwise the
+    /// memory image (from RAM on the mount too, when the parcel's mode is image).
     fn suspend(&mut self) -> Result<(), VmError> {
-        let memory = self.vm.memory_image();
+        let lazy =
+            self.runtime.ram_file.is_some() && self.vm.config.memory_mode() == MemoryMode::Lazy;
+        let (memory, device_state, ram_file) = (
+            self.vm.memory_image(),
+            self.vm.device_state(),
+            self.vm.ram_file(),
+        );
         let Some(qemu) = self.qemu.as_mut() else {
             return Err(VmError::NotRunning {
                 parcel: self.vm.parcel.clone(),
                 why: "QEMU was not started".into(),
             });
         };
-        if let Err(e) = qemu.suspend_to(&memory) {
+        let saved = if lazy {
+            qemu.suspend_lazy(&device_state, &ram_file)
+        } else {
+            qemu.suspend_to(&memory)
+        };
+        if let Err(e) = saved {
             if !qemu.is_running() {
                 self.died = Some(Ended {
                     why: format!("QEMU died while suspending: {e}"),
@@ -970,6 +1173,7 @@ impl Vmm for QemuAdapter {
             qmp_socket: Some(runtime.qmp_socket()),
             vnc: self.vnc.clone(),
             steps: Vec::new(),
+            ram_file: self.runtime.ram_file.clone(),
         }
     }
 }
@@ -1020,7 +1224,15 @@ mod tests {
                 "file=/mnt/p/disk.img,if=none,id=disk0,format=raw,cache=writeback,discard=unmap,detect-zeroes=unmap"
             ]
         );
-        assert_eq!(values(&args, "-device"), ["virtio-blk-pci,drive=disk0"]);
+        assert_eq!(
+            values(&args, "-device"),
+            [
+                "virtio-blk-pci,drive=disk0",
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on"
+            ]
+        );
+        assert_eq!(values(&args, "-machine"), ["pc"]);
+        assert!(values(&args, "-object").is_empty());
         assert_eq!(values(&args, "-kernel"), ["/mnt/p/vmlinuz"]);
         assert_eq!(values(&args, "-initrd"), ["/mnt/p/initrd.img"]);
         assert_eq!(values(&args, "-append"), ["console=ttyS0 quiet"]);
@@ -1042,6 +1254,19 @@ mod tests {
         let args = strings(&qemu_args(&config, Path::new("/mnt/p"), &incoming));
         assert_eq!(values(&args, "-incoming"), ["defer"]);
         assert_eq!(values(&args, "-accel"), ["kvm"]);
+
+        // Lazy memory: guest RAM is the RAM file, shared, not preallocated.
+        let lazy = QemuRuntime {
+            ram_file: Some("/mnt/p/a,b.ram".into()),
+            ..runtime()
+        };
+        let args = strings(&qemu_args(&config, Path::new("/mnt/p"), &lazy));
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-file,id=ram0,size=256M,mem-path=/mnt/p/a,,b.ram,share=on"]
+        );
+        assert_eq!(values(&args, "-machine"), ["pc,memory-backend=ram0"]);
+        assert_eq!(values(&args, "-m"), ["256"]);
     }
 
     #[test]
@@ -1095,6 +1320,7 @@ vnc_port = 5903
                 "e1000,netdev=net0",
                 "virtio-net-pci,netdev=net1",
                 "VGA",
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
             ]
         );
         assert_eq!(

@@ -15,7 +15,7 @@
 //! This module keeps the VM's state ([`VmState`]); the adapters know nothing
 //! of it beyond what [`Vmm`] asks.
 //!
-//! **The memory image is consumed.** Once a VM has been started from its memory
+//! **The saved state is consumed.** Once a VM has been started from its memory
 //! image, that file describes a moment the disks have already moved past: a sync,
 //! a checkin after a crash of QEMU, or a second resume would pair new disks with
 //! old memory and corrupt the guest's file systems. So the files a resume
@@ -34,7 +34,7 @@ use super::libvirt::{self, LibvirtAdapter};
 use super::none::NoVm;
 use super::qemu::{self, QemuAdapter};
 use super::virtualbox::VirtualboxAdapter;
-use super::{ParcelVm, SavedState, Started, Vmm, io_error};
+use super::{ParcelVm, SavedForm, SavedState, Started, Vmm, io_error};
 
 pub use super::VmError;
 pub use super::steps::installed;
@@ -114,6 +114,10 @@ pub struct VmStatus {
     pub start_seconds: f64,
     /// The commands run (libvirt, VirtualBox) or to run (state `handed`).
     pub steps: Vec<Vec<String>>,
+    /// Lazy memory: the RAM file on the mount that is the guest's memory
+    /// (none when the VM's memory is QEMU's own, image mode).
+    #[serde(default)]
+    pub ram_file: Option<PathBuf>,
     /// How it ended, for state `exited`.
     pub exit: Option<String>,
     /// For state `exited`: true when the guest powered itself off (QEMU exited
@@ -136,6 +140,7 @@ impl VmStatus {
             resumed_from_memory: false,
             start_seconds: 0.0,
             steps: Vec::new(),
+            ram_file: None,
             exit: None,
             powered_off: false,
         }
@@ -145,10 +150,14 @@ impl VmStatus {
 /// What [`SupervisedVm::suspend`] did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SuspendReport {
-    /// The memory image in the mount.
+    /// The saved state in the mount: the memory image, or in lazy mode the
+    /// device state (beside the RAM file).
     pub memory_image: PathBuf,
     /// Its apparent size, bytes.
     pub memory_bytes: u64,
+    /// Lazy mode: the RAM file the device state goes with.
+    #[serde(default)]
+    pub ram_file: Option<PathBuf>,
     /// Seconds from the suspend request until the VM had stopped.
     pub seconds: f64,
 }
@@ -326,6 +335,7 @@ impl SupervisedVm {
             resumed_from_memory: self.resumed_from_memory,
             start_seconds: self.start_seconds,
             steps: pieces.steps,
+            ram_file: pieces.ram_file,
             exit: self.exit.clone(),
             powered_off: self.powered_off,
         }
@@ -335,17 +345,10 @@ impl SupervisedVm {
     /// left under the memory image's name; a QEMU that is still alive goes on
     /// running the VM. A handed VM answers with the steps that save it.
     pub fn suspend(&mut self) -> Result<SuspendReport, VmError> {
-        let memory = self.vm.memory_image();
         let started = Instant::now();
         match self.state() {
             VmState::Running | VmState::Handed => {}
-            VmState::Saved => {
-                return Ok(SuspendReport {
-                    memory_bytes: std::fs::metadata(&memory).map_or(0, |m| m.len()),
-                    memory_image: memory,
-                    seconds: 0.0,
-                });
-            }
+            VmState::Saved => return Ok(self.saved_report(0.0)),
             VmState::Exited | VmState::Busy => {
                 return Err(VmError::NotRunning {
                     parcel: self.vm.parcel.clone(),
@@ -359,11 +362,23 @@ impl SupervisedVm {
             return Err(e);
         }
         self.state = VmState::Saved;
-        Ok(SuspendReport {
+        Ok(self.saved_report(started.elapsed().as_secs_f64()))
+    }
+
+    /// What a suspend saved: the saved state the adapter would resume from.
+    fn saved_report(&self, seconds: f64) -> SuspendReport {
+        let saved = self.vmm.saved_state();
+        let memory = saved
+            .as_ref()
+            .map_or_else(|| self.vm.memory_image(), |s| s.path.clone());
+        SuspendReport {
             memory_bytes: std::fs::metadata(&memory).map_or(0, |m| m.len()),
             memory_image: memory,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+            ram_file: saved
+                .filter(|s| s.form == SavedForm::DeviceState)
+                .map(|_| self.vm.ram_file()),
+            seconds,
+        }
     }
 
     /// Stops the VM at once, without saving it (discard, or a failed start).

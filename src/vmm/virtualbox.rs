@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 
 use super::config::{DiskInterface, DisplayKind, NicModel, Protocol, VmConfig};
 use super::steps::{handed, run_or_hand, run_steps};
-use super::{AdapterStatus, Ended, ParcelVm, SavedState, Started, VmError, Vmm, io_error};
+use super::{
+    AdapterStatus, Ended, ParcelVm, SavedForm, SavedState, Started, VmError, Vmm, io_error,
+};
 use crate::error::{Classify, ErrorClass};
 
 /// The program.
@@ -549,6 +551,7 @@ impl Vmm for VirtualboxAdapter {
         settings.exists().then(|| SavedState {
             path: settings,
             consumes: vec![self.vm.memory_image()],
+            form: SavedForm::MemoryImage,
         })
     }
 

@@ -3,7 +3,12 @@
 //! serial console log, its state in `isrctl status`, and the counter log on a
 //! version's disk.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use isr::chunk::{ChunkRef, ChunkTag};
+use isr::manifest::Manifest;
 
 use super::Env;
 use super::guest::{self, GuestLine};
@@ -124,4 +129,82 @@ pub fn assert_contiguous_one_boot(log: &[(u64, String)], boot: &str) {
         assert_eq!(*n, i as u64 + 1, "counter.log is not contiguous: {log:?}");
         assert_eq!(id, boot, "counter.log has another boot: {log:?}");
     }
+}
+
+/// Liveness guard for a boot under TCG (4–8 s here); not a timing assertion.
+pub const BOOT_LIMIT: Duration = Duration::from_secs(300);
+/// Liveness guard for counting to go on.
+pub const RUN_LIMIT: Duration = Duration::from_secs(180);
+
+/// Polls the serial console until `done` holds; panics with the console and
+/// QEMU's log if the VM stops running first.
+pub fn wait_for(
+    env: &Env,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&[GuestLine]) -> bool,
+) -> Vec<GuestLine> {
+    let exited = || {
+        let state = vm_state(env, name);
+        (!["running", "busy", "not resumed"].contains(&state.as_str())).then_some(state)
+    };
+    let output = || {
+        format!(
+            "serial console:\n{}\nqemu log:\n{}",
+            String::from_utf8_lossy(&std::fs::read(serial_log(env, name)).unwrap_or_default()),
+            std::fs::read_to_string(env.path(&format!("run/vm/{name}/qemu.log")))
+                .unwrap_or_default()
+        )
+    };
+    guest::poll_serial(&serial_log(env, name), what, limit, done, exited, output)
+}
+
+/// Waits until the console shows `more` counter lines beyond the `seen` first.
+pub fn count_on(env: &Env, name: &str, seen: usize, more: usize) -> Vec<(u64, String)> {
+    let lines = wait_for(env, name, "counter lines", RUN_LIMIT, |l| {
+        counters(l).len() >= seen + more
+    });
+    counters(&lines)
+}
+
+/// `isrctl resume NAME --json`, checked: the VM runs under QEMU.
+pub fn resume(env: &Env, name: &str) -> serde_json::Value {
+    let answer = env.json(&["resume", name]);
+    assert_eq!(answer["vm"]["state"], "running", "{answer}");
+    assert_eq!(answer["vm"]["kind"], "qemu", "{answer}");
+    answer
+}
+
+/// Distinct stored chunks of one file of a manifest, with stored sizes.
+pub fn file_chunks(manifest: &Manifest, file: &str) -> HashMap<ChunkTag, u64> {
+    let (_, _, chunks) = manifest
+        .files()
+        .find(|(path, _, _)| *path == file)
+        .unwrap_or_else(|| panic!("{file} is not in the version"));
+    chunks
+        .iter()
+        .filter_map(|c| match c {
+            ChunkRef::Stored {
+                tag, stored_len, ..
+            } => Some((*tag, u64::from(*stored_len))),
+            ChunkRef::Zero => None,
+        })
+        .collect()
+}
+
+/// Whether the version has `file`.
+pub fn has_file(manifest: &Manifest, file: &str) -> bool {
+    manifest.files().any(|(path, _, _)| path == file)
+}
+
+/// Chunks (count, stored bytes) of `file` in `new` that no file of `old` has.
+pub fn new_chunks(old: &Manifest, new: &Manifest, file: &str) -> (usize, u64) {
+    let before: HashSet<ChunkTag> = old.stored_chunks().map(|(t, _)| t).collect();
+    let fresh: Vec<u64> = file_chunks(new, file)
+        .into_iter()
+        .filter(|(tag, _)| !before.contains(tag))
+        .map(|(_, len)| len)
+        .collect();
+    (fresh.len(), fresh.iter().sum())
 }
