@@ -242,7 +242,6 @@ fn stored_bytes_of(env: &Env, name: &str, version: u64, tags: &HashSet<ChunkTag>
     env.manifest(name, version)
         .stored_chunks()
         .filter(|(tag, _)| tags.contains(tag))
-        .map(|(tag, len)| (tag, len))
         .collect::<std::collections::HashMap<_, _>>()
         .values()
         .sum()
