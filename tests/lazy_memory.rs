@@ -17,6 +17,7 @@ use support::guest::{self, GuestLine};
 use support::vm::{
     BOOT_LIMIT, RUN_LIMIT, assert_contiguous_one_boot, count_on, counters, file_chunks, has_file,
     new_chunks, resume, serial_lines, status, suspend, version_counter_log, vm_state, wait_for,
+    wait_for_control,
 };
 use support::{Env, SeaweedFs};
 
@@ -313,4 +314,56 @@ fn the_working_set_is_fetched_first_and_little_else_before_the_guest_goes_on() {
         "fetched {fetched} bytes before the first progress, more than twice the working set and boot files ({expected})"
     );
     c.ok(&["discard", name]);
+}
+
+/// The RAM file's stored bytes and zero chunks in the version a suspend
+/// makes after the guest wrote 150 MiB of random data into its memory and freed
+/// it, with or without free page reporting.
+fn ram_after_the_guest_freed_memory(reporting: bool) -> (u64, usize) {
+    let env = Env::local();
+    env.append_config("\n[upload]\ntrickle = false\n");
+    let name = if reporting { "reporting" } else { "silent" };
+    let socket = env.path("ctl.sock");
+    let mut extra = vec!["-no-reboot".to_owned()];
+    extra.extend(guest::control_args(&socket));
+    let vm_toml = format!(
+        "free_page_reporting = {reporting}\n{}",
+        support::vm::guest_vm_toml("qemu", &extra)
+    );
+    support::vm::import_guest(&env, name, &vm_toml);
+    resume(&env, name);
+    count_on(&env, name, 0, 1);
+    guest::send_control(&socket, "mem 150 random");
+    let done = wait_for_control(&env, name, "mem ");
+    assert!(done.starts_with("mem done bytes=157286400"), "{done}");
+    guest::send_control(&socket, "free");
+    wait_for_control(&env, name, "free done");
+    // The guest reports free pages a few seconds after they are freed.
+    let seen = counters(&serial_lines(&env, name)).len();
+    count_on(&env, name, seen, 6);
+    let answer = suspend_lazy(&env, name);
+    let manifest = env.manifest(name, answer["checkin"]["version"].as_u64().unwrap());
+    let (_, _, chunks) = manifest.files().find(|(path, _, _)| *path == RAM).unwrap();
+    let zero = chunks
+        .iter()
+        .filter(|c| matches!(c, isr::chunk::ChunkRef::Zero))
+        .count();
+    (file_chunks(&manifest, RAM).values().sum(), zero)
+}
+
+#[test]
+fn free_page_reporting_turns_freed_guest_memory_into_zero_chunks() {
+    let (reported, reported_zero) = ram_after_the_guest_freed_memory(true);
+    let (silent, silent_zero) = ram_after_the_guest_freed_memory(false);
+    eprintln!(
+        "RAM file after 150 MiB written and freed: {reported} stored bytes, {reported_zero} zero chunks with free page reporting; {silent} stored bytes, {silent_zero} zero chunks without"
+    );
+    assert!(
+        reported + (100 << 20) < silent,
+        "freed memory is not stored with reporting ({reported} bytes) as it is without ({silent})"
+    );
+    assert!(
+        reported_zero > silent_zero + 800,
+        "{reported_zero} vs {silent_zero} zero chunks"
+    );
 }

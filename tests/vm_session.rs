@@ -16,6 +16,7 @@ use support::guest::{self, GuestLine};
 use support::vm::{
     BOOT_LIMIT, RUN_LIMIT, assert_contiguous_one_boot, count_on, counters, file_chunks, has_file,
     new_chunks, resume, serial_lines, status, suspend, version_counter_log, vm_state, wait_for,
+    wait_for_control,
 };
 use support::{Env, SeaweedFs};
 
@@ -267,20 +268,6 @@ fn zero_chunks(manifest: &Manifest, file: &str) -> usize {
         .iter()
         .filter(|c| matches!(c, ChunkRef::Zero))
         .count()
-}
-
-fn wait_for_control(env: &Env, name: &str, prefix: &str) -> String {
-    let lines = wait_for(env, name, prefix, RUN_LIMIT, |l| {
-        l.iter()
-            .any(|l| matches!(l, GuestLine::Control { text } if text.starts_with(prefix)))
-    });
-    lines
-        .iter()
-        .find_map(|l| match l {
-            GuestLine::Control { text } if text.starts_with(prefix) => Some(text.clone()),
-            _ => None,
-        })
-        .unwrap()
 }
 
 #[test]

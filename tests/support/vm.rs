@@ -208,3 +208,19 @@ pub fn new_chunks(old: &Manifest, new: &Manifest, file: &str) -> (usize, u64) {
         .collect();
     (fresh.len(), fresh.iter().sum())
 }
+
+/// Waits for the guest's answer on the control channel that starts with
+/// `prefix` (an `ISR-CTL` line, see `make-guest.sh`) and returns it.
+pub fn wait_for_control(env: &Env, name: &str, prefix: &str) -> String {
+    let lines = wait_for(env, name, prefix, RUN_LIMIT, |l| {
+        l.iter()
+            .any(|l| matches!(l, GuestLine::Control { text } if text.starts_with(prefix)))
+    });
+    lines
+        .iter()
+        .find_map(|l| match l {
+            GuestLine::Control { text } if text.starts_with(prefix) => Some(text.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
