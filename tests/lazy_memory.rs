@@ -367,3 +367,77 @@ fn free_page_reporting_turns_freed_guest_memory_into_zero_chunks() {
         "{reported_zero} vs {silent_zero} zero chunks"
     );
 }
+
+/// Rewrites the parcel's vm.toml through a `--vmm none` session and checks
+/// it in (nothing of the saved memory is consumed: no VM starts).
+fn set_memory_mode(env: &Env, name: &str, mode: &str) {
+    let mount = PathBuf::from(env.ok(&["resume", "--vmm", "none", name]).trim());
+    let path = mount.join("vm.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("memory_mode"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, format!("memory_mode = \"{mode}\"\n{text}")).unwrap();
+    env.ok(&["checkin", name]);
+}
+
+#[test]
+fn a_version_saved_in_one_mode_resumes_in_the_other() {
+    let env = Env::local();
+    let name = "modes";
+    let vm_toml = format!(
+        "memory_mode = \"image\"\n{}",
+        support::vm::guest_vm_toml("qemu", &["-no-reboot".to_owned()])
+    );
+    support::vm::import_guest(&env, name, &vm_toml);
+    let answer = resume(&env, name);
+    assert!(answer["vm"]["ram_file"].is_null(), "image mode: {answer}");
+    let boot = count_on(&env, name, 0, 2)[0].1.clone();
+    let answer = suspend(&env, name);
+    assert!(answer["saved"]["ram_file"].is_null(), "{answer}");
+    let version = env.versions(name).last().copied().unwrap();
+    assert!(has_file(&env.manifest(name, version), "memory.img"));
+
+    // Image → lazy: the memory image loads into RAM on the mount; the suspend
+    // saves the device state beside it.
+    set_memory_mode(&env, name, "lazy");
+    let (answer, same, _) = resume_and_count(&env, name);
+    assert_eq!(same, boot, "{answer}");
+    assert!(!answer["vm"]["ram_file"].is_null(), "{answer}");
+    let answer = suspend_lazy(&env, name);
+    let version = answer["checkin"]["version"].as_u64().unwrap();
+    assert!(
+        !has_file(&env.manifest(name, version), "memory.img"),
+        "consumed"
+    );
+
+    // Lazy → image: the device state resumes over its RAM file; the suspend
+    // saves a memory image, and the RAM file without device state is left out.
+    set_memory_mode(&env, name, "image");
+    let (_, same, _) = resume_and_count(&env, name);
+    assert_eq!(same, boot);
+    let answer = suspend(&env, name);
+    assert!(
+        answer["saved"]["memory_image"]
+            .as_str()
+            .unwrap()
+            .ends_with("memory.img")
+    );
+    assert_eq!(
+        answer["checkin"]["left_out"],
+        serde_json::json!([RAM]),
+        "{answer}"
+    );
+    let version = answer["checkin"]["version"].as_u64().unwrap();
+    let manifest = env.manifest(name, version);
+    assert!(has_file(&manifest, "memory.img"));
+    assert!(!has_file(&manifest, RAM) && !has_file(&manifest, STATE));
+
+    let (answer, same, _) = resume_and_count(&env, name);
+    assert_eq!(same, boot);
+    assert!(answer["vm"]["ram_file"].is_null(), "{answer}");
+    suspend(&env, name);
+    env.ok(&["verify", name]);
+}

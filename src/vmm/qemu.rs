@@ -311,15 +311,18 @@ pub fn qemu_args(config: &VmConfig, parcel_dir: &Path, runtime: &QemuRuntime) ->
     push(&["-nodefaults", "-no-user-config"]);
     match &runtime.ram_file {
         // prealloc stays off: it would read the whole file before the guest runs.
+        // The id is the machine's default RAM id, so the RAM block is named
+        // as without a backend ("pc.ram") and a memory image saved either
+        // way loads into either.
         Some(ram_file) => push(&[
             "-object",
             &format!(
-                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                "memory-backend-file,id=pc.ram,size={}M,mem-path={},share=on",
                 config.memory_mib(),
                 option_path(ram_file)
             ),
             "-machine",
-            "pc,memory-backend=ram0",
+            "pc,memory-backend=pc.ram",
         ]),
         None => push(&["-machine", "pc"]),
     }
@@ -481,34 +484,37 @@ impl StateFormat {
     }
 }
 
+/// Sets the capabilities and parameters of `format`. Every capability a format
+/// depends on is set either way: one QEMU may load in one format and save in
+/// another (a lazy resume, then a suspend to a memory image), and a capability
+/// left on from the load would change what the save writes.
 fn set_migration_options(qmp: &mut Qmp, format: StateFormat) -> Result<(), QemuError> {
     qmp.execute(
         "migrate-set-parameters",
         Some(json!({ "max-bandwidth": MAX_BANDWIDTH })),
     )?;
-    match format {
-        StateFormat::MappedRam => {
-            qmp.execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": [
-                    { "capability": "mapped-ram", "state": true },
-                    { "capability": "multifd", "state": true },
-                ] })),
-            )?;
-            qmp.execute(
-                "migrate-set-parameters",
-                Some(json!({ "multifd-channels": MULTIFD_CHANNELS })),
-            )?;
-        }
-        StateFormat::DeviceOnly => {
-            qmp.execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": [
-                    { "capability": "x-ignore-shared", "state": true },
-                ] })),
-            )?;
-        }
-        StateFormat::Stream => {}
+    let whole_memory = format == StateFormat::MappedRam;
+    let mut capabilities = vec![
+        json!({ "capability": "x-ignore-shared", "state": format == StateFormat::DeviceOnly }),
+        json!({ "capability": "multifd", "state": whole_memory }),
+    ];
+    // Older QEMU has no mapped-ram (and then never uses it).
+    let known = qmp.execute("query-migrate-capabilities", None)?;
+    if known
+        .as_array()
+        .is_some_and(|caps| caps.iter().any(|c| c["capability"] == "mapped-ram"))
+    {
+        capabilities.push(json!({ "capability": "mapped-ram", "state": whole_memory }));
+    }
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": capabilities })),
+    )?;
+    if whole_memory {
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "multifd-channels": MULTIFD_CHANNELS })),
+        )?;
     }
     Ok(())
 }
@@ -781,8 +787,12 @@ impl QemuVm {
             _ => {}
         }
         let log_path = runtime.qemu_log();
-        let log =
-            File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
+        // Appended to: a resume that retries in a second QEMU keeps the first one's reasons.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io("QEMU log"))?;
         let mut child = qemu_command(config, parcel_dir, &runtime)
             .stdin(Stdio::null())
@@ -1263,9 +1273,9 @@ mod tests {
         let args = strings(&qemu_args(&config, Path::new("/mnt/p"), &lazy));
         assert_eq!(
             values(&args, "-object"),
-            ["memory-backend-file,id=ram0,size=256M,mem-path=/mnt/p/a,,b.ram,share=on"]
+            ["memory-backend-file,id=pc.ram,size=256M,mem-path=/mnt/p/a,,b.ram,share=on"]
         );
-        assert_eq!(values(&args, "-machine"), ["pc,memory-backend=ram0"]);
+        assert_eq!(values(&args, "-machine"), ["pc,memory-backend=pc.ram"]);
         assert_eq!(values(&args, "-m"), ["256"]);
     }
 
