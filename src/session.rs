@@ -24,6 +24,7 @@ pub use commit::CommitReport;
 pub use trickle::UploadSettings;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -351,6 +352,9 @@ pub struct SessionStatus {
     /// resume (0 when the base version has none).
     #[serde(default)]
     pub working_set_chunks: u64,
+    /// Their stored bytes.
+    #[serde(default)]
+    pub working_set_bytes: u64,
 }
 
 /// Detaches the mount at `mount` if it is dead: the FUSE mount of a daemon that
@@ -385,7 +389,14 @@ pub struct StatusSource {
     fetcher: Fetcher,
     cache: Arc<ChunkCache>,
     uploads: Arc<trickle::UploadCounters>,
-    working_set: Arc<std::sync::atomic::AtomicU64>,
+    working_set: Arc<WorkingSetCounters>,
+}
+
+/// What [`Session::fetch_working_set`] queued.
+#[derive(Debug, Default)]
+struct WorkingSetCounters {
+    chunks: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl StatusSource {
@@ -416,7 +427,8 @@ impl StatusSource {
             trickle_rate: self.uploads.rate.load(std::sync::atomic::Ordering::Relaxed),
             committed_version: record.committed,
             fetch: self.fetcher.stats(),
-            working_set_chunks: self.working_set.load(std::sync::atomic::Ordering::Relaxed),
+            working_set_chunks: self.working_set.chunks.load(Ordering::Relaxed),
+            working_set_bytes: self.working_set.bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -446,7 +458,7 @@ pub struct Session {
     store: StoreHandle,
     context: SessionContext,
     uploads: Arc<trickle::UploadCounters>,
-    working_set: Arc<std::sync::atomic::AtomicU64>,
+    working_set: Arc<WorkingSetCounters>,
     trickle: trickle::Trickle,
     /// One sync or checkin at a time.
     commit_lock: tokio::sync::Mutex<()>,
@@ -709,18 +721,24 @@ impl Session {
     /// ahead of everything but demand reads and boot files, whether or not the
     /// background prefetch is on: it is what the resumed guest touches first.
     fn fetch_working_set(&self) {
-        let (store, parcel, version, fetcher, count) = (
+        let (store, parcel, version, fetcher, counters, base) = (
             self.store.clone(),
             self.parcel.clone(),
             self.record().base_version,
             self.fetcher.clone(),
             self.working_set.clone(),
+            self.base.clone(),
         );
+        let key = layout::working_set(&parcel.name, version);
         self.context.runtime.spawn(async move {
-            match read_sealed_tags(&store, &parcel, version, layout::working_set(&parcel.name, version)).await {
+            match read_sealed_tags(&store, &parcel, version, key).await {
                 Ok(Some(tags)) => {
-                    tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), "fetching the working set first");
-                    count.store(tags.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    let stored: std::collections::HashMap<ChunkTag, u64> =
+                        base.stored_chunks().collect();
+                    let bytes = tags.iter().filter_map(|t| stored.get(t)).sum();
+                    tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), bytes, "fetching the working set first");
+                    counters.chunks.store(tags.len() as u64, Ordering::Relaxed);
+                    counters.bytes.store(bytes, Ordering::Relaxed);
                     fetcher.prefetch(tags, Priority::WorkingSet);
                 }
                 Ok(None) => {}

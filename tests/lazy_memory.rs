@@ -317,7 +317,7 @@ fn the_working_set_is_fetched_first_and_little_else_before_the_guest_goes_on() {
 }
 
 /// The RAM file's stored bytes and zero chunks in the version a suspend
-/// makes after the guest wrote 150 MiB of random data into its memory and freed
+/// makes after the guest wrote 100 MiB of random data into its memory and freed
 /// it, with or without free page reporting.
 fn ram_after_the_guest_freed_memory(reporting: bool) -> (u64, usize) {
     let env = Env::local();
@@ -332,10 +332,17 @@ fn ram_after_the_guest_freed_memory(reporting: bool) -> (u64, usize) {
     );
     support::vm::import_guest(&env, name, &vm_toml);
     resume(&env, name);
-    count_on(&env, name, 0, 1);
-    guest::send_control(&socket, "mem 150 random");
+    // After its boot the guest reports the memory it freed, up to 64 MiB at a
+    // time held off its free lists: a 256 MiB guest that allocates 100 MiB
+    // meanwhile can run out of memory. Let that settle first.
+    count_on(&env, name, 0, 6);
+    guest::send_control(&socket, "mem 100 random");
     let done = wait_for_control(&env, name, "mem ");
-    assert!(done.starts_with("mem done bytes=157286400"), "{done}");
+    assert!(
+        done.starts_with("mem done bytes=104857600"),
+        "{done}; serial console:\n{}",
+        String::from_utf8_lossy(&std::fs::read(support::vm::serial_log(&env, name)).unwrap())
+    );
     guest::send_control(&socket, "free");
     wait_for_control(&env, name, "free done");
     // The guest reports free pages a few seconds after they are freed.
@@ -356,14 +363,14 @@ fn free_page_reporting_turns_freed_guest_memory_into_zero_chunks() {
     let (reported, reported_zero) = ram_after_the_guest_freed_memory(true);
     let (silent, silent_zero) = ram_after_the_guest_freed_memory(false);
     eprintln!(
-        "RAM file after 150 MiB written and freed: {reported} stored bytes, {reported_zero} zero chunks with free page reporting; {silent} stored bytes, {silent_zero} zero chunks without"
+        "RAM file after 100 MiB written and freed: {reported} stored bytes, {reported_zero} zero chunks with free page reporting; {silent} stored bytes, {silent_zero} zero chunks without"
     );
     assert!(
-        reported + (100 << 20) < silent,
+        reported + (64 << 20) < silent,
         "freed memory is not stored with reporting ({reported} bytes) as it is without ({silent})"
     );
     assert!(
-        reported_zero > silent_zero + 800,
+        reported_zero > silent_zero + 500,
         "{reported_zero} vs {silent_zero} zero chunks"
     );
 }

@@ -64,7 +64,9 @@
 //!   reporting: the guest reports the pages it frees, and QEMU punches them out
 //!   of the RAM file (lazy mode), so they are zero chunks, neither fetched nor
 //!   stored. Part of the VM's device set: change it only while the parcel holds
-//!   no saved memory.
+//!   no saved memory. The guest holds up to 64 MiB off its free lists while it
+//!   reports them: a guest with little RAM that allocates fast right after it
+//!   freed much can run out of memory (seen with 256 MiB); turn it off there.
 //! - `kernel`, `initrd`, `append`: boot this kernel directly instead of from the
 //!   first disk (the test guest does this). `initrd` and `append` need `kernel`.
 //! - `extra_args`: extra QEMU command-line arguments, one string per argument
