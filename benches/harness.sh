@@ -22,13 +22,17 @@
 #   vm         the test guest's resume-to-running over the link, cold and warm;
 #              demand latency under prefetch load (benches/vm-link.sh)
 #   checkin    bytes a checkin uploads vs the ideal (examples/checkin-bench.sh)
+#   lazy       lazy memory vs image mode vs plain QEMU: resume-to-running and
+#              to first guest progress for 256 MiB to 4 GiB guests over wan
+#              and dsl, suspend uploads, guest memory writes (benches/lazy-memory.sh;
+#              PROFILES and SIZES_MIB choose)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
-sections=${SECTIONS:-import mount link vm checkin}
+sections=${SECTIONS:-import mount link vm checkin lazy}
 export RUNS=${RUNS:-3} PROFILE=${PROFILE:-wan}
 
 bash .ci/install-deps.sh --without-libvirt >&2
@@ -106,6 +110,7 @@ run_section() {
     link) bash benches/link-read.sh ;;
     vm) bash benches/vm-link.sh ;;
     checkin) checkin_section ;;
+    lazy) bash benches/lazy-memory.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }

@@ -7,12 +7,16 @@
 # store (root: /var/lib/isr/store) as the parcel `isr-quickstart`. Then, through
 # the real `isrctl` only:
 #   machine A (its own state, cache and daemon): `isrctl resume` boots the VM from
-#     the lazy mount; once it has counted 5 times, `isrctl suspend` saves its memory
-#     into the mount and checks a new version in;
+#     the lazy mount, its RAM a file on the mount (lazy memory, QEMU's default);
+#     once it has counted 5 times, `isrctl suspend` saves its device state beside
+#     that RAM file and checks a new version in;
 #   machine B (empty state and cache, the same store): `isrctl resume` continues
-#     the VM from that memory image, and the counter goes on where A stopped, with
-#     the same boot id; then `isrctl suspend` again, uploading far less (QEMU's
-#     mapped-ram keeps unchanged memory in unchanged chunks, and chunks dedup).
+#     the VM at once, its memory arriving as the guest touches it, and the counter
+#     goes on where A stopped, with the same boot id; then `isrctl suspend` again,
+#     uploading far less (only the RAM chunks that changed, and chunks dedup);
+#   for comparison, the same guest in image mode (`memory_mode = "image"`: the
+#     whole memory image read before the guest runs) as the parcel
+#     `isr-quickstart-image`, suspended on A and resumed on B.
 # It ends with a table of each step's time, bytes fetched and bytes uploaded.
 #
 #   bash examples/quickstart.sh         # from any directory; ~30 s once built (TCG)
@@ -22,8 +26,8 @@
 # The parcel's passphrase is "quickstart": a demo passphrase for this throwaway
 # parcel (never give a real parcel a passphrase that is written in a script).
 # Runs again as often as you like: a rerun adds a fresh version (disk as built, no
-# memory image, so the VM boots afresh), and cleans up what an interrupted run left
-# (its sessions, daemons and lock). Each run adds three versions, ~10 MiB of chunks
+# saved memory, so the VM boots afresh), and cleans up what an interrupted run left
+# (its sessions, daemons and lock). Each run adds three versions to each parcel, ~50 MiB of chunks
 # (`ISR_PASSPHRASE=quickstart isrctl history isr-quickstart`; `isrctl gc` trims old
 # versions). Needs root or sudo (apt, FUSE), the Rust toolchain and Python 3.
 set -euo pipefail
@@ -31,6 +35,7 @@ export LC_ALL=C
 cd "$(dirname "$0")/.."
 repo=$PWD
 parcel=isr-quickstart
+image_parcel=isr-quickstart-image
 work=${ISR_QUICKSTART_DIR:-${TMPDIR:-/tmp}/isr-quickstart}
 # Liveness limits (not timings): a boot under TCG takes ~5 s, a count 1 s.
 boot_limit=300 run_limit=180 stop_limit=60
@@ -95,9 +100,11 @@ alive() {
 # interrupted run's), stops its QEMU and its isrfsd (SIGTERM, then wait), and lazily
 # unmounts whatever a killed daemon left mounted under it.
 stop_machine() {
-  local m=$1 dir=$work/$1 out pid i
+  local m=$1 dir=$work/$1 out pid i p
   [ -d "$dir" ] || return 0
-  if out=$(isrctl_on "$m" discard "$parcel" 2>&1); then say "$m: $out"; fi
+  for p in "$parcel" "$image_parcel"; do
+    if out=$(isrctl_on "$m" discard "$p" 2>&1); then say "$m: $out"; fi
+  done
   # Its QEMU (this script records the pid at resume; a QEMU whose isrfsd was killed
   # during a resume has no record, but runs from files under $dir), then its isrfsd.
   for pid in $(head -qn1 "$dir/qemu.pid" 2>/dev/null) \
@@ -155,22 +162,25 @@ cp tests/fixtures/guest-vm.toml "$guest/vm.toml"
 t_guest=$(since "$t")
 
 # ---- 4. import -------------------------------------------------------------------------
-listing=$(isrctl_on A --json ls)
-exists=$(jget "$listing" "any(p['name'] == '$parcel' for p in d)")
-if [ "$exists" = true ]; then
-  lock=$(jget "$listing" "next(p['lock'] for p in d if p['name'] == '$parcel')")
-  if [ "$lock" != null ]; then
-    say "$parcel is still locked ($(jget "$lock" "d['holder'] + '@' + d['host'] + ' since ' + d['since']")), presumably by an interrupted run: breaking the lock"
-    isrctl_on A unlock --force "$parcel" | sed 's/^/   /'
+import_parcel() {  # import_parcel NAME DIR: prints the JSON answer (a new version on a rerun)
+  local listing exists lock
+  listing=$(isrctl_on A --json ls)
+  exists=$(jget "$listing" "any(p['name'] == '$1' for p in d)")
+  if [ "$exists" = true ]; then
+    lock=$(jget "$listing" "next(p['lock'] for p in d if p['name'] == '$1')")
+    if [ "$lock" != null ]; then
+      say "$1 is still locked ($(jget "$lock" "d['holder'] + '@' + d['host'] + ' since ' + d['since']")), presumably by an interrupted run: breaking the lock" >&2
+      isrctl_on A unlock --force "$1" | sed 's/^/   /' >&2
+    fi
+    step "isrctl import --new-version -m \"quickstart rerun\" $1 $2" >&2
+    isrctl_on A --json import --new-version -m "quickstart rerun" "$1" "$2"
+  else
+    step "isrctl import $1 $2" >&2
+    isrctl_on A --json import "$1" "$2"
   fi
-  step "isrctl import --new-version -m \"quickstart rerun\" $parcel $guest"
-  t=$(now)
-  imported=$(isrctl_on A --json import --new-version -m "quickstart rerun" "$parcel" "$guest")
-else
-  step "isrctl import $parcel $guest"
-  t=$(now)
-  imported=$(isrctl_on A --json import "$parcel" "$guest")
-fi
+}
+t=$(now)
+imported=$(import_parcel "$parcel" "$guest")
 t_import=$(since "$t")
 v_import=$(jget "$imported" "d['version']")
 up_import=$(jget "$imported" "d['uploaded_bytes']")
@@ -253,7 +263,7 @@ suspend_on() {  # suspend_on MACHINE: prints the JSON answer; checks memory was 
 }
 
 report_suspend() {  # report_suspend MACHINE JSON
-  say "memory image: $(human "$(jget "$2" "d['saved']['memory_bytes']")") saved in $(jget "$2" "'%.2f' % d['saved']['seconds']") s ($(jget "$2" "d['saved']['memory_image']"))"
+  say "saved state: $(human "$(jget "$2" "d['saved']['memory_bytes']")") saved in $(jget "$2" "'%.2f' % d['saved']['seconds']") s ($(jget "$2" "d['saved']['memory_image']"); RAM file: $(jget "$2" "d['saved'].get('ram_file') or 'none, image mode'"))"
   say "checkin: version $(jget "$2" "d['checkin']['version']"), uploaded $(human "$(jget "$2" "d['checkin']['uploaded_bytes']")") in $(jget "$2" "d['checkin']['uploaded_chunks']") chunks, $(jget "$2" "'%.2f' % d['checkin']['seconds']") s"
 }
 
@@ -295,10 +305,10 @@ t=$(now)
 answer=$(resume_on B)
 t_resume_b=$(since "$t")
 [ "$(jget "$answer" "d['vm']['resumed_from_memory']")" = true ] \
-  || die "machine B did not resume from the memory image A saved in version $v_a: $answer"
+  || die "machine B did not resume from the memory A saved in version $v_a: $answer"
 start_b=$(jget "$answer" "'%.2f' % d['vm']['start_seconds']")
 fetched_resume_b=$(fetched B)
-say "VM running from A's memory image $start_b s after the request; $(human "$fetched_resume_b") fetched by then"
+say "VM running from A's device state and RAM file $start_b s after the request; $(human "$fetched_resume_b") fetched by then (the RAM file arrives as the guest touches it)"
 
 step "machine B: waiting for 3 counter lines on its console"
 t=$(now)
@@ -324,8 +334,31 @@ t_suspend_b=$(since "$t")
 report_suspend B "$suspended"
 up_b=$(jget "$suspended" "d['checkin']['uploaded_bytes']")
 v_b=$(jget "$suspended" "d['checkin']['version']")
-say "B's checkin uploaded $(human "$up_b"), A's $(human "$up_a") (mapped-ram: unchanged memory, unchanged chunks)"
+say "B's checkin uploaded $(human "$up_b"), A's $(human "$up_a") (the RAM file's unchanged pages stay in unchanged chunks)"
 
+# ---- 7. the same guest in image mode, for comparison -----------------------------------------
+image_guest=$work/image-guest
+cp -r --sparse=always "$guest" "$image_guest"
+{ echo 'memory_mode = "image"'; cat tests/fixtures/guest-vm.toml; } > "$image_guest/vm.toml"
+main_parcel=$parcel parcel=$image_parcel
+import_parcel "$parcel" "$image_guest" > /dev/null
+step "image mode: machine A boots $parcel, counts to 5, suspends (the whole memory image)"
+resume_on A > /dev/null
+wait_counting A 5 "$boot_limit"
+suspended=$(suspend_on A)
+report_suspend A "$suspended"
+up_image_a=$(jget "$suspended" "d['checkin']['uploaded_bytes']")
+step "image mode: machine B resumes $parcel (reads the whole memory image first)"
+t=$(now)
+answer=$(resume_on B)
+t_resume_image=$(since "$t")
+[ "$(jget "$answer" "d['vm']['resumed_from_memory']")" = true ] || die "image mode: B did not resume from memory: $answer"
+start_image=$(jget "$answer" "'%.2f' % d['vm']['start_seconds']")
+fetched_resume_image=$(fetched B)
+say "VM running from the memory image $start_image s after the request; $(human "$fetched_resume_image") fetched by then"
+suspended=$(suspend_on B)
+up_image_b=$(jget "$suspended" "d['checkin']['uploaded_bytes']")
+parcel=$main_parcel
 # ---- 7. summary ---------------------------------------------------------------------------
 step "summary: $parcel in $store, versions $v_import -> $v_a (A) -> $v_b (B)"
 row() { printf '   %-40s %9s  %11s  %11s\n' "$@"; }
@@ -337,9 +370,12 @@ row "import (version $v_import)" "$t_import" "" "$(human "$up_import")"
 row "A: resume, boots (VM up after $start_a s)" "$t_resume_a" "$(human "$fetched_resume_a")" ""
 row "A: count to 5 (total fetched)" "$t_count_a" "$(human "$fetched_a")" ""
 row "A: suspend + checkin (version $v_a)" "$t_suspend_a" "" "$(human "$up_a")"
-row "B: resume from memory (up after $start_b s)" "$t_resume_b" "$(human "$fetched_resume_b")" ""
+row "B: resume, lazy (up after $start_b s)" "$t_resume_b" "$(human "$fetched_resume_b")" ""
 row "B: count 3 more (total fetched)" "$t_count_b" "$(human "$fetched_b")" ""
 row "B: suspend + checkin (version $v_b)" "$t_suspend_b" "" "$(human "$up_b")"
+row "image mode: A suspend + checkin" "" "" "$(human "$up_image_a")"
+row "image mode: B resume (up after $start_image s)" "$t_resume_image" "$(human "$fetched_resume_image")" ""
+row "image mode: B suspend + checkin" "" "" "$(human "$up_image_b")"
 echo
 echo "== done: booted on A, suspended, continued on B (n=$first_n after n=$last_a, boot $boot_a), suspended again"
 finished=1

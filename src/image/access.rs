@@ -92,3 +92,24 @@ impl WorkingSetRecorder {
         self.node.map(|node| (node, self.order.clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_working_set_is_one_file_first_reads_within_the_window() {
+        let mut set = WorkingSetRecorder::default();
+        set.read(7, 1);
+        assert_eq!(set.recorded(), None, "nothing before it starts");
+        set.start(7, Duration::from_secs(60));
+        for (node, index) in [(7, 5), (8, 1), (7, 2), (7, 5), (7, 0)] {
+            set.read(node, index);
+        }
+        assert_eq!(set.recorded(), Some((7, vec![5, 2, 0])));
+        set.start(7, Duration::ZERO);
+        set.read(7, 3);
+        assert_eq!(set.recorded(), Some((7, vec![])), "after the window");
+    }
+}

@@ -300,41 +300,42 @@ impl Session {
     /// Stores lazy memory's working set beside `version` (see
     /// [`super::memory`]); like the trace, it only orders fetching.
     async fn store_working_set(&self, parcel: &OpenParcel, version: u64, tags: &[ChunkTag]) {
-        if tags.is_empty() {
-            return;
-        }
-        let sealed = crate::trace::seal(tags, &parcel.secrets.parcel_key, &parcel.id, version);
-        let stored = match self.store.writer("store the working set") {
-            Ok(writer) => writer
-                .put_new(&layout::working_set(&parcel.name, version), sealed.into())
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e),
-        };
-        match stored {
-            Ok(()) => {
-                tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), "stored the working set")
-            }
-            Err(e) => tracing::warn!(error = %e, "could not store the working set"),
-        }
+        let key = layout::working_set(&parcel.name, version);
+        self.store_tags(parcel, version, key, tags, "store the working set")
+            .await;
     }
 
     /// Stores the access trace beside `version` unless it has one. The trace
     /// only orders prefetching: failing to store it costs speed, not data.
     async fn store_trace(&self, parcel: &OpenParcel, version: u64, trace: &[ChunkTag]) {
-        if trace.is_empty() {
+        let key = layout::trace(&parcel.name, version);
+        self.store_tags(parcel, version, key, trace, "store the access trace")
+            .await;
+    }
+
+    /// Stores `tags` sealed like a trace ([`crate::trace`]) under `key`
+    /// beside `version`, unless there is one already; a failure is logged.
+    async fn store_tags(
+        &self,
+        parcel: &OpenParcel,
+        version: u64,
+        key: String,
+        tags: &[ChunkTag],
+        operation: &'static str,
+    ) {
+        if tags.is_empty() {
             return;
         }
-        let sealed = crate::trace::seal(trace, &parcel.secrets.parcel_key, &parcel.id, version);
-        let stored = match self.store.writer("store the access trace") {
-            Ok(writer) => writer
-                .put_new(&layout::trace(&parcel.name, version), sealed.into())
-                .await
-                .map(|_| ()),
+        let sealed = crate::trace::seal(tags, &parcel.secrets.parcel_key, &parcel.id, version);
+        let stored = match self.store.writer(operation) {
+            Ok(writer) => writer.put_new(&key, sealed.into()).await.map(|_| ()),
             Err(e) => Err(e),
         };
-        if let Err(e) = stored {
-            tracing::warn!(error = %e, "could not store the access trace");
+        match stored {
+            Ok(()) => {
+                tracing::debug!(parcel = %parcel.name, version, chunks = tags.len(), "{operation}: done")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not {operation}"),
         }
     }
 
