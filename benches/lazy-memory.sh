@@ -17,6 +17,7 @@
 # Prints ROW lines (benches/lib.sh). Needs root, FUSE, QEMU, weed, ip, tc.
 #   sudo bash benches/lazy-memory.sh                     # wan and dsl, 256 MiB to 4 GiB
 #   SIZES_MIB=256 PROFILES=wan RUNS=1 sudo bash benches/lazy-memory.sh
+#   PROFILES=none sudo bash benches/lazy-memory.sh        # the memory writes only
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 source "$bench_root/examples/lib/link.sh"
@@ -54,6 +55,7 @@ wait_counters() { # serial-log count
 }
 
 for profile in $profiles; do
+  [ "$profile" = none ] && continue
   # link_up appends the link's [s3] section: a fresh configuration per link.
   printf '[kdf]\nmemory_kib = 1024\niterations = 1\n\n[upload]\ntrickle = false\n' > "$work/config.toml"
   link_up "$work" "$profile"

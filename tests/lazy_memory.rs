@@ -448,3 +448,31 @@ fn a_version_saved_in_one_mode_resumes_in_the_other() {
     suspend(&env, name);
     env.ok(&["verify", name]);
 }
+
+#[test]
+fn a_failed_lazy_suspend_commits_nothing_and_the_vm_goes_on() {
+    let env = Env::local();
+    let name = "nosave";
+    import_guest(&env, name);
+    let answer = resume(&env, name);
+    let mount = PathBuf::from(answer["mount"].as_str().unwrap());
+    let boot = count_on(&env, name, 0, 2)[0].1.clone();
+
+    // Where QEMU writes the device state there is a directory: the save fails.
+    let blocker = mount.join(format!(".{STATE}.partial"));
+    std::fs::create_dir(&blocker).unwrap();
+    let stderr = env.fails(&["suspend", name], 1);
+    assert!(stderr.contains("goes on running"), "{stderr}");
+    assert!(stderr.contains("nothing was committed"), "{stderr}");
+    assert_eq!(env.versions(name), [1]);
+    assert!(!mount.join(STATE).exists());
+    let seen = counters(&serial_lines(&env, name)).len();
+    let after = count_on(&env, name, seen, 2);
+    assert_eq!(after[seen].1, boot, "the same boot goes on");
+
+    std::fs::remove_dir(&blocker).unwrap();
+    suspend_lazy(&env, name);
+    let (_, same, _) = resume_and_count(&env, name);
+    assert_eq!(same, boot);
+    env.ok(&["discard", name]);
+}

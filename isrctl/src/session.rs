@@ -133,10 +133,10 @@ fn print_vm(name: &str, vm: &VmStatus) {
             }
         }
         _ => {
-            let how = if vm.resumed_from_memory {
-                "resumed from its memory image"
-            } else {
-                "booted"
+            let how = match (vm.resumed_from_memory, vm.ram_file.is_some()) {
+                (true, true) => "resumed, its memory arriving as the guest touches it,",
+                (true, false) => "resumed from its memory image",
+                (false, _) => "booted",
             };
             let mut line = format!(
                 "isrctl: the VM of {name} runs ({}, {how} in {:.1} s",
@@ -248,8 +248,13 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default();
+                    let memory = if vm.ram_file.is_some() {
+                        ", lazy memory"
+                    } else {
+                        ""
+                    };
                     match vm.pid {
-                        Some(pid) => format!("{} {state} (pid {pid})", vm.kind),
+                        Some(pid) => format!("{} {state} (pid {pid}{memory})", vm.kind),
                         None => format!("{} {state}", vm.kind),
                     }
                 }),

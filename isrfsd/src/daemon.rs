@@ -60,7 +60,7 @@ impl Mounter for FuseMounter {
             nix::unistd::getegid().as_raw(),
         );
         let background = fuser::spawn_mount(fs, mount_point, &config)?;
-        crate::fuse::raise_readahead(mount_point);
+        crate::fuse::tune_bdi(mount_point);
         Ok(Box::new(FuseMount(background)))
     }
 }

@@ -192,27 +192,41 @@ fn time(value: TimeOrNow) -> Timestamp {
 /// instead of the kernel's 128 KiB (docs/performance.md).
 pub const READAHEAD_KIB: u32 = 4096;
 
-/// Sets the mount's readahead to [`READAHEAD_KIB`]. The kernel takes the
-/// smaller of its default (128 KiB) and what INIT asks for, so it can only be
-/// raised through the mount's BDI in sysfs, which needs root; otherwise the
-/// default stays and this says so at debug level.
-pub fn raise_readahead(mount: &std::path::Path) {
+/// How much of the machine's dirty-page limit one mount may hold, percent
+/// (the BDI's `max_ratio`). The kernel gives a FUSE mount 1 % (and a strict
+/// limit), so a guest whose RAM is a file on the mount (lazy memory) writing
+/// memory fast would be held to the daemon's write speed after a few tens of
+/// MB; the daemon is this machine's own and flushes by itself.
+pub const DIRTY_RATIO_PERCENT: u32 = 40;
+
+/// Tunes the mount's BDI in sysfs, which needs root (otherwise the kernel's
+/// defaults stay and this says so at debug level): readahead to
+/// [`READAHEAD_KIB`] (the kernel takes the smaller of its default, 128 KiB, and
+/// what INIT asks for, so it can only be raised here), and the share of dirty
+/// pages to [`DIRTY_RATIO_PERCENT`].
+pub fn tune_bdi(mount: &std::path::Path) {
     use std::os::unix::fs::MetadataExt;
-    // The stat waits for FUSE INIT, which would otherwise lower it again.
+    // The stat waits for FUSE INIT, which would otherwise lower the readahead again.
     let dev = match std::fs::metadata(mount) {
         Ok(meta) => meta.dev(),
         Err(e) => {
-            tracing::debug!(mount = %mount.display(), error = %e, "readahead left as is");
+            tracing::debug!(mount = %mount.display(), error = %e, "BDI left as is");
             return;
         }
     };
     let bdi = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        "/sys/class/bdi/{}:{}",
         nix::sys::stat::major(dev),
         nix::sys::stat::minor(dev)
     );
-    if let Err(e) = std::fs::write(&bdi, READAHEAD_KIB.to_string()) {
-        tracing::debug!(%bdi, error = %e, "readahead left at the kernel's default");
+    for (knob, value) in [
+        ("read_ahead_kb", READAHEAD_KIB),
+        ("max_ratio", DIRTY_RATIO_PERCENT),
+    ] {
+        let path = format!("{bdi}/{knob}");
+        if let Err(e) = std::fs::write(&path, value.to_string()) {
+            tracing::debug!(%path, error = %e, "left at the kernel's default");
+        }
     }
 }
 
