@@ -62,7 +62,6 @@ for profile in $profiles; do
   rate_bps=$LINK_RATE_BPS; rtt_ms=$LINK_RTT_MS
   say "link $profile: $rate_bps bit/s, RTT $rtt_ms ms"
   for size in $sizes; do
-    declare -A run first fetched_run fetched_first suspend_s uploaded new_bytes
     for mode in image lazy; do
       p="$mode-$size-$profile"
       parcel_dir "$work/src-$p" "$size" "$mode"
@@ -77,9 +76,9 @@ for profile in $profiles; do
       isrctl resume "$p" > /dev/null 2>&1
       wait_counters "$log" 6
       out=$(isrctl --json suspend "$p")
-      suspend_s[$mode]=$(echo "$out" | json 'round(d["saved"]["seconds"] + d["checkin"]["seconds"], 3)')
-      uploaded[$mode]=$(echo "$out" | json 'd["checkin"]["uploaded_bytes"]')
-      new_bytes[$mode]=$(echo "$out" | json 'd["checkin"]["new_bytes"]')
+      printf -v "suspend_s_$mode" %s "$(echo "$out" | json 'round(d["saved"]["seconds"] + d["checkin"]["seconds"], 3)')"
+      printf -v "uploaded_$mode" %s "$(echo "$out" | json 'd["checkin"]["uploaded_bytes"]')"
+      printf -v "new_bytes_$mode" %s "$(echo "$out" | json 'd["checkin"]["new_bytes"]')"
       r=(); f=(); fr=(); ff=(); ws=()
       for i in $(seq "$runs"); do
         machine "B$i-$p"
@@ -97,8 +96,10 @@ for profile in $profiles; do
         isrctl discard "$p" > /dev/null
         say "$p run $i: running after ${r[-1]} s (${fr[-1]} bytes fetched), first progress after ${f[-1]} s (${ff[-1]} bytes; working set ${ws[-1]} bytes)"
       done
-      run[$mode]=$(printf '%s\n' "${r[@]}" | median); first[$mode]=$(printf '%s\n' "${f[@]}" | median)
-      fetched_run[$mode]=$(printf '%s\n' "${fr[@]}" | median); fetched_first[$mode]=$(printf '%s\n' "${ff[@]}" | median)
+      printf -v "run_$mode" %s "$(printf '%s\n' "${r[@]}" | median)"
+      printf -v "first_$mode" %s "$(printf '%s\n' "${f[@]}" | median)"
+      printf -v "fetched_run_$mode" %s "$(printf '%s\n' "${fr[@]}" | median)"
+      printf -v "fetched_first_$mode" %s "$(printf '%s\n' "${ff[@]}" | median)"
       [ "$mode" = lazy ] && ws_bytes=$(printf '%s\n' "${ws[@]}" | median)
     done
 
@@ -117,20 +118,19 @@ for profile in $profiles; do
     ideal_first=$(python3 -c "print(f'{$ws_bytes * 8 / $rate_bps + 2 * $rtt_ms / 1000:.3f}')")
     ideal_first_boot=$(python3 -c "print(f'{($ws_bytes + $boot_bytes) * 8 / $rate_bps + 2 * $rtt_ms / 1000:.3f}')")
     g="${size} MiB guest, cold cache over $profile"
-    row "resume-to-running, $g, lazy, s" "${run[lazy]}" s "image mode" "${run[image]}" ""
-    row "resume-to-running, $g, lazy, s" "${run[lazy]}" s "2 RTT + 0.2 s" "$two_rtt" "<= 1.0"
-    row "resume-to-running, $g, lazy, s" "${run[lazy]}" s "2 RTT + 0.2 s + kernel and initrd ÷ link rate" "$two_rtt_boot" ""
-    row "resume-to-running, $g, lazy, s" "${run[lazy]}" s "plain QEMU, local files, lazy" "$qemu_run" ""
-    row "resume-to-first-progress, $g, lazy, s" "${first[lazy]}" s "image mode" "${first[image]}" ""
-    row "resume-to-first-progress, $g, lazy, s" "${first[lazy]}" s "working set ÷ link rate + 2 RTT" "$ideal_first" "<= 1.2"
-    row "resume-to-first-progress, $g, lazy, s" "${first[lazy]}" s "(working set + kernel and initrd) ÷ link rate + 2 RTT" "$ideal_first_boot" ""
-    row "resume-to-first-progress, $g, lazy, s" "${first[lazy]}" s "plain QEMU, local files, lazy" "$qemu_first" ""
-    row "MB fetched by running, $g, lazy" "$(mb "${fetched_run[lazy]}")" MB "image mode" "$(mb "${fetched_run[image]}")" ""
-    row "MB fetched by first progress, $g, lazy" "$(mb "${fetched_first[lazy]}")" MB "image mode" "$(mb "${fetched_first[image]}")" ""
-    row "second suspend + checkin, ${size} MiB guest over $profile, lazy, s" "${suspend_s[lazy]}" s "image mode" "${suspend_s[image]}" ""
-    row "MB uploaded by the second suspend, ${size} MiB guest, lazy" "$(mb "${uploaded[lazy]}")" MB "image mode" "$(mb "${uploaded[image]}")" ""
-    row "MB uploaded by the second suspend, ${size} MiB guest, lazy" "$(mb "${uploaded[lazy]}")" MB "changed chunks, stored" "$(mb "${new_bytes[lazy]}")" "<= 1.05"
-    unset run first fetched_run fetched_first suspend_s uploaded new_bytes
+    row "resume-to-running, $g, lazy, s" "${run_lazy}" s "image mode" "${run_image}" ""
+    row "resume-to-running, $g, lazy, s" "${run_lazy}" s "2 RTT + 0.2 s" "$two_rtt" "<= 1.0"
+    row "resume-to-running, $g, lazy, s" "${run_lazy}" s "2 RTT + 0.2 s + kernel and initrd ÷ link rate" "$two_rtt_boot" ""
+    row "resume-to-running, $g, lazy, s" "${run_lazy}" s "plain QEMU, local files, lazy" "$qemu_run" ""
+    row "resume-to-first-progress, $g, lazy, s" "${first_lazy}" s "image mode" "${first_image}" ""
+    row "resume-to-first-progress, $g, lazy, s" "${first_lazy}" s "working set ÷ link rate + 2 RTT" "$ideal_first" "<= 1.2"
+    row "resume-to-first-progress, $g, lazy, s" "${first_lazy}" s "(working set + kernel and initrd) ÷ link rate + 2 RTT" "$ideal_first_boot" ""
+    row "resume-to-first-progress, $g, lazy, s" "${first_lazy}" s "plain QEMU, local files, lazy" "$qemu_first" ""
+    row "MB fetched by running, $g, lazy" "$(mb "${fetched_run_lazy}")" MB "image mode" "$(mb "${fetched_run_image}")" ""
+    row "MB fetched by first progress, $g, lazy" "$(mb "${fetched_first_lazy}")" MB "image mode" "$(mb "${fetched_first_image}")" ""
+    row "second suspend + checkin, ${size} MiB guest over $profile, lazy, s" "${suspend_s_lazy}" s "image mode" "${suspend_s_image}" ""
+    row "MB uploaded by the second suspend, ${size} MiB guest, lazy" "$(mb "${uploaded_lazy}")" MB "image mode" "$(mb "${uploaded_image}")" ""
+    row "MB uploaded by the second suspend, ${size} MiB guest, lazy" "$(mb "${uploaded_lazy}")" MB "changed chunks, stored" "$(mb "${new_bytes_lazy}")" "<= 1.05"
   done
   link_down
 done
