@@ -160,7 +160,9 @@ impl Daemon {
 /// vm.toml is unreadable: `ensure_vm` then says why); a VM to start shows as
 /// `busy` until it runs. What the VM reads before its guest runs moves to the
 /// front of the prefetch: the kernel and initrd (read whole as QEMU starts,
-/// even when it then loads a saved state), then the memory image vm.toml names.
+/// even when it then loads a saved state) and lazy mode's device state, then
+/// the memory image vm.toml names, or (with background prefetch on) its RAM
+/// file; the working set goes between the two (`Session::resume`).
 fn starting_slot(
     session: &Session,
     parcel: &str,
@@ -174,6 +176,9 @@ fn starting_slot(
         boot.push(config.device_state.as_path());
         session.prefetch_files(&boot, Priority::Boot);
         session.prefetch_files(&[config.memory_image.as_path()], Priority::Memory);
+        if session.prefetches() {
+            session.prefetch_files(&[config.ram_file.as_path()], Priority::Memory);
+        }
     }
     let kind = match requested {
         Some(kind) => Ok(kind),

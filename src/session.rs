@@ -747,6 +747,11 @@ impl Session {
         });
     }
 
+    /// Whether the whole parcel is fetched in the background (`[fetch] prefetch`).
+    pub fn prefetches(&self) -> bool {
+        self.context.prefetch
+    }
+
     /// Starts recording lazy memory's working set: the first reads of the
     /// file at `path` (the VM's RAM file) for [`memory::WORKING_SET_WINDOW`].
     pub fn record_working_set(&self, path: &Path) {

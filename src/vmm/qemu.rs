@@ -1010,8 +1010,10 @@ pub fn kill_leftover(dir: &Path) {
 ///
 /// With the RAM file on the mount, QEMU's process runs with transparent huge
 /// pages disabled ([`disable_huge_pages`]): QEMU advises huge pages on guest
-/// RAM, which turns every fault of a 4 KiB page into a read of up to 2 MiB
-/// around it — megabytes fetched that the guest never touches.
+/// RAM, which on kernels that read around a fault by that advice turns a
+/// fault of a 4 KiB page into a read of up to 2 MiB — megabytes fetched that
+/// the guest never touches (not seen on Linux 6.18 with FUSE; see
+/// docs/decisions.md).
 #[derive(Debug)]
 pub struct QemuAdapter {
     vm: ParcelVm,
