@@ -30,6 +30,8 @@ cleanup() { set +e; stop_machines; link_down; rm -rf "$work"; }
 trap cleanup EXIT
 [ -n "${ISR_BIN:-}" ] || (cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd && cargo build --release --quiet -p isr --example qemu_baseline --example delay_proxy)
 export ISR_PASSPHRASE=bench ISR_CONFIG="$work/config.toml"
+write_config() { printf '[kdf]\nmemory_kib = 1024\niterations = 1\n\n[upload]\ntrickle = false\n' > "$work/config.toml"; }
+write_config
 isrctl() { "$bin/isrctl" "$@"; }
 
 guest=$work/guest
@@ -57,7 +59,7 @@ wait_counters() { # serial-log count
 for profile in $profiles; do
   [ "$profile" = none ] && continue
   # link_up appends the link's [s3] section: a fresh configuration per link.
-  printf '[kdf]\nmemory_kib = 1024\niterations = 1\n\n[upload]\ntrickle = false\n' > "$work/config.toml"
+  write_config
   link_up "$work" "$profile"
   rate_bps=$LINK_RATE_BPS; rtt_ms=$LINK_RTT_MS
   say "link $profile: $rate_bps bit/s, RTT $rtt_ms ms"
@@ -135,6 +137,7 @@ for profile in $profiles; do
   link_down
 done
 
+write_config
 say "guest memory writes: RAM on the mount vs RAM in a local file (${write_mb} MiB of zeros, guest clock)"
 socket=$work/ctl.sock
 extra=", \"-chardev\", \"socket,id=isrctl,path=$socket,server=on,wait=off\", \"-device\", \"isa-serial,chardev=isrctl,index=1\""

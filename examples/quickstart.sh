@@ -10,7 +10,8 @@
 #     the lazy mount, its RAM a file on the mount (lazy memory, QEMU's default);
 #     once it has counted 5 times, `isrctl suspend` saves its device state beside
 #     that RAM file and checks a new version in;
-#   machine B (empty state and cache, the same store): `isrctl resume` continues
+#   machine B (empty state and cache, the same store, background prefetch off so
+#     that it fetches only what the VM asks for): `isrctl resume` continues
 #     the VM at once, its memory arriving as the guest touches it, and the counter
 #     goes on where A stopped, with the same boot id; then `isrctl suspend` again,
 #     uploading far less (only the RAM chunks that changed, and chunks dedup);
@@ -83,10 +84,17 @@ exec 9>"$work.lock"
 flock -n 9 || die "another examples/quickstart.sh is running (lock $work.lock)"
 
 # isrctl_on MACHINE ARGS: isrctl as machine MACHINE (its state, cache, runtime dir).
+# A machine with a config.toml of its own (B: no background prefetch, so that
+# what it fetches is what its VM needs) uses it.
 isrctl_on() {
   local m=$1; shift
-  ISR_STATE_DIR=$work/$m/state ISR_CACHE_DIR=$work/$m/cache ISR_RUNTIME_DIR=$work/$m/run \
-    "$ISRCTL" "$@" 9>&-
+  if [ -f "$work/$m/config.toml" ]; then
+    ISR_CONFIG=$work/$m/config.toml ISR_STATE_DIR=$work/$m/state ISR_CACHE_DIR=$work/$m/cache \
+      ISR_RUNTIME_DIR=$work/$m/run "$ISRCTL" "$@" 9>&-
+  else
+    ISR_STATE_DIR=$work/$m/state ISR_CACHE_DIR=$work/$m/cache ISR_RUNTIME_DIR=$work/$m/run \
+      "$ISRCTL" "$@" 9>&-
+  fi
 }
 
 # alive PID NEEDLE: PID runs (not a zombie) and its command line contains NEEDLE.
@@ -151,6 +159,7 @@ if [ -e "$work" ]; then
   rm -rf --one-file-system "$work" || die "cannot remove $work (a mount left there? see: findmnt | grep $work)"
 fi
 mkdir -p "$work/A" "$work/B"
+printf '[fetch]\nprefetch = false\n' > "$work/B/config.toml"
 
 # ---- 3. the test guest --------------------------------------------------------------------
 step "building the test guest (tests/fixtures/make-guest.sh, cached)"
