@@ -47,9 +47,9 @@
 //! max_bytes = 68719476736        # local chunk cache size (64 GiB)
 //!
 //! [kdf]                          # argon2id cost of new passphrase keyslots
-//! memory_kib = 65536
-//! iterations = 3
-//! parallelism = 1
+//! memory_kib = 65536             # at most 4194304 (4 GiB)
+//! iterations = 3                 # at most 64
+//! parallelism = 1                # at most 64 (a keyslot beyond these is refused as corrupt)
 //!
 //! [vmm]                          # how isrfsd runs a parcel's VM (`isrctl resume`)
 //! qemu = "qemu-system-x86_64"    # the QEMU binary (a name on PATH, or a path)
@@ -442,6 +442,17 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "kdf",
                 reason: "memory_kib must be at least 8 × parallelism; iterations and parallelism at least 1".into(),
+            });
+        }
+        if let Some(reason) = self.kdf.beyond_bounds() {
+            return Err(ConfigError::Invalid {
+                key: "kdf",
+                reason: format!(
+                    "{reason}: no isr could open such a keyslot; give at most memory_kib = {}, iterations = {}, parallelism = {}",
+                    crate::keys::MAX_KDF_MEMORY_KIB,
+                    crate::keys::MAX_KDF_ITERATIONS,
+                    crate::keys::MAX_KDF_PARALLELISM
+                ),
             });
         }
         Ok(())

@@ -118,6 +118,41 @@ pub struct KdfParams {
     pub parallelism: u32,
 }
 
+/// The most argon2 memory a keyslot may ask for: 4 GiB (in KiB). A keyslot
+/// asking for more (or for more than [`MAX_KDF_ITERATIONS`] passes or
+/// [`MAX_KDF_PARALLELISM`] lanes) is refused as corrupt before anything is
+/// derived: the store is not trusted to set how long a command runs. isr
+/// itself writes at most what `[kdf]` allows, which has the same bounds.
+pub const MAX_KDF_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+/// The most argon2 passes a keyslot may ask for (see [`MAX_KDF_MEMORY_KIB`]).
+pub const MAX_KDF_ITERATIONS: u32 = 64;
+/// The most argon2 lanes a keyslot may ask for (see [`MAX_KDF_MEMORY_KIB`]).
+pub const MAX_KDF_PARALLELISM: u32 = 64;
+
+impl KdfParams {
+    /// Why these parameters are beyond isr's bounds, if they are.
+    pub fn beyond_bounds(&self) -> Option<String> {
+        let mut over = Vec::new();
+        if self.memory_kib > MAX_KDF_MEMORY_KIB {
+            over.push(format!(
+                "memory {} KiB > {MAX_KDF_MEMORY_KIB}",
+                self.memory_kib
+            ));
+        }
+        if self.iterations > MAX_KDF_ITERATIONS {
+            over.push(format!("{} passes > {MAX_KDF_ITERATIONS}", self.iterations));
+        }
+        if self.parallelism > MAX_KDF_PARALLELISM {
+            over.push(format!(
+                "{} lanes > {MAX_KDF_PARALLELISM}",
+                self.parallelism
+            ));
+        }
+        (!over.is_empty())
+            .then(|| format!("argon2 cost beyond isr's maximum ({})", over.join(", ")))
+    }
+}
+
 impl Default for KdfParams {
     fn default() -> Self {
         KdfParams {
@@ -428,6 +463,13 @@ pub fn unlock_slot(
             iterations: u32_at(28),
             parallelism: u32_at(32),
         };
+        if kind == SlotKind::Passphrase
+            && let Some(reason) = params.beyond_bounds()
+        {
+            return Err(corrupt(&format!(
+                "{reason}: written by something other than isr, or damaged; unlock it with another keyslot, or restore the keyslot from a backup"
+            )));
+        }
         let salt: [u8; 16] = slot[36..52].try_into().expect("16 bytes");
         let nonce: [u8; 24] = slot[52..76].try_into().expect("24 bytes");
         let wrapping =
@@ -538,6 +580,37 @@ mod tests {
             unlock("p", &[1; 16], &[(0, slot)], &pass("pw")),
             Err(KeyError::WrongPassphrase { .. })
         ));
+    }
+
+    #[test]
+    fn a_keyslot_beyond_the_kdf_bounds_is_refused_before_any_work() {
+        let secrets = ParcelSecrets::generate(None);
+        let id = [3u8; 16];
+        let slot = seal_keyslot(&secrets, &pass("pw"), CHEAP, &id).unwrap();
+        let started = std::time::Instant::now();
+        for (at, value) in [
+            (24, MAX_KDF_MEMORY_KIB + 1),
+            (28, u32::MAX),
+            (32, MAX_KDF_PARALLELISM + 1),
+        ] {
+            let mut bad = slot.clone();
+            bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            let err = unlock("p", &id, &[(0, bad)], &pass("pw")).unwrap_err();
+            assert!(matches!(err, KeyError::CorruptSlot { .. }), "{err}");
+            assert_eq!(err.class(), ErrorClass::Integrity);
+            let message = err.to_string();
+            assert!(message.contains("beyond isr's maximum"), "{message}");
+            assert!(!message.contains('\n'));
+        }
+        // Not a timing assertion: u32::MAX passes would run for days.
+        assert!(started.elapsed() < std::time::Duration::from_secs(600));
+        let at_bounds = KdfParams {
+            memory_kib: MAX_KDF_MEMORY_KIB,
+            iterations: MAX_KDF_ITERATIONS,
+            parallelism: MAX_KDF_PARALLELISM,
+        };
+        assert_eq!(at_bounds.beyond_bounds(), None);
+        assert_eq!(CHEAP.beyond_bounds(), None);
     }
 
     #[test]

@@ -326,3 +326,30 @@ fn a_closed_stdout_ends_isrctl_quietly_like_sigpipe() {
     assert_eq!(output.status.code(), Some(141), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_keyslot_asking_for_endless_argon2_work_is_refused_at_once() {
+    let env = Env::local();
+    env.import_files("vm", &[("disk.img", vec![7u8; 4096])]);
+    // A store writer sets the passphrase slot's time cost to 2^32 - 1.
+    let slot = std::path::PathBuf::from(&env.store).join("parcels/vm/keyslots/0");
+    let mut bytes = std::fs::read(&slot).unwrap();
+    assert_eq!(bytes[5], 1, "slot 0 is the passphrase slot");
+    bytes[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&slot, bytes).unwrap();
+    let out = env.path("out");
+    for args in [
+        vec!["info", "vm"],
+        vec!["history", "vm"],
+        vec!["verify", "vm"],
+        vec!["export", "vm", out.to_str().unwrap()],
+        vec!["resume", "--vmm", "none", "vm"],
+    ] {
+        let stderr = env.fails(&args, 7);
+        assert!(
+            stderr.contains("beyond isr's maximum"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+}
