@@ -306,6 +306,12 @@ pub enum KeyError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A passphrase given empty (or not as text).
+    #[error("{what}: give the parcel's passphrase, or use a key file (--key-file)")]
+    UnusablePassphrase {
+        /// Where it came from and what is wrong, e.g. `ISR_PASSPHRASE is set but empty`.
+        what: String,
+    },
     /// Key file too short to be a key.
     #[error("key file {} holds {len} bytes; at least {MIN_KEY_FILE_LEN} random bytes are needed (create one with `isrctl new-key-file PATH`)", path.display())]
     KeyFileTooShort {
@@ -327,6 +333,9 @@ impl Classify for KeyError {
             | KeyError::NoSlotOfKind { .. }
             | KeyError::NoCredential { .. } => ErrorClass::WrongKey,
             KeyError::CorruptSlot { .. } => ErrorClass::Integrity,
+            KeyError::UnusablePassphrase { .. } | KeyError::KeyFileTooShort { .. } => {
+                ErrorClass::Invalid
+            }
             _ => ErrorClass::Other,
         }
     }

@@ -353,3 +353,39 @@ fn a_keyslot_asking_for_endless_argon2_work_is_refused_at_once() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     }
 }
+
+#[test]
+fn an_empty_passphrase_or_a_short_key_file_is_a_usage_error() {
+    let env = Env::local();
+    env.import_files("vm", &[("disk.img", vec![7u8; 4096])]);
+    let run = |command: &mut std::process::Command| command.output().unwrap();
+    let empty = run(env.isrctl().env("ISR_PASSPHRASE", "").args(["info", "vm"]));
+    assert_eq!(empty.status.code(), Some(2), "{empty:?}");
+    let stderr = String::from_utf8_lossy(&empty.stderr);
+    assert!(
+        stderr.contains("ISR_PASSPHRASE is set but empty"),
+        "{stderr}"
+    );
+
+    let short = env.path("short.key");
+    std::fs::write(&short, [1u8; 8]).unwrap();
+    let key = run(env.isrctl().env_remove("ISR_PASSPHRASE").args([
+        "--key-file",
+        short.to_str().unwrap(),
+        "info",
+        "vm",
+    ]));
+    assert_eq!(key.status.code(), Some(2), "{key:?}");
+    let stderr = String::from_utf8_lossy(&key.stderr);
+    assert!(stderr.contains("at least 16"), "{stderr}");
+
+    let empty_file = env.path("empty.pw");
+    std::fs::write(&empty_file, "").unwrap();
+    let file = run(env.isrctl().env_remove("ISR_PASSPHRASE").args([
+        "--passphrase-file",
+        empty_file.to_str().unwrap(),
+        "info",
+        "vm",
+    ]));
+    assert_eq!(file.status.code(), Some(2), "{file:?}");
+}

@@ -30,7 +30,10 @@ pub fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
     );
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
-        anyhow::bail!("passphrase file {} is empty", path.display());
+        return Err(KeyError::UnusablePassphrase {
+            what: format!("passphrase file {} is empty", path.display()),
+        }
+        .into());
     }
     Ok(Zeroizing::new(line.to_owned()))
 }
@@ -42,7 +45,10 @@ pub fn prompt(parcel: &str, purpose: Purpose) -> anyhow::Result<Zeroizing<String
             .context("reading the passphrase")?,
     );
     if first.is_empty() {
-        anyhow::bail!("empty passphrase refused");
+        return Err(KeyError::UnusablePassphrase {
+            what: "empty passphrase refused".into(),
+        }
+        .into());
     }
     if purpose == Purpose::Create {
         let again = Zeroizing::new(
@@ -86,11 +92,12 @@ pub fn given(
         credentials.push(Credential::from_key_file(path)?);
     }
     if let Some(passphrase) = std::env::var_os("ISR_PASSPHRASE") {
+        let unusable = |what: &str| KeyError::UnusablePassphrase { what: what.into() };
         let passphrase = passphrase
             .into_string()
-            .map_err(|_| anyhow::anyhow!("ISR_PASSPHRASE is not valid UTF-8"))?;
+            .map_err(|_| unusable("ISR_PASSPHRASE is not valid UTF-8"))?;
         if passphrase.is_empty() {
-            anyhow::bail!("ISR_PASSPHRASE is set but empty");
+            return Err(unusable("ISR_PASSPHRASE is set but empty").into());
         }
         credentials.push(Credential::Passphrase(Zeroizing::new(passphrase)));
     } else if let Some(path) = passphrase_file {
