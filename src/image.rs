@@ -187,6 +187,9 @@ pub struct Image {
     journal: Mutex<UploadJournal>,
     trace: Mutex<AccessTrace>,
     working_set: Mutex<WorkingSetRecorder>,
+    /// The file whose reads `working_set` records now (0: none), checked on
+    /// the read path before its lock is taken.
+    working_set_file: AtomicU64,
 }
 
 impl std::fmt::Debug for Image {
@@ -261,6 +264,7 @@ impl Image {
             journal: Mutex::new(UploadJournal::default()),
             trace: Mutex::new(AccessTrace::default()),
             working_set: Mutex::new(WorkingSetRecorder::default()),
+            working_set_file: AtomicU64::new(0),
         };
         match image.state.load()? {
             Some(loaded) => image.resume(loaded)?,
@@ -477,10 +481,9 @@ impl Image {
                     match self.committed_chunk(&node, index) {
                         ChunkRef::Zero => out.resize(out.len() + take, 0),
                         ChunkRef::Stored { tag, key, .. } => {
-                            self.working_set
-                                .lock()
-                                .expect("working set lock")
-                                .read(node.id, index);
+                            if self.working_set_file.load(Ordering::Relaxed) == node.id {
+                                self.note_working_set_read(node.id, index);
+                            }
                             let data = self.stored_plaintext(tag, &key, Priority::Demand)?;
                             // A base file's last chunk may be shorter than the range read.
                             let available = data.len().saturating_sub(within).min(take);
@@ -1144,6 +1147,20 @@ impl Image {
             .lock()
             .expect("working set lock")
             .start(id, window);
+        self.working_set_file.store(id, Ordering::Relaxed);
+    }
+
+    /// Notes a read of chunk `index` of the file whose working set is being
+    /// recorded; stops looking once its window has passed.
+    fn note_working_set_read(&self, id: u64, index: u64) {
+        let recording = self
+            .working_set
+            .lock()
+            .expect("working set lock")
+            .read(id, index);
+        if !recording {
+            self.working_set_file.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The working set recorded: the file and its chunk indexes in first-read

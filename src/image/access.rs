@@ -75,16 +75,16 @@ impl WorkingSetRecorder {
         };
     }
 
-    /// Notes a read of chunk `index` of file `node`.
-    pub(super) fn read(&mut self, node: u64, index: u64) {
-        if self.node == Some(node)
-            && self
-                .until
-                .is_some_and(|until| std::time::Instant::now() < until)
-            && self.seen.insert(index)
-        {
+    /// Notes a read of chunk `index` of file `node`; false once the window
+    /// has passed (nothing more will be recorded).
+    pub(super) fn read(&mut self, node: u64, index: u64) -> bool {
+        let open = self
+            .until
+            .is_some_and(|until| std::time::Instant::now() < until);
+        if open && self.node == Some(node) && self.seen.insert(index) {
             self.order.push(index);
         }
+        open
     }
 
     /// The file recorded and its chunk indexes in first-read order.
@@ -101,15 +101,15 @@ mod tests {
     #[test]
     fn the_working_set_is_one_file_first_reads_within_the_window() {
         let mut set = WorkingSetRecorder::default();
-        set.read(7, 1);
+        assert!(!set.read(7, 1));
         assert_eq!(set.recorded(), None, "nothing before it starts");
         set.start(7, Duration::from_secs(60));
         for (node, index) in [(7, 5), (8, 1), (7, 2), (7, 5), (7, 0)] {
-            set.read(node, index);
+            assert!(set.read(node, index));
         }
         assert_eq!(set.recorded(), Some((7, vec![5, 2, 0])));
         set.start(7, Duration::ZERO);
-        set.read(7, 3);
+        assert!(!set.read(7, 3));
         assert_eq!(set.recorded(), Some((7, vec![])), "after the window");
     }
 }

@@ -20,13 +20,12 @@
 //! resume fetches them at [`crate::fetch::Priority::WorkingSet`] before
 //! anything but demand reads and boot files.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::chunk::ChunkTag;
 use crate::image::{Image, NodeKind};
 use crate::manifest::Manifest;
-use crate::vmm::config::{VM_CONFIG_FILE, VmConfig};
+use crate::vmm::config::{VM_CONFIG_FILE, VmConfig, normalise};
 
 /// How long after a VM starts its first reads of RAM count as its working set.
 pub const WORKING_SET_WINDOW: Duration = Duration::from_secs(10);
@@ -41,16 +40,12 @@ pub fn image_vm_config(image: &Image) -> Option<VmConfig> {
     VmConfig::parse(std::str::from_utf8(&text).ok()?).ok()
 }
 
-fn path_text(path: &Path) -> String {
-    path.to_string_lossy().trim_start_matches("./").to_owned()
-}
-
 /// The lazy-memory files of `config` that `present` has without their
 /// partner: the RAM file without a device state, or a device state without a
 /// RAM file (paths relative to the parcel's root).
 pub fn unpaired_memory(config: &VmConfig, present: impl Fn(&str) -> bool) -> Vec<String> {
-    let ram = path_text(&config.ram_file);
-    let state = path_text(&config.device_state);
+    let text = |path: &std::path::Path| normalise(path).to_string_lossy().into_owned();
+    let (ram, state) = (text(&config.ram_file), text(&config.device_state));
     match (present(&ram), present(&state)) {
         (true, false) => vec![ram],
         (false, true) => vec![state],
@@ -78,9 +73,10 @@ pub fn unpaired_nodes(image: &Image) -> Vec<u64> {
     let Some(config) = image_vm_config(image) else {
         return Vec::new();
     };
-    unpaired_memory(&config, |path| image.resolve(path).is_ok())
+    let node_of = |path: &str| image.resolve(path).ok().map(|node| node.id);
+    unpaired_memory(&config, |path| node_of(path).is_some())
         .iter()
-        .filter_map(|path| image.resolve(path).ok().map(|node| node.id))
+        .filter_map(|path| node_of(path))
         .collect()
 }
 

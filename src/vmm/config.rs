@@ -712,7 +712,9 @@ fn check_parcel_path(field: &str, path: &Path) -> Result<(), VmConfigError> {
 }
 
 /// `./a//b` and `a/b` are the same parcel file.
-fn normalise(path: &Path) -> PathBuf {
+/// `path` (a parcel path, checked by [`check_parcel_path`]) as the manifest
+/// spells it: its names only, without `.` components.
+pub fn normalise(path: &Path) -> PathBuf {
     path.components()
         .filter(|c| matches!(c, Component::Normal(_)))
         .collect()

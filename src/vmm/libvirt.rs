@@ -42,12 +42,11 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::config::{DiskInterface, DisplayKind, NicModel, Protocol, VmConfig};
 use super::qemu::partial_name;
-use super::steps::{handed, installed, run_or_hand, run_steps};
+use super::steps::{capture, handed, installed, run_or_hand, run_steps};
 use super::{AdapterStatus, Ended, ParcelVm, SavedState, Started, VmError, Vmm, io_error};
 
 /// The program.
@@ -428,12 +427,7 @@ pub fn destroy_leftover(uri: &str, name: &str, serial_log: &Path) {
     if !installed(VIRSH) {
         return;
     }
-    let step = dumpxml_step(uri, name);
-    let Ok(output) = Command::new(&step[0])
-        .args(&step[1..])
-        .stdin(Stdio::null())
-        .output()
-    else {
+    let Ok(output) = capture(&dumpxml_step(uri, name)) else {
         return;
     };
     if output.status.success()
@@ -552,12 +546,7 @@ impl LibvirtAdapter {
     /// it does not.
     fn check(&mut self) {
         self.checked = Some(Instant::now());
-        let step = domstate_step(&self.uri, &self.vm.parcel);
-        let Ok(output) = Command::new(&step[0])
-            .args(&step[1..])
-            .stdin(Stdio::null())
-            .output()
-        else {
+        let Ok(output) = capture(&domstate_step(&self.uri, &self.vm.parcel)) else {
             return;
         };
         if let Some(why) = stopped_reason(

@@ -8,7 +8,7 @@
 //! ([`super::libvirt`], [`super::virtualbox`]) use this; QEMU does not.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use super::{Started, VmError};
 
@@ -30,20 +30,28 @@ pub fn steps_text(steps: &[Vec<String>]) -> String {
         .join("\n")
 }
 
+/// Runs one command line (program and arguments, no stdin) and captures
+/// its output.
+pub fn capture(step: &[String]) -> std::io::Result<Output> {
+    let (program, args) = step.split_first().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "an empty command line")
+    })?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+}
+
 /// Runs command lines in order, stopping at the first that fails.
 pub fn run_steps(steps: &[Vec<String>]) -> Result<(), VmError> {
     for step in steps {
-        let Some((program, args)) = step.split_first() else {
+        let Some(program) = step.first() else {
             continue;
         };
-        let output = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| VmError::Io {
-                what: format!("running {program}"),
-                source,
-            })?;
+        let output = capture(step).map_err(|source| VmError::Io {
+            what: format!("running {program}"),
+            source,
+        })?;
         if !output.status.success() {
             let text = String::from_utf8_lossy(&output.stderr).into_owned()
                 + &String::from_utf8_lossy(&output.stdout);
