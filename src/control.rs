@@ -269,6 +269,9 @@ pub struct ParcelStatus {
     /// The VM, if the daemon runs one (or is starting it).
     #[serde(default)]
     pub vm: Option<VmStatus>,
+    /// Whether the parcel is mounted; false after its mount ended behind
+    /// the daemon's back (`isrctl resume` mounts it again).
+    pub mounted: bool,
 }
 
 /// Errors talking to the daemon.

@@ -9,8 +9,11 @@
 //! - Requests that change a parcel (resume, suspend, sync, checkin, discard)
 //!   run one at a time per parcel ([`Daemon::parcel_lock`]); status and hoard
 //!   do not wait for them.
-//! - A session is in `sessions` exactly while it is mounted; its VM slot goes
-//!   with it, and a checkin or discard removes both and unmounts.
+//! - A session is in `sessions` exactly while it is resumed; its VM slot goes
+//!   with it, and a checkin or discard removes both and unmounts. Its `mount`
+//!   is `None` once the mount ended behind the daemon's back (someone ran
+//!   `fusermount3 -u`; [`Daemon::check_mounts`] notices) until a resume mounts
+//!   it again: a resume only answers with a mount point it found live and ours.
 //! - A VM slot's `vm` mutex is held while its VM is started, suspended or
 //!   stopped; status then answers from `summary` as `busy`.
 
@@ -43,6 +46,20 @@ pub trait Mounter: Send + Sync {
 pub trait MountHandle: Send {
     /// Unmounts, waiting for the file system's threads to end.
     fn unmount(self: Box<Self>) -> std::io::Result<()>;
+    /// What is at the mount point now: this mount, something over it, or
+    /// nothing of ours (someone unmounted it behind the daemon's back).
+    fn state(&self) -> MountState;
+}
+
+/// What [`MountHandle::state`] finds at a mount point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountState {
+    /// This mount is served and is what the mount point shows.
+    Live,
+    /// This mount is served, but something else is mounted over it.
+    Covered,
+    /// This mount ended or was detached: the mount point shows something else.
+    Gone,
 }
 
 struct Mounted {
@@ -302,6 +319,7 @@ impl Daemon {
                     .map(|(_, m)| ParcelStatus {
                         session: m.session.status(),
                         vm: m.vm.status(),
+                        mounted: m.mount.is_some(),
                     })
                     .collect();
                 statuses.sort_by(|a, b| a.session.parcel.cmp(&b.session.parcel));
@@ -662,6 +680,9 @@ impl Daemon {
             .get(&parcel.name)
             .map(|m| m.session.record().mount.clone());
         if let Some(mount) = existing {
+            if let Err(response) = self.remount_if_gone(&parcel.name) {
+                return response;
+            }
             return match self.ensure_vm(&parcel.name, vmm) {
                 Ok((vm, warnings)) => Response::Resumed {
                     mount,
@@ -697,14 +718,7 @@ impl Daemon {
             Err(e) => return error_response(e.class(), e.to_string()),
         };
         let mount = session.record().mount.clone();
-        crate::session::detach_dead_mount(&mount);
-        if let Err(e) = std::fs::create_dir_all(&mount) {
-            return error_response(
-                ErrorClass::Other,
-                format!("creating mount point {}: {e}", mount.display()),
-            );
-        }
-        match self.mounter.mount(&session, &mount) {
+        match self.mount_live(&session, &mount) {
             Ok(handle) => {
                 tracing::info!(parcel = %parcel.name, mount = %mount.display(), reattaching, "mounted");
                 self.checked_in
@@ -730,10 +744,140 @@ impl Daemon {
                     Err(response) => response,
                 }
             }
-            Err(e) => error_response(
+            Err(response) => {
+                // Nothing of this resume may stay behind: the session's
+                // database closes, and a fresh session gives its lock back.
+                self.runtime.block_on(session.abandon());
+                response
+            }
+        }
+    }
+
+    /// Mounts `session` at `mount` (detaching a dead mount there first) and
+    /// checks that the mount point then shows this mount.
+    fn mount_live(
+        &self,
+        session: &Session,
+        mount: &Path,
+    ) -> Result<Box<dyn MountHandle>, Response> {
+        crate::session::detach_dead_mount(mount);
+        if let Err(e) = std::fs::create_dir_all(mount) {
+            return Err(error_response(
+                ErrorClass::Other,
+                format!("creating mount point {}: {e}", mount.display()),
+            ));
+        }
+        let handle = self.mounter.mount(session, mount).map_err(|e| {
+            error_response(
                 ErrorClass::Other,
                 format!("mounting {}: {e}", mount.display()),
-            ),
+            )
+        })?;
+        match handle.state() {
+            MountState::Live => Ok(handle),
+            state => {
+                let _ = handle.unmount();
+                Err(error_response(
+                    ErrorClass::Other,
+                    format!(
+                        "mounting {}: the mount point does not show the new mount ({state:?}); unmount whatever is mounted there, then run the command again",
+                        mount.display()
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Mounts a resumed parcel again if its mount is gone (a reattach must
+    /// answer with a live mount); refuses if something covers it.
+    fn remount_if_gone(&self, parcel: &str) -> Result<(), Response> {
+        let (session, state) = {
+            let sessions = self.sessions.lock().expect("sessions lock");
+            let Some(mounted) = sessions.get(parcel) else {
+                return Ok(());
+            };
+            let state = mounted
+                .mount
+                .as_ref()
+                .map_or(MountState::Gone, |handle| handle.state());
+            (mounted.session.clone(), state)
+        };
+        let mount = session.record().mount;
+        match state {
+            MountState::Live => Ok(()),
+            MountState::Covered => Err(error_response(
+                ErrorClass::Conflict,
+                format!(
+                    "something else is mounted over parcel {parcel}'s mount {}; unmount it (`umount {}`), then run `isrctl resume {parcel}` again",
+                    mount.display(),
+                    mount.display()
+                ),
+            )),
+            MountState::Gone => {
+                self.forget_mount(parcel);
+                let handle = self.mount_live(&session, &mount)?;
+                tracing::info!(parcel, mount = %mount.display(), "mounted again");
+                if let Some(mounted) = self.sessions.lock().expect("sessions lock").get_mut(parcel)
+                {
+                    mounted.mount = Some(handle);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops a session's mount handle that is no longer what its mount
+    /// point shows (its unmount fails harmlessly: nothing of ours is there).
+    fn forget_mount(&self, parcel: &str) {
+        let handle = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get_mut(parcel)
+            .and_then(|m| m.mount.take());
+        if let Some(handle) = handle {
+            let _ = handle.unmount();
+        }
+    }
+
+    /// Notices mounts that ended behind the daemon's back (someone unmounted
+    /// them): flushes what their sessions wrote and forgets the mount, so
+    /// status says so and `isrctl resume` mounts them again. isrfsd calls
+    /// this every few seconds.
+    pub fn check_mounts(&self) {
+        let gone: Vec<(String, Arc<Session>)> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .iter()
+            .filter(|(_, m)| {
+                m.mount
+                    .as_ref()
+                    .is_some_and(|handle| handle.state() == MountState::Gone)
+            })
+            .map(|(name, m)| (name.clone(), m.session.clone()))
+            .collect();
+        for (name, session) in gone {
+            let lock = self.parcel_lock(&name);
+            // A request busy with the parcel decides about its mount itself.
+            let Ok(_one_at_a_time) = lock.try_lock() else {
+                continue;
+            };
+            let still_gone = self
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .get(&name)
+                .and_then(|m| m.mount.as_ref())
+                .is_some_and(|handle| handle.state() == MountState::Gone);
+            if !still_gone {
+                continue;
+            }
+            tracing::warn!(parcel = %name, mount = %session.record().mount.display(), "the mount ended behind isrfsd's back (unmounted by someone else); the session's changes are kept, and `isrctl resume {name}` mounts it again");
+            if let Err(e) = session.image.flush_all() {
+                tracing::error!(parcel = %name, error = %e, "flush failed after the mount ended");
+            }
+            self.forget_mount(&name);
         }
     }
 
@@ -789,7 +933,7 @@ mod tests {
     struct CountingMounter {
         mounts: Arc<AtomicUsize>,
         unmounts: Arc<AtomicUsize>,
-        fail: bool,
+        fail: Arc<std::sync::atomic::AtomicBool>,
     }
 
     struct CountedMount(Arc<AtomicUsize>);
@@ -798,6 +942,10 @@ mod tests {
         fn unmount(self: Box<Self>) -> std::io::Result<()> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(())
+        }
+
+        fn state(&self) -> MountState {
+            MountState::Live
         }
     }
 
@@ -808,7 +956,7 @@ mod tests {
             mount_point: &Path,
         ) -> std::io::Result<Box<dyn MountHandle>> {
             assert!(mount_point.is_dir(), "the daemon creates the mount point");
-            if self.fail {
+            if self.fail.load(Ordering::SeqCst) {
                 return Err(std::io::Error::other("no FUSE here"));
             }
             self.mounts.fetch_add(1, Ordering::SeqCst);
@@ -822,6 +970,7 @@ mod tests {
         daemon: Daemon,
         mounts: Arc<AtomicUsize>,
         unmounts: Arc<AtomicUsize>,
+        fail_mounts: Arc<std::sync::atomic::AtomicBool>,
     }
 
     /// A daemon over a local store holding parcel `p` (one empty version).
@@ -841,10 +990,14 @@ mod tests {
         config.prefetch = false;
         let cache = Arc::new(ChunkCache::open(&dir.path().join("cache"), 1 << 30).unwrap());
         let mounter = CountingMounter {
-            fail: fail_mounts,
+            fail: Arc::new(fail_mounts.into()),
             ..CountingMounter::default()
         };
-        let (mounts, unmounts) = (mounter.mounts.clone(), mounter.unmounts.clone());
+        let (mounts, unmounts, fail_mounts) = (
+            mounter.mounts.clone(),
+            mounter.unmounts.clone(),
+            mounter.fail.clone(),
+        );
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let (shutdown, _) = std::sync::mpsc::channel();
         let daemon = Daemon::new(&config, cache, runtime, Box::new(mounter), shutdown);
@@ -854,6 +1007,7 @@ mod tests {
             daemon,
             mounts,
             unmounts,
+            fail_mounts,
         }
     }
 
@@ -941,6 +1095,21 @@ mod tests {
         assert_eq!(class, ErrorClass::Other);
         assert!(message.contains("mounting"), "{message}");
         assert!(matches!(f.status(), Response::Error { .. }));
+        // Nothing of the failed resume stays: no session state, no lock, and
+        // the session database is closed, so the next resume starts afresh.
+        assert!(!crate::session::session_dir(&f.dir.path().join("state"), "p").exists());
+        assert!(!f.dir.path().join("store/parcels/p/lock").exists());
+        f.fail_mounts.store(false, Ordering::SeqCst);
+        assert!(
+            matches!(
+                f.resume(),
+                Response::Resumed {
+                    reattached: false,
+                    ..
+                }
+            ),
+            "a resume after a failed mount works"
+        );
     }
 
     #[test]

@@ -359,8 +359,14 @@ pub struct SessionStatus {
 
 /// Detaches the mount at `mount` if it is dead: the FUSE mount of a daemon that
 /// was killed answers ENOTCONN to everything until it is unmounted.
+///
+/// The check asks the kernel for the file system's statistics, which a FUSE
+/// mount always forwards to its daemon: `stat` would be answered from the
+/// attributes the kernel still caches for the dead mount's root.
 pub fn detach_dead_mount(mount: &Path) {
-    if std::fs::metadata(mount).is_err() {
+    use nix::errno::Errno;
+    if let Err(Errno::ENOTCONN | Errno::ECONNABORTED) = nix::sys::statfs::statfs(mount) {
+        tracing::info!(mount = %mount.display(), "detaching the dead mount of a daemon that was killed");
         let _ = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH);
     }
 }
@@ -464,6 +470,17 @@ pub struct Session {
     commit_lock: tokio::sync::Mutex<()>,
     /// What the checkin that ended this session did (later requests get it too).
     checked_in: Mutex<Option<CommitReport>>,
+    /// This resume took the lock and created the session state (not a reattach).
+    fresh: bool,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Background work must not outlive the session: it holds the image,
+        // and with it the session database that a later resume reopens.
+        self.trickle.stop();
+        self.fetcher.stop();
+    }
 }
 
 /// Whether a file is (part of) a memory image, prefetched first.
@@ -538,6 +555,17 @@ async fn release_lock_if_held(
     Ok(())
 }
 
+/// Releases the lock a resume took and removes the session state it wrote
+/// (best effort: the resume's own error is what the caller reports).
+async fn undo_fresh_resume(store: &StoreHandle, state_dir: &Path, record: &SessionRecord) {
+    if let Err(e) = release_lock_if_held(store, record).await {
+        tracing::warn!(parcel = %record.parcel, error = %e, "could not release the lock of a failed resume");
+    }
+    if let Err(e) = remove_state(state_dir, &record.parcel) {
+        tracing::warn!(parcel = %record.parcel, error = %e, "could not remove the state of a failed resume");
+    }
+}
+
 fn remove_state(state_dir: &Path, parcel: &str) -> Result<(), SessionError> {
     let dir = session_dir(state_dir, parcel);
     match std::fs::remove_dir_all(&dir) {
@@ -596,10 +624,40 @@ impl Session {
                     let _ = store.writer("unlock")?.delete(&layout::lock(&name)).await;
                     return Err(e);
                 }
-                record
+                // A resume that fails from here on gives back what it took.
+                return match Session::open(store.clone(), parcel, record.clone(), context.clone())
+                    .await
+                {
+                    Ok(mut session) => {
+                        session.fresh = true;
+                        Ok(session)
+                    }
+                    Err(e) => {
+                        undo_fresh_resume(&store, &context.state_dir, &record).await;
+                        Err(e)
+                    }
+                };
             }
         };
         Session::open(store, parcel, record, context).await
+    }
+
+    /// Gives up a session whose resume could not finish (its mount failed):
+    /// stops its background work and waits until the session database is
+    /// closed; a fresh resume also releases the lock and removes the session
+    /// state it created, while a reattached session stays as it was.
+    pub async fn abandon(self) {
+        self.trickle.stop_and_wait().await;
+        self.fetcher.stop();
+        if self.fresh {
+            let (store, state_dir, record) = (
+                self.store.clone(),
+                self.context.state_dir.clone(),
+                self.record(),
+            );
+            drop(self);
+            undo_fresh_resume(&store, &state_dir, &record).await;
+        }
     }
 
     /// Reopens this machine's session of `parcel` without checking the lock
@@ -666,6 +724,7 @@ impl Session {
             trickle,
             commit_lock: tokio::sync::Mutex::new(()),
             checked_in: Mutex::new(None),
+            fresh: false,
         };
         session.fetch_working_set();
         if session.context.prefetch {

@@ -227,39 +227,53 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
     }
     let rows: Vec<Vec<String>> = sessions
         .iter()
-        .map(|ParcelStatus { session: s, vm }| {
-            vec![
-                s.parcel.clone(),
-                s.base_version.to_string(),
-                s.mount.display().to_string(),
-                format!("{}/{}", s.chunks_local, s.chunks_total),
-                format!(
-                    "{} ({} chunks)",
-                    output::bytes(s.dirty_bytes),
-                    s.dirty_chunks
-                ),
-                format!("{} up, {} to go", s.uploaded_chunks, s.pending_chunks),
-                s.committed_version.map_or("-".into(), |v| v.to_string()),
-                output::bytes(s.fetch.fetched_bytes),
-                s.fetch.in_flight.to_string(),
-                (s.fetch.failures + s.fetch.verify_failures).to_string(),
-                vm.as_ref().map_or("-".into(), |vm| {
-                    let state = serde_json::to_value(vm.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    let memory = if vm.ram_file.is_some() {
-                        ", lazy memory"
+        .map(
+            |ParcelStatus {
+                 session: s,
+                 vm,
+                 mounted,
+             }| {
+                vec![
+                    s.parcel.clone(),
+                    s.base_version.to_string(),
+                    if *mounted {
+                        s.mount.display().to_string()
                     } else {
-                        ""
-                    };
-                    match vm.pid {
-                        Some(pid) => format!("{} {state} (pid {pid}{memory})", vm.kind),
-                        None => format!("{} {state}", vm.kind),
-                    }
-                }),
-            ]
-        })
+                        format!(
+                            "{} (not mounted: `isrctl resume {}` mounts it again)",
+                            s.mount.display(),
+                            s.parcel
+                        )
+                    },
+                    format!("{}/{}", s.chunks_local, s.chunks_total),
+                    format!(
+                        "{} ({} chunks)",
+                        output::bytes(s.dirty_bytes),
+                        s.dirty_chunks
+                    ),
+                    format!("{} up, {} to go", s.uploaded_chunks, s.pending_chunks),
+                    s.committed_version.map_or("-".into(), |v| v.to_string()),
+                    output::bytes(s.fetch.fetched_bytes),
+                    s.fetch.in_flight.to_string(),
+                    (s.fetch.failures + s.fetch.verify_failures).to_string(),
+                    vm.as_ref().map_or("-".into(), |vm| {
+                        let state = serde_json::to_value(vm.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        let memory = if vm.ram_file.is_some() {
+                            ", lazy memory"
+                        } else {
+                            ""
+                        };
+                        match vm.pid {
+                            Some(pid) => format!("{} {state} (pid {pid}{memory})", vm.kind),
+                            None => format!("{} {state}", vm.kind),
+                        }
+                    }),
+                ]
+            },
+        )
         .collect();
     output::table(
         &[

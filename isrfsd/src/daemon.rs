@@ -11,7 +11,7 @@ use anyhow::Context;
 use isr::cache::ChunkCache;
 use isr::config::Config;
 use isr::control;
-use isr::daemon::{Daemon, MountHandle, Mounter};
+use isr::daemon::{Daemon, MountHandle, MountState, Mounter};
 use isr::session::Session;
 
 use crate::fuse::ParcelFs;
@@ -61,17 +61,83 @@ impl Mounter for FuseMounter {
         );
         let background = fuser::spawn_mount(fs, mount_point, &config)?;
         crate::fuse::tune_bdi(mount_point);
-        Ok(Box::new(FuseMount(background)))
+        // The kernel names each FUSE mount by a device number of its own:
+        // what tells this mount from whatever else the path may show later.
+        let mount_point = std::fs::canonicalize(mount_point)?;
+        let device = mount_devices(&mount_point).pop().unwrap_or_default();
+        Ok(Box::new(FuseMount {
+            session: background,
+            mount_point,
+            device,
+        }))
     }
 }
 
 /// A FUSE mount served by fuser's background threads.
-struct FuseMount(fuser::BackgroundSession);
+struct FuseMount {
+    session: fuser::BackgroundSession,
+    mount_point: PathBuf,
+    /// `major:minor` of the mount, from /proc/self/mountinfo.
+    device: String,
+}
 
 impl MountHandle for FuseMount {
     fn unmount(self: Box<Self>) -> std::io::Result<()> {
-        self.0.umount_and_join()
+        self.session.umount_and_join()
     }
+
+    fn state(&self) -> MountState {
+        if self.session.guard.is_finished() || self.device.is_empty() {
+            return MountState::Gone;
+        }
+        let devices = mount_devices(&self.mount_point);
+        match devices.last() {
+            Some(top) if *top == self.device => MountState::Live,
+            _ if devices.contains(&self.device) => MountState::Covered,
+            _ => MountState::Gone,
+        }
+    }
+}
+
+/// The devices (`major:minor`) mounted at `path`, bottom to top, from
+/// /proc/self/mountinfo (which reads no file system, so it never waits on a
+/// busy or dead FUSE mount).
+fn mount_devices(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wanted = path.as_os_str().as_encoded_bytes();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?;
+            let mount_point = fields.nth(1)?;
+            (unescape_mountinfo(mount_point) == wanted).then(|| device.to_owned())
+        })
+        .collect()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Runs the daemon until SIGTERM/SIGINT or a shutdown request.
@@ -155,6 +221,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 }
             })?;
     }
+    {
+        // Notices mounts someone unmounted behind the daemon's back.
+        let daemon = daemon.clone();
+        std::thread::Builder::new()
+            .name("isrfsd-mounts".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    daemon.check_mounts();
+                }
+            })?;
+    }
     tracing::info!(socket = %socket.display(), state = %config.state_dir.display(), cache = %config.cache_dir.display(), "isrfsd ready");
     notify_systemd("READY=1");
     let _ = shutdown_requested.recv();
@@ -182,5 +260,17 @@ fn notify_systemd(state: &str) {
         .and_then(|address| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &address));
     if let Err(e) = sent {
         tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape_mountinfo;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/mnt/my\040vm"), b"/mnt/my vm");
+        assert_eq!(unescape_mountinfo(r"/a\134b"), b"/a\\b");
+        assert_eq!(unescape_mountinfo(r"/plain\"), b"/plain\\");
     }
 }

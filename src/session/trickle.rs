@@ -96,6 +96,7 @@ pub(super) struct TrickleParts {
 pub(super) struct Trickle {
     stop: Arc<AtomicBool>,
     wake: Arc<Notify>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Trickle {
@@ -104,14 +105,27 @@ impl Trickle {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Notify::new());
         let runtime = parts.runtime.clone();
-        runtime.spawn(run(parts, stop.clone(), wake.clone()));
-        Trickle { stop, wake }
+        let task = runtime.spawn(run(parts, stop.clone(), wake.clone()));
+        Trickle {
+            stop,
+            wake,
+            task: std::sync::Mutex::new(Some(task)),
+        }
     }
 
     /// Stops the loop (an upload in progress finishes).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_one();
+    }
+
+    /// Stops the loop and waits until it has ended (and dropped its image).
+    pub async fn stop_and_wait(&self) {
+        self.stop();
+        let task = self.task.lock().expect("trickle task lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 

@@ -556,9 +556,19 @@ impl Drop for Env {
 }
 
 /// Waits (up to 10 s) until process `pid` is gone; true if it is.
+/// A zombie counts as gone: nobody may reap a daemon that isrctl started.
 pub fn wait_for_exit(pid: i32) -> bool {
+    let zombie = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+                Some(state == "Z" || state == "X")
+            })
+            .unwrap_or(false)
+    };
     for _ in 0..1000 {
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() || zombie() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -1,0 +1,156 @@
+//! Recovery from what goes wrong around a resumed parcel (issue #14): a
+//! daemon killed and resumed at once, a mount unmounted behind the daemon's
+//! back, a resume that fails half-way, a store that is down or has lost a
+//! chunk. Real isrfsd, real FUSE mounts.
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::Env;
+
+const CHUNK: u64 = 128 * 1024;
+
+fn resume(env: &Env, name: &str) -> PathBuf {
+    let value = env.json(&["resume", name]);
+    PathBuf::from(value["mount"].as_str().unwrap())
+}
+
+/// Whether `mount` is a live FUSE mount (statfs goes to its daemon).
+fn is_live_fuse_mount(mount: &Path) -> bool {
+    nix::sys::statfs::statfs(mount)
+        .is_ok_and(|stats| stats.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
+}
+
+fn write_synced(path: &Path, data: &[u8]) {
+    let file = std::fs::File::create(path).unwrap();
+    file.write_all_at(data, 0).unwrap();
+    file.sync_all().unwrap();
+}
+
+fn daemon_log(env: &Env) -> String {
+    std::fs::read_to_string(env.path("run/isrfsd.log")).unwrap_or_default()
+}
+
+#[test]
+fn resume_right_after_a_daemon_crash_reattaches_ten_times_in_a_row() {
+    Env::require_fuse();
+    let env = Env::local();
+    env.import_files("vm", &[("disk.img", vec![7u8; 4 * CHUNK as usize])]);
+    for round in 0..10u8 {
+        let mount = resume(&env, "vm");
+        write_synced(&mount.join(format!("round-{round}")), &[round; 100]);
+        // The kernel now caches the root's attributes (for a second): a
+        // dead-mount check that trusts `stat` takes the dead mount for a
+        // live one, and mounting over it fails.
+        std::fs::metadata(&mount).unwrap();
+        env.kill_daemon();
+        std::thread::sleep(Duration::from_millis(200));
+        let again = env.json(&["resume", "vm"]);
+        assert_eq!(again["reattached"], true, "round {round}: {again}");
+        assert!(is_live_fuse_mount(&mount), "round {round}: mount is live");
+        for earlier in 0..=round {
+            assert_eq!(
+                std::fs::read(mount.join(format!("round-{earlier}"))).unwrap(),
+                [earlier; 100],
+                "round {round}: file of round {earlier}"
+            );
+        }
+        env.kill_daemon();
+    }
+    let report = env.json(&["checkin", "vm"]);
+    assert_eq!(report["version"], 2, "{report}");
+    let mount = resume(&env, "vm");
+    assert_eq!(std::fs::read(mount.join("round-9")).unwrap(), [9u8; 100]);
+}
+
+#[test]
+fn an_unmount_behind_the_daemon_is_noticed_and_resume_mounts_again() {
+    Env::require_fuse();
+    let env = Env::local();
+    env.import_files("vm", &[("disk.img", vec![1u8; 2 * CHUNK as usize])]);
+    let mount = resume(&env, "vm");
+    write_synced(&mount.join("before"), b"written before the unmount");
+
+    // Unmounted behind the daemon's back, then resumed at once: resume
+    // itself finds the mount gone and mounts it again.
+    nix::mount::umount(&mount).unwrap();
+    assert!(!is_live_fuse_mount(&mount));
+    let again = env.json(&["resume", "vm"]);
+    assert_eq!(again["mount"], mount.display().to_string(), "{again}");
+    assert!(is_live_fuse_mount(&mount), "resume mounted it again");
+    assert_eq!(
+        std::fs::read(mount.join("before")).unwrap(),
+        b"written before the unmount"
+    );
+
+    // Unmounted again and left alone: the daemon notices, and status says so.
+    nix::mount::umount(&mount).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = env.json(&["status", "vm"]);
+        if status[0]["mounted"] == false {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon noticed the unmount: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        daemon_log(&env).contains("the mount ended behind isrfsd's back"),
+        "{}",
+        daemon_log(&env)
+    );
+    let text = env.ok(&["status"]);
+    assert!(text.contains("not mounted"), "{text}");
+    resume(&env, "vm");
+    assert!(is_live_fuse_mount(&mount));
+    assert_eq!(env.json(&["status", "vm"])[0]["mounted"], true);
+    write_synced(&mount.join("after"), b"written after mounting again");
+    let report = env.json(&["checkin", "vm"]);
+    assert_eq!(report["version"], 2, "{report}");
+
+    let mount = resume(&env, "vm");
+    assert_eq!(
+        std::fs::read(mount.join("before")).unwrap(),
+        b"written before the unmount"
+    );
+    assert_eq!(
+        std::fs::read(mount.join("after")).unwrap(),
+        b"written after mounting again"
+    );
+}
+
+#[test]
+fn a_resume_that_fails_gives_back_the_lock_and_leaves_no_session() {
+    let env = Env::local();
+    env.import_files("vm", &[("disk.img", vec![3u8; CHUNK as usize])]);
+    let manifest = env.path("store/parcels/vm/versions/0000000001.manifest");
+    let original = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, support::random_bytes("damaged", original.len())).unwrap();
+
+    let resumed = env.run(&["resume", "vm"]);
+    assert_eq!(resumed.status.code(), Some(7), "{resumed:?}");
+    assert!(
+        !env.path("store/parcels/vm/lock").exists(),
+        "the failed resume released the lock"
+    );
+    assert_eq!(env.json(&["status"]), serde_json::json!([]));
+    // Another machine is told about the damage, not about a lock.
+    let other = env.another_machine();
+    let resumed = other.run(&["resume", "vm"]);
+    assert_eq!(resumed.status.code(), Some(7), "{resumed:?}");
+
+    // Repaired, the parcel resumes (on either machine) as if nothing happened.
+    std::fs::write(&manifest, &original).unwrap();
+    Env::require_fuse();
+    let mount = resume(&env, "vm");
+    assert_eq!(
+        std::fs::read(mount.join("disk.img")).unwrap(),
+        vec![3u8; CHUNK as usize]
+    );
+}
