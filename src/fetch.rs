@@ -21,6 +21,10 @@
 //! - **Verification**: fetched bytes are checked against their tag before they
 //!   enter the cache; a chunk that fails is never served, is counted, and is
 //!   fetched again by the next reader.
+//! - **Missing chunks**: a chunk the store keeps answering "not found" for
+//!   over `missing_after` is missing; it is remembered for `remember_missing`
+//!   (5 minutes), during which its readers get the error at once and
+//!   prefetch skips it (`missing_chunks` in the stats).
 //!
 //! Readers on FUSE threads use [`Fetcher::plaintext_blocking`] (a chunk's
 //! verified plaintext; a damaged cached copy is dropped and fetched again) or
@@ -89,6 +93,9 @@ pub struct FetchSettings {
     /// another error of the store's own) before its readers are told (a store
     /// that is restarting, or an eventually consistent one, says so for a while).
     pub missing_after: Duration,
+    /// How long a chunk found missing is remembered as missing: its readers
+    /// get the error at once instead of waiting out `missing_after` again.
+    pub remember_missing: Duration,
 }
 
 impl Default for FetchSettings {
@@ -100,6 +107,7 @@ impl Default for FetchSettings {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
             missing_after: Duration::from_secs(15),
+            remember_missing: Duration::from_secs(300),
         }
     }
 }
@@ -182,6 +190,10 @@ pub struct FetchStats {
     pub verify_failures: u64,
     /// Requests answered from the cache without a download.
     pub cache_hits: u64,
+    /// Chunks the store confirmed missing lately: reads of them fail at
+    /// once (for `remember_missing`) instead of waiting for the store again.
+    #[serde(default)]
+    pub missing_chunks: u64,
 }
 
 type Waiter = oneshot::Sender<Result<Bytes, FetchError>>;
@@ -202,6 +214,23 @@ struct State {
     running: usize,
     window: BackgroundWindow,
     stopped: bool,
+    /// Chunks the store confirmed missing, and when: each is answered
+    /// [`FetchError::Missing`] at once for `remember_missing`.
+    missing: HashMap<ChunkTag, Instant>,
+}
+
+impl State {
+    /// Whether `tag` was confirmed missing lately (forgets it afterwards).
+    fn known_missing(&mut self, tag: &ChunkTag, remember: Duration) -> bool {
+        match self.missing.get(tag) {
+            Some(since) if since.elapsed() < remember => true,
+            Some(_) => {
+                self.missing.remove(tag);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// How many background downloads may run at once: a delay-based estimate of
@@ -432,8 +461,9 @@ impl Fetcher {
     /// already cached or already queued are skipped.
     pub fn prefetch(&self, tags: impl IntoIterator<Item = ChunkTag>, priority: Priority) {
         let mut state = self.inner.state.lock().expect("fetch state lock");
+        let remember = self.inner.settings.remember_missing;
         for tag in tags {
-            if self.inner.cache.contains(&tag) {
+            if self.inner.cache.contains(&tag) || state.known_missing(&tag, remember) {
                 continue;
             }
             enqueue(&mut state, tag, priority, None);
@@ -466,6 +496,9 @@ impl Fetcher {
             if state.stopped {
                 return Err(FetchError::Stopped { tag });
             }
+            if state.known_missing(&tag, self.inner.settings.remember_missing) {
+                return Err(FetchError::Missing { tag });
+            }
             enqueue(&mut state, tag, priority, Some(sender));
         }
         self.inner.wake.notify_one();
@@ -485,6 +518,11 @@ impl Fetcher {
             failures: c.failures.load(Ordering::Relaxed),
             verify_failures: c.verify_failures.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            missing_chunks: state
+                .missing
+                .values()
+                .filter(|since| since.elapsed() < self.inner.settings.remember_missing)
+                .count() as u64,
         }
     }
 
@@ -735,6 +773,9 @@ fn finish(
         if let Some((took, bytes)) = clean {
             state.window.completed(took, bytes);
         }
+        if let Err(FetchError::Missing { .. }) = result {
+            state.missing.insert(tag, Instant::now());
+        }
         state
             .slots
             .remove(&tag)
@@ -806,6 +847,7 @@ mod tests {
             initial_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(20),
             missing_after: Duration::from_millis(50),
+            remember_missing: Duration::from_secs(60),
         }
     }
 
@@ -1129,6 +1171,21 @@ mod tests {
             s.fetcher.fetch(tags[1], Priority::Demand).await,
             Err(FetchError::Missing { .. })
         ));
+        // Confirmed missing, the chunk is remembered: the next reads fail at
+        // once, without asking the store (nor waiting for it) again.
+        let (failures, retries) = (s.fetcher.stats().failures, s.fetcher.stats().retries);
+        assert_eq!(s.fetcher.stats().missing_chunks, 1);
+        s.faulty.inject(Fault::TransientTimes(1000));
+        for _ in 0..3 {
+            assert!(matches!(
+                s.fetcher.fetch(tags[1], Priority::Demand).await,
+                Err(FetchError::Missing { .. })
+            ));
+        }
+        s.fetcher.prefetch([tags[1]], Priority::Prefetch);
+        assert_eq!(s.fetcher.stats().queued, 0);
+        assert_eq!(s.fetcher.stats().failures, failures);
+        assert_eq!(s.fetcher.stats().retries, retries);
     }
 
     #[test]

@@ -154,3 +154,85 @@ fn a_resume_that_fails_gives_back_the_lock_and_leaves_no_session() {
         vec![3u8; CHUNK as usize]
     );
 }
+
+#[test]
+fn an_open_does_not_wait_for_a_read_that_waits_for_the_store() {
+    Env::require_fuse();
+    let mut server = support::SeaweedFs::start();
+    let env = Env::s3(&server, "open-during-outage");
+    env.append_config("\n[fetch]\nprefetch = false\n");
+    let data = support::random_bytes("outage", 16 * CHUNK as usize);
+    env.import_files("vm", &[("disk.img", data.clone())]);
+    let mount = resume(&env, "vm");
+    let path = mount.join("disk.img");
+
+    server.kill();
+    let reader = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut chunk = vec![0u8; CHUNK as usize];
+            std::fs::File::open(path)
+                .unwrap()
+                .read_exact_at(&mut chunk, 9 * CHUNK)
+                .map(|_| chunk)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.json(&["status", "vm"])[0]["fetch"]["in_flight"] == 0 {
+        assert!(Instant::now() < deadline, "the read reached the fetcher");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Opening the file again (as a VMM or a backup tool would) while that
+    // read waits must not wait for it.
+    let opener = std::thread::spawn(move || {
+        for _ in 0..3 {
+            drop(std::fs::File::open(&path).unwrap());
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !opener.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "open() waited for a pending read (the store is still down)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!reader.is_finished(), "the read still waits for the store");
+
+    server.restart();
+    let chunk = reader.join().unwrap().unwrap();
+    assert_eq!(chunk, data[9 * CHUNK as usize..10 * CHUNK as usize]);
+    // Pages kept across opens are the file's bytes.
+    let whole = std::fs::read(mount.join("disk.img")).unwrap();
+    assert!(whole == data, "the file reads back whole");
+}
+
+#[test]
+fn a_chunk_missing_from_the_store_is_remembered_and_shown() {
+    Env::require_fuse();
+    let env = Env::local();
+    env.append_config("\n[fetch]\nprefetch = false\n");
+    let data = support::random_bytes("deleted", 4 * CHUNK as usize);
+    env.import_files("vm", &[("disk.img", data.clone())]);
+    let manifest = env.manifest("vm", 1);
+    let (_, _, chunks) = manifest.files().next().unwrap();
+    let lost = chunks[2].tag().unwrap();
+    std::fs::remove_file(Path::new(&env.store).join(isr::layout::chunk(&lost))).unwrap();
+
+    let mount = resume(&env, "vm");
+    let file = std::fs::File::open(mount.join("disk.img")).unwrap();
+    let mut chunk = vec![0u8; CHUNK as usize];
+    for attempt in 0..3 {
+        let error = file.read_exact_at(&mut chunk, 2 * CHUNK).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(nix::libc::EIO), "read {attempt}");
+    }
+    file.read_exact_at(&mut chunk, 3 * CHUNK).unwrap();
+    assert_eq!(chunk, data[3 * CHUNK as usize..]);
+
+    // The store was given up on once; the later reads knew better at once.
+    let status = env.json(&["status", "vm"])[0].clone();
+    assert_eq!(status["fetch"]["failures"], 1, "{status:#}");
+    assert_eq!(status["fetch"]["missing_chunks"], 1, "{status:#}");
+    let text = env.ok(&["status"]);
+    assert!(text.contains("1 missing from the store"), "{text}");
+}

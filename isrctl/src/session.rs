@@ -255,7 +255,13 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
                     s.committed_version.map_or("-".into(), |v| v.to_string()),
                     output::bytes(s.fetch.fetched_bytes),
                     s.fetch.in_flight.to_string(),
-                    (s.fetch.failures + s.fetch.verify_failures).to_string(),
+                    match s.fetch.missing_chunks {
+                        0 => (s.fetch.failures + s.fetch.verify_failures).to_string(),
+                        missing => format!(
+                            "{} ({missing} missing from the store)",
+                            s.fetch.failures + s.fetch.verify_failures
+                        ),
+                    },
                     vm.as_ref().map_or("-".into(), |vm| {
                         let state = serde_json::to_value(vm.state)
                             .ok()

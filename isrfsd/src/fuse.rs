@@ -8,6 +8,11 @@
 //! `.isr/stats` (the same JSON as `isrctl status --json`) and `.isr/chunks`
 //! (per file, one character per chunk: `.` zero, `L` local, `R` remote, `D`
 //! changed). They are generated on each read (direct I/O, size 0).
+//!
+//! Files are opened with `FOPEN_KEEP_CACHE`: every change to a file passes
+//! through this mount, so the kernel's cached pages of it stay right across
+//! opens. It also means an open never invalidates pages, which would wait
+//! (unkillably) for a read that waits for the store.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -354,7 +359,7 @@ impl Filesystem for ParcelFs {
         }
         match self.node(ino) {
             Ok(node) if node.kind == NodeKind::File => {
-                reply.opened(FileHandle(0), FopenFlags::empty())
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
             }
             Ok(_) => reply.error(Errno::EISDIR),
             Err(e) => reply.error(e),
@@ -453,7 +458,7 @@ impl Filesystem for ParcelFs {
                 &self.attr(&node),
                 Generation(0),
                 FileHandle(0),
-                FopenFlags::empty(),
+                FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Err(e) => reply.error(e),
         }
