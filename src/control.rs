@@ -7,7 +7,7 @@
 //! [`Request::Resume`] (like ssh-agent, the socket is owner-only); the daemon
 //! keeps them in memory only.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -324,17 +324,36 @@ pub fn send<T: Serialize>(stream: &mut impl Write, body: T) -> std::io::Result<(
     stream.flush()
 }
 
-/// Reads one JSON line; `Ok(None)` at end of stream.
+/// The longest request line isrfsd reads: requests carry names, paths and
+/// keys, a few KiB.
+pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// The longest reply line isrctl reads (status of many sessions).
+pub const MAX_REPLY_BYTES: u64 = 256 << 20;
+/// Control connections isrfsd serves at once; more are answered with an
+/// error and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long isrfsd waits for the next request on an idle connection.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads one JSON line of at most `limit` bytes; `Ok(None)` at end of stream.
+/// A longer line is an `InvalidData` error after reading `limit` bytes of it.
 pub fn receive<T: for<'de> Deserialize<'de>>(
     reader: &mut impl BufRead,
+    limit: u64,
 ) -> std::io::Result<Option<Envelope<T>>> {
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
+    let mut line = Vec::new();
+    if Read::take(&mut *reader, limit + 1).read_until(b'\n', &mut line)? == 0 {
         return Ok(None);
     }
-    serde_json::from_str(&line)
+    if line.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a control message longer than {limit} bytes"),
+        ));
+    }
+    serde_json::from_slice(&line)
         .map(Some)
-        .map_err(std::io::Error::other)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Sends one request to the daemon at `socket` and waits for its answer.
@@ -345,7 +364,7 @@ pub fn call(socket: &Path, request: Request) -> Result<Response, ControlError> {
     })?;
     send(&mut stream, request)?;
     let mut reader = BufReader::new(stream);
-    let reply: Envelope<Response> = receive(&mut reader)?.ok_or_else(|| {
+    let reply: Envelope<Response> = receive(&mut reader, MAX_REPLY_BYTES)?.ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "isrfsd closed the connection",
@@ -385,7 +404,9 @@ mod tests {
                 && text.contains("\"op\":\"status\""),
             "{text}"
         );
-        let back: Envelope<Request> = receive(&mut buffer.as_slice()).unwrap().unwrap();
+        let back: Envelope<Request> = receive(&mut buffer.as_slice(), MAX_REQUEST_BYTES)
+            .unwrap()
+            .unwrap();
         assert!(matches!(back.body, Request::Status { parcel: None }));
     }
 
@@ -399,7 +420,9 @@ mod tests {
         send(&mut buffer, reply).unwrap();
         let text = String::from_utf8(buffer.clone()).unwrap();
         assert!(text.contains("\"class\":\"conflict\""), "{text}");
-        let back: Envelope<Response> = receive(&mut buffer.as_slice()).unwrap().unwrap();
+        let back: Envelope<Response> = receive(&mut buffer.as_slice(), MAX_REQUEST_BYTES)
+            .unwrap()
+            .unwrap();
         let Response::Error { class, .. } = back.body else {
             panic!("not an error reply: {text}");
         };

@@ -227,12 +227,35 @@ impl Daemon {
                 return;
             }
         }
+        // An idle connection is closed (isrctl sends its request at once).
+        if stream
+            .set_read_timeout(Some(control::IDLE_TIMEOUT))
+            .is_err()
+        {
+            return;
+        }
         let mut reader = BufReader::new(match stream.try_clone() {
             Ok(s) => s,
             Err(_) => return,
         });
         let mut writer = stream;
-        while let Ok(Some(envelope)) = control::receive::<Request>(&mut reader) {
+        loop {
+            let envelope =
+                match control::receive::<Request>(&mut reader, control::MAX_REQUEST_BYTES) {
+                    Ok(Some(envelope)) => envelope,
+                    Ok(None) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        let _ = control::send(
+                            &mut writer,
+                            error_response(
+                                ErrorClass::Invalid,
+                                format!("malformed control request: {e}"),
+                            ),
+                        );
+                        return;
+                    }
+                    Err(_) => return, // timed out, or the client went away
+                };
             let response = if envelope.protocol != control::PROTOCOL_VERSION {
                 error_response(
                     ErrorClass::Invalid,

@@ -1,7 +1,7 @@
 //! Recovery from what goes wrong around a resumed parcel (issue #14): a
 //! daemon killed and resumed at once, a mount unmounted behind the daemon's
 //! back, a resume that fails half-way, a store that is down or has lost a
-//! chunk. Real isrfsd, real FUSE mounts.
+//! chunk, a client flooding the control socket. Real isrfsd, real FUSE mounts.
 
 mod support;
 
@@ -235,4 +235,88 @@ fn a_chunk_missing_from_the_store_is_remembered_and_shown() {
     assert_eq!(status["fetch"]["missing_chunks"], 1, "{status:#}");
     let text = env.ok(&["status"]);
     assert!(text.contains("1 missing from the store"), "{text}");
+}
+
+fn proc_status_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+fn threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn the_control_socket_bounds_lines_and_connections() {
+    use std::io::{BufRead, Read, Write};
+    use std::os::unix::net::UnixStream;
+    Env::require_fuse();
+    let env = Env::local();
+    env.import_files("vm", &[("disk.img", vec![5u8; CHUNK as usize])]);
+    resume(&env, "vm");
+    let pid = env.daemon_pid().unwrap();
+    let socket = isr::control::socket_path(&env.path("run"));
+    let rss_before = proc_status_kib(pid, "VmRSS:");
+
+    // 200 MB without a newline: refused after the first MiB, with an answer.
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    let block = vec![b'x'; 1 << 20];
+    let mut sent = 0usize;
+    while sent < 200 {
+        if stream.write_all(&block).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(sent < 200, "the daemon stopped reading the endless line");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.contains("longer than"), "{answer}");
+    assert_eq!(answer.trim_end().lines().count(), 1, "{answer}");
+    let rss_after = proc_status_kib(pid, "VmRSS:");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS {rss_before} KiB before, {rss_after} KiB after"
+    );
+
+    // 300 idle connections: at most MAX_CONNECTIONS get a thread, the rest
+    // an error line each.
+    let threads_before = threads(pid);
+    let idle: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    let mut refused = 0;
+    for stream in &idle {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut line = String::new();
+        if std::io::BufReader::new(stream).read_line(&mut line).is_ok() && !line.is_empty() {
+            assert!(line.contains("control connections"), "{line}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 300 - isr::control::MAX_CONNECTIONS);
+    let threads_with_idle = threads(pid);
+    assert!(
+        threads_with_idle <= threads_before + isr::control::MAX_CONNECTIONS,
+        "{threads_before} threads before, {threads_with_idle} with 300 idle connections"
+    );
+    drop(idle);
+    // Once they are closed, the daemon answers as before.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = env.run(&["status", "vm"]);
+        if status.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

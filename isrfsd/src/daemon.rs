@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use isr::cache::ChunkCache;
@@ -213,11 +214,23 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("isrfsd-accept".into())
             .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let daemon = daemon.clone();
-                    let _ = std::thread::Builder::new()
+                let open = Arc::new(AtomicUsize::new(0));
+                for mut stream in listener.incoming().flatten() {
+                    if open.fetch_add(1, Ordering::SeqCst) >= control::MAX_CONNECTIONS {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        refuse_connection(&mut stream);
+                        continue;
+                    }
+                    let (daemon, still_open) = (daemon.clone(), open.clone());
+                    let spawned = std::thread::Builder::new()
                         .name("isrfsd-client".into())
-                        .spawn(move || daemon.serve(stream));
+                        .spawn(move || {
+                            daemon.serve(stream);
+                            still_open.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    if spawned.is_err() {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
             })?;
     }
@@ -242,6 +255,26 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+/// Answers a connection beyond [`control::MAX_CONNECTIONS`] with an error
+/// (without waiting for its request) and closes it.
+fn refuse_connection(stream: &mut UnixStream) {
+    tracing::warn!(
+        limit = control::MAX_CONNECTIONS,
+        "refused a control connection: too many open"
+    );
+    let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+    let _ = control::send(
+        stream,
+        control::Response::Error {
+            class: isr::error::ErrorClass::Other,
+            message: format!(
+                "isrfsd already serves {} control connections; close idle ones (or wait a minute: idle ones are closed), then try again",
+                control::MAX_CONNECTIONS
+            ),
+        },
+    );
 }
 
 /// Tells systemd (Type=notify) about our state, when it started us.
