@@ -31,3 +31,39 @@ pub trait Classify {
     /// The class of this error.
     fn class(&self) -> ErrorClass;
 }
+
+/// `text` made safe to show on one terminal line: bytes from the store or a
+/// damaged file may carry control characters (escape sequences that retitle
+/// or rewrite the terminal), line breaks or bidirectional overrides. Tabs and
+/// line breaks become spaces; every other such character is shown escaped
+/// (`\u{1b}`); the rest is kept as it is.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\r' | '\t' => out.push(' '),
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' => out.extend(c.escape_unicode()),
+            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => out.extend(c.escape_unicode()),
+            c if c.is_control() => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_text_is_one_line_without_control_characters() {
+        let hostile = "bad \u{1b}]0;pwned\u{7}lock\r\nsecond line\u{85}\u{2028}\u{202e}txt\u{7f}";
+        let shown = printable(hostile);
+        assert_eq!(
+            shown,
+            "bad \\u{1b}]0;pwned\\u{7}lock  second line\\u{85}\\u{2028}\\u{202e}txt\\u{7f}"
+        );
+        assert!(!shown.chars().any(|c| c.is_control()));
+        assert_eq!(printable("plain, ünïcode ok"), "plain, ünïcode ok");
+    }
+}

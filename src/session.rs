@@ -276,7 +276,11 @@ pub async fn force_unlock(
     store: &StoreHandle,
     name: &str,
 ) -> Result<Option<LockRecord>, SessionError> {
-    let lock = parcel::read_lock(store, name).await?;
+    let lock = match parcel::read_lock(store, name).await {
+        // A damaged lock is removed all the same: this is its remedy.
+        Err(ParcelError::BadRecord { .. }) => None,
+        other => other?,
+    };
     store
         .writer("unlock a parcel")?
         .delete(&layout::lock(name))

@@ -389,3 +389,43 @@ fn an_empty_passphrase_or_a_short_key_file_is_a_usage_error() {
     ]));
     assert_eq!(file.status.code(), Some(2), "{file:?}");
 }
+
+#[test]
+fn hostile_bytes_in_store_files_stay_escaped_on_one_line() {
+    let env = Env::local();
+    let store = PathBuf::from(&env.store);
+    env.import_files("good", &[("a", b"fine".as_slice())]);
+    env.import_files("bad", &[("a", b"fine".as_slice())]);
+    // A damaged lock with an escape sequence that retitles the terminal,
+    // line breaks of several kinds and a right-to-left override.
+    let hostile =
+        b"holder = \"\x1b]0;pwned\x07\"\r\nhost = \x1b[2J\n\xe2\x80\xa8garbage\xe2\x80\xae\x85\n";
+    std::fs::write(store.join("parcels/bad/lock"), hostile).unwrap();
+
+    let listing = env.run(&["ls"]);
+    assert!(listing.status.success(), "{listing:?}");
+    let stdout = String::from_utf8(listing.stdout).unwrap();
+    assert!(stdout.contains("good"), "{stdout}");
+    let bad = stdout
+        .lines()
+        .find(|l| l.starts_with("bad"))
+        .unwrap_or_else(|| panic!("the damaged parcel is listed: {stdout}"));
+    assert!(bad.contains("lock"), "and marked: {bad}");
+    assert!(
+        !stdout.chars().any(|c| c.is_control() && c != '\n'),
+        "{stdout:?}"
+    );
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    let json = env.json(&["ls"]);
+    assert!(
+        json[0]["problem"].as_str().unwrap().contains("lock"),
+        "{json}"
+    );
+    assert!(json[1].get("problem").is_none(), "{json}");
+
+    // Commands that read the lock fail on one escaped line (the helper
+    // checks both); `unlock --force` removes the damaged lock.
+    env.fails(&["info", "bad"], 7);
+    env.ok(&["unlock", "--force", "bad"]);
+    assert!(env.json(&["ls"])[0].get("problem").is_none());
+}

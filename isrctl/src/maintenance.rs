@@ -253,7 +253,10 @@ pub async fn gc(context: &CommandContext, args: GcArgs) -> anyhow::Result<ExitCo
                 .join(", ")
         ),
     };
-    eprintln!("isrctl: {what}: {}{more}", first.message);
+    eprintln!(
+        "isrctl: {}",
+        isr::error::printable(&format!("{what}: {}{more}", first.message))
+    );
     Ok(failure(first.class))
 }
 

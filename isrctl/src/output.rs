@@ -72,6 +72,12 @@ pub fn bytes(n: u64) -> String {
 
 /// Prints rows as an aligned table with a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    // Cells may hold text from the store (names, messages, lock holders).
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| isr::error::printable(cell)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -112,7 +118,8 @@ pub fn one_line(error: &anyhow::Error) -> String {
         }
         line.push_str(&message);
     }
-    line.replace('\n', " ")
+    // Messages may quote bytes from the store or a damaged file.
+    isr::error::printable(&line)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use isr::chunk::{ChunkRef, ChunkTag};
-use isr::error::ErrorClass;
+use isr::error::{Classify, ErrorClass};
 use isr::import::ImportRequest;
 use isr::manifest::Manifest;
 use isr::parcel::{self, OpenParcel};
@@ -158,6 +158,10 @@ struct ParcelListing {
     newest_version: Option<u64>,
     versions: usize,
     lock: Option<parcel::LockRecord>,
+    /// What is wrong with the parcel's records, if something is (the rest
+    /// of the store is listed all the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
 }
 
 /// `isrctl ls`.
@@ -166,10 +170,17 @@ pub async fn ls(context: &CommandContext) -> anyhow::Result<ExitCode> {
     let mut listings = Vec::new();
     for name in parcel::list_parcels(&store).await? {
         let versions = parcel::list_versions(&store, &name).await?;
+        // One parcel's damaged lock must not hide the others.
+        let (lock, problem) = match parcel::read_lock(&store, &name).await {
+            Ok(lock) => (lock, None),
+            Err(e) if e.class() == ErrorClass::Integrity => (None, Some(e.to_string())),
+            Err(e) => return Err(e.into()),
+        };
         listings.push(ParcelListing {
             newest_version: versions.last().copied(),
             versions: versions.len(),
-            lock: parcel::read_lock(&store, &name).await?,
+            lock,
+            problem,
             name,
         });
     }
@@ -188,9 +199,13 @@ pub async fn ls(context: &CommandContext) -> anyhow::Result<ExitCode> {
                     l.name.clone(),
                     l.newest_version.map_or("-".into(), |v| v.to_string()),
                     l.versions.to_string(),
-                    l.lock.as_ref().map_or("-".into(), |lock| {
-                        format!("{}@{} since {}", lock.holder, lock.host, lock.since)
-                    }),
+                    match (&l.lock, &l.problem) {
+                        (_, Some(problem)) => format!("? ({problem})"),
+                        (Some(lock), None) => {
+                            format!("{}@{} since {}", lock.holder, lock.host, lock.since)
+                        }
+                        (None, None) => "-".into(),
+                    },
                 ]
             })
             .collect();
@@ -348,8 +363,11 @@ pub async fn info(context: &CommandContext, args: InfoArgs) -> anyhow::Result<Ex
     println!("keyslots    {}", info.keyslots);
     match &info.lock {
         Some(lock) => println!(
-            "locked by   {}@{} since {}",
-            lock.holder, lock.host, lock.since
+            "locked by   {}",
+            isr::error::printable(&format!(
+                "{}@{} since {}",
+                lock.holder, lock.host, lock.since
+            ))
         ),
         None => println!("locked by   nobody"),
     }

@@ -404,8 +404,11 @@ pub async fn unlock(context: &CommandContext, args: UnlockArgs) -> anyhow::Resul
     isr::parcel::require_record(&store, &args.name).await?;
     match isr::session::force_unlock(&store, &args.name).await? {
         Some(lock) => println!(
-            "broke the lock of {} held by {} on {} since {}",
-            args.name, lock.holder, lock.host, lock.since
+            "{}",
+            isr::error::printable(&format!(
+                "broke the lock of {} held by {} on {} since {}",
+                args.name, lock.holder, lock.host, lock.since
+            ))
         ),
         None => println!("{} was not locked", args.name),
     }

@@ -490,6 +490,14 @@ impl Env {
             .filter(|l| l.starts_with("isrctl:"))
             .collect();
         assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
+        assert!(
+            stderr.lines().all(|l| l.starts_with("isrctl:")),
+            "an error continued on another line:\n{stderr}"
+        );
+        assert!(
+            !stderr.chars().any(|c| c.is_control() && c != '\n'),
+            "control characters reached the terminal: {stderr:?}"
+        );
         stderr
     }
 }
