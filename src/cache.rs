@@ -102,7 +102,7 @@ impl ChunkCache {
             dir: dir.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|e| {
+        crate::private::private_dir(dir).map_err(|e| {
             open_error(StoreError::Permanent {
                 store: dir.display().to_string(),
                 key: String::new(),

@@ -49,6 +49,7 @@ pub mod layout;
 pub mod maintenance;
 pub mod manifest;
 pub mod parcel;
+pub mod private;
 pub mod progress;
 pub mod session;
 pub mod store;

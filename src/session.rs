@@ -204,12 +204,14 @@ pub fn write_record(state_dir: &Path, record: &SessionRecord) -> Result<(), Sess
         source,
     };
     let dir = path.parent().expect("record has a directory");
+    crate::private::private_dir(state_dir).map_err(state_error)?;
     std::fs::create_dir_all(dir).map_err(state_error)?;
     let temp = dir.join("session.toml.tmp");
     let text = toml::to_string(record).expect("record serialises");
     let write = || -> std::io::Result<()> {
         use std::io::Write;
-        let mut file = std::fs::File::create(&temp)?;
+        // It holds the lock's nonce.
+        let mut file = crate::private::create_private_file(&temp)?;
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&temp, &path)?;

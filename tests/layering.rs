@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, bottom up.
 const LAYERS: &[&[&str]] = &[
-    &["error", "progress"],
+    &["error", "progress", "private"],
     &["keys", "store"],
     &["chunk"],
     &["layout", "manifest", "trace"],

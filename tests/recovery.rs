@@ -320,3 +320,42 @@ fn the_control_socket_bounds_lines_and_connections() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn session_state_holds_no_names_and_is_owner_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    Env::require_fuse();
+    let env = Env::local();
+    env.import_files("vm", &[("quarterly-report.img", vec![9u8; CHUNK as usize])]);
+    // Directories left open by an older version are tightened.
+    for dir in ["state", "cache"] {
+        std::fs::create_dir_all(env.path(dir)).unwrap();
+        std::fs::set_permissions(env.path(dir), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mount = resume(&env, "vm");
+    write_synced(&mount.join("letter-to-my-lawyer.txt"), b"confidential");
+    std::fs::create_dir(mount.join("holiday-photos")).unwrap();
+
+    let mode = |path: PathBuf| std::fs::metadata(&path).unwrap().mode() & 0o777;
+    for dir in ["state", "cache", "run"] {
+        assert_eq!(mode(env.path(dir)), 0o700, "{dir}");
+    }
+    let session = env.path("state/sessions/vm");
+    assert_eq!(mode(session.join("session.toml")), 0o600);
+    assert_eq!(mode(session.join("image.redb")), 0o600);
+    let state = std::fs::read(session.join("image.redb")).unwrap();
+    for name in ["letter-to-my-lawyer", "holiday-photos", "quarterly-report"] {
+        assert!(
+            !state.windows(name.len()).any(|w| w == name.as_bytes()),
+            "{name} is readable in the session database"
+        );
+    }
+    // And the names are all there after a crash.
+    env.kill_daemon();
+    let mount = resume(&env, "vm");
+    assert_eq!(
+        std::fs::read(mount.join("letter-to-my-lawyer.txt")).unwrap(),
+        b"confidential"
+    );
+    assert!(mount.join("holiday-photos").is_dir());
+}

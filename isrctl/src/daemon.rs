@@ -26,7 +26,7 @@ pub fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         return Ok(socket);
     }
-    std::fs::create_dir_all(runtime_dir)
+    isr::private::private_dir(runtime_dir)
         .with_context(|| format!("creating {}", runtime_dir.display()))?;
     let beside_us = std::env::current_exe()?.with_file_name("isrfsd");
     let program = if beside_us.exists() {

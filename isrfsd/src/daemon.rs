@@ -154,7 +154,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         config.cache_dir = dir;
     }
     for dir in [&config.runtime_dir, &config.state_dir, &config.cache_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        isr::private::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::set_permissions(&config.runtime_dir, std::fs::Permissions::from_mode(0o700))?;
     let socket = control::socket_path(&config.runtime_dir);

@@ -3,12 +3,21 @@
 //! [`ChunkRef`]) the image works with.
 //!
 //! Tables:
-//! - `entries`: path → [`EntryRecord`] (49 bytes, little-endian):
+//! - `sealed_entries`: keyed BLAKE3 hash of the path (32 bytes, under a key
+//!   derived from the parcel key) → the entry sealed like overlay records,
+//!   the hash as associated data, so no name is readable without the parcel
+//!   key:
+//!   ```text
+//!   nonce [24] | ciphertext of: EntryRecord [49] | path (UTF-8)
+//!   ```
+//!   [`EntryRecord`] (49 bytes, little-endian):
 //!   ```text
 //!   0 kind u8 (1 directory, 2 file) | 1 id u64 | 9 mode u32 | 13 mtime secs i64
 //!   | 21 mtime nanos u32 | 25 size u64 | 33 base file index + 1 u64 (0: none)
 //!   | 41 base_limit u64
 //!   ```
+//!   Files written before names were sealed have a plaintext `entries` table
+//!   (path → EntryRecord); loading such a file moves it into `sealed_entries`.
 //! - `overlay`: (file id, chunk index) → chunk record sealed with
 //!   XChaCha20-Poly1305 under a key derived from the parcel key (the records
 //!   hold chunk keys; the cache and state directory must be useless without
@@ -26,6 +35,7 @@
 //! Every change is one write transaction ([`StateDb::commit`]): a failed
 //! commit leaves the file as it was, and the image refuses further writes.
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -38,12 +48,15 @@ use crate::chunk::{ChunkKey, ChunkRef, ChunkTag};
 use crate::keys::ParcelSecrets;
 use crate::manifest::Timestamp;
 
-const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+const SEALED_ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sealed_entries");
+/// The plaintext entries of files written before names were sealed.
+const PLAIN_ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const OVERLAY: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("overlay");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const UPLOADED: TableDefinition<&[u8], u64> = TableDefinition::new("uploaded");
 const TRACE: TableDefinition<u64, &[u8]> = TableDefinition::new("trace");
 const OVERLAY_KEY_CONTEXT: &str = "isr 2026 session overlay records v1";
+const NAME_KEY_CONTEXT: &str = "isr 2026 session entry names v1";
 
 /// Key of an overlay entry: (file id, chunk index).
 pub(super) type ChunkSlot = (u64, u64);
@@ -137,23 +150,61 @@ impl EntryRecord {
     }
 }
 
-/// Seals and opens overlay records under the key derived from the parcel key.
-struct OverlayCipher {
+/// Seals and opens the records that hold secrets or names (overlay and
+/// entry records) under keys derived from the parcel key.
+struct RecordCipher {
     key: zeroize::Zeroizing<[u8; 32]>,
+    /// Keys the hash that stands for a path in `sealed_entries`.
+    name_key: zeroize::Zeroizing<[u8; 32]>,
 }
 
-impl OverlayCipher {
-    fn new(secrets: &ParcelSecrets) -> OverlayCipher {
-        OverlayCipher {
+impl RecordCipher {
+    fn new(secrets: &ParcelSecrets) -> RecordCipher {
+        RecordCipher {
             key: zeroize::Zeroizing::new(blake3::derive_key(
                 OVERLAY_KEY_CONTEXT,
+                secrets.parcel_key.as_bytes(),
+            )),
+            name_key: zeroize::Zeroizing::new(blake3::derive_key(
+                NAME_KEY_CONTEXT,
                 secrets.parcel_key.as_bytes(),
             )),
         }
     }
 
-    fn seal(&self, slot: ChunkSlot, chunk: &ChunkRef) -> Vec<u8> {
-        let mut plain = Vec::with_capacity(69);
+    /// `nonce | ciphertext` of `plain`, bound to `aad`.
+    fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let nonce: [u8; 24] = rand::random();
+        let cipher = XChaCha20Poly1305::new(&Key::from(*self.key));
+        let mut out = nonce.to_vec();
+        out.extend(
+            cipher
+                .encrypt(&XNonce::from(nonce), Payload { msg: plain, aad })
+                .expect("encryption of a small record cannot fail"),
+        );
+        out
+    }
+
+    /// The plaintext of a [`RecordCipher::seal`]ed record, if it is intact
+    /// and was sealed with `aad` under this parcel's key.
+    fn open(&self, aad: &[u8], record: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        let (nonce, sealed) = record.split_first_chunk::<24>()?;
+        let cipher = XChaCha20Poly1305::new(&Key::from(*self.key));
+        cipher
+            .decrypt(&XNonce::from(*nonce), Payload { msg: sealed, aad })
+            .ok()
+            .map(zeroize::Zeroizing::new)
+    }
+
+    fn slot_aad(slot: ChunkSlot) -> [u8; 16] {
+        let mut aad = [0u8; 16];
+        aad[..8].copy_from_slice(&slot.0.to_le_bytes());
+        aad[8..].copy_from_slice(&slot.1.to_le_bytes());
+        aad
+    }
+
+    fn seal_chunk(&self, slot: ChunkSlot, chunk: &ChunkRef) -> Vec<u8> {
+        let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(69));
         match chunk {
             ChunkRef::Zero => plain.push(1),
             ChunkRef::Stored {
@@ -167,48 +218,18 @@ impl OverlayCipher {
                 plain.extend_from_slice(&stored_len.to_le_bytes());
             }
         }
-        let plain = zeroize::Zeroizing::new(plain);
-        let nonce: [u8; 24] = rand::random();
-        let aad = [slot.0.to_le_bytes(), slot.1.to_le_bytes()].concat();
-        let cipher = XChaCha20Poly1305::new(&Key::from(*self.key));
-        let mut out = nonce.to_vec();
-        out.extend(
-            cipher
-                .encrypt(
-                    &XNonce::from(nonce),
-                    Payload {
-                        msg: &plain,
-                        aad: &aad,
-                    },
-                )
-                .expect("encryption of a small record cannot fail"),
-        );
-        out
+        self.seal(&Self::slot_aad(slot), &plain)
     }
 
-    fn open(&self, slot: ChunkSlot, record: &[u8]) -> Result<ChunkRef, ImageError> {
+    fn open_chunk(&self, slot: ChunkSlot, record: &[u8]) -> Result<ChunkRef, ImageError> {
         let corrupt = || {
             ImageError::CorruptState(format!(
                 "overlay record {slot:?} is corrupt or from another parcel"
             ))
         };
-        if record.len() < 24 {
-            return Err(corrupt());
-        }
-        let aad = [slot.0.to_le_bytes(), slot.1.to_le_bytes()].concat();
-        let cipher = XChaCha20Poly1305::new(&Key::from(*self.key));
-        let nonce: [u8; 24] = record[..24].try_into().expect("24 bytes");
-        let plain = zeroize::Zeroizing::new(
-            cipher
-                .decrypt(
-                    &XNonce::from(nonce),
-                    Payload {
-                        msg: &record[24..],
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| corrupt())?,
-        );
+        let plain = self
+            .open(&Self::slot_aad(slot), record)
+            .ok_or_else(corrupt)?;
         match (plain.first(), plain.len()) {
             (Some(1), 1) => Ok(ChunkRef::Zero),
             (Some(0), 69) => Ok(ChunkRef::Stored {
@@ -218,6 +239,35 @@ impl OverlayCipher {
             }),
             _ => Err(corrupt()),
         }
+    }
+
+    /// What stands for `path` as the key of `sealed_entries`.
+    fn name_hash(&self, path: &str) -> [u8; 32] {
+        *blake3::keyed_hash(&self.name_key, path.as_bytes()).as_bytes()
+    }
+
+    fn seal_entry(&self, path: &str, node: &Node) -> ([u8; 32], Vec<u8>) {
+        let hash = self.name_hash(path);
+        let mut plain = EntryRecord::of(node).encode();
+        plain.extend_from_slice(path.as_bytes());
+        (hash, self.seal(&hash, &plain))
+    }
+
+    fn open_entry(&self, hash: &[u8], record: &[u8]) -> Result<(String, Node), ImageError> {
+        let corrupt =
+            || ImageError::CorruptState("an entry record is corrupt or from another parcel".into());
+        let plain = self.open(hash, record).ok_or_else(corrupt)?;
+        let (record, path) = plain
+            .split_at_checked(EntryRecord::LEN)
+            .ok_or_else(corrupt)?;
+        let node = EntryRecord::decode(record)
+            .and_then(|r| r.node())
+            .ok_or_else(corrupt)?;
+        let path = std::str::from_utf8(path).map_err(|_| corrupt())?;
+        if self.name_hash(path) != hash {
+            return Err(corrupt());
+        }
+        Ok((path.to_owned(), node))
     }
 }
 
@@ -251,24 +301,38 @@ pub(super) struct Change<'a> {
 /// The session's state file.
 pub(super) struct StateDb {
     db: redb::Database,
-    cipher: OverlayCipher,
+    cipher: RecordCipher,
 }
 
 impl StateDb {
     /// Opens (or creates) the state file at `path`.
     pub(super) fn open(path: &Path, secrets: &ParcelSecrets) -> Result<StateDb, ImageError> {
+        // Owner-only, like the directory it is in (an older file is tightened).
+        let private = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .and_then(|file| file.set_permissions(std::fs::Permissions::from_mode(0o600)));
+        private.map_err(|e| ImageError::OpenState {
+            path: path.to_owned(),
+            source: redb::DatabaseError::Storage(redb::StorageError::Io(e)),
+        })?;
         let db = redb::Database::create(path).map_err(|source| ImageError::OpenState {
             path: path.to_owned(),
             source,
         })?;
         Ok(StateDb {
             db,
-            cipher: OverlayCipher::new(secrets),
+            cipher: RecordCipher::new(secrets),
         })
     }
 
     /// The state, or `None` if the file is new.
     pub(super) fn load(&self) -> Result<Option<Loaded>, ImageError> {
+        self.seal_plain_entries()?;
         let read = self.db.begin_read().map_err(state_error)?;
         let Ok(meta) = read.open_table(META) else {
             return Ok(None);
@@ -281,19 +345,18 @@ impl StateDb {
             ..Loaded::default()
         };
         for item in read
-            .open_table(ENTRIES)
+            .open_table(SEALED_ENTRIES)
             .map_err(state_error)?
             .iter()
             .map_err(state_error)?
         {
-            let (path, record) = item.map_err(state_error)?;
-            let node = EntryRecord::decode(record.value())
-                .and_then(|r| r.node())
-                .ok_or_else(|| {
-                    ImageError::CorruptState(format!("corrupt entry record for {}", path.value()))
-                })?;
-            loaded.entries.push((path.value().to_owned(), node));
+            let (hash, record) = item.map_err(state_error)?;
+            loaded
+                .entries
+                .push(self.cipher.open_entry(hash.value(), record.value())?);
         }
+        // Parents before children, as the tree is rebuilt.
+        loaded.entries.sort_by(|a, b| a.0.cmp(&b.0));
         for item in read
             .open_table(OVERLAY)
             .map_err(state_error)?
@@ -304,7 +367,7 @@ impl StateDb {
             let slot = slot.value();
             loaded
                 .overlay
-                .push((slot, self.cipher.open(slot, record.value())?));
+                .push((slot, self.cipher.open_chunk(slot, record.value())?));
         }
         let corrupt = |what: &str| ImageError::CorruptState(format!("corrupt {what} record"));
         if let Ok(table) = read.open_table(UPLOADED) {
@@ -325,6 +388,42 @@ impl StateDb {
         Ok(Some(loaded))
     }
 
+    /// Moves the plaintext `entries` table of a file written before names
+    /// were sealed into `sealed_entries`, in one transaction.
+    fn seal_plain_entries(&self) -> Result<(), ImageError> {
+        let read = self.db.begin_read().map_err(state_error)?;
+        let plain: Vec<(String, Node)> = match read.open_table(PLAIN_ENTRIES) {
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(state_error(e)),
+            Ok(table) => {
+                let mut plain = Vec::new();
+                for item in table.iter().map_err(state_error)? {
+                    let (path, record) = item.map_err(state_error)?;
+                    let node = EntryRecord::decode(record.value())
+                        .and_then(|r| r.node())
+                        .ok_or_else(|| {
+                            ImageError::CorruptState("corrupt plaintext entry record".into())
+                        })?;
+                    plain.push((path.value().to_owned(), node));
+                }
+                plain
+            }
+        };
+        drop(read);
+        let write = self.db.begin_write().map_err(state_error)?;
+        {
+            let mut sealed = write.open_table(SEALED_ENTRIES).map_err(state_error)?;
+            for (path, node) in &plain {
+                let (hash, record) = self.cipher.seal_entry(path, node);
+                sealed
+                    .insert(hash.as_slice(), record.as_slice())
+                    .map_err(state_error)?;
+            }
+        }
+        write.delete_table(PLAIN_ENTRIES).map_err(state_error)?;
+        write.commit().map_err(state_error)
+    }
+
     /// Writes a new state file's tables: the base tree and the id counter.
     pub(super) fn initialise(
         &self,
@@ -333,10 +432,11 @@ impl StateDb {
     ) -> Result<(), ImageError> {
         let write = self.db.begin_write().map_err(state_error)?;
         {
-            let mut table = write.open_table(ENTRIES).map_err(state_error)?;
+            let mut table = write.open_table(SEALED_ENTRIES).map_err(state_error)?;
             for (path, node) in entries {
+                let (hash, record) = self.cipher.seal_entry(path, node);
                 table
-                    .insert(path.as_str(), EntryRecord::of(node).encode().as_slice())
+                    .insert(hash.as_slice(), record.as_slice())
                     .map_err(state_error)?;
             }
             write.open_table(OVERLAY).map_err(state_error)?;
@@ -358,14 +458,15 @@ impl StateDb {
                     overlay.remove(*slot)?;
                 }
                 for (slot, chunk) in &change.sealed {
-                    overlay.insert(*slot, self.cipher.seal(*slot, chunk).as_slice())?;
+                    overlay.insert(*slot, self.cipher.seal_chunk(*slot, chunk).as_slice())?;
                 }
-                let mut entries = write.open_table(ENTRIES)?;
+                let mut entries = write.open_table(SEALED_ENTRIES)?;
                 for path in &change.removed {
-                    entries.remove(path.as_str())?;
+                    entries.remove(self.cipher.name_hash(path).as_slice())?;
                 }
                 for (path, node) in &change.entries {
-                    entries.insert(path.as_str(), EntryRecord::of(node).encode().as_slice())?;
+                    let (hash, record) = self.cipher.seal_entry(path, node);
+                    entries.insert(hash.as_slice(), record.as_slice())?;
                 }
                 if let Some(next_id) = change.next_id {
                     let mut meta = write.open_table(META)?;
@@ -442,5 +543,107 @@ mod tests {
             Some(dir)
         );
         assert_eq!(EntryRecord::decode(&bytes[1..]), None);
+    }
+
+    fn file_node(id: u64) -> Node {
+        Node {
+            id,
+            kind: NodeKind::File,
+            mode: 0o600,
+            mtime: Timestamp { secs: 1, nanos: 0 },
+            size: 10,
+            base: None,
+            base_limit: 0,
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn names_are_sealed_at_rest_and_come_back_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.redb");
+        let secrets = ParcelSecrets::generate(None);
+        let db = StateDb::open(&path, &secrets).unwrap();
+        let root = Node {
+            kind: NodeKind::Directory,
+            ..file_node(1)
+        };
+        db.initialise(&[(String::new(), root)], 3).unwrap();
+        db.commit(&Change {
+            entries: vec![
+                ("tax-return-2026.pdf".into(), file_node(2)),
+                ("diary/secret-plans.txt".into(), file_node(3)),
+            ],
+            ..Change::default()
+        })
+        .unwrap();
+        db.commit(&Change {
+            removed: vec!["tax-return-2026.pdf".into()],
+            ..Change::default()
+        })
+        .unwrap();
+        drop(db);
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&path).unwrap()) & 0o777,
+            0o600
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        for name in ["tax-return", "secret-plans", "diary"] {
+            assert!(!contains(&bytes, name.as_bytes()), "{name} in the file");
+        }
+        let db = StateDb::open(&path, &secrets).unwrap();
+        let loaded = db.load().unwrap().unwrap();
+        let paths: Vec<&str> = loaded.entries.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["", "diary/secret-plans.txt"]);
+        drop(db);
+        // Another parcel's key opens nothing.
+        let other = StateDb::open(&path, &ParcelSecrets::generate(None)).unwrap();
+        assert!(matches!(other.load(), Err(ImageError::CorruptState(_))));
+    }
+
+    #[test]
+    fn a_file_with_plaintext_names_is_sealed_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.redb");
+        let secrets = ParcelSecrets::generate(None);
+        {
+            // The layout written before names were sealed.
+            let db = redb::Database::create(&path).unwrap();
+            let write = db.begin_write().unwrap();
+            {
+                let mut entries = write.open_table(PLAIN_ENTRIES).unwrap();
+                entries
+                    .insert(
+                        "old-name.img",
+                        EntryRecord::of(&file_node(2)).encode().as_slice(),
+                    )
+                    .unwrap();
+                write.open_table(OVERLAY).unwrap();
+                write
+                    .open_table(META)
+                    .unwrap()
+                    .insert("next_id", 3)
+                    .unwrap();
+            }
+            write.commit().unwrap();
+        }
+        let db = StateDb::open(&path, &secrets).unwrap();
+        let loaded = db.load().unwrap().unwrap();
+        assert_eq!(
+            loaded.entries,
+            vec![("old-name.img".to_owned(), file_node(2))]
+        );
+        let read = db.db.begin_read().unwrap();
+        assert!(
+            read.open_table(PLAIN_ENTRIES).is_err(),
+            "the plaintext table is gone"
+        );
+        drop(read);
+        drop(db);
+        let db = StateDb::open(&path, &secrets).unwrap();
+        assert_eq!(db.load().unwrap().unwrap().entries.len(), 1);
     }
 }
