@@ -564,16 +564,20 @@ impl Drop for Env {
 }
 
 /// Waits (up to 10 s) until process `pid` is gone; true if it is.
-/// A zombie counts as gone: nobody may reap a daemon that isrctl started.
+/// A zombie whose threads have all ended counts as gone: nobody may reap a
+/// daemon that isrctl started. (Its main thread turns zombie while other
+/// threads still end, holding its files: the socket, the session database.)
 pub fn wait_for_exit(pid: i32) -> bool {
     let zombie = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|stat| {
                 let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
                 Some(state == "Z" || state == "X")
             })
-            .unwrap_or(false)
+            .unwrap_or(false);
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+        state && threads <= 1
     };
     for _ in 0..1000 {
         if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() || zombie() {
