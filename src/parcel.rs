@@ -431,6 +431,12 @@ pub async fn list_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, 
 /// Versions a stale `oldest` hint may lag behind the oldest version (a gc
 /// killed between its deletions and rewriting the hint, or two gcs at once).
 const HINT_SLACK: u64 = 16;
+/// The highest version number (a manifest's key has ten digits).
+pub const MAX_VERSION: u64 = 9_999_999_999;
+/// How many versions a store that cannot list may claim to hold: more is
+/// not believed (a hostile or broken server answering "exists" to every key
+/// would otherwise be probed, and its versions collected, for ever).
+const MAX_PROBED_VERSIONS: u64 = 1 << 20;
 
 /// The `oldest` hint gc leaves after deleting versions, if any.
 pub async fn read_oldest_hint(store: &StoreHandle, name: &str) -> Result<Option<u64>, ParcelError> {
@@ -439,7 +445,7 @@ pub async fn read_oldest_hint(store: &StoreHandle, name: &str) -> Result<Option<
             let hint = std::str::from_utf8(&bytes)
                 .ok()
                 .and_then(|text| text.trim().parse::<u64>().ok())
-                .filter(|&v| v > 0);
+                .filter(|&v| (1..=MAX_VERSION).contains(&v));
             if hint.is_none() {
                 tracing::warn!(parcel = name, "ignoring an unreadable versions/oldest hint");
             }
@@ -473,6 +479,14 @@ async fn probe_versions(store: &StoreHandle, name: &str) -> Result<Vec<u64>, Par
     while exists(absent).await? {
         present = absent;
         absent = oldest + 2 * (absent - oldest);
+        if absent - oldest > MAX_PROBED_VERSIONS || absent > MAX_VERSION + 1 {
+            return Err(ParcelError::BadRecord {
+                name: name.to_owned(),
+                reason: format!(
+                    "the store claims more than {MAX_PROBED_VERSIONS} versions from version {oldest} on (is it answering every request with success?)"
+                ),
+            });
+        }
     }
     while absent - present > 1 {
         let middle = present + (absent - present) / 2;
@@ -792,6 +806,35 @@ mod tests {
             layout::trace("p", 42),
             "parcels/p/versions/0000000042.trace"
         );
+    }
+
+    /// A broken or hostile web server: every object exists and holds `body`.
+    #[derive(Debug)]
+    struct EverythingExists(&'static [u8]);
+
+    #[async_trait::async_trait]
+    impl crate::store::ReadStore for EverythingExists {
+        fn url(&self) -> &str {
+            "https://everything.example"
+        }
+        async fn get(&self, _key: &str) -> Result<Bytes, StoreError> {
+            Ok(Bytes::from_static(self.0))
+        }
+        async fn exists(&self, _key: &str) -> Result<bool, StoreError> {
+            Ok(true)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_claiming_every_version_is_not_believed() {
+        for hint in [&b"1"[..], b"9999999999", b"18446744073709551615", b"junk"] {
+            let store = StoreHandle::read_only(EverythingExists(hint));
+            let error = probe_versions(&store, "p").await.unwrap_err();
+            assert!(
+                matches!(error, ParcelError::BadRecord { .. }),
+                "hint {hint:?}: {error}"
+            );
+        }
     }
 
     #[tokio::test]
