@@ -868,34 +868,33 @@ impl Daemon {
     /// status says so and `isrctl resume` mounts them again. isrfsd calls
     /// this every few seconds.
     pub fn check_mounts(&self) {
-        let gone: Vec<(String, Arc<Session>)> = self
+        let names: Vec<String> = self
             .sessions
             .lock()
             .expect("sessions lock")
-            .iter()
-            .filter(|(_, m)| {
-                m.mount
-                    .as_ref()
-                    .is_some_and(|handle| handle.state() == MountState::Gone)
-            })
-            .map(|(name, m)| (name.clone(), m.session.clone()))
+            .keys()
+            .cloned()
             .collect();
-        for (name, session) in gone {
+        for name in names {
             let lock = self.parcel_lock(&name);
             // A request busy with the parcel decides about its mount itself.
             let Ok(_one_at_a_time) = lock.try_lock() else {
                 continue;
             };
-            let still_gone = self
+            let gone = self
                 .sessions
                 .lock()
                 .expect("sessions lock")
                 .get(&name)
-                .and_then(|m| m.mount.as_ref())
-                .is_some_and(|handle| handle.state() == MountState::Gone);
-            if !still_gone {
+                .filter(|m| {
+                    m.mount
+                        .as_ref()
+                        .is_some_and(|handle| handle.state() == MountState::Gone)
+                })
+                .map(|m| m.session.clone());
+            let Some(session) = gone else {
                 continue;
-            }
+            };
             tracing::warn!(parcel = %name, mount = %session.record().mount.display(), "the mount ended behind isrfsd's back (unmounted by someone else); the session's changes are kept, and `isrctl resume {name}` mounts it again");
             if let Err(e) = session.image.flush_all() {
                 tracing::error!(parcel = %name, error = %e, "flush failed after the mount ended");
