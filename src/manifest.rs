@@ -464,7 +464,13 @@ impl Manifest {
                             });
                         }
                         let records = r.u32("record count")?;
-                        let mut chunks = Vec::with_capacity(expected as usize);
+                        // Reserve only what the records left in the input can
+                        // be (each takes at least 5 bytes), not what the size
+                        // claims: a 60-byte body could ask for gigabytes.
+                        let reserve = expected
+                            .min(u64::from(records))
+                            .min((r.remaining() / 5) as u64);
+                        let mut chunks = Vec::with_capacity(reserve as usize);
                         for _ in 0..records {
                             match r.u8("chunk flags")? {
                                 FLAG_STORED => chunks.push(ChunkRef::Stored {
