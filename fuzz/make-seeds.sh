@@ -21,8 +21,10 @@ corpus=fuzz/corpus
 isrctl=$PWD/target/debug/isrctl
 [ -x "$isrctl" ] && [ -x target/debug/isrfsd ] || { echo "run cargo build first" >&2; exit 1; }
 
-rm -rf "$corpus"
+# Everything but the regression seeds (regress-*: inputs that once found a
+# defect) is made anew.
 mkdir -p "$corpus"
+find "$corpus" -type f ! -name 'regress-*' -delete
 work=$(mktemp -d "${TMPDIR:-/tmp}/isr-seeds.XXXXXX")
 fsd_pid=
 cleanup() {

@@ -43,17 +43,10 @@ fn every_fuzz_target_survives_its_smoke_run() {
          SanitizerCoverage RUSTFLAGS (see fuzz/run.sh); a compile error there usually \
          means a fuzz target uses an isr API that changed."
     };
+    let lines: Vec<&str> = stderr.lines().collect();
+    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
     panic!(
-        "bash fuzz/run.sh smoke failed ({}).\n{help}\n---- stderr (last 80 lines):\n{}",
-        output.status,
-        stderr
-            .lines()
-            .rev()
-            .take(80)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
+        "bash fuzz/run.sh smoke failed ({}).\n{help}\n---- stderr (last 80 lines):\n{tail}",
+        output.status
     );
 }
