@@ -466,16 +466,7 @@ fn with_the_store_stopped_local_reads_go_on_and_missing_ones_wait_for_it() {
         data[..CHUNK as usize],
         "a local chunk reads with the store down"
     );
-    let reader = {
-        let path = mount.join("disk.img");
-        std::thread::spawn(move || {
-            let mut chunk = vec![0u8; CHUNK as usize];
-            std::fs::File::open(path)
-                .unwrap()
-                .read_exact_at(&mut chunk, 9 * CHUNK)
-                .map(|_| chunk)
-        })
-    };
+    let reader = support::read_in_background(mount.join("disk.img"), 9 * CHUNK, CHUNK as usize);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         !reader.is_finished(),

@@ -167,16 +167,7 @@ fn an_open_does_not_wait_for_a_read_that_waits_for_the_store() {
     let path = mount.join("disk.img");
 
     server.kill();
-    let reader = {
-        let path = path.clone();
-        std::thread::spawn(move || {
-            let mut chunk = vec![0u8; CHUNK as usize];
-            std::fs::File::open(path)
-                .unwrap()
-                .read_exact_at(&mut chunk, 9 * CHUNK)
-                .map(|_| chunk)
-        })
-    };
+    let reader = support::read_in_background(path.clone(), 9 * CHUNK, CHUNK as usize);
     let deadline = Instant::now() + Duration::from_secs(30);
     while env.json(&["status", "vm"])[0]["fetch"]["in_flight"] == 0 {
         assert!(Instant::now() < deadline, "the read reached the fetcher");

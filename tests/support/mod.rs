@@ -766,3 +766,19 @@ pub fn import_with_library(
         .unwrap();
     credentials
 }
+
+/// Reads `len` bytes of `path` at `offset` on a thread of its own (a read
+/// that may wait for the store), returning them when the read completes.
+pub fn read_in_background(
+    path: PathBuf,
+    offset: u64,
+    len: usize,
+) -> std::thread::JoinHandle<std::io::Result<Vec<u8>>> {
+    std::thread::spawn(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buffer = vec![0u8; len];
+        std::fs::File::open(path)?
+            .read_exact_at(&mut buffer, offset)
+            .map(|_| buffer)
+    })
+}
