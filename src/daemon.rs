@@ -62,6 +62,12 @@ pub enum MountState {
     Gone,
 }
 
+/// A read-only view ([`Session::view`]) and its mount.
+struct View {
+    session: Arc<Session>,
+    mount: Box<dyn MountHandle>,
+}
+
 struct Mounted {
     session: Arc<Session>,
     mount: Option<Box<dyn MountHandle>>,
@@ -112,6 +118,11 @@ pub struct Daemon {
     runtime: tokio::runtime::Runtime,
     context: SessionContext,
     sessions: Mutex<HashMap<String, Mounted>>,
+    /// Read-only views by their (canonical) directory.
+    views: Mutex<HashMap<PathBuf, View>>,
+    /// Held while a view is mounted or unmounted, so two requests for one
+    /// directory do not race.
+    view_changes: Mutex<()>,
     /// Per parcel: held by resume, sync, checkin and discard, so they run one
     /// at a time and a request sees the previous one's end state.
     parcel_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -146,6 +157,13 @@ impl Daemon {
         mounter: Box<dyn Mounter>,
         shutdown: std::sync::mpsc::Sender<()>,
     ) -> Daemon {
+        let stale = crate::session::remove_stale_views(&config.state_dir);
+        if stale > 0 {
+            tracing::info!(
+                views = stale,
+                "removed the scratch state of views a killed daemon left"
+            );
+        }
         Daemon {
             context: SessionContext {
                 state_dir: config.state_dir.clone(),
@@ -158,6 +176,8 @@ impl Daemon {
             },
             runtime,
             sessions: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
+            view_changes: Mutex::new(()),
             parcel_locks: Mutex::new(HashMap::new()),
             checked_in: Mutex::new(HashMap::new()),
             mounter,
@@ -170,6 +190,12 @@ impl Daemon {
     /// The runtime the daemon's I/O runs on.
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
         &self.runtime
+    }
+
+    /// Resumed sessions and read-only views: the daemon is idle at zero.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+            + self.views.lock().expect("views lock").len()
     }
 }
 
@@ -396,6 +422,185 @@ impl Daemon {
                 let _ = self.shutdown.send(());
                 Response::Done
             }
+            Request::Mount {
+                parcel,
+                version,
+                dir,
+                store,
+            } => self.mount_view(*parcel, version, dir, store),
+            Request::Unmount { dir } => self.unmount_view(&dir),
+            Request::ChunkMap { parcel } => {
+                let Some(session) = self.live_session(&parcel) else {
+                    let e = SessionError::NotResumed(parcel);
+                    return error_response(e.class(), e.to_string());
+                };
+                let files = session
+                    .image
+                    .files()
+                    .into_iter()
+                    .filter_map(|(path, node)| {
+                        let map = session.image.chunk_map(node.id).ok()?;
+                        Some(control::FileChunks {
+                            path,
+                            size: node.size,
+                            runs: control::encode_runs(&map),
+                        })
+                    })
+                    .collect();
+                Response::ChunkMap { files }
+            }
+        }
+    }
+
+    /// Mounts `version` of `parcel` read-only at `dir` (an existing
+    /// directory), without the parcel's lock.
+    fn mount_view(
+        &self,
+        parcel: control::WireParcel,
+        version: Option<u64>,
+        dir: PathBuf,
+        wire_store: control::WireStore,
+    ) -> Response {
+        let _one_at_a_time = self.view_changes.lock().expect("view changes");
+        if !dir.is_absolute() {
+            return error_response(
+                ErrorClass::Invalid,
+                format!(
+                    "{}: the directory of a view must be an absolute path",
+                    dir.display()
+                ),
+            );
+        }
+        crate::session::detach_dead_mount(&dir);
+        let dir = match std::fs::metadata(&dir) {
+            Ok(meta) if meta.is_dir() => std::fs::canonicalize(&dir).unwrap_or(dir),
+            Ok(_) => {
+                return error_response(
+                    ErrorClass::Invalid,
+                    format!(
+                        "{} is not a directory; give an empty directory to mount the version on",
+                        dir.display()
+                    ),
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return error_response(
+                    ErrorClass::NotFound,
+                    format!(
+                        "{} does not exist; create an empty directory to mount the version on",
+                        dir.display()
+                    ),
+                );
+            }
+            Err(e) => {
+                return error_response(ErrorClass::Other, format!("{}: {e}", dir.display()));
+            }
+        };
+        if let Some(view) = self.views.lock().expect("views lock").get(&dir) {
+            let record = view.session.record();
+            return error_response(
+                ErrorClass::Conflict,
+                format!(
+                    "{} already shows version {} of {} read-only; `isrctl umount {}` first",
+                    dir.display(),
+                    record.base_version,
+                    record.parcel,
+                    dir.display()
+                ),
+            );
+        }
+        let resumed_there = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(|m| m.session.record())
+            .find(|r| std::fs::canonicalize(&r.mount).unwrap_or_else(|_| r.mount.clone()) == dir);
+        if let Some(record) = resumed_there {
+            return error_response(
+                ErrorClass::Conflict,
+                format!(
+                    "{} is where {} is resumed; mount the version on another directory",
+                    dir.display(),
+                    record.parcel
+                ),
+            );
+        }
+        let Some(open) = parcel.open() else {
+            return error_response(
+                ErrorClass::Invalid,
+                "malformed parcel secrets in the request".into(),
+            );
+        };
+        let store = match store::open(&wire_store.url, &wire_store.s3, wire_store.retry) {
+            Ok(store) => store,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let session = match self.runtime.block_on(Session::view(
+            store,
+            open,
+            version,
+            dir.clone(),
+            self.context.clone(),
+        )) {
+            Ok(session) => session,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let mount = match self.mount_live(&session, &dir) {
+            Ok(mount) => mount,
+            Err(response) => {
+                session.end_view();
+                return response;
+            }
+        };
+        let version = session.record().base_version;
+        tracing::info!(parcel = %parcel.name, version, dir = %dir.display(), "mounted a read-only view");
+        self.views.lock().expect("views lock").insert(
+            dir.clone(),
+            View {
+                session: Arc::new(session),
+                mount,
+            },
+        );
+        Response::Mounted {
+            parcel: parcel.name.clone(),
+            version,
+            dir,
+        }
+    }
+
+    /// Ends the view mounted at `dir`.
+    fn unmount_view(&self, dir: &Path) -> Response {
+        let _one_at_a_time = self.view_changes.lock().expect("view changes");
+        let view = {
+            let mut views = self.views.lock().expect("views lock");
+            match views.remove(dir) {
+                Some(view) => Some(view),
+                None => std::fs::canonicalize(dir)
+                    .ok()
+                    .and_then(|dir| views.remove(&dir)),
+            }
+        };
+        let Some(view) = view else {
+            return error_response(
+                ErrorClass::NotFound,
+                format!(
+                    "no view of isrfsd is mounted at {} (`isrctl mount NAME@VERSION DIR` mounts one)",
+                    dir.display()
+                ),
+            );
+        };
+        let result = view.mount.unmount();
+        view.session.end_view();
+        match result {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), "unmounted a read-only view");
+                Response::Done
+            }
+            Err(e) => error_response(
+                ErrorClass::Other,
+                format!("unmounting the view at {}: {e}", dir.display()),
+            ),
         }
     }
 
@@ -868,6 +1073,20 @@ impl Daemon {
     /// status says so and `isrctl resume` mounts them again. isrfsd calls
     /// this every few seconds.
     pub fn check_mounts(&self) {
+        let gone: Vec<View> = {
+            let mut views = self.views.lock().expect("views lock");
+            let dirs: Vec<PathBuf> = views
+                .iter()
+                .filter(|(_, v)| v.mount.state() == MountState::Gone)
+                .map(|(dir, _)| dir.clone())
+                .collect();
+            dirs.iter().filter_map(|dir| views.remove(dir)).collect()
+        };
+        for view in gone {
+            tracing::info!(dir = %view.session.record().mount.display(), "a view was unmounted behind isrfsd's back; forgetting it");
+            let _ = view.mount.unmount();
+            view.session.end_view();
+        }
         let names: Vec<String> = self
             .sessions
             .lock()
@@ -906,6 +1125,19 @@ impl Daemon {
     /// Saves running VMs into their mounts, flushes and unmounts every
     /// session; each stays resumable (`isrctl resume` reattaches it).
     pub fn shut_down(&self) {
+        let views: Vec<View> = self
+            .views
+            .lock()
+            .expect("views lock")
+            .drain()
+            .map(|(_, view)| view)
+            .collect();
+        for view in views {
+            if let Err(e) = view.mount.unmount() {
+                tracing::error!(dir = %view.session.record().mount.display(), error = %e, "unmounting a view failed at shutdown");
+            }
+            view.session.end_view();
+        }
         let sessions: Vec<(String, Mounted)> = self
             .sessions
             .lock()
