@@ -16,6 +16,10 @@
 //!   it again: a resume only answers with a mount point it found live and ours.
 //! - A VM slot's `vm` mutex is held while its VM is started, suspended or
 //!   stopped; status then answers from `summary` as `busy`.
+//! - Read-only views (`isrctl mount`) are in `views`, keyed by canonical
+//!   directory, apart from `sessions`: they take neither the store's lock
+//!   nor a parcel lock, so they never wait for (or block) a resumed
+//!   parcel's requests.
 
 use std::collections::HashMap;
 use std::io::BufReader;
@@ -1364,6 +1368,51 @@ mod tests {
             ),
             "a resume after a failed mount works"
         );
+    }
+
+    #[test]
+    fn a_view_mounts_beside_the_session_and_counts_until_unmounted() {
+        let f = fixture(false);
+        assert!(matches!(f.resume(), Response::Resumed { .. }));
+        let dir = f.dir.path().join("view");
+        std::fs::create_dir(&dir).unwrap();
+        let mount = |dir: PathBuf| Request::Mount {
+            parcel: Box::new(WireParcel::new(&f.parcel)),
+            version: Some(1),
+            dir,
+            store: WireStore {
+                url: f.dir.path().join("store").display().to_string(),
+                s3: S3Settings::default(),
+                retry: RetrySettings::default(),
+            },
+        };
+        let reply = f.daemon.handle(mount(dir.clone()));
+        let Response::Mounted { version: 1, .. } = reply else {
+            panic!("mount: {reply:?}");
+        };
+        assert_eq!(f.daemon.session_count(), 2, "the session and the view");
+        let views = crate::session::views_dir(&f.dir.path().join("state"));
+        assert_eq!(std::fs::read_dir(&views).unwrap().count(), 1);
+        let Response::Error { class, .. } = f.daemon.handle(mount(dir.clone())) else {
+            panic!("a second view on one directory");
+        };
+        assert_eq!(class, ErrorClass::Conflict);
+        let Response::Error { class, .. } = f.daemon.handle(mount(PathBuf::from("rel"))) else {
+            panic!("a relative directory");
+        };
+        assert_eq!(class, ErrorClass::Invalid);
+
+        let reply = f.daemon.handle(Request::Unmount { dir: dir.clone() });
+        assert!(matches!(reply, Response::Done), "{reply:?}");
+        assert_eq!(f.daemon.session_count(), 1);
+        assert_eq!(std::fs::read_dir(&views).unwrap().count(), 0);
+        let Response::Error { class, .. } = f.daemon.handle(Request::Unmount { dir }) else {
+            panic!("unmounting twice");
+        };
+        assert_eq!(class, ErrorClass::NotFound);
+        // Two mounts (session, view), one unmount (the view).
+        assert_eq!(f.mounts.load(Ordering::SeqCst), 2);
+        assert_eq!(f.unmounts.load(Ordering::SeqCst), 1);
     }
 
     #[test]
