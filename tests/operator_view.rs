@@ -113,6 +113,15 @@ fn an_old_version_mounts_read_only_while_the_parcel_is_resumed() {
     );
     assert_eq!(views_left(&env), 2);
 
+    // Another machine, whose daemon the lock holder is not, mounts it too.
+    let other = env.another_machine();
+    let elsewhere = other.path("view");
+    std::fs::create_dir(&elsewhere).unwrap();
+    other.ok(&["mount", "vm@1", elsewhere.to_str().unwrap()]);
+    assert_eq!(std::fs::read(elsewhere.join("disk.img")).unwrap(), v1_disk);
+    other.ok(&["umount", elsewhere.to_str().unwrap()]);
+    drop(other);
+
     env.ok(&["umount", view.to_str().unwrap()]);
     assert!(
         std::fs::read_dir(&view).unwrap().next().is_none(),
@@ -318,6 +327,13 @@ fn status_watch_shows_each_chunks_state_without_cursor_codes() {
         out.contains("upload backlog 0 B (0 chunks), 1 chunks uploaded"),
         "{out}"
     );
+
+    // Every chunk local: the ETA says so.
+    env.ok(&["hoard", "vm"]);
+    let out = env.ok(&["status", "--watch", "--count", "1", "vm"]);
+    assert!(out.contains("local 4/4 chunks (100%)"), "{out}");
+    assert!(out.contains("fully local"), "{out}");
+    assert_eq!(map_of(&out, "disk.img"), "LLLD", "{out}");
 
     // Plain status labels its columns with their units.
     let table = env.ok(&["status"]);
