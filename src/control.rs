@@ -222,6 +222,8 @@ pub enum Request {
         /// The view's directory, absolute.
         dir: PathBuf,
     },
+    /// The read-only views mounted now.
+    Views,
     /// The state of every chunk of a session, per file ([`FileChunks`]).
     ChunkMap {
         /// Parcel.
@@ -278,6 +280,11 @@ pub enum Response {
         /// Where.
         dir: PathBuf,
     },
+    /// The read-only views, by directory.
+    Views {
+        /// One per view.
+        views: Vec<ViewInfo>,
+    },
     /// The chunk states of a session's files.
     ChunkMap {
         /// One per file, in path order.
@@ -308,6 +315,17 @@ pub struct ParcelStatus {
     /// Whether the parcel is mounted; false after its mount ended behind
     /// the daemon's back (`isrctl resume` mounts it again).
     pub mounted: bool,
+}
+
+/// One read-only view (`isrctl mount`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewInfo {
+    /// Parcel.
+    pub parcel: String,
+    /// The version it shows.
+    pub version: u64,
+    /// Where it is mounted.
+    pub dir: PathBuf,
 }
 
 /// The chunk states of one file of a session, run-length encoded: `runs`

@@ -433,6 +433,24 @@ impl Daemon {
                 store,
             } => self.mount_view(*parcel, version, dir, store),
             Request::Unmount { dir } => self.unmount_view(&dir),
+            Request::Views => {
+                let mut views: Vec<control::ViewInfo> = self
+                    .views
+                    .lock()
+                    .expect("views lock")
+                    .iter()
+                    .map(|(dir, view)| {
+                        let record = view.session.record();
+                        control::ViewInfo {
+                            parcel: record.parcel,
+                            version: record.base_version,
+                            dir: dir.clone(),
+                        }
+                    })
+                    .collect();
+                views.sort_by(|a, b| a.dir.cmp(&b.dir));
+                Response::Views { views }
+            }
             Request::ChunkMap { parcel } => {
                 let Some(session) = self.live_session(&parcel) else {
                     let e = SessionError::NotResumed(parcel);
@@ -1391,6 +1409,11 @@ mod tests {
             panic!("mount: {reply:?}");
         };
         assert_eq!(f.daemon.session_count(), 2, "the session and the view");
+        let Response::Views { views } = f.daemon.handle(Request::Views) else {
+            panic!("views");
+        };
+        assert_eq!(views.len(), 1);
+        assert_eq!((views[0].parcel.as_str(), views[0].version), ("p", 1));
         let views = crate::session::views_dir(&f.dir.path().join("state"));
         assert_eq!(std::fs::read_dir(&views).unwrap().count(), 1);
         let Response::Error { class, .. } = f.daemon.handle(mount(dir.clone())) else {

@@ -112,6 +112,14 @@ fn an_old_version_mounts_read_only_while_the_parcel_is_resumed() {
         b"version two"
     );
     assert_eq!(views_left(&env), 2);
+    let listed = env.json(&["mount"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed:#}");
+    assert_eq!(listed[0]["parcel"], "vm");
+    assert_eq!(listed[0]["version"], 2);
+    assert_eq!(listed[0]["dir"], second.to_str().unwrap());
+    assert_eq!(listed[1]["version"], 1);
+    let table = env.ok(&["mount"]);
+    assert!(table.contains(view.to_str().unwrap()), "{table}");
 
     // Another machine, whose daemon the lock holder is not, mounts it too.
     let other = env.another_machine();

@@ -182,7 +182,8 @@ enum Command {
     /// is started if it is not running), fetched lazily like a resumed parcel
     /// but never prefetched; every write fails with EROFS. The parcel's lock is
     /// not taken, so it works while the parcel is resumed here or elsewhere.
-    /// `isrctl umount DIR` ends it; so does a stop of isrfsd.
+    /// `isrctl umount DIR` ends it; so does a stop of isrfsd. Without
+    /// arguments, lists the views mounted now.
     Mount(view::MountArgs),
     /// End a read-only mount made by `isrctl mount`.
     Umount(view::UmountArgs),

@@ -20,10 +20,12 @@ use crate::output;
 /// `isrctl mount`.
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// Parcel, optionally with a version: NAME or NAME@VERSION (default: newest).
-    target: String,
+    /// Parcel, optionally with a version: NAME or NAME@VERSION (default:
+    /// newest). Without it, lists the views mounted now.
+    #[arg(requires = "dir")]
+    target: Option<String>,
     /// An existing directory to show the version in (read-only).
-    dir: PathBuf,
+    dir: Option<PathBuf>,
 }
 
 /// `isrctl umount`.
@@ -60,13 +62,16 @@ fn refused(class: ErrorClass, message: String) -> anyhow::Error {
 
 /// `isrctl mount`.
 pub async fn mount(context: &CommandContext, args: MountArgs) -> anyhow::Result<ExitCode> {
-    let (name, version) = parse_target(&args.target)?;
-    match std::fs::metadata(&args.dir) {
+    let (Some(target), Some(arg_dir)) = (&args.target, &args.dir) else {
+        return list(context).await;
+    };
+    let (name, version) = parse_target(target)?;
+    match std::fs::metadata(arg_dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
             return Err(InvalidArgument(format!(
                 "{} is not a directory; give an empty directory to mount the version on",
-                args.dir.display()
+                arg_dir.display()
             ))
             .into());
         }
@@ -75,14 +80,14 @@ pub async fn mount(context: &CommandContext, args: MountArgs) -> anyhow::Result<
                 ErrorClass::NotFound,
                 format!(
                     "{} does not exist; create an empty directory to mount the version on",
-                    args.dir.display()
+                    arg_dir.display()
                 ),
             ));
         }
         // A dead mount of a killed daemon: isrfsd detaches it.
         Err(_) => {}
     }
-    let dir = absolute(&args.dir)?;
+    let dir = absolute(arg_dir)?;
     let store = context.store()?;
     let parcel = context.open_parcel(&store, name).await?;
     let socket = ensure_daemon(context)?;
@@ -112,6 +117,35 @@ pub async fn mount(context: &CommandContext, args: MountArgs) -> anyhow::Result<
             dir.display(),
             dir.display()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isrctl mount` without arguments: the views mounted now.
+async fn list(context: &CommandContext) -> anyhow::Result<ExitCode> {
+    let views = match daemon::socket_if_running(context) {
+        None => Vec::new(),
+        Some(socket) => match daemon::call(&socket, Request::Views).await?? {
+            Response::Views { views } => views,
+            other => anyhow::bail!("isrfsd answered views with {other:?}"),
+        },
+    };
+    if context.global.json {
+        output::json(&views)?;
+    } else if views.is_empty() {
+        println!("no read-only views (`isrctl mount NAME@VERSION DIR` mounts one)");
+    } else {
+        let rows: Vec<Vec<String>> = views
+            .iter()
+            .map(|v| {
+                vec![
+                    v.parcel.clone(),
+                    v.version.to_string(),
+                    v.dir.display().to_string(),
+                ]
+            })
+            .collect();
+        output::table(&["PARCEL", "VERSION", "DIR"], &rows);
     }
     Ok(ExitCode::SUCCESS)
 }
