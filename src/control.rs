@@ -357,7 +357,12 @@ pub fn encode_runs(map: &str) -> String {
     out
 }
 
-/// Undoes [`encode_runs`]; `None` for text it does not produce.
+/// The most chunks a decoded map may have: a manifest's bound on one
+/// file's chunks.
+const MAX_MAP_CHUNKS: usize = crate::manifest::MAX_CHUNKS_PER_FILE as usize;
+
+/// Undoes [`encode_runs`]; `None` for text it does not produce (or a map
+/// longer than a file can be).
 pub fn decode_runs(runs: &str) -> Option<String> {
     let mut out = String::new();
     let mut count = String::new();
@@ -365,7 +370,10 @@ pub fn decode_runs(runs: &str) -> Option<String> {
         if c.is_ascii_digit() {
             count.push(c);
         } else {
-            let n: usize = count.parse().ok().filter(|&n| n > 0 && n <= 1 << 32)?;
+            let n: usize = count
+                .parse()
+                .ok()
+                .filter(|&n| n > 0 && out.len() + n <= MAX_MAP_CHUNKS)?;
             out.extend(std::iter::repeat_n(c, n));
             count.clear();
         }
@@ -516,7 +524,14 @@ mod tests {
         for map in ["", "U", "LLLRR.D", "RRRRRRRRRRRRLL"] {
             assert_eq!(decode_runs(&encode_runs(map)).as_deref(), Some(map));
         }
-        for bad in ["L", "3", "0L", "x3"] {
+        for bad in [
+            "L",
+            "3",
+            "0L",
+            "x3",
+            "268435456L1R",
+            "99999999999999999999L",
+        ] {
             assert_eq!(decode_runs(bad), None, "{bad}");
         }
     }
