@@ -22,7 +22,7 @@ use crate::vmm::config::VmmKind;
 use crate::vmm::supervise::{SuspendReport, VmStatus};
 
 /// Version of this protocol.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Socket file name inside the runtime directory.
 pub const SOCKET_NAME: &str = "isrfsd.sock";
 
@@ -205,6 +205,30 @@ pub enum Request {
     /// Flush every session, unmount, exit (sessions stay resumable; running
     /// VMs are saved into their mounts first).
     Shutdown,
+    /// Mount a version read-only at `dir`, without the parcel's lock (a view,
+    /// for restoring files; the parcel may be resumed meanwhile).
+    Mount {
+        /// The parcel, unlocked.
+        parcel: Box<WireParcel>,
+        /// Version to show (default newest).
+        version: Option<u64>,
+        /// An existing directory, absolute.
+        dir: PathBuf,
+        /// Its store.
+        store: WireStore,
+    },
+    /// End the view mounted at `dir`.
+    Unmount {
+        /// The view's directory, absolute.
+        dir: PathBuf,
+    },
+    /// The read-only views mounted now.
+    Views,
+    /// The state of every chunk of a session, per file ([`FileChunks`]).
+    ChunkMap {
+        /// Parcel.
+        parcel: String,
+    },
 }
 
 /// The daemon's answer.
@@ -247,6 +271,25 @@ pub enum Response {
         /// The checkin.
         report: Box<CommitReport>,
     },
+    /// A view is mounted.
+    Mounted {
+        /// Parcel.
+        parcel: String,
+        /// The version it shows.
+        version: u64,
+        /// Where.
+        dir: PathBuf,
+    },
+    /// The read-only views, by directory.
+    Views {
+        /// One per view.
+        views: Vec<ViewInfo>,
+    },
+    /// The chunk states of a session's files.
+    ChunkMap {
+        /// One per file, in path order.
+        files: Vec<FileChunks>,
+    },
     /// Done.
     Done,
     /// Failed.
@@ -272,6 +315,70 @@ pub struct ParcelStatus {
     /// Whether the parcel is mounted; false after its mount ended behind
     /// the daemon's back (`isrctl resume` mounts it again).
     pub mounted: bool,
+}
+
+/// One read-only view (`isrctl mount`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewInfo {
+    /// Parcel.
+    pub parcel: String,
+    /// The version it shows.
+    pub version: u64,
+    /// Where it is mounted.
+    pub dir: PathBuf,
+}
+
+/// The chunk states of one file of a session, run-length encoded: `runs`
+/// is [`encode_runs`] of one character per chunk, `.` zero, `R` only in the
+/// store, `L` in the local cache, `D` changed by this session, `U` changed
+/// and waiting for upload (see [`crate::image::Image::chunk_map`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChunks {
+    /// Path in the parcel.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The states, run-length encoded (`3L5R`: three local, five remote).
+    pub runs: String,
+}
+
+/// Run-length encodes a chunk map: each run of one character as its count
+/// and the character (`LLLRR` → `3L2R`).
+pub fn encode_runs(map: &str) -> String {
+    let mut out = String::new();
+    let mut chars = map.chars().peekable();
+    while let Some(c) = chars.next() {
+        let mut count = 1;
+        while chars.next_if_eq(&c).is_some() {
+            count += 1;
+        }
+        out.push_str(&format!("{count}{c}"));
+    }
+    out
+}
+
+/// The most chunks a decoded map may have: a manifest's bound on one
+/// file's chunks.
+const MAX_MAP_CHUNKS: usize = crate::manifest::MAX_CHUNKS_PER_FILE as usize;
+
+/// Undoes [`encode_runs`]; `None` for text it does not produce (or a map
+/// longer than a file can be).
+pub fn decode_runs(runs: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut count = String::new();
+    for c in runs.chars() {
+        if c.is_ascii_digit() {
+            count.push(c);
+        } else {
+            let n: usize = count
+                .parse()
+                .ok()
+                .filter(|&n| n > 0 && out.len() + n <= MAX_MAP_CHUNKS)?;
+            out.extend(std::iter::repeat_n(c, n));
+            count.clear();
+        }
+    }
+    count.is_empty().then_some(out)
 }
 
 /// Errors talking to the daemon.
@@ -408,6 +515,25 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(matches!(back.body, Request::Status { parcel: None }));
+    }
+
+    #[test]
+    fn chunk_maps_run_length_encode_and_decode() {
+        assert_eq!(encode_runs("LLLRR.D"), "3L2R1.1D");
+        assert_eq!(encode_runs(""), "");
+        for map in ["", "U", "LLLRR.D", "RRRRRRRRRRRRLL"] {
+            assert_eq!(decode_runs(&encode_runs(map)).as_deref(), Some(map));
+        }
+        for bad in [
+            "L",
+            "3",
+            "0L",
+            "x3",
+            "268435456L1R",
+            "99999999999999999999L",
+        ] {
+            assert_eq!(decode_runs(bad), None, "{bad}");
+        }
     }
 
     #[test]

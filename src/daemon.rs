@@ -16,6 +16,10 @@
 //!   it again: a resume only answers with a mount point it found live and ours.
 //! - A VM slot's `vm` mutex is held while its VM is started, suspended or
 //!   stopped; status then answers from `summary` as `busy`.
+//! - Read-only views (`isrctl mount`) are in `views`, keyed by canonical
+//!   directory, apart from `sessions`: they take neither the store's lock
+//!   nor a parcel lock, so they never wait for (or block) a resumed
+//!   parcel's requests.
 
 use std::collections::HashMap;
 use std::io::BufReader;
@@ -60,6 +64,12 @@ pub enum MountState {
     Covered,
     /// This mount ended or was detached: the mount point shows something else.
     Gone,
+}
+
+/// A read-only view ([`Session::view`]) and its mount.
+struct View {
+    session: Arc<Session>,
+    mount: Box<dyn MountHandle>,
 }
 
 struct Mounted {
@@ -112,6 +122,11 @@ pub struct Daemon {
     runtime: tokio::runtime::Runtime,
     context: SessionContext,
     sessions: Mutex<HashMap<String, Mounted>>,
+    /// Read-only views by their (canonical) directory.
+    views: Mutex<HashMap<PathBuf, View>>,
+    /// Held while a view is mounted or unmounted, so two requests for one
+    /// directory do not race.
+    view_changes: Mutex<()>,
     /// Per parcel: held by resume, sync, checkin and discard, so they run one
     /// at a time and a request sees the previous one's end state.
     parcel_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -146,6 +161,13 @@ impl Daemon {
         mounter: Box<dyn Mounter>,
         shutdown: std::sync::mpsc::Sender<()>,
     ) -> Daemon {
+        let stale = crate::session::remove_stale_views(&config.state_dir);
+        if stale > 0 {
+            tracing::info!(
+                views = stale,
+                "removed the scratch state of views a killed daemon left"
+            );
+        }
         Daemon {
             context: SessionContext {
                 state_dir: config.state_dir.clone(),
@@ -158,6 +180,8 @@ impl Daemon {
             },
             runtime,
             sessions: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
+            view_changes: Mutex::new(()),
             parcel_locks: Mutex::new(HashMap::new()),
             checked_in: Mutex::new(HashMap::new()),
             mounter,
@@ -170,6 +194,12 @@ impl Daemon {
     /// The runtime the daemon's I/O runs on.
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
         &self.runtime
+    }
+
+    /// Resumed sessions and read-only views: the daemon is idle at zero.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+            + self.views.lock().expect("views lock").len()
     }
 }
 
@@ -396,6 +426,203 @@ impl Daemon {
                 let _ = self.shutdown.send(());
                 Response::Done
             }
+            Request::Mount {
+                parcel,
+                version,
+                dir,
+                store,
+            } => self.mount_view(*parcel, version, dir, store),
+            Request::Unmount { dir } => self.unmount_view(&dir),
+            Request::Views => {
+                let mut views: Vec<control::ViewInfo> = self
+                    .views
+                    .lock()
+                    .expect("views lock")
+                    .iter()
+                    .map(|(dir, view)| {
+                        let record = view.session.record();
+                        control::ViewInfo {
+                            parcel: record.parcel,
+                            version: record.base_version,
+                            dir: dir.clone(),
+                        }
+                    })
+                    .collect();
+                views.sort_by(|a, b| a.dir.cmp(&b.dir));
+                Response::Views { views }
+            }
+            Request::ChunkMap { parcel } => {
+                let Some(session) = self.live_session(&parcel) else {
+                    let e = SessionError::NotResumed(parcel);
+                    return error_response(e.class(), e.to_string());
+                };
+                let files = session
+                    .image
+                    .files()
+                    .into_iter()
+                    .filter_map(|(path, node)| {
+                        let map = session.image.chunk_map(node.id).ok()?;
+                        Some(control::FileChunks {
+                            path,
+                            size: node.size,
+                            runs: control::encode_runs(&map),
+                        })
+                    })
+                    .collect();
+                Response::ChunkMap { files }
+            }
+        }
+    }
+
+    /// Mounts `version` of `parcel` read-only at `dir` (an existing
+    /// directory), without the parcel's lock.
+    fn mount_view(
+        &self,
+        parcel: control::WireParcel,
+        version: Option<u64>,
+        dir: PathBuf,
+        wire_store: control::WireStore,
+    ) -> Response {
+        let _one_at_a_time = self.view_changes.lock().expect("view changes");
+        if !dir.is_absolute() {
+            return error_response(
+                ErrorClass::Invalid,
+                format!(
+                    "{}: the directory of a view must be an absolute path",
+                    dir.display()
+                ),
+            );
+        }
+        crate::session::detach_dead_mount(&dir);
+        let dir = match std::fs::metadata(&dir) {
+            Ok(meta) if meta.is_dir() => std::fs::canonicalize(&dir).unwrap_or(dir),
+            Ok(_) => {
+                return error_response(
+                    ErrorClass::Invalid,
+                    format!(
+                        "{} is not a directory; give an empty directory to mount the version on",
+                        dir.display()
+                    ),
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return error_response(
+                    ErrorClass::NotFound,
+                    format!(
+                        "{} does not exist; create an empty directory to mount the version on",
+                        dir.display()
+                    ),
+                );
+            }
+            Err(e) => {
+                return error_response(ErrorClass::Other, format!("{}: {e}", dir.display()));
+            }
+        };
+        if let Some(view) = self.views.lock().expect("views lock").get(&dir) {
+            let record = view.session.record();
+            return error_response(
+                ErrorClass::Conflict,
+                format!(
+                    "{} already shows version {} of {} read-only; `isrctl umount {}` first",
+                    dir.display(),
+                    record.base_version,
+                    record.parcel,
+                    dir.display()
+                ),
+            );
+        }
+        let resumed_there = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(|m| m.session.record())
+            .find(|r| std::fs::canonicalize(&r.mount).unwrap_or_else(|_| r.mount.clone()) == dir);
+        if let Some(record) = resumed_there {
+            return error_response(
+                ErrorClass::Conflict,
+                format!(
+                    "{} is where {} is resumed; mount the version on another directory",
+                    dir.display(),
+                    record.parcel
+                ),
+            );
+        }
+        let Some(open) = parcel.open() else {
+            return error_response(
+                ErrorClass::Invalid,
+                "malformed parcel secrets in the request".into(),
+            );
+        };
+        let store = match store::open(&wire_store.url, &wire_store.s3, wire_store.retry) {
+            Ok(store) => store,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let session = match self.runtime.block_on(Session::view(
+            store,
+            open,
+            version,
+            dir.clone(),
+            self.context.clone(),
+        )) {
+            Ok(session) => session,
+            Err(e) => return error_response(e.class(), e.to_string()),
+        };
+        let mount = match self.mount_live(&session, &dir) {
+            Ok(mount) => mount,
+            Err(response) => {
+                session.end_view();
+                return response;
+            }
+        };
+        let version = session.record().base_version;
+        tracing::info!(parcel = %parcel.name, version, dir = %dir.display(), "mounted a read-only view");
+        self.views.lock().expect("views lock").insert(
+            dir.clone(),
+            View {
+                session: Arc::new(session),
+                mount,
+            },
+        );
+        Response::Mounted {
+            parcel: parcel.name.clone(),
+            version,
+            dir,
+        }
+    }
+
+    /// Ends the view mounted at `dir`.
+    fn unmount_view(&self, dir: &Path) -> Response {
+        let _one_at_a_time = self.view_changes.lock().expect("view changes");
+        let view = {
+            let mut views = self.views.lock().expect("views lock");
+            match views.remove(dir) {
+                Some(view) => Some(view),
+                None => std::fs::canonicalize(dir)
+                    .ok()
+                    .and_then(|dir| views.remove(&dir)),
+            }
+        };
+        let Some(view) = view else {
+            return error_response(
+                ErrorClass::NotFound,
+                format!(
+                    "no view of isrfsd is mounted at {} (`isrctl mount NAME@VERSION DIR` mounts one)",
+                    dir.display()
+                ),
+            );
+        };
+        let result = view.mount.unmount();
+        view.session.end_view();
+        match result {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), "unmounted a read-only view");
+                Response::Done
+            }
+            Err(e) => error_response(
+                ErrorClass::Other,
+                format!("unmounting the view at {}: {e}", dir.display()),
+            ),
         }
     }
 
@@ -868,6 +1095,20 @@ impl Daemon {
     /// status says so and `isrctl resume` mounts them again. isrfsd calls
     /// this every few seconds.
     pub fn check_mounts(&self) {
+        let gone: Vec<View> = {
+            let mut views = self.views.lock().expect("views lock");
+            let dirs: Vec<PathBuf> = views
+                .iter()
+                .filter(|(_, v)| v.mount.state() == MountState::Gone)
+                .map(|(dir, _)| dir.clone())
+                .collect();
+            dirs.iter().filter_map(|dir| views.remove(dir)).collect()
+        };
+        for view in gone {
+            tracing::info!(dir = %view.session.record().mount.display(), "a view was unmounted behind isrfsd's back; forgetting it");
+            let _ = view.mount.unmount();
+            view.session.end_view();
+        }
         let names: Vec<String> = self
             .sessions
             .lock()
@@ -906,6 +1147,19 @@ impl Daemon {
     /// Saves running VMs into their mounts, flushes and unmounts every
     /// session; each stays resumable (`isrctl resume` reattaches it).
     pub fn shut_down(&self) {
+        let views: Vec<View> = self
+            .views
+            .lock()
+            .expect("views lock")
+            .drain()
+            .map(|(_, view)| view)
+            .collect();
+        for view in views {
+            if let Err(e) = view.mount.unmount() {
+                tracing::error!(dir = %view.session.record().mount.display(), error = %e, "unmounting a view failed at shutdown");
+            }
+            view.session.end_view();
+        }
         let sessions: Vec<(String, Mounted)> = self
             .sessions
             .lock()
@@ -1132,6 +1386,56 @@ mod tests {
             ),
             "a resume after a failed mount works"
         );
+    }
+
+    #[test]
+    fn a_view_mounts_beside_the_session_and_counts_until_unmounted() {
+        let f = fixture(false);
+        assert!(matches!(f.resume(), Response::Resumed { .. }));
+        let dir = f.dir.path().join("view");
+        std::fs::create_dir(&dir).unwrap();
+        let mount = |dir: PathBuf| Request::Mount {
+            parcel: Box::new(WireParcel::new(&f.parcel)),
+            version: Some(1),
+            dir,
+            store: WireStore {
+                url: f.dir.path().join("store").display().to_string(),
+                s3: S3Settings::default(),
+                retry: RetrySettings::default(),
+            },
+        };
+        let reply = f.daemon.handle(mount(dir.clone()));
+        let Response::Mounted { version: 1, .. } = reply else {
+            panic!("mount: {reply:?}");
+        };
+        assert_eq!(f.daemon.session_count(), 2, "the session and the view");
+        let Response::Views { views } = f.daemon.handle(Request::Views) else {
+            panic!("views");
+        };
+        assert_eq!(views.len(), 1);
+        assert_eq!((views[0].parcel.as_str(), views[0].version), ("p", 1));
+        let views = crate::session::views_dir(&f.dir.path().join("state"));
+        assert_eq!(std::fs::read_dir(&views).unwrap().count(), 1);
+        let Response::Error { class, .. } = f.daemon.handle(mount(dir.clone())) else {
+            panic!("a second view on one directory");
+        };
+        assert_eq!(class, ErrorClass::Conflict);
+        let Response::Error { class, .. } = f.daemon.handle(mount(PathBuf::from("rel"))) else {
+            panic!("a relative directory");
+        };
+        assert_eq!(class, ErrorClass::Invalid);
+
+        let reply = f.daemon.handle(Request::Unmount { dir: dir.clone() });
+        assert!(matches!(reply, Response::Done), "{reply:?}");
+        assert_eq!(f.daemon.session_count(), 1);
+        assert_eq!(std::fs::read_dir(&views).unwrap().count(), 0);
+        let Response::Error { class, .. } = f.daemon.handle(Request::Unmount { dir }) else {
+            panic!("unmounting twice");
+        };
+        assert_eq!(class, ErrorClass::NotFound);
+        // Two mounts (session, view), one unmount (the view).
+        assert_eq!(f.mounts.load(Ordering::SeqCst), 2);
+        assert_eq!(f.unmounts.load(Ordering::SeqCst), 1);
     }
 
     #[test]

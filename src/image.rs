@@ -1016,16 +1016,26 @@ impl Image {
     }
 
     /// One character per chunk of file `id`: `.` zero, `L` in the local cache,
-    /// `R` remote only, `D` changed by this session.
+    /// `R` remote only, `D` changed by this session (being written, or sealed
+    /// and already in the store), `U` changed, sealed and waiting for upload
+    /// (the upload journal does not list it).
     pub fn chunk_map(&self, id: u64) -> Result<String, ImageError> {
         let node = self.file(id)?;
         let overlay = self.overlay.read().expect("overlay lock");
         let buffer = self.buffer.lock().expect("buffer lock");
+        let journal = self.journal.lock().expect("journal lock");
         Ok((0..node.size.div_ceil(self.chunk_size))
             .map(|index| {
                 let slot = (node.id, index);
-                if buffer.contains(&slot) || overlay.contains_key(&slot) {
+                if buffer.contains(&slot) {
                     return 'D';
+                }
+                match overlay.get(&slot) {
+                    Some(ChunkRef::Stored { tag, .. }) if journal.uploaded_at(tag).is_none() => {
+                        return 'U';
+                    }
+                    Some(_) => return 'D',
+                    None => {}
                 }
                 match committed_chunk(&overlay, &self.base_files, &node, index) {
                     ChunkRef::Zero => '.',

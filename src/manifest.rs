@@ -34,6 +34,7 @@
 //! before use: sizes before decryption, every field against the bytes left, paths
 //! for `..` and duplicates, chunk counts against file sizes.
 
+pub mod diff;
 mod wire;
 
 use std::collections::HashSet;

@@ -180,6 +180,47 @@ pub fn session_dir(state_dir: &Path, parcel: &str) -> PathBuf {
     state_dir.join("sessions").join(parcel)
 }
 
+/// Where read-only views ([`Session::view`]) keep their throwaway state:
+/// one directory `PID-N` per view, named by the daemon's process id.
+pub fn views_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("views")
+}
+
+/// Removes the scratch directories of views whose daemon is gone (it was
+/// killed: nobody holds the directory's lock), detaching their dead mounts;
+/// returns how many it removed.
+pub fn remove_stale_views(state_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(views_dir(state_dir)) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        // A live view's daemon holds its lock (a killed one's ended with it).
+        let Ok(_lock) = lock_view(&entry.path()) else {
+            continue;
+        };
+        if let Ok(mount) = std::fs::read(entry.path().join("mount")) {
+            use std::os::unix::ffi::OsStrExt;
+            detach_dead_mount(Path::new(std::ffi::OsStr::from_bytes(&mount)));
+        }
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Locks a view's scratch directory (`flock` on its `lock` file), without waiting.
+fn lock_view(dir: &Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| std::io::Error::from(errno))
+}
+
 fn record_path(state_dir: &Path, parcel: &str) -> PathBuf {
     session_dir(state_dir, parcel).join("session.toml")
 }
@@ -478,6 +519,10 @@ pub struct Session {
     checked_in: Mutex<Option<CommitReport>>,
     /// This resume took the lock and created the session state (not a reattach).
     fresh: bool,
+    /// A read-only view ([`Session::view`]): its scratch directory.
+    view_dir: Option<PathBuf>,
+    /// Held while the view lives: tells a later daemon the directory is not stale.
+    view_lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Drop for Session {
@@ -679,6 +724,89 @@ impl Session {
         Session::open(store, parcel, record, context).await
     }
 
+    /// Opens `version` (default newest) of `parcel` read-only, to be mounted
+    /// at `mount`: a view for restoring files. It takes no lock and leaves
+    /// the parcel's session alone (the parcel may be resumed here or
+    /// elsewhere); its state is a throwaway directory under
+    /// `<state>/views/` ([`views_dir`]), removed by [`Session::end_view`].
+    /// Nothing is prefetched; every change fails ([`ImageError::Frozen`]).
+    pub async fn view(
+        store: StoreHandle,
+        parcel: OpenParcel,
+        version: Option<u64>,
+        mount: PathBuf,
+        context: SessionContext,
+    ) -> Result<Session, SessionError> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let version = parcel::resolve_version(&store, &parcel.name, version).await?;
+        let base = parcel::read_manifest(&store, &parcel, version).await?;
+        let views = views_dir(&context.state_dir);
+        let dir = views.join(format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let state_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SessionError::State { path, source }
+        };
+        crate::private::private_dir(&context.state_dir).map_err(state_error(&context.state_dir))?;
+        std::fs::create_dir_all(&dir).map_err(state_error(&dir))?;
+        // Tells a later daemon where this view was mounted, if this one dies.
+        std::fs::write(dir.join("mount"), mount.as_os_str().as_encoded_bytes())
+            .map_err(state_error(&dir))?;
+        let lock = lock_view(&dir).map_err(state_error(&dir))?;
+        let record = SessionRecord {
+            parcel: parcel.name.clone(),
+            store: store.url().to_owned(),
+            base_version: version,
+            lock_nonce: String::new(),
+            mount,
+            since: Timestamp::now().to_rfc3339(),
+            committed: None,
+            newest_at_resume: None,
+            checked_in: false,
+        };
+        let context = SessionContext {
+            prefetch: false,
+            upload: UploadSettings {
+                trickle: false,
+                ..context.upload
+            },
+            ..context
+        };
+        let state = dir.join("image.redb");
+        match Session::open_at(store, parcel, record, context, base, state).await {
+            Ok(mut session) => {
+                session.image.freeze();
+                session.view_dir = Some(dir);
+                session.view_lock = Some(lock);
+                Ok(session)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether this is a read-only view ([`Session::view`]).
+    pub fn is_view(&self) -> bool {
+        self.view_dir.is_some()
+    }
+
+    /// Ends a view: stops its background work and removes its scratch
+    /// directory (its unmount comes first).
+    pub fn end_view(&self) {
+        self.trickle.stop();
+        self.fetcher.stop();
+        if let Some(dir) = &self.view_dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a view's scratch directory");
+        }
+    }
+
     async fn open(
         store: StoreHandle,
         parcel: OpenParcel,
@@ -687,13 +815,29 @@ impl Session {
     ) -> Result<Session, SessionError> {
         let name = parcel.name.clone();
         let base = parcel::read_manifest(&store, &parcel, record.base_version).await?;
+        let state = session_dir(&context.state_dir, &name).join("image.redb");
+        let session = Session::open_at(store, parcel, record, context, base, state).await?;
+        session.fetch_working_set();
+        if session.context.prefetch {
+            session.start_prefetch();
+        }
+        Ok(session)
+    }
+
+    async fn open_at(
+        store: StoreHandle,
+        parcel: OpenParcel,
+        record: SessionRecord,
+        context: SessionContext,
+        base: Manifest,
+        state: PathBuf,
+    ) -> Result<Session, SessionError> {
         let fetcher = Fetcher::start(
             store.reader().clone(),
             context.cache.clone(),
             context.fetch,
             context.runtime.clone(),
         );
-        let state = session_dir(&context.state_dir, &name).join("image.redb");
         let (image_base, secrets, cache, fetch_handle, options) = (
             base.clone(),
             parcel.secrets.clone(),
@@ -731,11 +875,9 @@ impl Session {
             commit_lock: tokio::sync::Mutex::new(()),
             checked_in: Mutex::new(None),
             fresh: false,
+            view_dir: None,
+            view_lock: None,
         };
-        session.fetch_working_set();
-        if session.context.prefetch {
-            session.start_prefetch();
-        }
         Ok(session)
     }
 

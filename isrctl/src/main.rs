@@ -17,7 +17,8 @@
 //! 4. The commands, independent of each other: [`parcels`] (import, ls,
 //!    info, history, export, verify), [`maintenance`] (gc, passwd, rollback,
 //!    new-key-file), [`session`] (resume, status, hoard, discard, unlock),
-//!    [`checkin`] (sync, checkin, suspend). `parcels` and `maintenance` need
+//!    [`checkin`] (sync, checkin, suspend), [`view`] (mount, umount, diff),
+//!    [`watch`] (status --watch). `parcels` and `maintenance` need
 //!    no daemon.
 //! 5. `main.rs`: uses them all.
 
@@ -29,6 +30,8 @@ mod maintenance;
 mod output;
 mod parcels;
 mod session;
+mod view;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -173,6 +176,23 @@ enum Command {
     /// commits version newest+1 with VERSION's files and VERSION as its parent,
     /// and releases the lock. Nothing is uploaded and no version is removed.
     Rollback(maintenance::RollbackArgs),
+    /// Mount any version read-only on an existing directory, without the lock.
+    ///
+    /// For restoring files: the version appears at DIR (through isrfsd, which
+    /// is started if it is not running), fetched lazily like a resumed parcel
+    /// but never prefetched; every write fails with EROFS. The parcel's lock is
+    /// not taken, so it works while the parcel is resumed here or elsewhere.
+    /// `isrctl umount DIR` ends it; so does a stop of isrfsd. Without
+    /// arguments, lists the views mounted now.
+    Mount(view::MountArgs),
+    /// End a read-only mount made by `isrctl mount`.
+    Umount(view::UmountArgs),
+    /// Show which files and chunks changed between two versions.
+    ///
+    /// Files added, removed and modified (with their sizes, and the chunks and
+    /// bytes that differ), and the stored chunks the newer version has that the
+    /// older lacks. Reads the two manifests only; no chunk is downloaded.
+    Diff(view::DiffArgs),
     /// Write a new random key file (mode 0600) for unattended machines.
     ///
     /// Use it with `--key-file FILE` (or ISR_KEY_FILE) when importing, to add a
@@ -199,6 +219,9 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Export(args) => parcels::export(context, args).await,
         Command::Verify(args) => parcels::verify(context, args).await,
         Command::Resume(args) => session::resume(context, args).await,
+        Command::Status(args) if args.watch => {
+            watch::watch(context, args.name.as_deref(), args.count)
+        }
         Command::Status(args) => session::status(context, args),
         Command::Hoard(args) => session::hoard(context, &args.name),
         Command::Discard(args) => session::discard(context, &args.name).await,
@@ -209,6 +232,9 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Gc(args) => maintenance::gc(context, args).await,
         Command::Passwd(args) => maintenance::passwd(context, args).await,
         Command::Rollback(args) => maintenance::rollback(context, args).await,
+        Command::Mount(args) => view::mount(context, args).await,
+        Command::Umount(args) => view::umount(context, args).await,
+        Command::Diff(args) => view::diff(context, args).await,
         Command::NewKeyFile { .. } => unreachable!("handled above"),
     }
 }

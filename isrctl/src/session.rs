@@ -48,7 +48,14 @@ fn parse_vmm(text: &str) -> Result<isr::vmm::config::VmmKind, String> {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Only this parcel.
-    name: Option<String>,
+    pub name: Option<String>,
+    /// A live view, refreshed every second: fetch rate, time until fully
+    /// local, upload backlog, and a map of every file's chunks.
+    #[arg(long)]
+    pub watch: bool,
+    /// With --watch: stop after N refreshes.
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
 }
 
 /// `isrctl unlock`.
@@ -246,12 +253,8 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
                         )
                     },
                     format!("{}/{}", s.chunks_local, s.chunks_total),
-                    format!(
-                        "{} ({} chunks)",
-                        output::bytes(s.dirty_bytes),
-                        s.dirty_chunks
-                    ),
-                    format!("{} up, {} to go", s.uploaded_chunks, s.pending_chunks),
+                    s.dirty_chunks.to_string(),
+                    output::bytes(s.pending_bytes),
                     s.committed_version.map_or("-".into(), |v| v.to_string()),
                     output::bytes(s.fetch.fetched_bytes),
                     s.fetch.in_flight.to_string(),
@@ -287,8 +290,8 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
             "BASE",
             "MOUNT",
             "LOCAL/TOTAL",
-            "DIRTY",
-            "UPLOAD",
+            "DIRTY CHUNKS",
+            "UPLOAD BACKLOG",
             "SYNCED",
             "FETCHED",
             "IN FLIGHT",

@@ -42,13 +42,23 @@ impl Mounter for FuseMounter {
         mount_point: &Path,
     ) -> std::io::Result<Box<dyn MountHandle>> {
         let mut config = fuser::Config::default();
+        let record = session.record();
+        let name = if session.is_view() {
+            format!("isr:{}@{}", record.parcel, record.base_version)
+        } else {
+            format!("isr:{}", record.parcel)
+        };
         config.mount_options = vec![
-            fuser::MountOption::FSName(format!("isr:{}", session.record().parcel)),
+            fuser::MountOption::FSName(name),
             fuser::MountOption::Subtype("isr".into()),
             fuser::MountOption::NoDev,
             fuser::MountOption::NoSuid,
             fuser::MountOption::DefaultPermissions,
         ];
+        if session.is_view() {
+            // A view is read-only: the kernel refuses writes with EROFS.
+            config.mount_options.push(fuser::MountOption::RO);
+        }
         if self.allow_other {
             config.acl = fuser::SessionACL::All;
         }

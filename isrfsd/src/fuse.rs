@@ -7,7 +7,7 @@
 //! A read-only virtual directory `.isr/` at the root shows the session:
 //! `.isr/stats` (the same JSON as `isrctl status --json`) and `.isr/chunks`
 //! (per file, one character per chunk: `.` zero, `L` local, `R` remote, `D`
-//! changed). They are generated on each read (direct I/O, size 0).
+//! changed, `U` changed and waiting for upload). They are generated on each read (direct I/O, size 0).
 //!
 //! Files are opened with `FOPEN_KEEP_CACHE`: every change to a file passes
 //! through this mount, so the kernel's cached pages of it stay right across
