@@ -7,7 +7,7 @@ const LAYERS: &[&[&str]] = &[
     &["output", "credentials"],
     &["context"],
     &["daemon"],
-    &["parcels", "maintenance", "session", "checkin"],
+    &["parcels", "maintenance", "session", "checkin", "settings"],
     &["main"],
 ];
 
