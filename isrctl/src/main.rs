@@ -65,7 +65,7 @@ Exit codes:
 
 Every error prints one line on stderr saying what failed and what to do next.
 
-With --json, stdout is always exactly one JSON object whose first field is
+With --json, stdout is always exactly one JSON object with a top-level field
 \"schema\": 1 (the version of these documents), errors too:
   {\"schema\": 1, \"error\": {\"class\": \"not_found\", \"exit_code\": 4, \"message\": \"...\", \"hint\": \"...\"}}
 and the exit code is the same as without --json.";

@@ -129,8 +129,8 @@ pub const SCHEMA_FIELD: &str = "schema";
 /// meaning or goes away (new fields do not raise it).
 pub const SCHEMA_VERSION: u64 = 1;
 
-/// `value` as a `--json` document: an object whose first field is the schema
-/// version. The only way a document is made, so none lacks the field.
+/// `value` as a `--json` document: an object with the top-level schema
+/// version field. The only way a document is made, so none lacks the field.
 pub fn document<T: serde::Serialize>(value: &T) -> anyhow::Result<serde_json::Value> {
     let serde_json::Value::Object(fields) = serde_json::to_value(value)? else {
         anyhow::bail!(
@@ -238,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn documents_start_with_the_schema_version() {
+    fn documents_carry_the_schema_version() {
         let doc = document(&serde_json::json!({"a": 1, "schema": 9})).unwrap();
         assert_eq!(doc, serde_json::json!({"schema": SCHEMA_VERSION, "a": 1}));
         assert!(document(&[1, 2]).is_err());

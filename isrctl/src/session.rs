@@ -270,15 +270,15 @@ impl Listing {
             sessions.push(value);
         }
         for record in &self.detached {
+            // The fields a session's status shares with its record, flat as
+            // the daemon's sessions are.
             sessions.push(serde_json::json!({
-                "session": {
-                    "parcel": record.parcel,
-                    "store": record.store,
-                    "base_version": record.base_version,
-                    "committed_version": record.committed,
-                    "mount": record.mount,
-                    "since": record.since,
-                },
+                "parcel": record.parcel,
+                "store": record.store,
+                "base_version": record.base_version,
+                "committed_version": record.committed,
+                "mount": record.mount,
+                "since": record.since,
                 "mounted": false,
                 "vm": null,
                 "attached": false,
