@@ -17,10 +17,9 @@
 //! 4. The commands, independent of each other: [`parcels`] (import, ls,
 //!    info, history, export, verify), [`maintenance`] (gc, passwd, rollback,
 //!    new-key-file), [`session`] (resume, status, hoard, discard, unlock),
-//!    [`checkin`] (sync, checkin, suspend). `parcels` and `maintenance` need
-//!    no daemon.
-//!    [`settings`] (`isrctl config`).
-//! 5. `main.rs`: uses them all.
+//!    [`checkin`] (sync, checkin, suspend), [`settings`] (config).
+//!    `parcels`, `maintenance` and `settings` need no daemon.
+//! 5. `main.rs`: uses them all (and prints completions and man pages).
 
 mod checkin;
 mod context;
