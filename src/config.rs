@@ -460,6 +460,7 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    tracing::info!("reading config file {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -472,9 +473,18 @@ fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
         path: path.to_owned(),
         message: e.message().to_owned()
             + &e.span()
-                .map(|span| format!(" (at line {})", text[..span.start].lines().count().max(1)))
+                .map(|span| format!(" (at line {})", line_of(text, span.start)))
                 .unwrap_or_default(),
     })
+}
+
+/// The 1-based line of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 fn merge(into: &mut ConfigFile, from: ConfigFile) {

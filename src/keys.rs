@@ -323,6 +323,17 @@ pub enum KeyError {
     /// Argon2 rejected the parameters.
     #[error("invalid key derivation parameters: {0}")]
     Kdf(String),
+    /// Reading a passphrase file failed.
+    #[error("cannot read passphrase file {}: {source}", path.display())]
+    PassphraseFileRead {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A new passphrase typed twice differently.
+    #[error("the two passphrases differ; nothing was changed: type the same passphrase twice")]
+    PassphraseMismatch,
 }
 
 impl Classify for KeyError {
@@ -333,8 +344,15 @@ impl Classify for KeyError {
             | KeyError::NoSlotOfKind { .. }
             | KeyError::NoCredential { .. } => ErrorClass::WrongKey,
             KeyError::CorruptSlot { .. } => ErrorClass::Integrity,
-            KeyError::UnusablePassphrase { .. } | KeyError::KeyFileTooShort { .. } => {
-                ErrorClass::Invalid
+            KeyError::UnusablePassphrase { .. }
+            | KeyError::KeyFileTooShort { .. }
+            | KeyError::PassphraseMismatch => ErrorClass::Invalid,
+            // A file named on the command line that is not there is an
+            // input path not found (exit 4, as `isrctl --help` lists).
+            KeyError::KeyFileRead { source, .. } | KeyError::PassphraseFileRead { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                ErrorClass::NotFound
             }
             _ => ErrorClass::Other,
         }

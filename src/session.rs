@@ -237,6 +237,29 @@ pub fn read_record(state_dir: &Path, parcel: &str) -> Result<Option<SessionRecor
     }
 }
 
+/// Every session record on this machine (`<state>/sessions/*/session.toml`),
+/// by parcel name: the sessions a daemon would reattach, whether one runs or not.
+pub fn list_records(state_dir: &Path) -> Result<Vec<SessionRecord>, SessionError> {
+    let dir = state_dir.join("sessions");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(SessionError::State { path: dir, source }),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    let mut records = Vec::new();
+    for name in names {
+        if let Some(record) = read_record(state_dir, &name)? {
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
 /// Writes the session record durably (temporary file, fsync, rename).
 pub fn write_record(state_dir: &Path, record: &SessionRecord) -> Result<(), SessionError> {
     let path = record_path(state_dir, &record.parcel);

@@ -375,7 +375,7 @@ fn two_machines(a: &Env) {
         .read_exact_at(&mut head, 4096)
         .unwrap();
     assert_eq!(head, b"changed on A");
-    let fetched_b = b.json(&["status", "vm"])[0]["fetch"]["fetched_bytes"]
+    let fetched_b = b.json(&["status", "vm"])["sessions"][0]["fetch"]["fetched_bytes"]
         .as_u64()
         .unwrap();
     assert!(fetched_b > 0, "B's cache was cold, so B fetched");
@@ -464,7 +464,7 @@ fn force_unlock_keeps_changes_s3() {
 fn wait_until_prefetched(env: &Env, name: &str) {
     // A liveness guard, not a timing check: prefetch must finish eventually.
     for _ in 0..1200 {
-        let status = env.json(&["status", name])[0].clone();
+        let status = env.json(&["status", name])["sessions"][0].clone();
         if status["chunks_local"] == status["chunks_total"] {
             return;
         }
@@ -476,7 +476,7 @@ fn wait_until_prefetched(env: &Env, name: &str) {
 fn wait_until_uploaded(env: &Env, name: &str) -> serde_json::Value {
     // A liveness guard, not a timing check: the trickle must finish eventually.
     for _ in 0..1200 {
-        let status = env.json(&["status", name])[0].clone();
+        let status = env.json(&["status", name])["sessions"][0].clone();
         if status["pending_chunks"] == 0
             && status["dirty_bytes"] == 0
             && status["uploaded_chunks"].as_u64() > Some(0)
@@ -549,7 +549,7 @@ fn resume_of_an_old_version_commits_the_newest_with_its_parent() {
     std::fs::write(mount.join("a.txt"), b"three").unwrap();
     let report = env.json(&["checkin", "vm", "-m", "from one"]);
     assert_eq!(report["version"], 3);
-    let history = env.json(&["history", "vm"]);
+    let history = env.json(&["history", "vm"])["versions"].clone();
     assert_eq!(history[2]["parent"], 1);
     assert_eq!(history[2]["message"], "from one");
     assert!(

@@ -134,8 +134,7 @@ impl Backend {
     }
 
     fn versions(&self, name: &str) -> Vec<u64> {
-        self.env
-            .json(&["history", name])
+        self.env.json(&["history", name])["versions"]
             .as_array()
             .unwrap()
             .iter()
@@ -540,7 +539,7 @@ fn rollback_commits_a_copy_of_an_old_version(backend: Backend) {
     );
     backend.export_matches("vm", &sources[0]);
     backend.verify_clean("vm");
-    let history = backend.env.json(&["history", "vm"]);
+    let history = backend.env.json(&["history", "vm"])["versions"].clone();
     assert_eq!(history[3]["version"], 4);
     assert_eq!(history[3]["parent"], 1);
     assert_eq!(history[3]["message"], "rollback to version 1");
@@ -602,7 +601,7 @@ fn http_stores_find_the_versions_gc_kept() {
     );
     let server = support::HttpServer::serve(Path::new(&backend.env.store));
     let url = server.url();
-    let history = backend.env.json(&["--store", &url, "history", "vm"]);
+    let history = backend.env.json(&["--store", &url, "history", "vm"])["versions"].clone();
     let versions: Vec<u64> = history
         .as_array()
         .unwrap()

@@ -41,7 +41,7 @@ fn base_tags(env: &Env, name: &str) -> Vec<isr::chunk::ChunkTag> {
 }
 
 fn status(env: &Env, name: &str) -> serde_json::Value {
-    env.json(&["status", name])[0].clone()
+    env.json(&["status", name])["sessions"][0].clone()
 }
 
 fn xorshift(state: &mut u64) -> u64 {
@@ -157,7 +157,7 @@ fn random_read_write_workload_through_the_mount_matches_a_reference() {
     }
     let store = PathBuf::from(&env.store);
     assert!(!store.join("parcels/vm/lock").exists());
-    assert_eq!(env.json(&["ls"])[0]["newest_version"], 1);
+    assert_eq!(env.json(&["ls"])["parcels"][0]["newest_version"], 1);
     let mount_again = resume(&env, "vm");
     assert_eq!(
         std::fs::read(mount_again.join("vm.toml")).unwrap(),

@@ -113,11 +113,11 @@ fn an_old_version_mounts_read_only_while_the_parcel_is_resumed() {
     );
     assert_eq!(views_left(&env), 2);
     let listed = env.json(&["mount"]);
-    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed:#}");
-    assert_eq!(listed[0]["parcel"], "vm");
-    assert_eq!(listed[0]["version"], 2);
-    assert_eq!(listed[0]["dir"], second.to_str().unwrap());
-    assert_eq!(listed[1]["version"], 1);
+    assert_eq!(listed["views"].as_array().unwrap().len(), 2, "{listed:#}");
+    assert_eq!(listed["views"][0]["parcel"], "vm");
+    assert_eq!(listed["views"][0]["version"], 2);
+    assert_eq!(listed["views"][0]["dir"], second.to_str().unwrap());
+    assert_eq!(listed["views"][1]["version"], 1);
     let table = env.ok(&["mount"]);
     assert!(table.contains(view.to_str().unwrap()), "{table}");
 
@@ -322,11 +322,11 @@ fn status_watch_shows_each_chunks_state_without_cursor_codes() {
     writer.write_all_at(b"changed", 3 * CHUNK as u64).unwrap();
     writer.sync_all().unwrap();
     let watch = env.json(&["status", "--watch", "--count", "1", "vm"]);
-    let files = &watch[0]["files"];
+    let files = &watch["sessions"][0]["files"];
     assert_eq!(files[0]["path"], "disk.img");
     assert_eq!(files[0]["runs"], "2L1R1U", "{watch:#}");
     assert_eq!(files[1]["runs"], "2.", "{watch:#}");
-    assert_eq!(watch[0]["status"]["pending_chunks"], 1);
+    assert_eq!(watch["sessions"][0]["status"]["pending_chunks"], 1);
     // Once synced it is changed and in the store.
     env.ok(&["sync", "vm"]);
     let out = env.ok(&["status", "--watch", "--count", "1", "vm"]);

@@ -90,7 +90,7 @@ fn an_unmount_behind_the_daemon_is_noticed_and_resume_mounts_again() {
     nix::mount::umount(&mount).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = env.json(&["status", "vm"]);
+        let status = env.json(&["status", "vm"])["sessions"].clone();
         if status[0]["mounted"] == false {
             break;
         }
@@ -109,7 +109,7 @@ fn an_unmount_behind_the_daemon_is_noticed_and_resume_mounts_again() {
     assert!(text.contains("not mounted"), "{text}");
     resume(&env, "vm");
     assert!(is_live_fuse_mount(&mount));
-    assert_eq!(env.json(&["status", "vm"])[0]["mounted"], true);
+    assert_eq!(env.json(&["status", "vm"])["sessions"][0]["mounted"], true);
     write_synced(&mount.join("after"), b"written after mounting again");
     let report = env.json(&["checkin", "vm"]);
     assert_eq!(report["version"], 2, "{report}");
@@ -139,7 +139,7 @@ fn a_resume_that_fails_gives_back_the_lock_and_leaves_no_session() {
         !env.path("store/parcels/vm/lock").exists(),
         "the failed resume released the lock"
     );
-    assert_eq!(env.json(&["status"]), serde_json::json!([]));
+    assert_eq!(env.json(&["status"])["sessions"], serde_json::json!([]));
     // Another machine is told about the damage, not about a lock.
     let other = env.another_machine();
     let resumed = other.run(&["resume", "vm"]);
@@ -169,7 +169,7 @@ fn an_open_does_not_wait_for_a_read_that_waits_for_the_store() {
     server.kill();
     let reader = support::read_in_background(path.clone(), 9 * CHUNK, CHUNK as usize);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while env.json(&["status", "vm"])[0]["fetch"]["in_flight"] == 0 {
+    while env.json(&["status", "vm"])["sessions"][0]["fetch"]["in_flight"] == 0 {
         assert!(Instant::now() < deadline, "the read reached the fetcher");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -221,7 +221,7 @@ fn a_chunk_missing_from_the_store_is_remembered_and_shown() {
     assert_eq!(chunk, data[3 * CHUNK as usize..]);
 
     // The store was given up on once; the later reads knew better at once.
-    let status = env.json(&["status", "vm"])[0].clone();
+    let status = env.json(&["status", "vm"])["sessions"][0].clone();
     assert_eq!(status["fetch"]["failures"], 1, "{status:#}");
     assert_eq!(status["fetch"]["missing_chunks"], 1, "{status:#}");
     let text = env.ok(&["status"]);

@@ -147,7 +147,7 @@ async fn call_with_progress(
     request: Request,
 ) -> Result<Response, ControlError> {
     let call = daemon::call(&socket, request);
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) || context.global.json {
+    if !output::progress_visible() || context.global.json {
         return call.await.expect("control call task");
     }
     let bar = indicatif::ProgressBar::new_spinner();

@@ -47,6 +47,80 @@ pub struct GlobalOptions {
     /// More log output on stderr (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// No progress bars and no messages on stderr but errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+impl GlobalOptions {
+    /// The configuration keys given by option or environment, each with its
+    /// source (`env ISR_STORE` or `option --store`), for `isrctl config`.
+    pub fn overrides(&self) -> Vec<(&'static str, String)> {
+        let given = [
+            ("store", self.store.clone(), "ISR_STORE", "--store"),
+            (
+                "state_dir",
+                self.state_dir.as_ref().map(|p| p.display().to_string()),
+                "ISR_STATE_DIR",
+                "--state-dir",
+            ),
+            (
+                "cache_dir",
+                self.cache_dir.as_ref().map(|p| p.display().to_string()),
+                "ISR_CACHE_DIR",
+                "--cache-dir",
+            ),
+            (
+                "runtime_dir",
+                self.runtime_dir.as_ref().map(|p| p.display().to_string()),
+                "ISR_RUNTIME_DIR",
+                "--runtime-dir",
+            ),
+        ];
+        given
+            .into_iter()
+            .filter_map(|(key, value, variable, flag)| {
+                let value = value?;
+                Some((key, source_of(&value, variable, flag)))
+            })
+            .collect()
+    }
+
+    /// Where a parcel's credentials come from, and what says so.
+    pub fn credential_source(&self) -> (String, String) {
+        if let Some(path) = &self.key_file {
+            let source = source_of(&path.display().to_string(), "ISR_KEY_FILE", "--key-file");
+            return (format!("key file {}", path.display()), source);
+        }
+        if std::env::var_os("ISR_PASSPHRASE").is_some() {
+            return ("passphrase (not shown)".into(), "env ISR_PASSPHRASE".into());
+        }
+        if let Some(path) = &self.passphrase_file {
+            let source = source_of(
+                &path.display().to_string(),
+                "ISR_PASSPHRASE_FILE",
+                "--passphrase-file",
+            );
+            return (format!("passphrase file {}", path.display()), source);
+        }
+        if credentials::terminal_available() {
+            ("passphrase prompt".into(), "default (a terminal)".into())
+        } else {
+            (
+                "none: no terminal to ask on".into(),
+                "default (set ISR_PASSPHRASE, --passphrase-file or --key-file)".into(),
+            )
+        }
+    }
+}
+
+/// `env VARIABLE` when the value is the variable's, else `option FLAG`.
+fn source_of(value: &str, variable: &str, flag: &str) -> String {
+    if std::env::var_os(variable).is_some_and(|v| v.to_string_lossy() == value) {
+        format!("env {variable}")
+    } else {
+        format!("option {flag}")
+    }
 }
 
 /// Commands that take a parcel name.
@@ -68,6 +142,12 @@ impl CommandContext {
     /// (or in the environment) overrides the file's.
     pub fn new(global: GlobalOptions) -> anyhow::Result<CommandContext> {
         let mut config = Config::load(global.config.as_deref())?;
+        tracing::debug!(
+            "state dir {}, cache dir {}, runtime dir {}",
+            config.state_dir.display(),
+            config.cache_dir.display(),
+            config.runtime_dir.display()
+        );
         if let Some(store) = &global.store {
             config.store = store.clone();
         }
@@ -84,6 +164,7 @@ impl CommandContext {
     }
 
     pub fn store(&self) -> anyhow::Result<StoreHandle> {
+        tracing::info!("store {}", self.config.store);
         Ok(store::open(
             &self.config.store,
             &self.config.s3,
@@ -136,11 +217,20 @@ pub fn parse_target(target: &str) -> anyhow::Result<(&str, Option<u64>)> {
 #[error("{0}")]
 pub struct InvalidArgument(pub String);
 
-/// The class of a command's error: an [`InvalidArgument`] is invalid, any
-/// other error is what the library classifies it as.
+/// A command-line request that contradicts what is already so on this
+/// machine ([`ErrorClass::Conflict`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConflictingArgument(pub String);
+
+/// The class of a command's error: an [`InvalidArgument`] is invalid, a
+/// [`ConflictingArgument`] a conflict, any other error is what the library
+/// classifies it as.
 pub fn error_class(error: &anyhow::Error) -> ErrorClass {
     if error.downcast_ref::<InvalidArgument>().is_some() {
         ErrorClass::Invalid
+    } else if error.downcast_ref::<ConflictingArgument>().is_some() {
+        ErrorClass::Conflict
     } else {
         isr::exit::classify(error.as_ref())
     }

@@ -24,10 +24,12 @@ pub fn terminal_available() -> bool {
 
 /// The first line of a passphrase file (must not be empty).
 pub fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read passphrase file {}", path.display()))?,
-    );
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+        KeyError::PassphraseFileRead {
+            path: path.to_owned(),
+            source,
+        }
+    })?);
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
         return Err(KeyError::UnusablePassphrase {
@@ -56,7 +58,7 @@ pub fn prompt(parcel: &str, purpose: Purpose) -> anyhow::Result<Zeroizing<String
                 .context("reading the passphrase")?,
         );
         if *again != *first {
-            anyhow::bail!("the two passphrases differ; nothing was changed");
+            return Err(KeyError::PassphraseMismatch.into());
         }
     }
     Ok(first)

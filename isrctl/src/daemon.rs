@@ -24,8 +24,10 @@ pub fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
     let runtime_dir = &context.config.runtime_dir;
     let socket = isr::control::socket_path(runtime_dir);
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        tracing::info!("isrfsd answers on {}", socket.display());
         return Ok(socket);
     }
+    tracing::info!("no isrfsd on {}: starting one", socket.display());
     isr::private::private_dir(runtime_dir)
         .with_context(|| format!("creating {}", runtime_dir.display()))?;
     let beside_us = std::env::current_exe()?.with_file_name("isrfsd");

@@ -18,9 +18,9 @@
 //!    info, history, export, verify), [`maintenance`] (gc, passwd, rollback,
 //!    new-key-file), [`session`] (resume, status, hoard, discard, unlock),
 //!    [`checkin`] (sync, checkin, suspend), [`view`] (mount, umount, diff),
-//!    [`watch`] (status --watch). `parcels` and `maintenance` need
-//!    no daemon.
-//! 5. `main.rs`: uses them all.
+//!    [`watch`] (status --watch), [`settings`] (config). `parcels`,
+//!    `maintenance` and `settings` need no daemon.
+//! 5. `main.rs`: uses them all (and prints completions and man pages).
 
 mod checkin;
 mod context;
@@ -30,6 +30,7 @@ mod maintenance;
 mod output;
 mod parcels;
 mod session;
+mod settings;
 mod view;
 mod watch;
 
@@ -64,7 +65,12 @@ Exit codes:
   6  store unreachable after retries
   7  data integrity: bad or missing chunks, corrupt manifest
 
-Every error prints one line on stderr saying what failed and what to do next.";
+Every error prints one line on stderr saying what failed and what to do next.
+
+With --json, stdout is always exactly one JSON object with a top-level field
+\"schema\": 1 (the version of these documents), errors too:
+  {\"schema\": 1, \"error\": {\"class\": \"not_found\", \"exit_code\": 4, \"message\": \"...\", \"hint\": \"...\"}}
+and the exit code is the same as without --json.";
 
 /// isr: Internet Suspend/Resume. A VM's disk, memory and config, kept as
 /// encrypted, content-addressed chunks in a store, versioned, and
@@ -201,13 +207,41 @@ enum Command {
         /// Where to write the key file (must not exist).
         path: PathBuf,
     },
+    /// Show the effective configuration and where each value came from.
+    ///
+    /// Each key with its value and its source: default, config file (with
+    /// line), environment variable or option. S3 secrets are never shown.
+    /// docs/config.example.toml documents every key.
+    Config,
+    /// Print a shell completion script on stdout.
+    ///
+    /// e.g. `isrctl completions bash > /etc/bash_completion.d/isrctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (isrctl.1 and one per command) into DIR.
+    ///
+    /// e.g. `isrctl man /usr/local/share/man/man1`.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// Runs one command: its exit code, or its error for [`main`] to report.
 async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode> {
-    if let Command::NewKeyFile { path } = &command {
-        // Needs no configuration: it must work before there is one.
-        return maintenance::new_key_file(path);
+    // These need no configuration: they must work before there is one.
+    match &command {
+        Command::NewKeyFile { path } => return maintenance::new_key_file(path, global.json),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(*shell, &mut command, "isrctl", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => return write_man_pages(dir, global.json),
+        _ => {}
     }
     let context = CommandContext::new(global)?;
     let context = &context;
@@ -235,18 +269,69 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Mount(args) => view::mount(context, args).await,
         Command::Umount(args) => view::umount(context, args).await,
         Command::Diff(args) => view::diff(context, args).await,
-        Command::NewKeyFile { .. } => unreachable!("handled above"),
+        Command::Config => settings::show(context),
+        Command::NewKeyFile { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+/// `isrctl man DIR`: isrctl.1 and isrctl-COMMAND.1 for each command.
+fn write_man_pages(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let command = Cli::command();
+    let mut written = Vec::new();
+    let mut write = |name: String, page: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut buffer = Vec::new();
+        clap_mangen::Man::new(page).render(&mut buffer)?;
+        std::fs::write(&path, buffer).with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+        Ok(())
+    };
+    for sub in command.get_subcommands() {
+        let name = format!("isrctl-{}", sub.get_name());
+        let page = sub
+            .clone()
+            .display_name(name.clone())
+            .bin_name(name.clone());
+        write(name, page)?;
+    }
+    write("isrctl".into(), command.clone())?;
+    output::outcome(
+        json,
+        &serde_json::json!({ "pages": written }),
+        &format!("wrote {} man pages into {}", written.len(), dir.display()),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ISR_LOG`'s filter, or `None` (with a one-line warning naming the
+/// variable) when it is set but not a valid filter.
+fn log_filter_from_env() -> Option<tracing_subscriber::EnvFilter> {
+    let value = std::env::var("ISR_LOG").ok()?;
+    match tracing_subscriber::EnvFilter::try_new(&value) {
+        Ok(filter) => Some(filter),
+        Err(e) => {
+            eprintln!(
+                "isrctl: warning: ignoring ISR_LOG={value:?}: {e}; use a level (error, warn, info, debug, trace) or a filter like isr=debug"
+            );
+            None
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ISR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter =
+        log_filter_from_env().unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -279,8 +364,35 @@ fn exit_quietly_on_broken_pipe() {
 
 fn main() -> ExitCode {
     exit_quietly_on_broken_pipe();
-    let cli = Cli::parse();
-    init_logging(cli.global.verbose);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            let json = std::env::args_os().any(|a| a == "--json");
+            if json
+                && !matches!(
+                    error.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+                )
+            {
+                let message = error.kind().as_str().unwrap_or("invalid usage");
+                let detail = error.to_string();
+                let first = detail.lines().next().unwrap_or(message);
+                let first = first.trim_start_matches("error: ");
+                let document = output::error_document(
+                    ErrorClass::Invalid,
+                    &format!("{first}; see `isrctl --help`"),
+                );
+                println!("{document:#}");
+                eprint!("{error}");
+                return context::failure(ErrorClass::Invalid);
+            }
+            error.exit();
+        }
+    };
+    init_logging(cli.global.verbose, cli.global.quiet);
+    output::set_quiet(cli.global.quiet);
+    let json = cli.global.json;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("isrctl-io")
@@ -288,6 +400,10 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
+            if json {
+                let line = format!("cannot start the async runtime: {e}");
+                println!("{:#}", output::error_document(ErrorClass::Other, &line));
+            }
             eprintln!("isrctl: cannot start the async runtime: {e}");
             return context::failure(ErrorClass::Other);
         }
@@ -295,8 +411,13 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.global, cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("isrctl: {}", output::one_line(&error));
-            context::failure(context::error_class(&error))
+            let line = output::one_line(&error);
+            let class = context::error_class(&error);
+            if json {
+                println!("{:#}", output::error_document(class, &line));
+            }
+            eprintln!("isrctl: {line}");
+            context::failure(class)
         }
     }
 }

@@ -266,14 +266,17 @@ fn prompt_new_passphrase(name: &str) -> anyhow::Result<Zeroizing<String>> {
             .context("reading the new passphrase")?,
     );
     if first.is_empty() {
-        anyhow::bail!("empty passphrase refused; nothing was changed");
+        return Err(isr::keys::KeyError::UnusablePassphrase {
+            what: "empty new passphrase refused; nothing was changed".into(),
+        }
+        .into());
     }
     let again = Zeroizing::new(
         rpassword::prompt_password("Same new passphrase again: ")
             .context("reading the new passphrase")?,
     );
     if *again != *first {
-        anyhow::bail!("the two passphrases differ; nothing was changed");
+        return Err(isr::keys::KeyError::PassphraseMismatch.into());
     }
     Ok(first)
 }
@@ -368,9 +371,13 @@ pub async fn rollback(context: &CommandContext, args: RollbackArgs) -> anyhow::R
 }
 
 /// `isrctl new-key-file PATH`.
-pub fn new_key_file(path: &Path) -> anyhow::Result<ExitCode> {
+pub fn new_key_file(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     isr::keys::create_key_file(path)?;
-    print_key_file_written(path);
+    if json {
+        output::json(&serde_json::json!({ "key_file": path, "mode": "0600", "bytes": 32 }))?;
+    } else {
+        print_key_file_written(path);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -3,9 +3,34 @@
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use isr::progress::Progress;
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `-q`: no progress bars and no messages on stderr but errors and warnings.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether `-q` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// Whether progress may be drawn on stderr: a terminal, and no `-q`.
+pub fn progress_visible() -> bool {
+    !quiet() && std::io::stderr().is_terminal()
+}
+
+/// A progress message on stderr (`isrctl: ...`), unless `-q`.
+pub fn note(message: &str) {
+    if !quiet() {
+        eprintln!("isrctl: {message}");
+    }
+}
 
 /// A progress bar on stderr, or nothing when stderr is not a terminal.
 #[derive(Debug)]
@@ -18,7 +43,7 @@ impl Bar {
     /// A bar that draws only if stderr is a terminal.
     pub fn new() -> Bar {
         Bar {
-            enabled: std::io::stderr().is_terminal(),
+            enabled: progress_visible(),
             bar: Mutex::new(None),
         }
     }
@@ -98,10 +123,87 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// Prints a value as pretty JSON on stdout.
+/// The name of the schema version field every `--json` document carries.
+pub const SCHEMA_FIELD: &str = "schema";
+/// The version of the `--json` documents: raised when a field changes
+/// meaning or goes away (new fields do not raise it).
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// `value` as a `--json` document: an object with the top-level schema
+/// version field. The only way a document is made, so none lacks the field.
+pub fn document<T: serde::Serialize>(value: &T) -> anyhow::Result<serde_json::Value> {
+    let serde_json::Value::Object(fields) = serde_json::to_value(value)? else {
+        anyhow::bail!(
+            "internal error: a --json document must be an object (use output::json_list)"
+        );
+    };
+    let mut document = serde_json::Map::new();
+    document.insert(SCHEMA_FIELD.into(), SCHEMA_VERSION.into());
+    document.extend(fields.into_iter().filter(|(k, _)| k != SCHEMA_FIELD));
+    Ok(serde_json::Value::Object(document))
+}
+
+/// Prints an object as one pretty JSON document on stdout, with the schema
+/// version field.
 pub fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    println!("{}", serde_json::to_string_pretty(&document(value)?)?);
     Ok(())
+}
+
+/// Prints a list as one JSON document: `{"schema": 1, KEY: [...]}`.
+pub fn json_list<T: serde::Serialize>(key: &str, items: &[T]) -> anyhow::Result<()> {
+    json(&serde_json::json!({ key: items }))
+}
+
+/// Prints a command's outcome: `text` as a line on stdout, or with `--json`
+/// the document `value`.
+pub fn outcome<T: serde::Serialize>(
+    json_output: bool,
+    value: &T,
+    text: &str,
+) -> anyhow::Result<()> {
+    if json_output {
+        json(value)
+    } else {
+        println!("{text}");
+        Ok(())
+    }
+}
+
+/// The `--json` document of a failed command:
+/// `{"schema": 1, "error": {"class", "message", "hint"}}`. The hint is what
+/// the one-line message says to do next (after its last `; `), or what to
+/// do next for the class.
+pub fn error_document(class: isr::error::ErrorClass, message: &str) -> serde_json::Value {
+    use isr::error::ErrorClass;
+    let class_name = serde_json::to_value(class)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{class:?}").to_lowercase());
+    let hint = match message.rsplit_once("; ") {
+        Some((_, hint)) => hint.to_owned(),
+        None => match class {
+            ErrorClass::Invalid => "see `isrctl --help` or `isrctl COMMAND --help`",
+            ErrorClass::WrongKey => {
+                "give the right --passphrase-file, --key-file or ISR_PASSPHRASE"
+            }
+            ErrorClass::NotFound => "`isrctl ls` lists the parcels, `isrctl status` the sessions",
+            ErrorClass::Conflict => "see who holds the parcel with `isrctl info NAME`",
+            ErrorClass::Unreachable => "check the network and the store URL, then run it again",
+            ErrorClass::Integrity => "`isrctl verify NAME` lists the damaged chunks",
+            ErrorClass::Other => "run it again with -v for details",
+        }
+        .to_owned(),
+    };
+    serde_json::json!({
+        SCHEMA_FIELD: SCHEMA_VERSION,
+        "error": {
+            "class": class_name,
+            "exit_code": isr::exit::code(class),
+            "message": message,
+            "hint": hint,
+        }
+    })
 }
 
 /// The error and its causes on one line, each cause shown once: library errors
@@ -133,6 +235,16 @@ mod tests {
             .context("writing x: disk on fire")
             .context("exporting p@1");
         assert_eq!(one_line(&error), "exporting p@1: writing x: disk on fire");
+    }
+
+    #[test]
+    fn documents_carry_the_schema_version() {
+        let doc = document(&serde_json::json!({"a": 1, "schema": 9})).unwrap();
+        assert_eq!(doc, serde_json::json!({"schema": SCHEMA_VERSION, "a": 1}));
+        assert!(document(&[1, 2]).is_err());
+        let error = error_document(isr::error::ErrorClass::NotFound, "no x; run y");
+        assert_eq!(error["error"]["hint"], "run y");
+        assert_eq!(error["error"]["exit_code"], 4);
     }
 
     #[test]

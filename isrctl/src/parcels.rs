@@ -185,7 +185,7 @@ pub async fn ls(context: &CommandContext) -> anyhow::Result<ExitCode> {
         });
     }
     if context.global.json {
-        output::json(&listings)?;
+        output::json_list("parcels", &listings)?;
     } else if listings.is_empty() {
         println!(
             "no parcels in {} (create one with `isrctl import NAME PATH...`)",
@@ -420,7 +420,7 @@ pub async fn history(context: &CommandContext, name: &str) -> anyhow::Result<Exi
     let parcel = context.open_parcel(&store, name).await?;
     let versions = version_listings(&store, &parcel).await?;
     if context.global.json {
-        output::json(&versions)?;
+        output::json_list("versions", &versions)?;
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = versions

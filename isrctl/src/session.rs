@@ -16,7 +16,7 @@ use isr::error::ErrorClass;
 use isr::session::SessionError;
 use isr::vmm::supervise::{VmState, VmStatus};
 
-use crate::context::{CommandContext, InvalidArgument, failure, parse_target};
+use crate::context::{CommandContext, ConflictingArgument, InvalidArgument, failure, parse_target};
 use crate::daemon::{self, ensure_daemon};
 use crate::output;
 
@@ -71,11 +71,17 @@ pub struct UnlockArgs {
 /// `isrctl resume`.
 pub async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Result<ExitCode> {
     let (name, version) = parse_target(&args.target)?;
+    // The daemon runs elsewhere: a relative mount point is this directory's.
+    let explicit_mount = args
+        .mount
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("resolving --mount")?;
+    refuse_conflicting_resume(context, name, version, explicit_mount.as_deref())?;
     let store = context.store()?;
     let parcel = context.open_parcel(&store, name).await?;
-    let mount = args
-        .mount
-        .unwrap_or_else(|| context.config.runtime_dir.join("mnt").join(name));
+    let mount = explicit_mount.unwrap_or_else(|| context.config.runtime_dir.join("mnt").join(name));
     let socket = ensure_daemon(context)?;
     let request = Request::Resume {
         parcel: Box::new(WireParcel::new(&parcel)),
@@ -110,10 +116,10 @@ pub async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Resul
         }))?;
     } else {
         if reattached {
-            eprintln!("isrctl: reattached to the existing session of {name}");
+            output::note(&format!("reattached to the existing session of {name}"));
         }
         println!("{}", mount.display());
-        if let Some(vm) = &vm {
+        if let Some(vm) = vm.as_ref().filter(|_| !output::quiet()) {
             print_vm(name, vm);
         }
     }
@@ -122,6 +128,47 @@ pub async fn resume(context: &CommandContext, args: ResumeArgs) -> anyhow::Resul
         return Ok(code);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A resume of a parcel already resumed here reattaches its session as it
+/// is: a version or mount point other than the session's would be ignored,
+/// so it is refused (exit 5), naming what is resumed. The session record on
+/// disk is the fact, whether isrfsd runs or not.
+fn refuse_conflicting_resume(
+    context: &CommandContext,
+    name: &str,
+    version: Option<u64>,
+    mount: Option<&Path>,
+) -> anyhow::Result<()> {
+    let Some(record) = isr::session::read_record(&context.config.state_dir, name)? else {
+        return Ok(());
+    };
+    if record.checked_in {
+        return Ok(()); // a cut-short checkin: the next resume starts afresh
+    }
+    let session_version = record.committed.unwrap_or(record.base_version);
+    let recorded_mount = std::path::absolute(&record.mount).unwrap_or(record.mount.clone());
+    let mut conflicts = Vec::new();
+    if let Some(version) = version.filter(|&v| v != session_version) {
+        conflicts.push(format!("version {version} was asked for"));
+    }
+    if let Some(mount) = mount.filter(|&m| m != recorded_mount) {
+        conflicts.push(format!("--mount {} was asked for", mount.display()));
+    }
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let committed = record.committed.map_or(String::new(), |v| {
+        format!(", last committed as version {v}")
+    });
+    Err(ConflictingArgument(isr::error::printable(&format!(
+        "{name} is already resumed here from version {}{committed}, mounted at {} (since {}), but {}; `isrctl resume {name}` reattaches it as it is, or `isrctl checkin {name}` / `isrctl discard {name}` ends it first",
+        record.base_version,
+        record.mount.display(),
+        record.since,
+        conflicts.join(" and ")
+    )))
+    .into())
 }
 
 /// What the VM of a resumed parcel is doing, on stderr (stdout keeps the mount path).
@@ -206,32 +253,139 @@ async fn wait_for_vm_exit(socket: &Path, name: &str) -> anyhow::Result<ExitCode>
     }
 }
 
-/// `isrctl status`.
-pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let name = args.name.as_deref();
-    let sessions = match daemon::socket_if_running(context) {
-        None if name.is_some() => {
-            return Err(SessionError::NotResumed(name.unwrap_or_default().to_owned()).into());
+/// What `isrctl status` lists: the sessions isrfsd serves and those only on
+/// this machine's disk (isrfsd not running, or restarted without them).
+#[derive(Debug)]
+pub struct Listing {
+    /// Whether isrfsd answered.
+    pub daemon_running: bool,
+    /// The sessions isrfsd serves.
+    pub sessions: Vec<ParcelStatus>,
+    /// Session records on disk that no running isrfsd serves: `isrctl
+    /// resume` reattaches them, `isrctl checkin` commits them.
+    pub detached: Vec<isr::session::SessionRecord>,
+}
+
+impl Listing {
+    /// The `--json` document: every session in `sessions`, each with
+    /// `attached` (served by isrfsd) and, for the detached, a `hint`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut sessions = Vec::new();
+        for status in &self.sessions {
+            let mut value = serde_json::to_value(status).unwrap_or_default();
+            value["attached"] = true.into();
+            sessions.push(value);
         }
+        for record in &self.detached {
+            // The fields a session's status shares with its record, flat as
+            // the daemon's sessions are.
+            sessions.push(serde_json::json!({
+                "parcel": record.parcel,
+                "store": record.store,
+                "base_version": record.base_version,
+                "committed_version": record.committed,
+                "mount": record.mount,
+                "since": record.since,
+                "mounted": false,
+                "vm": null,
+                "attached": false,
+                "hint": self.detached_hint(&record.parcel),
+            }));
+        }
+        serde_json::json!({ "daemon_running": self.daemon_running, "sessions": sessions })
+    }
+
+    fn detached_hint(&self, parcel: &str) -> String {
+        if self.daemon_running {
+            format!("not attached to isrfsd — `isrctl resume {parcel}` reattaches")
+        } else {
+            format!("daemon not running — `isrctl resume {parcel}` reattaches")
+        }
+    }
+}
+
+/// The sessions of this machine (only `name`'s if given), from isrfsd if it
+/// runs and from the session records on disk.
+pub fn listing(context: &CommandContext, name: Option<&str>) -> anyhow::Result<Listing> {
+    let socket = daemon::socket_if_running(context);
+    let sessions = match &socket {
         None => Vec::new(),
         Some(socket) => {
+            tracing::debug!(socket = %socket.display(), "asking isrfsd for its sessions");
             let request = Request::Status {
                 parcel: name.map(str::to_owned),
             };
-            match isr::control::call(&socket, request)? {
-                Response::Status { sessions } => sessions,
-                other => anyhow::bail!("isrfsd answered status with {other:?}"),
+            match isr::control::call(socket, request) {
+                Ok(Response::Status { sessions }) => sessions,
+                Err(ControlError::Daemon {
+                    class: ErrorClass::NotFound,
+                    ..
+                }) if name.is_some() => Vec::new(),
+                Ok(other) => anyhow::bail!("isrfsd answered status with {other:?}"),
+                Err(e) => return Err(e.into()),
             }
         }
     };
+    let state_dir = &context.config.state_dir;
+    tracing::debug!(state_dir = %state_dir.display(), "reading the session records");
+    let detached = isr::session::list_records(state_dir)?
+        .into_iter()
+        .filter(|record| name.is_none_or(|name| name == record.parcel))
+        .filter(|record| !record.checked_in)
+        .filter(|record| !sessions.iter().any(|s| s.session.parcel == record.parcel))
+        .collect();
+    let listing = Listing {
+        daemon_running: socket.is_some(),
+        sessions,
+        detached,
+    };
+    if let Some(name) = name
+        && listing.sessions.is_empty()
+        && listing.detached.is_empty()
+    {
+        return Err(SessionError::NotResumed(name.to_owned()).into());
+    }
+    Ok(listing)
+}
+
+/// `isrctl status`.
+pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let listing = listing(context, args.name.as_deref())?;
     if context.global.json {
-        output::json(&sessions)?;
+        output::json(&listing.to_json())?;
         return Ok(ExitCode::SUCCESS);
     }
-    if sessions.is_empty() {
+    print_listing(&listing);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text of `isrctl status`: a table of the attached sessions, then one
+/// line per detached one.
+pub fn print_listing(listing: &Listing) {
+    if listing.sessions.is_empty() && listing.detached.is_empty() {
         println!("no resumed parcels (`isrctl resume NAME` mounts one)");
-        return Ok(ExitCode::SUCCESS);
+        return;
     }
+    if !listing.sessions.is_empty() {
+        print_table(&listing.sessions);
+    }
+    for record in &listing.detached {
+        println!(
+            "{}",
+            isr::error::printable(&format!(
+                "{}  base {}  {}  since {}: {} (`isrctl checkin {}` commits it)",
+                record.parcel,
+                record.base_version,
+                record.mount.display(),
+                record.since,
+                listing.detached_hint(&record.parcel),
+                record.parcel
+            ))
+        );
+    }
+}
+
+fn print_table(sessions: &[ParcelStatus]) {
     let rows: Vec<Vec<String>> = sessions
         .iter()
         .map(
@@ -300,7 +454,6 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
         ],
         &rows,
     );
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `isrctl hoard`.
@@ -311,7 +464,7 @@ pub fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
         let (socket, parcel) = (socket.clone(), name.to_owned());
         std::thread::spawn(move || isr::control::call(&socket, Request::Hoard { parcel }))
     };
-    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if output::progress_visible() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -357,7 +510,7 @@ pub async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<Exi
         };
         match daemon::call(&socket, request).await? {
             Ok(_) => {
-                println!("discarded the local session of {name} and released its lock");
+                print_discarded(context, name, true)?;
                 return Ok(ExitCode::SUCCESS);
             }
             Err(ControlError::Daemon {
@@ -379,19 +532,35 @@ pub async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<Exi
     );
     isr::session::detach_dead_mount(&record.mount);
     let store = context.store()?;
-    match isr::session::check_lock(&store, &record).await {
+    let released = match isr::session::check_lock(&store, &record).await {
         Ok(()) => {
             store
                 .writer("release the lock")?
                 .delete(&isr::layout::lock(name))
                 .await?;
+            true
         }
-        Err(e) => eprintln!("isrctl: not releasing the lock: {e}"),
-    }
+        Err(e) => {
+            eprintln!("isrctl: not releasing the lock: {e}");
+            false
+        }
+    };
     let dir = isr::session::session_dir(&context.config.state_dir, name);
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    println!("discarded the local session of {name} and released its lock");
+    print_discarded(context, name, released)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_discarded(context: &CommandContext, name: &str, released: bool) -> anyhow::Result<()> {
+    output::outcome(
+        context.global.json,
+        &serde_json::json!({ "parcel": name, "discarded": true, "lock_released": released }),
+        &if released {
+            format!("discarded the local session of {name} and released its lock")
+        } else {
+            format!("discarded the local session of {name}")
+        },
+    )
 }
 
 /// `isrctl unlock`.
@@ -405,15 +574,18 @@ pub async fn unlock(context: &CommandContext, args: UnlockArgs) -> anyhow::Resul
     }
     let store = context.store()?;
     isr::parcel::require_record(&store, &args.name).await?;
-    match isr::session::force_unlock(&store, &args.name).await? {
-        Some(lock) => println!(
-            "{}",
-            isr::error::printable(&format!(
-                "broke the lock of {} held by {} on {} since {}",
-                args.name, lock.holder, lock.host, lock.since
-            ))
-        ),
-        None => println!("{} was not locked", args.name),
-    }
+    let lock = isr::session::force_unlock(&store, &args.name).await?;
+    let text = match &lock {
+        Some(lock) => isr::error::printable(&format!(
+            "broke the lock of {} held by {} on {} since {}",
+            args.name, lock.holder, lock.host, lock.since
+        )),
+        None => format!("{} was not locked", args.name),
+    };
+    output::outcome(
+        context.global.json,
+        &serde_json::json!({ "parcel": args.name, "was_locked": lock.is_some(), "broken_lock": lock }),
+        &text,
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -131,7 +131,7 @@ async fn list(context: &CommandContext) -> anyhow::Result<ExitCode> {
         },
     };
     if context.global.json {
-        output::json(&views)?;
+        output::json_list("views", &views)?;
     } else if views.is_empty() {
         println!("no read-only views (`isrctl mount NAME@VERSION DIR` mounts one)");
     } else {

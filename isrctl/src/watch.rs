@@ -111,7 +111,9 @@ pub fn watch(
         }
         let mut stdout = std::io::stdout().lock();
         if context.global.json {
-            writeln!(stdout, "{}", serde_json::to_string(&documents)?)?;
+            // One document per refresh, one per line (JSON Lines).
+            let document = output::document(&serde_json::json!({ "sessions": documents }))?;
+            writeln!(stdout, "{}", serde_json::to_string(&document)?)?;
         } else if terminal {
             // Home, clear the screen, draw.
             write!(stdout, "\x1b[H\x1b[2J{frame}")?;

@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
         "checkin",
         "view",
         "watch",
+        "settings",
     ],
     &["main"],
 ];

@@ -395,7 +395,7 @@ impl Env {
 
     /// The committed version numbers of `name`.
     pub fn versions(&self, name: &str) -> Vec<u64> {
-        self.json(&["history", name])
+        self.json(&["history", name])["versions"]
             .as_array()
             .unwrap()
             .iter()

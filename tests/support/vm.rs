@@ -49,7 +49,7 @@ pub fn serial_lines(env: &Env, name: &str) -> Vec<GuestLine> {
 
 /// `isrctl status NAME --json`, the session's object.
 pub fn status(env: &Env, name: &str) -> serde_json::Value {
-    env.json(&["status", name])[0].clone()
+    env.json(&["status", name])["sessions"][0].clone()
 }
 
 /// The VM's state; `not resumed` while no session exists (yet), `none` when
@@ -60,7 +60,7 @@ pub fn vm_state(env: &Env, name: &str) -> String {
         return "not resumed".into();
     }
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    status[0]["vm"]["state"]
+    status["sessions"][0]["vm"]["state"]
         .as_str()
         .unwrap_or("none")
         .to_owned()
