@@ -181,6 +181,22 @@ enum Command {
         /// Where to write the key file (must not exist).
         path: PathBuf,
     },
+    /// The isrfsd daemon: whether it runs, or stop it.
+    ///
+    /// The daemon isrctl starts exits 30 s after its last session ends; under
+    /// systemd it is the isrfsd service (use systemctl).
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+}
+
+/// `isrctl daemon` subcommands.
+#[derive(Debug, Subcommand)]
+enum DaemonCommand {
+    /// Whether isrfsd runs: pid, socket, sessions, log directory (--json).
+    Status,
+    /// Stop isrfsd as SIGTERM does: VMs saved, sessions flushed and left
+    /// resumable; waits until it has exited.
+    Stop,
 }
 
 /// Runs one command: its exit code, or its error for [`main`] to report.
@@ -210,6 +226,8 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Passwd(args) => maintenance::passwd(context, args).await,
         Command::Rollback(args) => maintenance::rollback(context, args).await,
         Command::NewKeyFile { .. } => unreachable!("handled above"),
+        Command::Daemon(DaemonCommand::Status) => daemon::status(context),
+        Command::Daemon(DaemonCommand::Stop) => daemon::stop(context),
     }
 }
 
