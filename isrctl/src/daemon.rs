@@ -32,7 +32,19 @@ pub fn log_dir(runtime_dir: &Path) -> PathBuf {
 fn daemon_pid(runtime_dir: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(runtime_dir.join("isrfsd.pid")).ok()?;
     let pid: u32 = text.trim().parse().ok()?;
-    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    alive(pid).then_some(pid)
+}
+
+/// Whether process `pid` lives (a zombie does not: an isrfsd whose parent
+/// is gone may stay one when nothing reaps orphans).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 /// `isrctl daemon status`: whether isrfsd runs, its pid, socket, sessions
@@ -103,7 +115,7 @@ pub fn stop(context: &CommandContext) -> anyhow::Result<std::process::ExitCode> 
     // Saving VMs can take minutes: wait as long as the process lives.
     loop {
         let alive = match pid {
-            Some(pid) => Path::new(&format!("/proc/{pid}")).exists(),
+            Some(pid) => alive(pid),
             None => std::os::unix::net::UnixStream::connect(&socket).is_ok(),
         };
         if !alive {
