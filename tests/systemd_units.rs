@@ -480,6 +480,19 @@ fn stopping_isrfsd_or_powering_off_checks_the_kiosk_parcel_in() {
     );
     let journal = container.journal();
     assert!(!journal.contains("could not save"), "{journal}");
+    // Logged through the journal's protocol: the message alone, its fields
+    // and time are the journal's (no second timestamp in the text).
+    let messages = Command::new("journalctl")
+        .arg("-D")
+        .arg(container.root.join("var/log/journal"))
+        .args(["--no-pager", "-o", "cat", "-u", "isrfsd.service"])
+        .output()
+        .unwrap();
+    let messages = String::from_utf8_lossy(&messages.stdout);
+    assert!(
+        messages.lines().any(|line| line == "isrfsd ready"),
+        "{messages}"
+    );
 }
 
 #[test]
