@@ -39,6 +39,10 @@ command -v python3 >/dev/null || missing+=(python3 python3-pip)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
 command -v cpio >/dev/null || missing+=(cpio)
 { command -v mke2fs && command -v debugfs && command -v e2fsck; } >/dev/null || missing+=(e2fsprogs)
+# tests/systemd_units.rs boots the units under systemd in a container: a Debian
+# minbase made with debootstrap (cached in /var/cache/isr-tests), run by systemd-nspawn.
+command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt_update

@@ -117,6 +117,15 @@ impl VmSlot {
     }
 }
 
+/// A step of [`Daemon::shut_down_with_progress`], naming the parcel.
+#[derive(Debug, Clone, Copy)]
+pub enum ShutdownStep<'a> {
+    /// Saving a running VM's memory into its mount.
+    SavingVm(&'a str),
+    /// Flushing a session's writes and unmounting it.
+    Flushing(&'a str),
+}
+
 /// Every session of one runtime directory and the VMs run from them.
 pub struct Daemon {
     runtime: tokio::runtime::Runtime,
@@ -1147,6 +1156,13 @@ impl Daemon {
     /// Saves running VMs into their mounts, flushes and unmounts every
     /// session; each stays resumable (`isrctl resume` reattaches it).
     pub fn shut_down(&self) {
+        self.shut_down_with_progress(&|_| {});
+    }
+
+    /// [`Daemon::shut_down`], calling `progress` before each step (a VM's
+    /// save, a session's flush and unmount) with what it starts, so a
+    /// supervisor can give each step its own time budget.
+    pub fn shut_down_with_progress(&self, progress: &dyn Fn(ShutdownStep<'_>)) {
         let views: Vec<View> = self
             .views
             .lock()
@@ -1171,6 +1187,7 @@ impl Daemon {
                 && vm.state() == VmState::Running
             {
                 // Saved into the mount: `isrctl resume` later continues it.
+                progress(ShutdownStep::SavingVm(&name));
                 match vm.suspend() {
                     Ok(report) => {
                         tracing::info!(parcel = %name, seconds = report.seconds, "VM saved at shutdown")
@@ -1181,6 +1198,7 @@ impl Daemon {
                     }
                 }
             }
+            progress(ShutdownStep::Flushing(&name));
             if let Err(e) = mounted.session.image.flush_all() {
                 tracing::error!(parcel = %name, error = %e, "flush failed at shutdown");
             }

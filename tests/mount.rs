@@ -510,7 +510,7 @@ fn isrfsd_tells_systemd_when_it_is_ready_and_when_it_stops() {
         .unwrap();
     let mut message = [0u8; 64];
     let n = notify.recv(&mut message).expect("READY=1 from isrfsd");
-    assert_eq!(&message[..n], b"READY=1");
+    assert_eq!(message[..n].trim_ascii_end(), b"READY=1");
     assert!(
         isr::control::socket_path(&env.path("run")).exists(),
         "ready means the socket answers"
@@ -521,6 +521,6 @@ fn isrfsd_tells_systemd_when_it_is_ready_and_when_it_stops() {
     )
     .unwrap();
     let n = notify.recv(&mut message).expect("STOPPING=1 from isrfsd");
-    assert_eq!(&message[..n], b"STOPPING=1");
+    assert_eq!(message[..n].trim_ascii_end(), b"STOPPING=1");
     assert!(daemon.wait().unwrap().success());
 }

@@ -19,6 +19,122 @@ use crate::context::CommandContext;
 /// `MALLOC_ARENA_MAX` already in the environment is kept.
 const ISRFSD_MALLOC_ARENAS: &str = "2";
 
+/// The isrfsd that isrctl starts exits this long after its last session
+/// ends (the systemd unit's daemon stays).
+const IDLE_EXIT_SECONDS: u64 = 30;
+
+/// Where the isrfsd that isrctl starts logs: `isrfsd.YYYY-MM-DD.log`.
+pub fn log_dir(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("log")
+}
+
+/// The pid isrfsd wrote into the runtime directory, if that process lives.
+fn daemon_pid(runtime_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(runtime_dir.join("isrfsd.pid")).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    alive(pid).then_some(pid)
+}
+
+/// Whether process `pid` lives (a zombie does not: an isrfsd whose parent
+/// is gone may stay one when nothing reaps orphans).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// `isrctl daemon status`: whether isrfsd runs, its pid, socket, sessions
+/// and log directory. Exit 0 either way (the answer says which).
+pub fn status(context: &CommandContext) -> anyhow::Result<std::process::ExitCode> {
+    let runtime_dir = &context.config.runtime_dir;
+    let socket = isr::control::socket_path(runtime_dir);
+    let running = socket_if_running(context).is_some();
+    let pid = daemon_pid(runtime_dir).filter(|_| running);
+    let sessions: Vec<String> = match running {
+        false => Vec::new(),
+        true => match isr::control::call(&socket, Request::Status { parcel: None })? {
+            Response::Status { sessions } => {
+                sessions.into_iter().map(|s| s.session.parcel).collect()
+            }
+            other => anyhow::bail!("isrfsd answered status with {other:?}"),
+        },
+    };
+    let log_dir = log_dir(runtime_dir);
+    if context.global.json {
+        let value = serde_json::json!({
+            "running": running,
+            "pid": pid,
+            "socket": socket,
+            "sessions": sessions,
+            "log_dir": log_dir,
+        });
+        crate::output::json(&value)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if !running {
+        println!(
+            "isrfsd is not running (socket {}); `isrctl resume NAME` starts it",
+            socket.display()
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    match pid {
+        Some(pid) => println!("isrfsd is running: pid {pid}"),
+        None => println!("isrfsd is running"),
+    }
+    println!("socket:   {}", socket.display());
+    match sessions.is_empty() {
+        true => println!("sessions: none"),
+        false => println!("sessions: {}", sessions.join(", ")),
+    }
+    println!(
+        "log:      {} (when isrctl started it; under systemd: journalctl -u isrfsd)",
+        log_dir.display()
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `isrctl daemon stop`: asks isrfsd to shut down as SIGTERM does (running
+/// VMs saved into their mounts, sessions flushed, unmounted, left
+/// resumable) and waits until it has exited.
+pub fn stop(context: &CommandContext) -> anyhow::Result<std::process::ExitCode> {
+    let runtime_dir = &context.config.runtime_dir;
+    let Some(socket) = socket_if_running(context) else {
+        crate::output::outcome(
+            context.global.json,
+            &serde_json::json!({ "stopped": false, "running": false }),
+            "isrfsd is not running",
+        )?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    };
+    let pid = daemon_pid(runtime_dir);
+    match isr::control::call(&socket, Request::Shutdown)? {
+        Response::Done => {}
+        other => anyhow::bail!("isrfsd answered shutdown with {other:?}"),
+    }
+    // Saving VMs can take minutes: wait as long as the process lives.
+    loop {
+        let alive = match pid {
+            Some(pid) => alive(pid),
+            None => std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        };
+        if !alive {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    crate::output::outcome(
+        context.global.json,
+        &serde_json::json!({ "stopped": true, "running": false }),
+        "isrfsd stopped; resumed parcels stay resumable (`isrctl resume NAME` reattaches)",
+    )?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 /// The daemon's socket, starting isrfsd first if nothing answers there.
 pub fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
     let runtime_dir = &context.config.runtime_dir;
@@ -36,14 +152,21 @@ pub fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
     } else {
         PathBuf::from("isrfsd")
     };
-    let log_path = runtime_dir.join("isrfsd.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log_dir = log_dir(runtime_dir);
+    isr::private::private_dir(&log_dir)
+        .with_context(|| format!("creating {}", log_dir.display()))?;
+    // The log proper goes to isrfsd's daily files (the last 7 kept); stderr
+    // only says what comes before logging starts or after it ends (a
+    // panic), and is emptied at each start, so both stay bounded.
+    let log_path = log_dir.join("isrfsd.stderr");
+    let log = std::fs::File::create(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut command = std::process::Command::new(&program);
     command
+        .arg("--idle-exit")
+        .arg(IDLE_EXIT_SECONDS.to_string())
+        .arg("--log-dir")
+        .arg(&log_dir)
         .arg("--runtime-dir")
         .arg(runtime_dir)
         .arg("--state-dir")
@@ -66,9 +189,9 @@ pub fn ensure_daemon(context: &CommandContext) -> anyhow::Result<PathBuf> {
         )
     })?;
     eprintln!(
-        "isrctl: started isrfsd (pid {}, log {})",
+        "isrctl: started isrfsd (pid {}, log in {}; it exits {IDLE_EXIT_SECONDS} s after the last session ends)",
         child.id(),
-        log_path.display()
+        log_dir.display()
     );
     for _ in 0..200 {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {

@@ -227,6 +227,22 @@ enum Command {
         /// Directory to write the pages into (created if missing).
         dir: PathBuf,
     },
+    /// The isrfsd daemon: whether it runs, or stop it.
+    ///
+    /// The daemon isrctl starts exits 30 s after its last session ends; under
+    /// systemd it is the isrfsd service (use systemctl).
+    #[command(subcommand)]
+    Daemon(DaemonCommand),
+}
+
+/// `isrctl daemon` subcommands.
+#[derive(Debug, Subcommand)]
+enum DaemonCommand {
+    /// Whether isrfsd runs: pid, socket, sessions, log directory (--json).
+    Status,
+    /// Stop isrfsd as SIGTERM does: VMs saved, sessions flushed and left
+    /// resumable; waits until it has exited.
+    Stop,
 }
 
 /// Runs one command: its exit code, or its error for [`main`] to report.
@@ -270,6 +286,8 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Umount(args) => view::umount(context, args).await,
         Command::Diff(args) => view::diff(context, args).await,
         Command::Config => settings::show(context),
+        Command::Daemon(DaemonCommand::Status) => daemon::status(context),
+        Command::Daemon(DaemonCommand::Stop) => daemon::stop(context),
         Command::NewKeyFile { .. } | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled above")
         }

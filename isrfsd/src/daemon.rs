@@ -12,7 +12,7 @@ use anyhow::Context;
 use isr::cache::ChunkCache;
 use isr::config::Config;
 use isr::control;
-use isr::daemon::{Daemon, MountHandle, MountState, Mounter};
+use isr::daemon::{Daemon, MountHandle, MountState, Mounter, ShutdownStep};
 use isr::session::Session;
 
 use crate::fuse::ParcelFs;
@@ -27,7 +27,16 @@ pub struct Options {
     pub cache_size: Option<u64>,
     pub fuse_threads: usize,
     pub allow_other: bool,
+    /// Exit after this long without sessions (None: never).
+    pub idle_exit: Option<std::time::Duration>,
 }
+
+/// How long systemd is asked to wait for each step of the shutdown (a VM's
+/// save, a session's flush and unmount) before it kills: each step that
+/// starts extends the stop timeout by this much (EXTEND_TIMEOUT_USEC), so
+/// saving many VMs is not cut off by one TimeoutStopSec, while a step that
+/// hangs still is.
+const SHUTDOWN_STEP_BUDGET: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Mounts sessions with FUSE ([`ParcelFs`]).
 struct FuseMounter {
@@ -245,23 +254,68 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             })?;
     }
     {
-        // Notices mounts someone unmounted behind the daemon's back.
+        // systemd's watchdog (WatchdogSec=): pinged while the session table
+        // answers (a check of the mounts may wait minutes on a checkin's
+        // parcel lock, so not from there).
+        let mut watchdog_usec = 0;
+        if sd_notify::watchdog_enabled(false, &mut watchdog_usec) {
+            let daemon = daemon.clone();
+            let period = std::time::Duration::from_micros(watchdog_usec / 2);
+            std::thread::Builder::new()
+                .name("isrfsd-watchdog".into())
+                .spawn(move || {
+                    loop {
+                        let _ = daemon.session_count();
+                        notify(&[sd_notify::NotifyState::Watchdog]);
+                        std::thread::sleep(period);
+                    }
+                })?;
+        }
+    }
+    {
+        // Notices mounts someone unmounted behind the daemon's back, and
+        // ends an idle daemon (--idle-exit).
         let daemon = daemon.clone();
+        let shutdown = shutdown.clone();
+        let idle_exit = options.idle_exit;
         std::thread::Builder::new()
             .name("isrfsd-mounts".into())
             .spawn(move || {
+                let mut idle_since = std::time::Instant::now();
                 loop {
                     std::thread::sleep(std::time::Duration::from_secs(2));
                     daemon.check_mounts();
+                    if daemon.session_count() > 0 {
+                        idle_since = std::time::Instant::now();
+                    } else if let Some(limit) = idle_exit
+                        && idle_since.elapsed() >= limit
+                    {
+                        tracing::info!(
+                            seconds = limit.as_secs(),
+                            "no sessions for the idle timeout: exiting"
+                        );
+                        let _ = shutdown.send(());
+                        break;
+                    }
                 }
             })?;
     }
     tracing::info!(socket = %socket.display(), state = %config.state_dir.display(), cache = %config.cache_dir.display(), "isrfsd ready");
-    notify_systemd("READY=1");
+    notify(&[sd_notify::NotifyState::Ready]);
     let _ = shutdown_requested.recv();
     tracing::info!("shutting down: flushing and unmounting every session");
-    notify_systemd("STOPPING=1");
-    daemon.shut_down();
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let budget = u32::try_from(SHUTDOWN_STEP_BUDGET.as_micros()).unwrap_or(u32::MAX);
+    daemon.shut_down_with_progress(&|step| {
+        let status = match step {
+            ShutdownStep::SavingVm(parcel) => format!("saving the VM of {parcel}"),
+            ShutdownStep::Flushing(parcel) => format!("flushing and unmounting {parcel}"),
+        };
+        notify(&[
+            sd_notify::NotifyState::ExtendTimeoutUsec(budget),
+            sd_notify::NotifyState::Status(&status),
+        ]);
+    });
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
@@ -287,21 +341,10 @@ fn refuse_connection(stream: &mut UnixStream) {
     );
 }
 
-/// Tells systemd (Type=notify) about our state, when it started us.
-fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let address = match path.strip_prefix('@') {
-        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
-        None => SocketAddr::from_pathname(&path),
-    };
-    let sent = address
-        .and_then(|address| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &address));
-    if let Err(e) = sent {
+/// Tells systemd (Type=notify) about our state, when it started us
+/// (nothing happens without NOTIFY_SOCKET).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!(error = %e, "could not notify systemd");
     }
 }

@@ -794,12 +794,19 @@ impl QemuVm {
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io("QEMU log"))?;
-        let mut child = qemu_command(config, parcel_dir, &runtime)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(io(format!("starting {}", runtime.binary.display())))?;
+        // A process group of its own: a Ctrl-C (SIGINT to the terminal's
+        // foreground group) or a group kill meant for isrfsd does not reach
+        // QEMU, which isrfsd saves at shutdown (under systemd, KillMode=mixed
+        // does the same for the service's cgroup).
+        let mut child = std::os::unix::process::CommandExt::process_group(
+            &mut qemu_command(config, parcel_dir, &runtime),
+            0,
+        )
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(io(format!("starting {}", runtime.binary.display())))?;
         let deadline = Instant::now() + START_TIMEOUT;
         let qmp = loop {
             if let Ok(Some(status)) = child.try_wait() {
