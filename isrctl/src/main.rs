@@ -50,14 +50,16 @@ Environment (each also a global option):
   ISR_KEY_FILE         key file (for unattended machines)
   ISR_LOG              log filter (e.g. info, debug); logs go to stderr
   AWS_*                S3 credentials, region and endpoint when not in the config file
+  ISR_S3_INSTANCE_METADATA=1  let S3 take credentials from the EC2 instance metadata service
+                       (never asked otherwise)
 
 Exit codes:
   0  success
   1  other error
   2  invalid usage, argument, name or configuration
   3  wrong passphrase or key file, or no way to ask for one
-  4  parcel, version or input path not found
-  5  conflict: parcel exists, or a version was committed concurrently
+  4  store, parcel, version or input path not found
+  5  conflict: parcel exists or is locked (resumed), or a version was committed concurrently
   6  store unreachable after retries
   7  data integrity: bad or missing chunks, corrupt manifest
 
@@ -173,6 +175,21 @@ enum Command {
     /// commits version newest+1 with VERSION's files and VERSION as its parent,
     /// and releases the lock. Nothing is uploaded and no version is removed.
     Rollback(maintenance::RollbackArgs),
+    /// Create a store: a local directory (or an S3 prefix) with its marker.
+    ///
+    /// A store given with --store, ISR_STORE or the config file must exist:
+    /// commands refuse a missing one (exit 4) so a typo does not start a new,
+    /// empty store; only the default store is created on first use. For S3 it
+    /// checks that the bucket answers with the credentials given. Running it
+    /// on an existing store changes nothing and succeeds.
+    Init(maintenance::InitArgs),
+    /// Delete a parcel: its versions, keyslots and record (needs --yes).
+    ///
+    /// Refused with exit code 5 while the parcel is locked (resumed
+    /// somewhere). Needs no passphrase: it also removes a parcel whose import
+    /// never finished. Chunks are left for `isrctl gc`, which deletes those no
+    /// other parcel uses once its grace period has passed.
+    Delete(maintenance::DeleteArgs),
     /// Write a new random key file (mode 0600) for unattended machines.
     ///
     /// Use it with `--key-file FILE` (or ISR_KEY_FILE) when importing, to add a
@@ -191,6 +208,24 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
     }
     let context = CommandContext::new(global)?;
     let context = &context;
+    if matches!(
+        command,
+        Command::Import(_)
+            | Command::Ls
+            | Command::Info(_)
+            | Command::History(_)
+            | Command::Export(_)
+            | Command::Verify(_)
+            | Command::Resume(_)
+            | Command::Unlock(_)
+            | Command::Gc(_)
+            | Command::Passwd(_)
+            | Command::Rollback(_)
+            | Command::Delete(_)
+    ) {
+        // A mistyped store is an error, not a new empty store.
+        context.require_store().await?;
+    }
     match command {
         Command::Import(args) => parcels::import(context, args).await,
         Command::Ls => parcels::ls(context).await,
@@ -209,6 +244,8 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Gc(args) => maintenance::gc(context, args).await,
         Command::Passwd(args) => maintenance::passwd(context, args).await,
         Command::Rollback(args) => maintenance::rollback(context, args).await,
+        Command::Init(args) => maintenance::init(context, args).await,
+        Command::Delete(args) => maintenance::delete(context, args).await,
         Command::NewKeyFile { .. } => unreachable!("handled above"),
     }
 }
