@@ -1,5 +1,6 @@
 //! Changes to a parcel that are not sessions: rolling back to an earlier
-//! version, and re-wrapping the parcel key under a new passphrase or key file.
+//! version, re-wrapping the parcel key under a new passphrase or key file,
+//! and deleting a parcel.
 //! (Garbage collection is [`crate::gc`].)
 
 use serde::Serialize;

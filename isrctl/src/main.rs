@@ -16,7 +16,7 @@
 //! 3. [`daemon`]: finding or starting isrfsd, one control call.
 //! 4. The commands, independent of each other: [`parcels`] (import, ls,
 //!    info, history, export, verify), [`maintenance`] (gc, passwd, rollback,
-//!    new-key-file), [`session`] (resume, status, hoard, discard, unlock),
+//!    new-key-file, init, delete), [`session`] (resume, status, hoard, discard, unlock),
 //!    [`checkin`] (sync, checkin, suspend). `parcels` and `maintenance` need
 //!    no daemon.
 //! 5. `main.rs`: uses them all.

@@ -1,5 +1,5 @@
 //! The commands that look after a store and its parcels' keys: `isrctl gc`,
-//! `passwd`, `rollback` and `new-key-file`. Argument handling and
+//! `passwd`, `rollback`, `new-key-file`, `init` and `delete`. Argument handling and
 //! presentation over `isr::gc`, `isr::maintenance` and `isr::keys`.
 //!
 //! Uses [`crate::context`], [`crate::credentials`] and [`crate::output`]
