@@ -96,7 +96,6 @@ pub async fn import(context: &CommandContext, args: ImportArgs) -> anyhow::Resul
     checked.validate()?;
     parcel::validate_name(&args.name)?;
 
-    check_vm_config(&args.paths)?;
     let store = context.store()?;
     let purpose = if args.new_version {
         Purpose::Unlock
@@ -151,25 +150,6 @@ pub async fn import(context: &CommandContext, args: ImportArgs) -> anyhow::Resul
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Refuses an import whose top-level vm.toml (one of the paths, or in the
-/// one directory given) is not valid, before anything is written: the
-/// parcel would not resume.
-fn check_vm_config(paths: &[PathBuf]) -> anyhow::Result<()> {
-    let candidates: Vec<PathBuf> = match paths {
-        [dir] if dir.is_dir() => vec![dir.join("vm.toml")],
-        _ => paths
-            .iter()
-            .filter(|p| p.file_name().is_some_and(|n| n == "vm.toml"))
-            .cloned()
-            .collect(),
-    };
-    for path in candidates.iter().filter(|p| p.is_file()) {
-        isr::vmm::config::VmConfig::load(path)
-            .with_context(|| format!("{}: not imported", path.display()))?;
-    }
-    Ok(())
 }
 
 #[derive(serde::Serialize)]
