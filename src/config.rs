@@ -274,6 +274,12 @@ fn default_dir(variable: &str, home_relative: &str, system: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(system))
 }
 
+/// The embedded default store: a directory under the data directory,
+/// created on first use (an explicit store must exist: `isrctl init`).
+pub fn default_store() -> PathBuf {
+    default_dir("XDG_DATA_HOME", ".local/share", "/var/lib/isr").join("store")
+}
+
 impl Config {
     /// Loads `explicit` if given, else the default files that exist.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
@@ -297,8 +303,7 @@ impl Config {
     }
 
     fn resolve(file: ConfigFile) -> Result<Config, ConfigError> {
-        let data_default =
-            default_dir("XDG_DATA_HOME", ".local/share", "/var/lib/isr").join("store");
+        let data_default = default_store();
         let defaults = RetrySettings::default();
         let kdf_defaults = KdfParams::default();
         let fetch_defaults = FetchSettings::default();

@@ -276,6 +276,13 @@ fn add_entry(
             reason: format!("is {kind}; a parcel holds only regular files and directories"),
         });
     }
+    if file_type.is_file() {
+        // Unreadable inputs fail here, before the parcel record is written.
+        std::fs::File::open(path).map_err(|source| ImportError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
     entries.push(SourceEntry {
         parcel_path: parcel_path.clone(),
         source: path.to_owned(),
@@ -677,6 +684,8 @@ async fn prepare_parcel(
             }
             .into());
         }
+        // Fail before uploading anything (the commit checks again).
+        parcel::check_not_locked(store, name, None).await?;
         let parcel = parcel::open(store, name, credentials).await?;
         return Ok((parcel, latest + 1, Some(latest)));
     }

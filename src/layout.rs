@@ -9,6 +9,9 @@ pub const PARCELS: &str = "parcels/";
 /// Prefix of every chunk.
 pub const CHUNKS: &str = "chunks/";
 
+/// The marker object of a store (`isrctl init`, parcel creation).
+pub const STORE_MARKER: &str = "isr-store";
+
 /// Prefix of garbage collection's deletion notices (see [`crate::gc`]).
 pub const GC_NOTICES: &str = "gc/deleting/";
 

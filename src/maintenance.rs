@@ -1,5 +1,6 @@
 //! Changes to a parcel that are not sessions: rolling back to an earlier
-//! version, and re-wrapping the parcel key under a new passphrase or key file.
+//! version, re-wrapping the parcel key under a new passphrase or key file,
+//! and deleting a parcel.
 //! (Garbage collection is [`crate::gc`].)
 
 use serde::Serialize;
@@ -104,6 +105,60 @@ async fn release(store: &StoreHandle, name: &str, lock: &LockRecord) -> Result<(
         }
         _ => Ok(()),
     }
+}
+
+/// What [`delete`] removed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeleteSummary {
+    /// Parcel.
+    pub parcel: String,
+    /// Versions whose manifests were deleted.
+    pub versions: Vec<u64>,
+    /// Objects deleted in all (manifests, traces, keyslots, record).
+    pub objects: u64,
+}
+
+/// Deletes parcel `name`: every object under `parcels/<name>/` — versions
+/// (newest first, so an interrupted delete leaves contiguous versions),
+/// traces, keyslots, and the record last. Chunks are left to
+/// [`crate::gc`]. Takes the parcel's lock first, so a resumed parcel is
+/// refused ([`SessionError::Locked`]) and no resume can start meanwhile.
+/// Works without the parcel's credentials, also on a parcel whose import
+/// never committed a version (or wrote no keyslot).
+pub async fn delete(store: &StoreHandle, name: &str) -> Result<DeleteSummary, SessionError> {
+    let writer = store.writer("delete a parcel")?.clone();
+    let lister = store
+        .lister()
+        .ok_or_else(|| crate::store::StoreError::Unsupported {
+            store: store.url().to_owned(),
+            operation: "delete a parcel",
+            hint: "this store cannot list its objects",
+        })?
+        .clone();
+    parcel::require_record(store, name).await?;
+    let lock = session::take_lock(store, name, None).await?;
+    let versions = parcel::list_versions(store, name).await?;
+    let mut objects = 0;
+    for &version in versions.iter().rev() {
+        writer.delete(&layout::manifest(name, version)).await?;
+        objects += 1;
+    }
+    let prefix = format!("{}{name}/", layout::PARCELS);
+    let (record, lock_key) = (layout::record(name), layout::lock(name));
+    for key in lister.list(&prefix).await? {
+        if key != record && key != lock_key {
+            writer.delete(&key).await?;
+            objects += 1;
+        }
+    }
+    writer.delete(&record).await?;
+    objects += 1;
+    release(store, name, &lock).await?;
+    Ok(DeleteSummary {
+        parcel: name.to_owned(),
+        versions,
+        objects,
+    })
 }
 
 /// What a change of credentials did.

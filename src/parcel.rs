@@ -9,6 +9,7 @@
 //! parcels/<name>/versions/<0000000042>.trace     optional: access order of the session that made it
 //! parcels/<name>/versions/oldest                 hint: the oldest version gc kept (decimal text)
 //! parcels/<name>/lock                            create-only: holder, host, nonce, since
+//! isr-store                                      marker written by `isrctl init` and parcel creation
 //! ```
 //!
 //! A version exists exactly when its manifest object exists: committing is one
@@ -60,6 +61,29 @@ pub enum ParcelError {
         /// Parcel.
         name: String,
     },
+    /// The parcel is locked by a session (or a rollback): nothing but the
+    /// lock's holder may commit to it or change its keyslots.
+    #[error(
+        "parcel {name} is locked by {holder}@{host} since {since} (resumed there): check it in or discard it first; if that machine is gone, `isrctl unlock --force {name}` (its unsaved changes are then lost)"
+    )]
+    Locked {
+        /// Parcel.
+        name: String,
+        /// Lock holder (user).
+        holder: String,
+        /// Host of the holder.
+        host: String,
+        /// Since.
+        since: String,
+    },
+    /// The store named does not exist.
+    #[error(
+        "store {store} does not exist (check --store, ISR_STORE or the config's `store`; `isrctl init {store}` creates one)"
+    )]
+    StoreNotFound {
+        /// Store URL.
+        store: String,
+    },
     /// The parcel has no committed version.
     #[error(
         "parcel {name} has no committed version yet (an import was interrupted: run the same `isrctl import` again to finish it)"
@@ -110,9 +134,12 @@ impl Classify for ParcelError {
         match self {
             ParcelError::BadName { .. } => ErrorClass::Invalid,
             ParcelError::NotFound { .. }
+            | ParcelError::StoreNotFound { .. }
             | ParcelError::NoVersions { .. }
             | ParcelError::VersionNotFound { .. } => ErrorClass::NotFound,
-            ParcelError::Exists { .. } | ParcelError::VersionExists { .. } => ErrorClass::Conflict,
+            ParcelError::Exists { .. }
+            | ParcelError::VersionExists { .. }
+            | ParcelError::Locked { .. } => ErrorClass::Conflict,
             ParcelError::BadRecord { .. } => ErrorClass::Integrity,
             ParcelError::Store(e) => e.class(),
             ParcelError::Key(e) => e.class(),
@@ -331,6 +358,7 @@ pub async fn create(
         created: Timestamp::now().to_rfc3339(),
     };
     let text = toml::to_string(&record).expect("record serialises");
+    init_store(store).await?;
     if writer
         .put_new(&layout::record(name), Bytes::from(text))
         .await?
@@ -359,6 +387,7 @@ pub async fn write_keyslots(
     kdf: KdfParams,
 ) -> Result<Vec<u32>, ParcelError> {
     let writer = store.writer("write keyslots")?;
+    check_not_locked(store, &parcel.name, None).await?;
     let mut number = 0;
     let mut written = Vec::new();
     for credential in credentials {
@@ -565,6 +594,11 @@ pub async fn resolve_version(
     version: Option<u64>,
 ) -> Result<u64, ParcelError> {
     let versions = list_versions(store, name).await?;
+    if versions.is_empty() {
+        // A parcel that does not exist (e.g. a store path resolved elsewhere)
+        // is not an interrupted import.
+        require_record(store, name).await?;
+    }
     match version {
         None => versions
             .last()
@@ -592,6 +626,7 @@ pub async fn commit(
     manifest: &Manifest,
 ) -> Result<(), ParcelError> {
     let writer = store.writer("commit a version")?;
+    check_not_locked(store, &parcel.name, manifest.lock_nonce.as_ref()).await?;
     let sealed = manifest.seal(&parcel.secrets.parcel_key, &parcel.id)?;
     let key = layout::manifest(&parcel.name, manifest.version);
     match writer.put_new(&key, Bytes::from(sealed)).await? {
@@ -620,6 +655,69 @@ pub async fn read_lock(store: &StoreHandle, name: &str) -> Result<Option<LockRec
             name: name.to_owned(),
             reason: format!("lock object: {e}"),
         })
+}
+
+/// Fails with [`ParcelError::Locked`] when the parcel's lock is held by
+/// anyone but the holder of `nonce` (the nonce a session or rollback writes
+/// into the manifests it commits). Every change of a parcel's versions or
+/// keyslots passes here ([`commit`], [`write_keyslots`]), so a resumed
+/// parcel is safe from imports, rollbacks and passphrase changes alike.
+pub async fn check_not_locked(
+    store: &StoreHandle,
+    name: &str,
+    nonce: Option<&[u8; 16]>,
+) -> Result<(), ParcelError> {
+    let Some(lock) = read_lock(store, name).await? else {
+        return Ok(());
+    };
+    if nonce.is_some_and(|n| hex::encode(n) == lock.nonce) {
+        return Ok(());
+    }
+    Err(ParcelError::Locked {
+        name: name.to_owned(),
+        holder: lock.holder,
+        host: lock.host,
+        since: lock.since,
+    })
+}
+
+/// Whether the store exists: it has the marker `isrctl init` and parcel
+/// creation write, or (a store made before the marker) any parcel object.
+pub async fn store_exists(store: &StoreHandle) -> Result<bool, ParcelError> {
+    if store.reader().exists(layout::STORE_MARKER).await? {
+        return Ok(true);
+    }
+    match store.lister() {
+        Some(lister) => Ok(!lister.list(layout::PARCELS).await?.is_empty()),
+        // A store that cannot list (HTTP) is taken on trust.
+        None => Ok(true),
+    }
+}
+
+/// Fails with [`ParcelError::StoreNotFound`] unless [`store_exists`].
+pub async fn require_store(store: &StoreHandle) -> Result<(), ParcelError> {
+    if store_exists(store).await? {
+        Ok(())
+    } else {
+        Err(ParcelError::StoreNotFound {
+            store: store.url().to_owned(),
+        })
+    }
+}
+
+/// Writes the store marker (create-only: an existing one is left as it is).
+/// Returns whether the store existed already.
+pub async fn init_store(store: &StoreHandle) -> Result<bool, ParcelError> {
+    let existed = store_exists(store).await?;
+    let text = format!(
+        "# an isr store (see docs/format.md)\nformat = {RECORD_FORMAT}\ncreated = \"{}\"\n",
+        Timestamp::now().to_rfc3339()
+    );
+    store
+        .writer("create a store")?
+        .put_new(layout::STORE_MARKER, Bytes::from(text))
+        .await?;
+    Ok(existed)
 }
 
 /// Distinct stored chunks of a manifest with the first place each is used.

@@ -45,7 +45,7 @@ use crate::store::{PutOutcome, StoreError, StoreHandle};
 pub enum SessionError {
     /// Someone else holds the lock.
     #[error(
-        "parcel {name} is locked by {holder} on {host} since {since}; if that machine is gone, run `isrctl unlock --force {name}` (its unsaved changes are then lost)"
+        "parcel {name} is locked by {holder}@{host} since {since}; if that machine is gone, run `isrctl unlock --force {name}` (its unsaved changes are then lost)"
     )]
     Locked {
         /// Parcel.
@@ -596,6 +596,37 @@ pub fn last_checkin(state_dir: &Path, parcel: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// [`last_checkin`], if a repeated `isrctl checkin` may still answer with
+/// it: only while that version is the parcel's newest. Once anything was
+/// committed after it (a rollback, an import, another machine's session) a
+/// checkin with nothing resumed is no rerun of that one; the note is removed.
+pub async fn replayable_checkin(
+    store: &StoreHandle,
+    state_dir: &Path,
+    parcel: &str,
+) -> Result<Option<u64>, SessionError> {
+    let Some(version) = last_checkin(state_dir, parcel) else {
+        return Ok(None);
+    };
+    if still_newest(store, parcel, version).await? {
+        return Ok(Some(version));
+    }
+    let _ = std::fs::remove_file(last_checkin_path(state_dir, parcel));
+    Ok(None)
+}
+
+/// Whether `version` is still the newest version of `parcel`: the test a
+/// replayed checkin answer (from the daemon's memory or [`last_checkin`])
+/// must pass to be the answer of the same, interrupted checkin.
+pub async fn still_newest(
+    store: &StoreHandle,
+    parcel: &str,
+    version: u64,
+) -> Result<bool, SessionError> {
+    let newest = parcel::list_versions(store, parcel).await?.last().copied();
+    Ok(newest == Some(version))
 }
 
 fn note_last_checkin(state_dir: &Path, parcel: &str, version: u64) -> Result<(), SessionError> {

@@ -104,6 +104,14 @@ pub enum StoreError {
         /// What to do instead.
         hint: &'static str,
     },
+    /// An S3 store without credentials (and no instance metadata asked for).
+    #[error(
+        "store {store} needs S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or access_key_id and secret_access_key under [s3] in the config file (on EC2, ISR_S3_INSTANCE_METADATA=1 uses the instance's role instead)"
+    )]
+    NoCredentials {
+        /// Store URL.
+        store: String,
+    },
     /// The URL could not be understood.
     #[error("invalid store URL {url:?}: {reason}")]
     BadUrl {
@@ -133,7 +141,9 @@ impl Classify for StoreError {
             StoreError::Transient { .. } | StoreError::Unreachable { .. } => {
                 ErrorClass::Unreachable
             }
-            StoreError::Unsupported { .. } | StoreError::BadUrl { .. } => ErrorClass::Invalid,
+            StoreError::Unsupported { .. }
+            | StoreError::BadUrl { .. }
+            | StoreError::NoCredentials { .. } => ErrorClass::Invalid,
             StoreError::Permanent { .. } => ErrorClass::Other,
         }
     }
@@ -340,6 +350,18 @@ pub fn open(url: &str, s3: &S3Settings, retry: RetrySettings) -> Result<StoreHan
         let store = http::HttpStore::new(url, retry)?;
         return Ok(StoreHandle::read_only(retry::Retrying::new(store, retry)));
     }
+    if let Some((scheme, _)) = url.split_once(':')
+        && !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !url.contains("://")
+    {
+        return Err(bad(&format!(
+            "{scheme}: is not followed by // (use s3://bucket/prefix, file:///path, http(s)://host/prefix, or ./{url} for a local path with a colon)"
+        )));
+    }
     let path = if let Some(rest) = url.strip_prefix("file://") {
         if !rest.starts_with('/') {
             return Err(bad("file:// URLs need an absolute path (file:///path)"));
@@ -403,6 +425,13 @@ mod tests {
             open("s3:///prefix", &s3, r),
             Err(StoreError::BadUrl { .. })
         ));
+        for malformed in ["s3:/bucket", "s3:bucket/x", "file:/tmp/x", "s3://"] {
+            assert!(
+                matches!(open(malformed, &s3, r), Err(StoreError::BadUrl { .. })),
+                "{malformed}"
+            );
+        }
+        assert!(open("./a:b", &s3, r).is_ok());
     }
 
     #[test]

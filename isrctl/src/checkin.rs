@@ -114,11 +114,29 @@ async fn call_reopening(
                 class: ErrorClass::NotFound,
                 ..
             }) if isr::session::read_record(&context.config.state_dir, name)?.is_some() => {}
+            Ok(Response::Committed { report })
+                if report.already_done
+                    && isr::session::read_record(&context.config.state_dir, name)?.is_none()
+                    && !isr::session::still_newest(
+                        &context.store()?,
+                        &report.parcel,
+                        report.version,
+                    )
+                    .await? =>
+            {
+                // The daemon remembers a checkin, but the parcel has moved on
+                // since (a rollback, an import, another machine): this is no
+                // rerun of that checkin.
+                return Err(SessionError::NotResumed(name.to_owned()).into());
+            }
             other => return Ok(other?),
         }
     }
     if isr::session::read_record(&context.config.state_dir, name)?.is_none() {
-        if let Some(version) = isr::session::last_checkin(&context.config.state_dir, name) {
+        let store = context.store()?;
+        if let Some(version) =
+            isr::session::replayable_checkin(&store, &context.config.state_dir, name).await?
+        {
             // An earlier run finished the checkin (and was then interrupted).
             return Ok(Response::Committed {
                 report: Box::new(CommitReport::finished_earlier(name, version)),

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 use isr::config::Config;
 use isr::error::ErrorClass;
@@ -151,6 +152,7 @@ impl CommandContext {
         if let Some(store) = &global.store {
             config.store = store.clone();
         }
+        config.store = absolute_store(&config.store)?;
         for (flag, dir) in [
             (&global.state_dir, &mut config.state_dir),
             (&global.cache_dir, &mut config.cache_dir),
@@ -161,6 +163,17 @@ impl CommandContext {
             }
         }
         Ok(CommandContext { global, config })
+    }
+
+    /// Fails unless the store exists, when it was named explicitly (option,
+    /// environment or config file); the default store is created on first use.
+    pub async fn require_store(&self) -> anyhow::Result<()> {
+        let default = isr::config::default_store();
+        if self.config.store == default.display().to_string() {
+            return Ok(());
+        }
+        parcel::require_store(&self.store()?).await?;
+        Ok(())
     }
 
     pub fn store(&self) -> anyhow::Result<StoreHandle> {
@@ -195,6 +208,25 @@ impl CommandContext {
         let credentials = self.credentials(name, Purpose::Unlock)?;
         Ok(parcel::open(store, name, &credentials).await?)
     }
+}
+
+/// A relative local store path made absolute against this process's working
+/// directory, before it is used or sent to isrfsd (whose working directory
+/// is another). URLs and absolute paths are returned as they are.
+pub fn absolute_store(store: &str) -> anyhow::Result<String> {
+    let path = std::path::Path::new(store);
+    // Anything with a colon before its first '/' is (maybe malformed) URL:
+    // `isr::store::open` judges it (`./a:b` is the path of a file `a:b`).
+    let url_like = store
+        .split('/')
+        .next()
+        .is_some_and(|first| first.contains(':'));
+    if store.is_empty() || url_like || path.is_absolute() {
+        return Ok(store.to_owned());
+    }
+    let cwd = std::env::current_dir()
+        .context("resolving the relative store path: the working directory is unreadable")?;
+    Ok(cwd.join(path).display().to_string())
 }
 
 /// Splits `NAME@VERSION`.
@@ -245,6 +277,18 @@ pub fn failure(class: ErrorClass) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_stores_become_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute_store("isr/store").unwrap(),
+            cwd.join("isr/store").display().to_string()
+        );
+        for same in ["/srv/isr", "s3://bucket/x", "file:///srv/isr", "s3:/bucket"] {
+            assert_eq!(absolute_store(same).unwrap(), same);
+        }
+    }
 
     #[test]
     fn targets() {

@@ -16,10 +16,10 @@
 //! 3. [`daemon`]: finding or starting isrfsd, one control call.
 //! 4. The commands, independent of each other: [`parcels`] (import, ls,
 //!    info, history, export, verify), [`maintenance`] (gc, passwd, rollback,
-//!    new-key-file), [`session`] (resume, status, hoard, discard, unlock),
-//!    [`checkin`] (sync, checkin, suspend), [`view`] (mount, umount, diff),
-//!    [`watch`] (status --watch), [`settings`] (config). `parcels`,
-//!    `maintenance` and `settings` need no daemon.
+//!    new-key-file, init, delete), [`session`] (resume, status, hoard,
+//!    discard, unlock), [`checkin`] (sync, checkin, suspend), [`view`]
+//!    (mount, umount, diff), [`watch`] (status --watch), [`settings`]
+//!    (config). `parcels`, `maintenance` and `settings` need no daemon.
 //! 5. `main.rs`: uses them all (and prints completions and man pages).
 
 mod checkin;
@@ -54,14 +54,16 @@ Environment (each also a global option):
   ISR_KEY_FILE         key file (for unattended machines)
   ISR_LOG              log filter (e.g. info, debug); logs go to stderr
   AWS_*                S3 credentials, region and endpoint when not in the config file
+  ISR_S3_INSTANCE_METADATA=1  let S3 take credentials from the EC2 instance metadata service
+                       (never asked otherwise)
 
 Exit codes:
   0  success
   1  other error
   2  invalid usage, argument, name or configuration
   3  wrong passphrase or key file, or no way to ask for one
-  4  parcel, version or input path not found
-  5  conflict: parcel exists, or a version was committed concurrently
+  4  store, parcel, version or input path not found
+  5  conflict: parcel exists or is locked (resumed), or a version was committed concurrently
   6  store unreachable after retries
   7  data integrity: bad or missing chunks, corrupt manifest
 
@@ -199,6 +201,21 @@ enum Command {
     /// bytes that differ), and the stored chunks the newer version has that the
     /// older lacks. Reads the two manifests only; no chunk is downloaded.
     Diff(view::DiffArgs),
+    /// Create a store: a local directory (or an S3 prefix) with its marker.
+    ///
+    /// A store given with --store, ISR_STORE or the config file must exist:
+    /// commands refuse a missing one (exit 4) so a typo does not start a new,
+    /// empty store; only the default store is created on first use. For S3 it
+    /// checks that the bucket answers with the credentials given. Running it
+    /// on an existing store changes nothing and succeeds.
+    Init(maintenance::InitArgs),
+    /// Delete a parcel: its versions, keyslots and record (needs --yes).
+    ///
+    /// Refused with exit code 5 while the parcel is locked (resumed
+    /// somewhere). Needs no passphrase: it also removes a parcel whose import
+    /// never finished. Chunks are left for `isrctl gc`, which deletes those no
+    /// other parcel uses once its grace period has passed.
+    Delete(maintenance::DeleteArgs),
     /// Write a new random key file (mode 0600) for unattended machines.
     ///
     /// Use it with `--key-file FILE` (or ISR_KEY_FILE) when importing, to add a
@@ -261,6 +278,26 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
     }
     let context = CommandContext::new(global)?;
     let context = &context;
+    if matches!(
+        command,
+        Command::Import(_)
+            | Command::Ls
+            | Command::Info(_)
+            | Command::History(_)
+            | Command::Export(_)
+            | Command::Verify(_)
+            | Command::Resume(_)
+            | Command::Unlock(_)
+            | Command::Gc(_)
+            | Command::Passwd(_)
+            | Command::Rollback(_)
+            | Command::Delete(_)
+            | Command::Diff(_)
+    ) || matches!(&command, Command::Mount(args) if args.mounts_a_version())
+    {
+        // A mistyped store is an error, not a new empty store.
+        context.require_store().await?;
+    }
     match command {
         Command::Import(args) => parcels::import(context, args).await,
         Command::Ls => parcels::ls(context).await,
@@ -288,6 +325,8 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Config => settings::show(context),
         Command::Daemon(DaemonCommand::Status) => daemon::status(context),
         Command::Daemon(DaemonCommand::Stop) => daemon::stop(context),
+        Command::Init(args) => maintenance::init(context, args).await,
+        Command::Delete(args) => maintenance::delete(context, args).await,
         Command::NewKeyFile { .. } | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled above")
         }

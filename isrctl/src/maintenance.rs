@@ -1,5 +1,5 @@
 //! The commands that look after a store and its parcels' keys: `isrctl gc`,
-//! `passwd`, `rollback` and `new-key-file`. Argument handling and
+//! `passwd`, `rollback`, `new-key-file`, `init` and `delete`. Argument handling and
 //! presentation over `isr::gc`, `isr::maintenance` and `isr::keys`.
 //!
 //! Uses [`crate::context`], [`crate::credentials`] and [`crate::output`]
@@ -71,6 +71,25 @@ pub struct RollbackArgs {
     /// Message recorded with the new version (default "rollback to version VERSION").
     #[arg(long, short)]
     message: Option<String>,
+}
+
+/// `isrctl init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The store to create: /path, file:///path or s3://bucket/prefix
+    /// (default: the store given by --store, ISR_STORE or the config).
+    #[arg(value_name = "STORE")]
+    store: Option<String>,
+}
+
+/// `isrctl delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Parcel.
+    name: String,
+    /// Really delete it (every version; this cannot be undone).
+    #[arg(long)]
+    yes: bool,
 }
 
 /// Unlocks each parcel with the credentials given by option or environment;
@@ -365,6 +384,53 @@ pub async fn rollback(context: &CommandContext, args: RollbackArgs) -> anyhow::R
         println!(
             "parcel {}: version {} has the content of version {} ({})",
             summary.parcel, summary.version, summary.parent, summary.message
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isrctl init [STORE]`.
+pub async fn init(context: &CommandContext, args: InitArgs) -> anyhow::Result<ExitCode> {
+    let url = match &args.store {
+        Some(store) => crate::context::absolute_store(store)?,
+        None => context.config.store.clone(),
+    };
+    let store = isr::store::open(&url, &context.config.s3, context.config.retry)?;
+    let existed = parcel::init_store(&store).await?;
+    if context.global.json {
+        output::json(&serde_json::json!({ "store": store.url(), "created": !existed }))?;
+    } else if existed {
+        println!("{} is already a store; nothing changed", store.url());
+    } else {
+        println!(
+            "created store {} (use it with --store {} or ISR_STORE)",
+            store.url(),
+            store.url()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isrctl delete NAME --yes`.
+pub async fn delete(context: &CommandContext, args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    parcel::validate_name(&args.name)?;
+    if !args.yes {
+        return Err(InvalidArgument(format!(
+            "deleting parcel {} removes every version of it for good: run `isrctl delete --yes {}`",
+            args.name, args.name
+        ))
+        .into());
+    }
+    let store = context.store()?;
+    let summary = isr::maintenance::delete(&store, &args.name).await?;
+    if context.global.json {
+        output::json(&summary)?;
+    } else {
+        println!(
+            "deleted parcel {} ({} version(s), {} object(s)); `isrctl gc` frees the chunks no other parcel uses",
+            summary.parcel,
+            summary.versions.len(),
+            summary.objects
         );
     }
     Ok(ExitCode::SUCCESS)

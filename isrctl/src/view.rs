@@ -28,6 +28,14 @@ pub struct MountArgs {
     dir: Option<PathBuf>,
 }
 
+impl MountArgs {
+    /// Whether this mounts a version (it reads the store) rather than
+    /// listing the views.
+    pub fn mounts_a_version(&self) -> bool {
+        self.target.is_some()
+    }
+}
+
 /// `isrctl umount`.
 #[derive(Debug, Args)]
 pub struct UmountArgs {

@@ -60,6 +60,24 @@ impl S3Store {
                     .as_deref()
                     .is_some_and(|e| e.starts_with("http://"))
             });
+        // Without credentials object_store would ask the EC2 instance
+        // metadata service (169.254.169.254), which elsewhere only times out:
+        // that happens only when asked for.
+        let has_keys = settings.access_key_id.is_some() || env("AWS_ACCESS_KEY_ID").is_some();
+        let other_source = [
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        ]
+        .iter()
+        .any(|name| env(name).is_some());
+        let metadata = env("ISR_S3_INSTANCE_METADATA")
+            .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        if !has_keys && !other_source && !metadata {
+            return Err(StoreError::NoCredentials {
+                store: url.to_owned(),
+            });
+        }
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_virtual_hosted_style_request(settings.virtual_hosted_style.unwrap_or(false))

@@ -345,7 +345,10 @@ impl Env {
             ),
         )
         .unwrap();
-        Env { dir, store, config }
+        let env = Env { dir, store, config };
+        // A store named explicitly (as ISR_STORE is here) must exist.
+        env.ok(&["init"]);
+        env
     }
 
     /// A second machine on the same store: its own state, cache, runtime
