@@ -12,7 +12,7 @@ use support::{Env, SeaweedFs};
 /// `user@host` of the parcel's lock, as `isrctl ls` shows it.
 fn lock_holder(env: &Env, name: &str) -> String {
     let listing = env.json(&["ls"]);
-    let parcel = listing
+    let parcel = listing["parcels"]
         .as_array()
         .unwrap()
         .iter()
