@@ -429,6 +429,9 @@ fn stopping_isrfsd_or_powering_off_checks_the_kiosk_parcel_in() {
         "active"
     );
     assert_eq!(container.property("isrfsd.service", "NotifyAccess"), "main");
+    // Only isrfsd gets SIGTERM at stop: QEMU, its child, must live until
+    // isrfsd has saved it (control-group sent SIGTERM to both: defect 1).
+    assert_eq!(container.property("isrfsd.service", "KillMode"), "mixed");
 
     container.ok(&["systemctl", "start", "isr-kiosk@vm.service"]);
     assert_eq!(
