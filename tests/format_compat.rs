@@ -88,8 +88,10 @@ async fn v1_manifests_and_keyslots_still_open() {
 #[test]
 fn v1_store_exports_and_verifies_with_todays_isrctl() {
     let env = support::Env::local();
-    // Work on a copy: nothing may write into the committed fixture.
-    let copy = env.path("store");
+    // Work on a copy: nothing may write into the committed fixture. Not the
+    // env's own store (`init` made it): a v1 store has no store marker, and
+    // must still count as a store.
+    let copy = env.path("v1-store");
     let status = std::process::Command::new("cp")
         .arg("-a")
         .arg(fixture().join("store"))
