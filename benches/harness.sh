@@ -77,6 +77,8 @@ PY
   for r in $(seq "$RUNS"); do
     local t0 t1
     t0=$(now)
+    # A named store must exist (init); a baseline built before init existed creates it on import.
+    ISR_CONFIG=$work/config.toml ISR_STORE=$work/store$r "$bin/isrctl" init > /dev/null 2>&1 || true
     ISR_CONFIG=$work/config.toml ISR_PASSPHRASE=bench ISR_STORE=$work/store$r "$bin/isrctl" import vm "$work/src" > /dev/null
     t1=$(now)
     t+=("$(python3 -c "print(f'{(1 << 30) / 1e6 / ($t1 - $t0):.0f}')")")

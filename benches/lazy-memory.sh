@@ -88,12 +88,12 @@ for profile in $profiles; do
         t0=$(now)
         isrctl resume "$p" > /dev/null 2>&1
         t1=$(now)
-        fr+=("$(isrctl --json status "$p" | json 'd[0]["fetch"]["fetched_bytes"]')")
+        fr+=("$(isrctl --json status "$p" | json 's[0]["fetch"]["fetched_bytes"]')")
         wait_counters "$log" 1
         t2=$(now)
         status=$(isrctl --json status "$p")
-        ff+=("$(echo "$status" | json 'd[0]["fetch"]["fetched_bytes"]')")
-        ws+=("$(echo "$status" | json 'd[0]["working_set_bytes"]')")
+        ff+=("$(echo "$status" | json 's[0]["fetch"]["fetched_bytes"]')")
+        ws+=("$(echo "$status" | json 's[0]["working_set_bytes"]')")
         r+=("$(elapsed "$t0" "$t1")"); f+=("$(elapsed "$t0" "$t2")")
         isrctl discard "$p" > /dev/null
         say "$p run $i: running after ${r[-1]} s (${fr[-1]} bytes fetched), first progress after ${f[-1]} s (${ff[-1]} bytes; working set ${ws[-1]} bytes)"
@@ -147,6 +147,7 @@ for i in $(seq "$runs"); do
   parcel_dir "$work/src-$p" 256 lazy "$extra"
   machine "W$i"
   export ISR_STORE=$work/store-$p
+  isrctl init > /dev/null 2>&1 || true  # a named store must exist (a baseline before init makes it on import)
   isrctl import "$p" "$work/src-$p" > /dev/null
   isrctl resume "$p" > /dev/null 2>&1
   log=$ISR_RUNTIME_DIR/vm/$p/serial.log

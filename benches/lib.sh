@@ -25,7 +25,9 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
 # json FIELD-EXPRESSION: reads JSON on stdin, prints python expression over `d`
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# d is the document; s its sessions (`status --json`: {"sessions": [...]},
+# a bare list before the schema field, as a BASELINE_REV build prints it).
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); s=d.get('sessions') if isinstance(d, dict) else d; print($1)"; }
 # json_lines FIELD: reads one JSON object per line on stdin, prints each one's FIELD
 json_lines() { python3 -c "import json,sys; [print(json.loads(l)[sys.argv[1]]) for l in sys.stdin if l.strip()]" "$1"; }
 # mb BYTES: in MB (10^6), one decimal

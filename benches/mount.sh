@@ -16,6 +16,7 @@ trap cleanup EXIT
 printf '[kdf]\nmemory_kib = 1024\niterations = 1\n' > "$work/config.toml"
 export ISR_PASSPHRASE=bench ISR_CONFIG="$work/config.toml" ISR_STORE="$work/store"
 isrctl() { "$bin/isrctl" "$@"; }
+isrctl init > /dev/null 2>&1 || true  # a named store must exist (a baseline before init makes it on import)
 seq_read() { # file → MB/s, median of $runs, caches dropped
   for _ in $(seq "$runs"); do
     drop_caches

@@ -66,7 +66,7 @@ for r in $(seq "$runs"); do
   machine "B$r"
   t0=$(now); out=$(isrctl --json resume vm 2>/dev/null); t1=$(now)
   cold+=("$(elapsed "$t0" "$t1")")
-  fetched+=("$(isrctl --json status vm | json 'd[0]["fetch"]["fetched_bytes"]')")
+  fetched+=("$(isrctl --json status vm | json 's[0]["fetch"]["fetched_bytes"]')")
   [ "$(echo "$out" | json 'd["vm"]["resumed_from_memory"]')" = True ] || { echo "B$r did not resume from memory: $out" >&2; exit 1; }
   isrctl hoard vm > /dev/null   # everything local: the next resume here is warm
   isrctl discard vm > /dev/null
@@ -119,7 +119,7 @@ for _ in range(20):
     time.sleep(0.1)
 PY
   ))
-  busy=$(isrctl --json status demand | json 'd[0]["fetch"]["fetched_bytes"]')
+  busy=$(isrctl --json status demand | json 's[0]["fetch"]["fetched_bytes"]')
   say "run $r: $busy bytes fetched meanwhile"
   isrctl discard demand > /dev/null
 done

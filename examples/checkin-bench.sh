@@ -21,6 +21,7 @@ cleanup() { ISR_RUNTIME_DIR="$work/run" "$isrctl" status >/dev/null 2>&1 || true
 trap cleanup EXIT
 export ISR_STORE="$work/store" ISR_PASSPHRASE="bench" ISR_CONFIG="$work/config.toml"
 export ISR_STATE_DIR="$work/state" ISR_CACHE_DIR="$work/cache" ISR_RUNTIME_DIR="$work/run"
+"$isrctl" init > /dev/null
 
 mkdir -p "$work/vm"
 head -c "$((size_mib / 2))M" /dev/urandom > "$work/vm/disk.img"
@@ -38,7 +39,7 @@ with open(path, "r+b") as f:
 PY
 }
 ideal() { # version: stored bytes of chunks in VERSION that VERSION-1 lacks
-  "$isrctl" --json history vm | python3 -c "import json,sys; h=json.load(sys.stdin); print(h[$1-1]['new_bytes'])"
+  "$isrctl" --json history vm | python3 -c "import json,sys; h=json.load(sys.stdin); print(h['versions'][$1-1]['new_bytes'])"
 }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
@@ -75,7 +76,7 @@ for trickle in false true; do
   mount=$("$isrctl" resume vm 2>/dev/null)
   dirty "$mount" 5 "$((50 + ${#trickle}))"
   if [ "$trickle" = true ]; then
-    until "$isrctl" --json status vm | python3 -c "import json,sys; s=json.load(sys.stdin)[0]; sys.exit(0 if s['pending_chunks']==0 and s['dirty_bytes']==0 else 1)"; do sleep 1; done
+    until "$isrctl" --json status vm | python3 -c "import json,sys; s=json.load(sys.stdin)['sessions'][0]; sys.exit(0 if s['pending_chunks']==0 and s['dirty_bytes']==0 else 1)"; do sleep 1; done
   else
     sleep 3
   fi

@@ -44,6 +44,7 @@ echo "== warm reads: ${size_mib} MiB random image" >&2
 mkdir -p "$work/src" "$work/mnt-bindfs"
 head -c "${size_mib}M" /dev/urandom > "$work/src/disk.img"
 machine A; export ISR_STORE="$work/store"
+"$bin/isrctl" init > /dev/null
 "$bin/isrctl" import vm "$work/src" > /dev/null
 mount=$("$bin/isrctl" resume vm 2>/dev/null)
 "$bin/isrctl" hoard vm > /dev/null

@@ -174,9 +174,9 @@ t_guest=$(since "$t")
 import_parcel() {  # import_parcel NAME DIR: prints the JSON answer (a new version on a rerun)
   local listing exists lock
   listing=$(isrctl_on A --json ls)
-  exists=$(jget "$listing" "any(p['name'] == '$1' for p in d)")
+  exists=$(jget "$listing" "any(p['name'] == '$1' for p in d['parcels'])")
   if [ "$exists" = true ]; then
-    lock=$(jget "$listing" "next(p['lock'] for p in d if p['name'] == '$1')")
+    lock=$(jget "$listing" "next(p['lock'] for p in d['parcels'] if p['name'] == '$1')")
     if [ "$lock" != null ]; then
       say "$1 is still locked ($(jget "$lock" "d['holder'] + '@' + d['host'] + ' since ' + d['since']")), presumably by an interrupted run: breaking the lock" >&2
       isrctl_on A unlock --force "$1" | sed 's/^/   /' >&2
@@ -242,7 +242,7 @@ wait_counting() {
   while :; do
     have=$(count_lines "$(serial_log "$m")")
     [ "$have" -ge "$total" ] && return 0
-    state=$(jget "$(isrctl_on "$m" --json status "$parcel")" "(d[0].get('vm') or {}).get('state', 'none')") \
+    state=$(jget "$(isrctl_on "$m" --json status "$parcel")" "(d['sessions'][0].get('vm') or {}).get('state', 'none')") \
       || vm_failed "$m" "isrctl status failed while waiting for the counter"
     case $state in running|busy) ;; *) vm_failed "$m" "the VM is $state, not running, with $have of $total counter lines" ;; esac
     [ $(($(date +%s) - start)) -lt "$limit" ] \
@@ -251,7 +251,7 @@ wait_counting() {
   done
 }
 
-fetched() { jget "$(isrctl_on "$1" --json status "$parcel")" "d[0]['fetch']['fetched_bytes']"; }
+fetched() { jget "$(isrctl_on "$1" --json status "$parcel")" "d['sessions'][0]['fetch']['fetched_bytes']"; }
 
 resume_on() {  # resume_on MACHINE: prints the JSON answer; checks the VM runs
   local answer

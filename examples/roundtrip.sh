@@ -55,7 +55,7 @@ echo "== isrctl verify --deep example"
 
 echo "== throughput on the same file, same run (file in page cache for all three)"
 rm -rf "$work/store2"
-start=$(now); ISR_STORE="$work/store2" "$isrctl" import example "$work/vm" > /dev/null; end=$(now)
+start=$(now); ISR_STORE="$work/store2" "$isrctl" init > /dev/null; ISR_STORE="$work/store2" "$isrctl" import example "$work/vm" > /dev/null; end=$(now)
 isr_rate=$(rate "$bytes" "$(python3 -c "print($end - $start)")")
 start=$(now); cat "$image" > /dev/null; end=$(now)
 cat_rate=$(rate "$bytes" "$(python3 -c "print($end - $start)")")
