@@ -143,7 +143,7 @@ cleanup() {
     if [ "$finished" = 1 ] && [ -z "${KEEP:-}" ]; then
       rm -rf --one-file-system "$work"
     else
-      say "kept $work (logs: */run/isrfsd.log, */run/vm/$parcel/{serial,qemu}.log)"
+      say "kept $work (logs: */run/log/isrfsd.*, */run/vm/$parcel/{serial,qemu}.log)"
     fi
   fi
   exit "$rc"
@@ -228,8 +228,8 @@ vm_failed() {  # vm_failed MACHINE WHY
     tail -n 60 "$(serial_log "$1")" 2>/dev/null | tr -d '\r'
     printf -- '--- qemu log (%s):\n' "$(qemu_log "$1")"
     tail -n 60 "$(qemu_log "$1")" 2>/dev/null
-    printf -- '--- isrfsd log (%s), last 20 lines:\n' "$work/$1/run/isrfsd.log"
-    tail -n 20 "$work/$1/run/isrfsd.log" 2>/dev/null
+    printf -- '--- isrfsd log (%s), last 20 lines:\n' "$work/$1/run/log/"
+    cat "$work/$1/run/log/"isrfsd.* 2>/dev/null | tail -n 20
   } >&2
   exit 1
 }

@@ -477,7 +477,7 @@ fn with_the_store_stopped_local_reads_go_on_and_missing_ones_wait_for_it() {
     let chunk = reader.join().unwrap().unwrap_or_else(|e| {
         panic!(
             "the read completes once the store is back: {e}; isrfsd's log:\n{}",
-            std::fs::read_to_string(env.path("run/isrfsd.log")).unwrap_or_default()
+            env.daemon_log()
         )
     });
     assert_eq!(chunk, data[9 * CHUNK as usize..10 * CHUNK as usize]);

@@ -30,8 +30,17 @@ fn write_synced(path: &Path, data: &[u8]) {
     file.sync_all().unwrap();
 }
 
-fn daemon_log(env: &Env) -> String {
-    std::fs::read_to_string(env.path("run/isrfsd.log")).unwrap_or_default()
+/// isrfsd's log once it holds `line` (its file writer runs in the
+/// background), or as it is after 10 s.
+fn daemon_log_with(env: &Env, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = env.daemon_log();
+        if log.contains(line) || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -100,10 +109,10 @@ fn an_unmount_behind_the_daemon_is_noticed_and_resume_mounts_again() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let log = daemon_log_with(&env, "the mount ended behind isrfsd's back");
     assert!(
-        daemon_log(&env).contains("the mount ended behind isrfsd's back"),
-        "{}",
-        daemon_log(&env)
+        log.contains("the mount ended behind isrfsd's back"),
+        "{log}"
     );
     let text = env.ok(&["status"]);
     assert!(text.contains("not mounted"), "{text}");

@@ -785,3 +785,18 @@ pub fn read_in_background(
             .map(|_| buffer)
     })
 }
+
+impl Env {
+    /// The log of the isrfsd isrctl started for this env: its daily files and
+    /// early stderr under `<runtime>/log`, oldest first.
+    pub fn daemon_log(&self) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.path("run/log"))
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .map(|file| std::fs::read_to_string(file).unwrap_or_default())
+            .collect()
+    }
+}
