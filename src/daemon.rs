@@ -254,6 +254,22 @@ fn error_response(class: ErrorClass, message: String) -> Response {
     Response::Error { class, message }
 }
 
+/// The parcel and store a request names, opened, or the error reply.
+fn open_requested(
+    parcel: &control::WireParcel,
+    store: &control::WireStore,
+) -> Result<(crate::parcel::OpenParcel, store::StoreHandle), Response> {
+    let Some(open) = parcel.open() else {
+        return Err(error_response(
+            ErrorClass::Invalid,
+            "malformed parcel secrets in the request".into(),
+        ));
+    };
+    let store = store::open(&store.url, &store.s3, store.retry)
+        .map_err(|e| error_response(e.class(), e.to_string()))?;
+    Ok((open, store))
+}
+
 impl Daemon {
     /// Answers the requests of one control connection until it closes;
     /// connections from other users are refused.
@@ -557,15 +573,9 @@ impl Daemon {
                 ),
             );
         }
-        let Some(open) = parcel.open() else {
-            return error_response(
-                ErrorClass::Invalid,
-                "malformed parcel secrets in the request".into(),
-            );
-        };
-        let store = match store::open(&wire_store.url, &wire_store.s3, wire_store.retry) {
-            Ok(store) => store,
-            Err(e) => return error_response(e.class(), e.to_string()),
+        let (open, store) = match open_requested(&parcel, &wire_store) {
+            Ok(opened) => opened,
+            Err(response) => return response,
         };
         let session = match self.runtime.block_on(Session::view(
             store,
@@ -891,14 +901,7 @@ impl Daemon {
             // isrctl resends with the parcel's secrets.
             return Err(fail(SessionError::NotResumed(parcel.to_owned())));
         };
-        let Some(open) = reopen.parcel.open() else {
-            return Err(error_response(
-                ErrorClass::Invalid,
-                "malformed parcel secrets in the request".into(),
-            ));
-        };
-        let store = store::open(&reopen.store.url, &reopen.store.s3, reopen.store.retry)
-            .map_err(|e| error_response(e.class(), e.to_string()))?;
+        let (open, store) = open_requested(&reopen.parcel, &reopen.store)?;
         crate::session::detach_dead_mount(&record.mount);
         if record.checked_in {
             let version = self
@@ -952,15 +955,9 @@ impl Daemon {
                 Err(response) => response,
             };
         }
-        let Some(open) = parcel.open() else {
-            return error_response(
-                ErrorClass::Invalid,
-                "malformed parcel secrets in the request".into(),
-            );
-        };
-        let store = match store::open(&wire_store.url, &wire_store.s3, wire_store.retry) {
-            Ok(store) => store,
-            Err(e) => return error_response(e.class(), e.to_string()),
+        let (open, store) = match open_requested(&parcel, &wire_store) {
+            Ok(opened) => opened,
+            Err(response) => return response,
         };
         let reattaching = crate::session::read_record(&self.context.state_dir, &open.name)
             .ok()

@@ -122,7 +122,7 @@ pub struct DeleteSummary {
 /// (newest first, so an interrupted delete leaves contiguous versions),
 /// traces, keyslots, and the record last. Chunks are left to
 /// [`crate::gc`]. Takes the parcel's lock first, so a resumed parcel is
-/// refused ([`SessionError::Locked`]) and no resume can start meanwhile.
+/// refused ([`ParcelError::Locked`]) and no resume can start meanwhile.
 /// Works without the parcel's credentials, also on a parcel whose import
 /// never committed a version (or wrote no keyslot).
 pub async fn delete(store: &StoreHandle, name: &str) -> Result<DeleteSummary, SessionError> {
@@ -291,7 +291,7 @@ mod tests {
         let held = session::take_lock(&store, "p", None).await.unwrap();
         assert!(matches!(
             rollback(&store, &parcel, 1, None).await,
-            Err(SessionError::Locked { .. })
+            Err(SessionError::Parcel(ParcelError::Locked { .. }))
         ));
         assert_eq!(
             parcel::read_lock(&store, "p").await.unwrap().unwrap().nonce,

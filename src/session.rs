@@ -43,20 +43,6 @@ use crate::store::{PutOutcome, StoreError, StoreHandle};
 /// Errors of session lifecycle operations.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// Someone else holds the lock.
-    #[error(
-        "parcel {name} is locked by {holder}@{host} since {since}; if that machine is gone, run `isrctl unlock --force {name}` (its unsaved changes are then lost)"
-    )]
-    Locked {
-        /// Parcel.
-        name: String,
-        /// Lock holder.
-        holder: String,
-        /// Host.
-        host: String,
-        /// Since.
-        since: String,
-    },
     /// This machine's session lost its lock (someone forced it).
     #[error(
         "the lock of parcel {name} was broken by someone else ({detail}); nothing was committed and this machine's changes are kept: save them as a new parcel with `isrctl checkin --as NEW-NAME {name}`, or drop them with `isrctl discard {name}`"
@@ -130,7 +116,7 @@ pub enum SessionError {
 impl Classify for SessionError {
     fn class(&self) -> ErrorClass {
         match self {
-            SessionError::Locked { .. } | SessionError::LockLost { .. } => ErrorClass::Conflict,
+            SessionError::LockLost { .. } => ErrorClass::Conflict,
             SessionError::NotResumed(_) => ErrorClass::NotFound,
             SessionError::MissingLocalChunk { .. } => ErrorClass::Integrity,
             SessionError::Diverged { .. } => ErrorClass::Conflict,
@@ -327,12 +313,13 @@ pub async fn take_lock(
                             "just now".into(),
                         )
                     });
-            Err(SessionError::Locked {
+            Err(ParcelError::Locked {
                 name: name.to_owned(),
                 holder,
                 host,
                 since,
-            })
+            }
+            .into())
         }
     }
 }
