@@ -252,6 +252,10 @@ pub enum Response {
     Status {
         /// One per session.
         sessions: Vec<ParcelStatus>,
+        /// Parcels whose resume is under way and not yet a session (their
+        /// session record may already be on disk).
+        #[serde(default)]
+        resuming: Vec<String>,
     },
     /// Every chunk is local.
     Hoarded {

@@ -21,7 +21,7 @@
 //!   nor a parcel lock, so they never wait for (or block) a resumed
 //!   parcel's requests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -139,6 +139,8 @@ pub struct Daemon {
     /// Per parcel: held by resume, sync, checkin and discard, so they run one
     /// at a time and a request sees the previous one's end state.
     parcel_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Parcels with a resume under way (status lists them as resuming).
+    resuming: Mutex<HashSet<String>>,
     /// Checkins this daemon finished: a repeated request (its client was
     /// killed) gets the same answer.
     checked_in: Mutex<HashMap<String, CommitReport>>,
@@ -192,6 +194,7 @@ impl Daemon {
             views: Mutex::new(HashMap::new()),
             view_changes: Mutex::new(()),
             parcel_locks: Mutex::new(HashMap::new()),
+            resuming: Mutex::new(HashSet::new()),
             checked_in: Mutex::new(HashMap::new()),
             mounter,
             shutdown,
@@ -341,7 +344,11 @@ impl Daemon {
             } => {
                 let lock = self.parcel_lock(&parcel.name);
                 let _one_at_a_time = lock.lock().expect("parcel lock");
-                self.resume(*parcel, version, mount, store, vmm)
+                let name = parcel.name.clone();
+                self.resuming.lock().expect("resuming").insert(name.clone());
+                let response = self.resume(*parcel, version, mount, store, vmm);
+                self.resuming.lock().expect("resuming").remove(&name);
+                response
             }
             Request::Suspend {
                 parcel,
@@ -401,13 +408,27 @@ impl Daemon {
                     })
                     .collect();
                 statuses.sort_by(|a, b| a.session.parcel.cmp(&b.session.parcel));
+                let mut resuming: Vec<String> = self
+                    .resuming
+                    .lock()
+                    .expect("resuming")
+                    .iter()
+                    .filter(|name| parcel.as_ref().is_none_or(|p| p == *name))
+                    .filter(|name| !sessions.contains_key(*name))
+                    .cloned()
+                    .collect();
+                resuming.sort();
                 if let Some(name) = parcel
                     && statuses.is_empty()
+                    && resuming.is_empty()
                 {
                     let e = SessionError::NotResumed(name);
                     return error_response(e.class(), e.to_string());
                 }
-                Response::Status { sessions: statuses }
+                Response::Status {
+                    sessions: statuses,
+                    resuming,
+                }
             }
             Request::Hoard { parcel } => {
                 let session_parts = {
@@ -1225,6 +1246,8 @@ mod tests {
         mounts: Arc<AtomicUsize>,
         unmounts: Arc<AtomicUsize>,
         fail: Arc<std::sync::atomic::AtomicBool>,
+        /// When set, a mount waits for a message on it first.
+        gate: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
     }
 
     struct CountedMount(Arc<AtomicUsize>);
@@ -1247,6 +1270,9 @@ mod tests {
             mount_point: &Path,
         ) -> std::io::Result<Box<dyn MountHandle>> {
             assert!(mount_point.is_dir(), "the daemon creates the mount point");
+            if let Some(gate) = self.gate.lock().unwrap().as_ref() {
+                gate.recv().unwrap();
+            }
             if self.fail.load(Ordering::SeqCst) {
                 return Err(std::io::Error::other("no FUSE here"));
             }
@@ -1262,6 +1288,7 @@ mod tests {
         mounts: Arc<AtomicUsize>,
         unmounts: Arc<AtomicUsize>,
         fail_mounts: Arc<std::sync::atomic::AtomicBool>,
+        mount_gate: Arc<Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
     }
 
     /// A daemon over a local store holding parcel `p` (one empty version).
@@ -1284,10 +1311,11 @@ mod tests {
             fail: Arc::new(fail_mounts.into()),
             ..CountingMounter::default()
         };
-        let (mounts, unmounts, fail_mounts) = (
+        let (mounts, unmounts, fail_mounts, mount_gate) = (
             mounter.mounts.clone(),
             mounter.unmounts.clone(),
             mounter.fail.clone(),
+            mounter.gate.clone(),
         );
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let (shutdown, _) = std::sync::mpsc::channel();
@@ -1299,6 +1327,7 @@ mod tests {
             mounts,
             unmounts,
             fail_mounts,
+            mount_gate,
         }
     }
 
@@ -1342,7 +1371,7 @@ mod tests {
             panic!("second resume reattaches");
         };
         assert_eq!(f.mounts.load(Ordering::SeqCst), 1);
-        let Response::Status { sessions } = f.status() else {
+        let Response::Status { sessions, .. } = f.status() else {
             panic!("status");
         };
         assert_eq!(sessions.len(), 1);
@@ -1364,6 +1393,37 @@ mod tests {
             panic!("no session after checkin");
         };
         assert_eq!(class, ErrorClass::NotFound);
+    }
+
+    #[test]
+    fn status_lists_a_resume_under_way_as_resuming_not_as_a_session() {
+        let f = fixture(false);
+        let (open_gate, gate) = std::sync::mpsc::channel();
+        *f.mount_gate.lock().unwrap() = Some(gate);
+        std::thread::scope(|scope| {
+            let resume = scope.spawn(|| f.resume());
+            // The resume has written its session record and waits in mount.
+            let mut seen = None;
+            for _ in 0..1000 {
+                if let Response::Status { sessions, resuming } = f.status() {
+                    seen = Some((sessions.len(), resuming));
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            assert_eq!(seen, Some((0, vec!["p".to_owned()])));
+            assert!(
+                crate::session::read_record(&f.dir.path().join("state"), "p")
+                    .unwrap()
+                    .is_some()
+            );
+            open_gate.send(()).unwrap();
+            assert!(matches!(resume.join().unwrap(), Response::Resumed { .. }));
+        });
+        let Response::Status { sessions, resuming } = f.status() else {
+            panic!("status after the resume");
+        };
+        assert_eq!((sessions.len(), resuming.len()), (1, 0));
     }
 
     #[test]

@@ -176,7 +176,7 @@ async fn call_with_progress(
         let status = Request::Status {
             parcel: Some(name.to_owned()),
         };
-        if let Ok(Ok(Response::Status { sessions })) = daemon::call(&socket, status).await
+        if let Ok(Ok(Response::Status { sessions, .. })) = daemon::call(&socket, status).await
             && let Some(session) = sessions.first().map(|s| &s.session)
         {
             bar.set_message(format!(

@@ -57,9 +57,11 @@ pub fn status(context: &CommandContext) -> anyhow::Result<std::process::ExitCode
     let sessions: Vec<String> = match running {
         false => Vec::new(),
         true => match isr::control::call(&socket, Request::Status { parcel: None })? {
-            Response::Status { sessions } => {
-                sessions.into_iter().map(|s| s.session.parcel).collect()
-            }
+            Response::Status { sessions, resuming } => sessions
+                .into_iter()
+                .map(|s| s.session.parcel)
+                .chain(resuming)
+                .collect(),
             other => anyhow::bail!("isrfsd answered status with {other:?}"),
         },
     };

@@ -217,7 +217,7 @@ async fn wait_for_vm_exit(socket: &Path, name: &str) -> anyhow::Result<ExitCode>
             parcel: Some(name.to_owned()),
         };
         let vm = match daemon::call(socket, request).await? {
-            Ok(Response::Status { sessions }) => sessions.into_iter().next().and_then(|s| s.vm),
+            Ok(Response::Status { sessions, .. }) => sessions.into_iter().next().and_then(|s| s.vm),
             // Checked in or discarded from elsewhere: nothing runs any more.
             Err(ControlError::Daemon {
                 class: ErrorClass::NotFound,
@@ -261,6 +261,9 @@ pub struct Listing {
     pub daemon_running: bool,
     /// The sessions isrfsd serves.
     pub sessions: Vec<ParcelStatus>,
+    /// Parcels isrfsd is resuming right now, with their session record
+    /// when it is on disk already.
+    pub resuming: Vec<(String, Option<isr::session::SessionRecord>)>,
     /// Session records on disk that no running isrfsd serves: `isrctl
     /// resume` reattaches them, `isrctl checkin` commits them.
     pub detached: Vec<isr::session::SessionRecord>,
@@ -275,6 +278,18 @@ impl Listing {
             let mut value = serde_json::to_value(status).unwrap_or_default();
             value["attached"] = true.into();
             sessions.push(value);
+        }
+        for (parcel, record) in &self.resuming {
+            sessions.push(serde_json::json!({
+                "parcel": parcel,
+                "store": record.as_ref().map(|r| &r.store),
+                "base_version": record.as_ref().map(|r| r.base_version),
+                "mount": record.as_ref().map(|r| &r.mount),
+                "mounted": false,
+                "vm": null,
+                "attached": true,
+                "resuming": true,
+            }));
         }
         for record in &self.detached {
             // The fields a session's status shares with its record, flat as
@@ -308,19 +323,19 @@ impl Listing {
 /// runs and from the session records on disk.
 pub fn listing(context: &CommandContext, name: Option<&str>) -> anyhow::Result<Listing> {
     let socket = daemon::socket_if_running(context);
-    let sessions = match &socket {
-        None => Vec::new(),
+    let (sessions, resuming) = match &socket {
+        None => (Vec::new(), Vec::new()),
         Some(socket) => {
             tracing::debug!(socket = %socket.display(), "asking isrfsd for its sessions");
             let request = Request::Status {
                 parcel: name.map(str::to_owned),
             };
             match isr::control::call(socket, request) {
-                Ok(Response::Status { sessions }) => sessions,
+                Ok(Response::Status { sessions, resuming }) => (sessions, resuming),
                 Err(ControlError::Daemon {
                     class: ErrorClass::NotFound,
                     ..
-                }) if name.is_some() => Vec::new(),
+                }) if name.is_some() => (Vec::new(), Vec::new()),
                 Ok(other) => anyhow::bail!("isrfsd answered status with {other:?}"),
                 Err(e) => return Err(e.into()),
             }
@@ -328,19 +343,33 @@ pub fn listing(context: &CommandContext, name: Option<&str>) -> anyhow::Result<L
     };
     let state_dir = &context.config.state_dir;
     tracing::debug!(state_dir = %state_dir.display(), "reading the session records");
-    let detached = isr::session::list_records(state_dir)?
+    let mut records: Vec<_> = isr::session::list_records(state_dir)?
         .into_iter()
         .filter(|record| name.is_none_or(|name| name == record.parcel))
         .filter(|record| !record.checked_in)
         .filter(|record| !sessions.iter().any(|s| s.session.parcel == record.parcel))
         .collect();
+    // A resume under way writes its record before it becomes a session: that
+    // record is not detached.
+    let resuming = resuming
+        .into_iter()
+        .map(|parcel| {
+            let record = records
+                .iter()
+                .position(|r| r.parcel == parcel)
+                .map(|i| records.remove(i));
+            (parcel, record)
+        })
+        .collect();
     let listing = Listing {
         daemon_running: socket.is_some(),
         sessions,
-        detached,
+        resuming,
+        detached: records,
     };
     if let Some(name) = name
         && listing.sessions.is_empty()
+        && listing.resuming.is_empty()
         && listing.detached.is_empty()
     {
         return Err(SessionError::NotResumed(name.to_owned()).into());
@@ -362,12 +391,15 @@ pub fn status(context: &CommandContext, args: StatusArgs) -> anyhow::Result<Exit
 /// The text of `isrctl status`: a table of the attached sessions, then one
 /// line per detached one.
 pub fn print_listing(listing: &Listing) {
-    if listing.sessions.is_empty() && listing.detached.is_empty() {
+    if listing.sessions.is_empty() && listing.resuming.is_empty() && listing.detached.is_empty() {
         println!("no resumed parcels (`isrctl resume NAME` mounts one)");
         return;
     }
     if !listing.sessions.is_empty() {
         print_table(&listing.sessions);
+    }
+    for (parcel, _) in &listing.resuming {
+        println!("{}", isr::error::printable(&format!("{parcel}: resuming…")));
     }
     for record in &listing.detached {
         println!(
@@ -477,7 +509,7 @@ pub fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
             let request = Request::Status {
                 parcel: Some(name.to_owned()),
             };
-            if let Ok(Response::Status { sessions }) = isr::control::call(&socket, request)
+            if let Ok(Response::Status { sessions, .. }) = isr::control::call(&socket, request)
                 && let Some(session) = sessions.first().map(|s| &s.session)
             {
                 bar.set_length(session.chunks_total);

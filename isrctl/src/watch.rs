@@ -55,8 +55,8 @@ pub fn watch(
         let request = Request::Status {
             parcel: name.map(str::to_owned),
         };
-        let sessions = match isr::control::call(&socket, request) {
-            Ok(Response::Status { sessions }) => sessions,
+        let (sessions, resuming) = match isr::control::call(&socket, request) {
+            Ok(Response::Status { sessions, resuming }) => (sessions, resuming),
             Ok(other) => anyhow::bail!("isrfsd answered status with {other:?}"),
             Err(ControlError::Daemon {
                 class: ErrorClass::NotFound,
@@ -64,8 +64,13 @@ pub fn watch(
             }) => return ended(name, shown),
             Err(e) => return Err(e.into()),
         };
-        if sessions.is_empty() {
+        if sessions.is_empty() && resuming.is_empty() {
             return ended(name, shown);
+        }
+        if sessions.is_empty() {
+            // Not a session yet: wait for its mount without counting a frame.
+            std::thread::sleep(INTERVAL);
+            continue;
         }
         let mut frame = String::new();
         let mut documents = Vec::new();

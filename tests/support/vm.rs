@@ -52,7 +52,8 @@ pub fn status(env: &Env, name: &str) -> serde_json::Value {
     env.json(&["status", name])["sessions"][0].clone()
 }
 
-/// The VM's state; `not resumed` while no session exists (yet), `none` when
+/// The VM's state; `not resumed` while no session exists (yet), `resuming`
+/// while isrfsd resumes it, `none` when
 /// the session runs no VM.
 pub fn vm_state(env: &Env, name: &str) -> String {
     let output = env.run(&["--json", "status", name]);
@@ -60,6 +61,9 @@ pub fn vm_state(env: &Env, name: &str) -> String {
         return "not resumed".into();
     }
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    if status["sessions"][0]["resuming"] == true {
+        return "resuming".into();
+    }
     status["sessions"][0]["vm"]["state"]
         .as_str()
         .unwrap_or("none")
@@ -147,7 +151,7 @@ pub fn wait_for(
 ) -> Vec<GuestLine> {
     let exited = || {
         let state = vm_state(env, name);
-        (!["running", "busy", "not resumed"].contains(&state.as_str())).then_some(state)
+        (!["running", "busy", "resuming", "not resumed"].contains(&state.as_str())).then_some(state)
     };
     let output = || {
         format!(
