@@ -23,7 +23,17 @@
 //! durably (fsync), then commit the overlay entries and the file's record in
 //! one redb transaction. So every write that fsync returned for survives a kill
 //! of the daemon or a power loss; writes not yet fsynced may be lost, as on any
-//! file system. A chunk being sealed stays readable from the buffer until its
+//! file system.
+//!
+//! A chunk that an fsync finds changed in only a few bytes is not sealed then
+//! (a 4 KiB write would cost a whole chunk's encoding and write): the changed
+//! bytes go to the **fsync log** instead (`logged_writes` in the state file,
+//! committed with the file's record in one transaction) and the chunk stays
+//! buffered. Its log is bounded (a quarter of a chunk per fsync, half a chunk
+//! in all; past that the fsync seals it), and the transaction that seals or
+//! drops the chunk deletes its log. Reopening the image applies the log to
+//! the committed chunks in order, so the chunks are what they were at the
+//! last fsync. A chunk being sealed stays readable from the buffer until its
 //! overlay entry is committed, and a write during sealing keeps it dirty.
 //! After a failed write of local state the image refuses further writes
 //! ([`ImageError::Poisoned`]) until it is reopened.
@@ -62,7 +72,7 @@ use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
 use access::{AccessTrace, WorkingSetRecorder};
 use decoded::DecodedChunks;
 use journal::UploadJournal;
-use records::{Change, ChunkSlot, Loaded, StateDb};
+use records::{Change, ChunkSlot, Loaded, LoggedWrite, StateDb};
 pub use tree::{Node, NodeKind, ROOT};
 use tree::{Tree, join};
 use write_back::{SealScope, Taken, WriteBack};
@@ -267,7 +277,11 @@ impl Image {
             working_set_file: AtomicU64::new(0),
         };
         match image.state.load()? {
-            Some(loaded) => image.resume(loaded)?,
+            Some(mut loaded) => {
+                let logged = std::mem::take(&mut loaded.logged);
+                image.resume(loaded)?;
+                image.replay_logged(logged)?;
+            }
             None => image.initialise(base)?,
         }
         Ok(image)
@@ -525,7 +539,7 @@ impl Image {
             let index = position / self.chunk_size;
             let within = (position % self.chunk_size) as usize;
             let take = (self.chunk_size as usize - within).min(data.len() - written);
-            self.modify_chunk(&node, index, |chunk| {
+            self.modify_chunk(&node, index, (within, within + take), |chunk| {
                 chunk[within..within + take].copy_from_slice(&data[written..written + take]);
             })?;
             position += take as u64;
@@ -539,23 +553,27 @@ impl Image {
         Ok(written)
     }
 
-    /// Applies `change` to chunk `index` of `node` in the write-back buffer,
-    /// materialising it first (no lock is held while fetching).
+    /// Applies `change`, which changes the bytes `range` of chunk `index` of
+    /// `node`, in the write-back buffer, materialising the chunk first (no
+    /// lock is held while fetching; not at all when `range` is all of it).
     fn modify_chunk(
         &self,
         node: &Node,
         index: u64,
+        range: (usize, usize),
         change: impl FnOnce(&mut [u8]),
     ) -> Result<(), ImageError> {
         let slot = (node.id, index);
-        let mut loaded: Option<Vec<u8>> = None;
+        // A change of the whole chunk needs nothing of what was there.
+        let whole = range == (0, self.chunk_size as usize);
+        let mut loaded: Option<Vec<u8>> = whole.then(|| vec![0u8; self.chunk_size as usize]);
         let mut change = change;
         loop {
             let applied =
                 self.buffer
                     .lock()
                     .expect("buffer lock")
-                    .modify(slot, &mut loaded, change);
+                    .modify(slot, range, &mut loaded, change);
             match applied {
                 Ok(()) => return Ok(()),
                 Err(unapplied) => change = unapplied,
@@ -578,10 +596,90 @@ impl Image {
         if over { self.flush_all() } else { Ok(()) }
     }
 
-    /// Makes every write to `id` so far durable (the file's `fsync`).
+    /// Makes every write to `id` so far durable (the file's `fsync`): small
+    /// changes of a chunk into the fsync log, the other chunks sealed.
     pub fn fsync(&self, id: u64) -> Result<(), ImageError> {
         let node = self.node(id)?;
-        self.seal(SealScope::File(node.id), &[])
+        let logged = self.log_small_writes(node.id)?;
+        if logged
+            && !self
+                .buffer
+                .lock()
+                .expect("buffer lock")
+                .any_unlogged(node.id)
+        {
+            return Ok(()); // the log's commit wrote the file's record too
+        }
+        self.seal(SealScope::Unlogged(node.id), &[])
+    }
+
+    /// Commits the small unlogged changes of file `id`'s chunks to the fsync
+    /// log, with the file's record; whether there were any.
+    fn log_small_writes(&self, id: u64) -> Result<bool, ImageError> {
+        self.check_writable()?;
+        let _sealing = self.sealing.lock().expect("sealing lock");
+        let chunk_size = self.chunk_size as usize;
+        let logged = self.buffer.lock().expect("buffer lock").take_for_log(
+            id,
+            chunk_size / 4,
+            chunk_size / 2,
+        );
+        if logged.is_empty() {
+            return Ok(false);
+        }
+        let change = Change {
+            logged,
+            entries: self.entries_of(SealScope::File(id)),
+            ..Change::default()
+        };
+        if let Err(e) = self.state.commit(&change) {
+            return self.poison(e);
+        }
+        Ok(true)
+    }
+
+    /// Applies the fsync log left in a reopened state file: each logged
+    /// chunk is rebuilt in the write-back buffer as of its last fsync.
+    fn replay_logged(&self, logged: Vec<LoggedWrite>) -> Result<(), ImageError> {
+        let mut by_slot: std::collections::BTreeMap<ChunkSlot, Vec<LoggedWrite>> =
+            std::collections::BTreeMap::new();
+        for write in logged {
+            by_slot.entry(write.slot).or_default().push(write);
+        }
+        for ((id, index), mut writes) in by_slot {
+            writes.sort_by_key(|w| w.sequence);
+            let node = match self.file(id) {
+                Ok(node) => node,
+                Err(_) => {
+                    return Err(ImageError::CorruptState(format!(
+                        "the fsync log has writes of inode {id}, which is not a file"
+                    )));
+                }
+            };
+            let chunk_size = self.chunk_size as usize;
+            if writes
+                .iter()
+                .any(|w| w.within as usize + w.bytes.len() > chunk_size)
+            {
+                return Err(ImageError::CorruptState(format!(
+                    "the fsync log has a write past the end of chunk {index} of inode {id}"
+                )));
+            }
+            let logged_bytes = writes.iter().map(|w| w.bytes.len()).sum();
+            let next_sequence = writes.last().map_or(0, |w| w.sequence + 1);
+            self.modify_chunk(&node, index, (0, 0), |chunk| {
+                for w in &writes {
+                    let at = w.within as usize;
+                    chunk[at..at + w.bytes.len()].copy_from_slice(&w.bytes);
+                }
+            })?;
+            self.buffer.lock().expect("buffer lock").mark_logged(
+                (id, index),
+                logged_bytes,
+                next_sequence,
+            );
+        }
+        Ok(())
     }
 
     /// Makes every write so far durable (sync of the whole session).
@@ -604,7 +702,7 @@ impl Image {
     fn entries_of(&self, scope: SealScope) -> Vec<(String, Node)> {
         let tree = self.tree.read().expect("tree lock");
         match scope {
-            SealScope::File(id) => tree.entry(id).into_iter().collect(),
+            SealScope::File(id) | SealScope::Unlogged(id) => tree.entry(id).into_iter().collect(),
             SealScope::All | SealScope::QuietFor(_) => tree.all(),
         }
     }
@@ -763,7 +861,8 @@ impl Image {
     /// Forgets the buffered and sealed chunks of file `id` (beyond chunk
     /// `keep - 1`; all with 0); returns the overlay keys to delete durably.
     fn drop_chunks(&self, id: u64, keep: u64) -> Vec<ChunkSlot> {
-        self.buffer
+        let logged = self
+            .buffer
             .lock()
             .expect("buffer lock")
             .drop_file_from(id, keep);
@@ -784,6 +883,9 @@ impl Image {
         if let Err(e) = self.cache.remove_unpinned(unreferenced.iter()) {
             tracing::warn!(error = %e, "could not remove dropped chunks from the cache");
         }
+        // And the fsync log of chunks never sealed (deleting twice is harmless).
+        let mut dropped = dropped;
+        dropped.extend(logged);
         dropped
     }
 
@@ -919,9 +1021,13 @@ impl Image {
         if size < node.size {
             if size % self.chunk_size != 0 {
                 let within = (size % self.chunk_size) as usize;
-                self.modify_chunk(&node, size / self.chunk_size, |chunk| {
-                    chunk[within..].fill(0)
-                })?;
+                let chunk_size = self.chunk_size as usize;
+                self.modify_chunk(
+                    &node,
+                    size / self.chunk_size,
+                    (within, chunk_size),
+                    |chunk| chunk[within..].fill(0),
+                )?;
             }
             dropped = self.drop_chunks(node.id, keep);
         }
@@ -955,7 +1061,9 @@ impl Image {
                     .expect("buffer lock")
                     .zero((node.id, index));
             } else {
-                self.modify_chunk(&node, index, |chunk| chunk[within..within + take].fill(0))?;
+                self.modify_chunk(&node, index, (within, within + take), |chunk| {
+                    chunk[within..within + take].fill(0)
+                })?;
             }
             position += take as u64;
         }
@@ -1449,6 +1557,57 @@ mod tests {
     }
 
     #[test]
+    fn small_fsynced_writes_go_to_the_log_and_survive_a_crash() {
+        let chunk = CHUNK as usize;
+        let mut model = pattern(5, 3 * chunk);
+        let h = harness(&[("disk.img", model.clone()), ("other", pattern(6, chunk))]);
+        let image = h.open(1 << 30);
+        let disk = image.resolve("disk.img").unwrap().id;
+        let other = image.resolve("other").unwrap().id;
+        for (at, bytes) in [
+            (10, &b"logged"[..]),
+            (chunk + 20, b"also"),
+            (chunk + 22, b"SO"),
+        ] {
+            image.write(disk, at as u64, bytes).unwrap();
+            model[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        image.fsync(disk).unwrap();
+        assert_eq!(image.cache.stats().pinned, 0, "nothing sealed");
+        image.write(other, 0, b"goes with its file").unwrap();
+        image.fsync(other).unwrap();
+        image.unlink(ROOT, "other").unwrap();
+        drop(image); // a kill: only the log has the writes
+        let image = h.open(1 << 30);
+        assert_eq!(image.read(disk, 0, 3 * chunk).unwrap(), model);
+        assert!(matches!(
+            image.lookup(ROOT, "other"),
+            Err(ImageError::NotFound(_))
+        ));
+
+        // Chunk 2's logged write is dropped with the chunk by a truncate:
+        // growing the file again gives zeros, after a crash too.
+        image.write(disk, 2 * chunk as u64 + 5, b"dropped").unwrap();
+        image.fsync(disk).unwrap();
+        image.truncate(disk, 2 * chunk as u64).unwrap();
+        image.truncate(disk, 3 * chunk as u64).unwrap();
+        model[2 * chunk..].fill(0);
+        drop(image);
+        let image = h.open(1 << 30);
+        assert_eq!(image.read(disk, 0, 3 * chunk).unwrap(), model);
+
+        // A change of more than a quarter chunk is sealed at once.
+        let sealed = image.overlay_tags();
+        let big = vec![7u8; chunk / 2];
+        image.write(disk, 0, &big).unwrap();
+        model[..chunk / 2].copy_from_slice(&big);
+        image.fsync(disk).unwrap();
+        assert_ne!(image.overlay_tags(), sealed, "chunk 0 sealed again");
+        drop(image);
+        assert_eq!(h.open(1 << 30).read(disk, 0, 3 * chunk).unwrap(), model);
+    }
+
+    #[test]
     fn tree_operations() {
         let h = harness(&[
             ("disk.img", pattern(4, 1000)),
@@ -1588,7 +1747,7 @@ mod tests {
         // A write after the snapshot supersedes the chunk in the overlay; the
         // snapshot's copy must stay until it has been uploaded.
         image.write(disk, 0, b"second").unwrap();
-        image.fsync(disk).unwrap();
+        image.flush_all().unwrap(); // (an fsync would only log so small a write)
         assert_ne!(image.overlay_tags(), vec![tag]);
         assert!(
             image.cache.get(&tag).unwrap().is_some(),

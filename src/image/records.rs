@@ -31,6 +31,15 @@
 //! - `uploaded`: chunk tag → seconds since the epoch (the upload journal, see
 //!   [`super::journal`]).
 //! - `trace`: position → chunk tag (the access trace, see [`super::access`]).
+//! - `logged_writes`: (file id, chunk index, sequence) → a small write an
+//!   fsync made durable without sealing its chunk (the fsync log, see
+//!   [`super`]), sealed like overlay records with the three numbers as
+//!   associated data:
+//!   ```text
+//!   nonce [24] | ciphertext of: offset in the chunk u32 | the bytes written
+//!   ```
+//!   A chunk's records are deleted in the transaction that seals the chunk
+//!   or drops it; reopening the image applies what is left, in order.
 //!
 //! Every change is one write transaction ([`StateDb::commit`]): a failed
 //! commit leaves the file as it was, and the image refuses further writes.
@@ -55,6 +64,8 @@ const OVERLAY: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("overla
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const UPLOADED: TableDefinition<&[u8], u64> = TableDefinition::new("uploaded");
 const TRACE: TableDefinition<u64, &[u8]> = TableDefinition::new("trace");
+const LOGGED_WRITES: TableDefinition<(u64, u64, u64), &[u8]> =
+    TableDefinition::new("logged_writes");
 const OVERLAY_KEY_CONTEXT: &str = "isr 2026 session overlay records v1";
 const NAME_KEY_CONTEXT: &str = "isr 2026 session entry names v1";
 
@@ -241,6 +252,42 @@ impl RecordCipher {
         }
     }
 
+    fn logged_aad(slot: ChunkSlot, sequence: u64) -> [u8; 24] {
+        let mut aad = [0u8; 24];
+        aad[..16].copy_from_slice(&Self::slot_aad(slot));
+        aad[16..].copy_from_slice(&sequence.to_le_bytes());
+        aad
+    }
+
+    fn seal_logged(&self, write: &LoggedWrite) -> Vec<u8> {
+        let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(4 + write.bytes.len()));
+        plain.extend_from_slice(&write.within.to_le_bytes());
+        plain.extend_from_slice(&write.bytes);
+        self.seal(&Self::logged_aad(write.slot, write.sequence), &plain)
+    }
+
+    fn open_logged(
+        &self,
+        (file, index, sequence): (u64, u64, u64),
+        record: &[u8],
+    ) -> Result<LoggedWrite, ImageError> {
+        let slot = (file, index);
+        let plain = self
+            .open(&Self::logged_aad(slot, sequence), record)
+            .filter(|plain| plain.len() >= 4)
+            .ok_or_else(|| {
+                ImageError::CorruptState(format!(
+                    "logged write {slot:?}/{sequence} is corrupt or from another parcel"
+                ))
+            })?;
+        Ok(LoggedWrite {
+            slot,
+            sequence,
+            within: u32::from_le_bytes(plain[..4].try_into().expect("4 bytes")),
+            bytes: plain[4..].to_vec(),
+        })
+    }
+
     /// What stands for `path` as the key of `sealed_entries`.
     fn name_hash(&self, path: &str) -> [u8; 32] {
         *blake3::keyed_hash(&self.name_key, path.as_bytes()).as_bytes()
@@ -284,14 +331,28 @@ pub(super) struct Loaded {
     pub(super) uploaded: Vec<(ChunkTag, u64)>,
     /// The access trace, in order.
     pub(super) trace: Vec<ChunkTag>,
+    /// The fsync log, by slot and sequence.
+    pub(super) logged: Vec<LoggedWrite>,
+}
+
+/// A write an fsync made durable in the fsync log: `bytes` at offset
+/// `within` of chunk `slot`, the slot's `sequence`-th since it was sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LoggedWrite {
+    pub(super) slot: ChunkSlot,
+    pub(super) sequence: u64,
+    pub(super) within: u32,
+    pub(super) bytes: Vec<u8>,
 }
 
 /// One durable change, applied in this order: overlay entries dropped, then
-/// sealed ones inserted; entry records removed, then written.
+/// sealed ones inserted (the logged writes of both deleted); writes logged;
+/// entry records removed, then written.
 #[derive(Debug, Default)]
 pub(super) struct Change<'a> {
     pub(super) dropped: &'a [ChunkSlot],
     pub(super) sealed: Vec<(ChunkSlot, ChunkRef)>,
+    pub(super) logged: Vec<LoggedWrite>,
     pub(super) removed: Vec<String>,
     pub(super) entries: Vec<(String, Node)>,
     /// A new `next_id` counter to record, if ids were handed out.
@@ -385,6 +446,14 @@ impl StateDb {
                 ));
             }
         }
+        if let Ok(table) = read.open_table(LOGGED_WRITES) {
+            for item in table.iter().map_err(state_error)? {
+                let (key, record) = item.map_err(state_error)?;
+                loaded
+                    .logged
+                    .push(self.cipher.open_logged(key.value(), record.value())?);
+            }
+        }
         Ok(Some(loaded))
     }
 
@@ -459,6 +528,19 @@ impl StateDb {
                 }
                 for (slot, chunk) in &change.sealed {
                     overlay.insert(*slot, self.cipher.seal_chunk(*slot, chunk).as_slice())?;
+                }
+                let mut logged = write.open_table(LOGGED_WRITES)?;
+                let settled = change
+                    .dropped
+                    .iter()
+                    .chain(change.sealed.iter().map(|(s, _)| s));
+                for &(file, index) in settled {
+                    logged.retain_in((file, index, 0)..=(file, index, u64::MAX), |_, _| false)?;
+                }
+                for write in &change.logged {
+                    let (file, index) = write.slot;
+                    let record = self.cipher.seal_logged(write);
+                    logged.insert((file, index, write.sequence), record.as_slice())?;
                 }
                 let mut entries = write.open_table(SEALED_ENTRIES)?;
                 for path in &change.removed {
