@@ -15,8 +15,10 @@
 # see benches/lib.sh):
 #   import     isrctl import of a 1 GiB disk-like image vs cat, zstd -3 -T0 and
 #              casync make on the same file (benches/peers.sh)
-#   mount      warm sequential and 4 KiB random reads vs native and bindfs;
-#              isrfsd peak RSS for a 16 GiB image (benches/mount.sh)
+#   mount      warm sequential and 4 KiB random reads, re-reads with the page
+#              cache kept, sequential and 4 KiB random + fsync writes vs native
+#              and bindfs; isrfsd CPU s/GiB read and write amplification vs
+#              bindfs's; isrfsd peak RSS for a 16 GiB image (benches/mount.sh)
 #   link       cold sequential read over the link vs its rate; casync mount and
 #              QEMU copy-on-read over HTTP behind the same link (benches/link-read.sh)
 #   vm         the test guest's resume-to-running over the link, cold and warm;
@@ -26,13 +28,17 @@
 #              to first guest progress for 256 MiB to 4 GiB guests over wan
 #              and dsl, suspend uploads, guest memory writes (benches/lazy-memory.sh;
 #              PROFILES and SIZES_MIB choose)
+#   guestio    fio inside the test guest on its virtio disk (sequential read and
+#              write, 4 KiB random read and write) with the disk on the mount,
+#              every chunk local, vs on a local raw file (benches/guest-io.sh;
+#              TCG: CPU-bound, small sizes)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
-sections=${SECTIONS:-import mount link vm checkin lazy}
+sections=${SECTIONS:-import mount link vm checkin lazy guestio}
 export RUNS=${RUNS:-3} PROFILE=${PROFILE:-wan}
 
 bash .ci/install-deps.sh --without-libvirt >&2
@@ -113,6 +119,7 @@ run_section() {
     vm) bash benches/vm-link.sh ;;
     checkin) checkin_section ;;
     lazy) bash benches/lazy-memory.sh ;;
+    guestio) bash benches/guest-io.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }
@@ -122,7 +129,9 @@ for s in $sections; do
     (export ISR_BIN=$base_bin; bin=$base_bin; run_section "$s") | tee -a "$base_rows" | grep '^ROW' >&2 || true
   fi
   say "section $s"
+  t0=$(now)
   run_section "$s" | tee -a "$rows" | grep '^ROW' >&2 || true
+  say "section $s took $(elapsed "$t0" "$(now)") s"
 done
 
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
