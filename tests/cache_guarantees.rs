@@ -343,9 +343,15 @@ fn kill_9_loops_under_eviction_keep_every_fsynced_write() {
             unsynced.push(write(&mut rng, &format!("u{i}")));
             unsynced_writes += 1;
         }
-        // Killed with the file still open: nothing flushes the last writes.
-        env.kill_daemon();
-        drop(file);
+        if round % 2 == 0 {
+            // Killed with the file still open: nothing flushes the last writes.
+            env.kill_daemon();
+            drop(file);
+        } else {
+            // Closed first (which may seal them), then killed.
+            drop(file);
+            env.kill_daemon();
+        }
     }
     let mount = resume(&env, "vm");
     let actual = std::fs::read(mount.join("disk.img")).unwrap();
