@@ -219,7 +219,12 @@ fn a_random_workload_matches_a_reference_with_eviction_and_restarts() {
             .open(&path)
             .unwrap();
         for op in 0..40u64 {
-            let len = (xorshift(&mut rng) % (300 * 1024)) as usize + 1;
+            let largest = if xorshift(&mut rng) % 2 == 0 {
+                4096
+            } else {
+                300 * 1024
+            };
+            let len = (xorshift(&mut rng) % largest) as usize + 1;
             let offset = (xorshift(&mut rng) % (size - len) as u64) as usize;
             match xorshift(&mut rng) % 10 {
                 0 => {
@@ -313,7 +318,13 @@ fn kill_9_loops_under_eviction_keep_every_fsynced_write() {
             .open(&path)
             .unwrap();
         let write = |rng: &mut u64, tag: &str| {
-            let len = (xorshift(rng) % (200 * 1024)) as usize + 1;
+            // Small writes (a few bytes to a page) and large ones across chunks.
+            let largest = if xorshift(rng) % 2 == 0 {
+                4096
+            } else {
+                200 * 1024
+            };
+            let len = (xorshift(rng) % largest) as usize + 1;
             let offset = (xorshift(rng) % (size - len) as u64) as usize;
             let data = support::random_bytes(&format!("{round}-{tag}"), len);
             file.write_all_at(&data, offset as u64).unwrap_or_else(|e| {
