@@ -730,10 +730,13 @@ impl Image {
                 stored,
             } = &encoded
             {
+                // Pinned before it enters the cache: the insert evicts down
+                // to the limit, and this chunk exists nowhere else.
+                self.cache.pin([tag]);
                 if let Err(e) = self.cache.insert(tag, stored, Durability::Durable) {
+                    self.cache.unpin([tag]);
                     return self.poison(ImageError::Cache(e));
                 }
-                self.cache.pin([tag]);
             }
             sealed.push((slot, encoded.chunk_ref(), generation));
         }
