@@ -1400,26 +1400,34 @@ mod tests {
         let f = fixture(false);
         let (open_gate, gate) = std::sync::mpsc::channel();
         *f.mount_gate.lock().unwrap() = Some(gate);
-        std::thread::scope(|scope| {
+        /// Lets the held mount go on however the test ends (a panic would
+        /// otherwise wait forever for the resume thread).
+        struct Release(std::sync::mpsc::Sender<()>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        let state = f.dir.path().join("state");
+        let during = std::thread::scope(|scope| {
+            let release = Release(open_gate);
             let resume = scope.spawn(|| f.resume());
-            // The resume has written its session record and waits in mount.
-            let mut seen = None;
-            for _ in 0..1000 {
-                if let Response::Status { sessions, resuming } = f.status() {
-                    seen = Some((sessions.len(), resuming));
+            // The resume writes its session record, then waits in mount.
+            for _ in 0..600 {
+                if crate::session::read_record(&state, "p").unwrap().is_some() {
                     break;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            assert_eq!(seen, Some((0, vec!["p".to_owned()])));
-            assert!(
-                crate::session::read_record(&f.dir.path().join("state"), "p")
-                    .unwrap()
-                    .is_some()
-            );
-            open_gate.send(()).unwrap();
+            let during = f.status();
+            drop(release);
             assert!(matches!(resume.join().unwrap(), Response::Resumed { .. }));
+            during
         });
+        let Response::Status { sessions, resuming } = during else {
+            panic!("status during the resume: {during:?}");
+        };
+        assert_eq!((sessions.len(), resuming), (0, vec!["p".to_owned()]));
         let Response::Status { sessions, resuming } = f.status() else {
             panic!("status after the resume");
         };
