@@ -1713,6 +1713,7 @@ mod tests {
 
     #[test]
     fn a_cached_chunk_damaged_on_disk_is_dropped_and_fetched_again() {
+        use std::os::unix::fs::FileExt;
         let data = pattern(8, 2 * CHUNK as usize);
         let h = harness(&[("disk.img", data.clone())]);
         let image = h.open(1 << 30);
@@ -1723,16 +1724,36 @@ mod tests {
             panic!("file")
         };
         let tag = chunks[0].tag().unwrap();
-        let file = h.dir.path().join("cache").join(layout::chunk(&tag));
-        let mut stored = std::fs::read(&file).unwrap();
-        stored[100] ^= 0x40;
-        std::fs::write(&file, &stored).unwrap();
+        let cache_dir = h.dir.path().join("cache");
+        let record = |dir: &std::path::Path| {
+            crate::cache::cached_chunks(dir)
+                .unwrap()
+                .into_iter()
+                .find(|c| c.tag == tag)
+                .expect("the chunk is cached")
+        };
+        let cached = record(&cache_dir);
+        let pack = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cached.pack)
+            .unwrap();
+        let mut byte = [0u8];
+        pack.read_exact_at(&mut byte, cached.offset + 100).unwrap();
+        pack.write_all_at(&[byte[0] ^ 0x40], cached.offset + 100)
+            .unwrap();
         // A warm read only decrypts a cached chunk: the AEAD check finds the
         // damage, and the chunk comes from the store again, checked in full.
         let image = h.open(1 << 30);
         let disk = image.resolve("disk.img").unwrap().id;
         assert_eq!(image.read(disk, 0, data.len()).unwrap(), data);
-        assert!(chunk::verify_tag(tag, &std::fs::read(&file).unwrap()).is_ok());
+        let cached = record(&cache_dir);
+        let mut stored = vec![0u8; cached.len as usize];
+        std::fs::File::open(&cached.pack)
+            .unwrap()
+            .read_exact_at(&mut stored, cached.offset)
+            .unwrap();
+        assert!(chunk::verify_tag(tag, &stored).is_ok());
     }
 
     #[test]

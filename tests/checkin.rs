@@ -380,9 +380,8 @@ fn two_machines(a: &Env) {
         .unwrap();
     assert!(fetched_b > 0, "B's cache was cold, so B fetched");
     // A's cache still holds every chunk of the version A committed.
-    let cached_a: HashSet<String> = support::local_chunk_files(&a.path("cache"))
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+    let cached_a: HashSet<String> = support::cached_chunk_tags(&a.path("cache"))
+        .into_iter()
         .collect();
     let version_2 = stored(&a.manifest("vm", 2));
     let warm = version_2
@@ -553,7 +552,7 @@ fn resume_of_an_old_version_commits_the_newest_with_its_parent() {
     assert_eq!(history[2]["parent"], 1);
     assert_eq!(history[2]["message"], "from one");
     assert!(
-        !support::local_chunk_files(&env.path("cache")).is_empty(),
+        !support::cached_chunk_tags(&env.path("cache")).is_empty(),
         "checkin keeps the cache"
     );
     // Nothing changed: no empty version. --wipe empties this machine's cache.
@@ -562,9 +561,8 @@ fn resume_of_an_old_version_commits_the_newest_with_its_parent() {
     let report = env.json(&["checkin", "--wipe", "vm"]);
     assert_eq!(report["committed"], false);
     assert_eq!(env.versions("vm"), vec![1, 2, 3]);
-    let cached: HashSet<String> = support::local_chunk_files(&env.path("cache"))
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+    let cached: HashSet<String> = support::cached_chunk_tags(&env.path("cache"))
+        .into_iter()
         .collect();
     for (tag, _) in stored(&env.manifest("vm", 3)) {
         assert!(

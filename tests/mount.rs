@@ -148,8 +148,7 @@ fn random_read_write_workload_through_the_mount_matches_a_reference() {
     );
     let base: std::collections::HashSet<String> =
         base_tags(&env, "vm").iter().map(|t| t.to_hex()).collect();
-    for cached in support::local_chunk_files(&env.path("cache")) {
-        let name = cached.file_name().unwrap().to_string_lossy().into_owned();
+    for name in support::cached_chunk_tags(&env.path("cache")) {
         assert!(
             base.contains(&name),
             "a chunk written by the discarded session is still cached: {name}"

@@ -800,3 +800,13 @@ impl Env {
             .collect()
     }
 }
+
+/// Hex tags of the chunks in a chunk cache directory's packs (read without
+/// the daemon's lock, so usable while isrfsd runs).
+pub fn cached_chunk_tags(cache: &Path) -> Vec<String> {
+    isr::cache::cached_chunks(cache)
+        .unwrap()
+        .iter()
+        .map(|c| c.tag.to_hex())
+        .collect()
+}
