@@ -28,7 +28,7 @@
 
 pub mod pack;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -465,51 +465,59 @@ impl ChunkCache {
         bytes: &[u8],
         durability: Durability,
     ) -> Result<(), CacheError> {
-        self.append(tag, bytes, durability == Durability::Durable)?;
+        self.insert_all(&[(*tag, bytes)], durability)
+    }
+
+    /// Adds chunks like [`ChunkCache::insert`], with one sync per pack they
+    /// are in instead of one per chunk (a seal of many chunks at once).
+    pub fn insert_all(
+        &self,
+        chunks: &[(ChunkTag, &[u8])],
+        durability: Durability,
+    ) -> Result<(), CacheError> {
+        for (tag, bytes) in chunks {
+            self.append(tag, bytes)?;
+        }
+        if durability == Durability::Durable {
+            let packs: BTreeMap<u64, (Arc<File>, PathBuf, bool)> = {
+                let index = self.lock();
+                chunks
+                    .iter()
+                    .filter_map(|(tag, _)| index.entries.get(tag))
+                    .map(|entry| {
+                        let pack = &index.packs[&entry.pack];
+                        (
+                            entry.pack,
+                            (pack.file.clone(), pack.path.clone(), pack.dir_synced),
+                        )
+                    })
+                    .collect()
+            };
+            for (id, (file, path, dir_synced)) in packs {
+                self.sync_pack(id, &file, &path, dir_synced)?;
+            }
+        }
         self.evict_to_limit()?;
         Ok(())
     }
 
-    /// Appends a record for `tag` to the active pack (unless cached already)
-    /// and indexes it; with `durable`, syncs it (and the pack's directory
-    /// entry) first.
-    fn append(&self, tag: &ChunkTag, bytes: &[u8], durable: bool) -> Result<(), CacheError> {
+    /// Appends a record for `tag` to the active pack (unless cached already:
+    /// then it only counts as used) and indexes it, without a sync.
+    fn append(&self, tag: &ChunkTag, bytes: &[u8]) -> Result<(), CacheError> {
         let len = u32::try_from(bytes.len()).expect("a chunk is smaller than 4 GiB");
         let record_len = pack::record_len(len);
-        let (id, offset, file, path, dir_synced) = {
+        let (id, offset, file, path) = {
             let mut index = self.lock();
-            if let Some(entry) = index.touch(tag) {
-                // Cached already, perhaps not synced yet (fetched, or appended
-                // by a concurrent insert): make it durable too.
-                let pack = &index.packs[&entry.pack];
-                let (file, path, dir_synced) =
-                    (pack.file.clone(), pack.path.clone(), pack.dir_synced);
-                drop(index);
-                if durable {
-                    self.sync_pack(entry.pack, &file, &path, dir_synced)?;
-                }
+            if index.touch(tag).is_some() {
                 return Ok(());
             }
             let (id, offset) = self.reserve(&mut index, record_len)?;
             let pack = &index.packs[&id];
-            (
-                id,
-                offset,
-                pack.file.clone(),
-                pack.path.clone(),
-                pack.dir_synced,
-            )
+            (id, offset, pack.file.clone(), pack.path.clone())
         };
         let written = file
             .write_all_at(&pack::encode_record(tag, bytes), offset)
-            .map_err(pack_error(&path))
-            .and_then(|()| {
-                if durable {
-                    self.sync_pack(id, &file, &path, dir_synced)
-                } else {
-                    Ok(())
-                }
-            });
+            .map_err(pack_error(&path));
         let mut index = self.lock();
         if let Err(e) = written {
             let removal = index.release(id, offset, len);
@@ -624,7 +632,7 @@ impl ChunkCache {
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e.into()),
             };
-            self.append(&tag, &bytes, false)?;
+            self.append(&tag, &bytes)?;
         }
         let packs: Vec<(u64, Arc<File>, PathBuf)> = self
             .lock()

@@ -75,7 +75,7 @@ use journal::UploadJournal;
 use records::{Change, ChunkSlot, Loaded, LoggedWrite, StateDb};
 pub use tree::{Node, NodeKind, ROOT};
 use tree::{Tree, join};
-use write_back::{SealScope, Taken, WriteBack};
+use write_back::{SealScope, WriteBack};
 
 /// Errors of image operations; the FUSE adapter maps each to one errno.
 #[derive(Debug, thiserror::Error)]
@@ -711,6 +711,8 @@ impl Image {
     /// entries, the removal of `dropped` overlay entries and the entry records
     /// in one transaction.
     fn seal(&self, scope: SealScope, dropped: &[ChunkSlot]) -> Result<(), ImageError> {
+        /// Chunks encoded and made durable together (8 MiB of 128 KiB chunks).
+        const SEAL_BATCH_CHUNKS: usize = 64;
         self.check_writable()?;
         let _sealing = self.sealing.lock().expect("sealing lock");
         let taken = self.buffer.lock().expect("buffer lock").take(scope);
@@ -718,27 +720,36 @@ impl Image {
         let mut encoder =
             ChunkEncoder::new(self.secrets.dedup_secret.clone(), self.options.zstd_level)
                 .map_err(ImageError::Encoder)?;
-        for Taken {
-            slot,
-            data,
-            generation,
-        } in taken
-        {
-            let encoded = encoder.encode(&data);
-            if let EncodedChunk::Stored {
-                chunk: ChunkRef::Stored { tag, .. },
-                stored,
-            } = &encoded
-            {
-                // Pinned before it enters the cache: the insert evicts down
-                // to the limit, and this chunk exists nowhere else.
-                self.cache.pin([tag]);
-                if let Err(e) = self.cache.insert(tag, stored, Durability::Durable) {
-                    self.cache.unpin([tag]);
-                    return self.poison(ImageError::Cache(e));
-                }
+        // Encoded a batch at a time, each batch made durable with one sync
+        // of the cache (not one per chunk), bounding the encoded bytes held.
+        for batch in taken.chunks(SEAL_BATCH_CHUNKS) {
+            let encoded: Vec<_> = batch
+                .iter()
+                .map(|taken| (taken.slot, encoder.encode(&taken.data), taken.generation))
+                .collect();
+            let stored: Vec<(ChunkTag, &[u8])> = encoded
+                .iter()
+                .filter_map(|(_, encoded, _)| match encoded {
+                    EncodedChunk::Stored {
+                        chunk: ChunkRef::Stored { tag, .. },
+                        stored,
+                    } => Some((*tag, stored.as_slice())),
+                    _ => None,
+                })
+                .collect();
+            // Pinned before they enter the cache: the insert evicts down to
+            // the limit, and these chunks exist nowhere else.
+            let tags: Vec<ChunkTag> = stored.iter().map(|(tag, _)| *tag).collect();
+            self.cache.pin(tags.iter());
+            if let Err(e) = self.cache.insert_all(&stored, Durability::Durable) {
+                self.cache.unpin(tags.iter());
+                return self.poison(ImageError::Cache(e));
             }
-            sealed.push((slot, encoded.chunk_ref(), generation));
+            sealed.extend(
+                encoded
+                    .into_iter()
+                    .map(|(slot, encoded, generation)| (slot, encoded.chunk_ref(), generation)),
+            );
         }
         let change = Change {
             dropped,
