@@ -176,10 +176,23 @@ pub fn scan(file: &File) -> io::Result<Scan> {
                 offset += found.record_len();
                 out.end = offset;
             }
-            _ => offset += ALIGN,
+            // Not a record here (a removed one's hole, damage): on to the
+            // next page with data.
+            _ => offset = next_data(file, offset + ALIGN).unwrap_or(size),
         }
     }
     Ok(out)
+}
+
+/// The first page boundary at or after `from` that is not in a hole (`None`
+/// when only holes follow); `from` itself where holes cannot be asked for.
+fn next_data(file: &File, from: u64) -> Option<u64> {
+    use nix::unistd::{Whence, lseek};
+    match lseek(file, i64::try_from(from).ok()?, Whence::SeekData) {
+        Ok(data) => Some(u64::try_from(data).ok()? / ALIGN * ALIGN).map(|d| d.max(from)),
+        Err(nix::errno::Errno::ENXIO) => None,
+        Err(_) => Some(from),
+    }
 }
 
 /// Reads the record at `offset` and returns its payload if its header is a
@@ -203,20 +216,20 @@ pub fn read(
     Ok(Some(bytes::Bytes::from(buf).slice(HEADER_LEN..)))
 }
 
-/// Marks the record at `offset` dead: its first page becomes a dead header
-/// and zeros (no tag, no payload byte left), the rest of it a hole. Returns
-/// whether the hole could be punched (the file system may not support it;
-/// the record is dead either way).
+/// Removes the record at `offset`: all of it becomes a hole (zeros, which
+/// a scan skips page by page). Where the file system cannot punch holes,
+/// its first page becomes a dead header and zeros instead (no tag, no
+/// payload byte left; the rest keeps its space). Returns whether the hole
+/// could be punched; the record is gone either way.
 pub fn kill(file: &File, offset: u64, len: u32) -> io::Result<bool> {
     let header = Header::Dead { len };
+    if punch_hole(file, offset, header.record_len()) {
+        return Ok(true);
+    }
     let mut page = vec![0u8; ALIGN as usize];
     page[..HEADER_LEN].copy_from_slice(&header.encode());
     file.write_all_at(&page, offset)?;
-    let rest = header.record_len() - ALIGN;
-    if rest == 0 {
-        return Ok(true);
-    }
-    Ok(punch_hole(file, offset + ALIGN, rest))
+    Ok(false)
 }
 
 /// Deallocates `len` bytes at `offset`, keeping the file size; false when
