@@ -314,12 +314,25 @@ fn status_watch_shows_each_chunks_state_without_cursor_codes() {
     assert!(blocks[1].contains("local 2/4 chunks"), "{out}");
     assert!(blocks[1].contains("upload backlog 0 B (0 chunks)"), "{out}");
 
-    // A change sealed by fsync waits for upload (the trickle waits 30 s of quiet).
+    // A small change made durable by fsync is in the fsync log: changed, not
+    // sealed, so nothing waits for upload yet.
     let writer = std::fs::OpenOptions::new()
         .write(true)
         .open(mount.join("disk.img"))
         .unwrap();
     writer.write_all_at(b"changed", 3 * CHUNK as u64).unwrap();
+    writer.sync_all().unwrap();
+    let watch = env.json(&["status", "--watch", "--count", "1", "vm"]);
+    assert_eq!(
+        watch["sessions"][0]["files"][0]["runs"], "2L1R1D",
+        "{watch:#}"
+    );
+    assert_eq!(watch["sessions"][0]["status"]["pending_chunks"], 0);
+    // A change of half the chunk is sealed by fsync and waits for upload
+    // (the trickle waits 30 s of quiet).
+    writer
+        .write_all_at(&vec![7u8; CHUNK / 2], 3 * CHUNK as u64)
+        .unwrap();
     writer.sync_all().unwrap();
     let watch = env.json(&["status", "--watch", "--count", "1", "vm"]);
     let files = &watch["sessions"][0]["files"];
