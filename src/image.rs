@@ -566,7 +566,7 @@ impl Image {
         let slot = (node.id, index);
         // A change of the whole chunk needs nothing of what was there.
         let whole = range == (0, self.chunk_size as usize);
-        let mut loaded: Option<Vec<u8>> = whole.then(|| vec![0u8; self.chunk_size as usize]);
+        let mut loaded: Option<Vec<u8>> = None;
         let mut change = change;
         loop {
             let applied =
@@ -578,7 +578,11 @@ impl Image {
                 Ok(()) => return Ok(()),
                 Err(unapplied) => change = unapplied,
             }
-            loaded = Some(self.load_chunk(&self.committed_chunk(node, index), Priority::Demand)?);
+            loaded = Some(if whole {
+                vec![0u8; self.chunk_size as usize]
+            } else {
+                self.load_chunk(&self.committed_chunk(node, index), Priority::Demand)?
+            });
         }
     }
 
@@ -648,14 +652,11 @@ impl Image {
         }
         for ((id, index), mut writes) in by_slot {
             writes.sort_by_key(|w| w.sequence);
-            let node = match self.file(id) {
-                Ok(node) => node,
-                Err(_) => {
-                    return Err(ImageError::CorruptState(format!(
-                        "the fsync log has writes of inode {id}, which is not a file"
-                    )));
-                }
-            };
+            let node = self.file(id).map_err(|_| {
+                ImageError::CorruptState(format!(
+                    "the fsync log has writes of inode {id}, which is not a file"
+                ))
+            })?;
             let chunk_size = self.chunk_size as usize;
             if writes
                 .iter()
