@@ -336,6 +336,10 @@ mod tests {
         }
     }
 
+    /// Chunks each version of these one-file parcels adds beyond its data:
+    /// its one manifest segment (format 2).
+    const SEGMENTS: u64 = 1;
+
     /// Three versions: A+B, A+C, A+D (4 chunks each part).
     async fn three_versions() -> (MemoryStore, StoreHandle, tempfile::TempDir) {
         let memory = MemoryStore::new();
@@ -352,7 +356,7 @@ mod tests {
     #[tokio::test]
     async fn keep_last_deletes_the_oldest_versions_and_their_old_chunks_only() {
         let (memory, store, _dir) = three_versions().await;
-        assert_eq!(memory.count("chunks/"), 16);
+        assert_eq!(memory.count("chunks/"), 16 + 3 * SEGMENTS as usize);
         let unlocker = WithCredentials(credentials(PASS));
 
         // Dry run: nothing changes, the plan is reported.
@@ -363,7 +367,7 @@ mod tests {
         };
         let report = collect(&store, &dry, &unlocker, &NoProgress).await.unwrap();
         assert_eq!(report.parcels[0].deleted_versions, vec![1, 2]);
-        assert_eq!(report.chunks_deleted, 8);
+        assert_eq!(report.chunks_deleted, 8 + 2 * SEGMENTS);
         assert_eq!(store.lister().unwrap().list("").await.unwrap(), snapshot);
 
         // Young chunks survive the default grace even once unreferenced.
@@ -372,7 +376,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.parcels[0].deleted_versions, vec![1, 2]);
-        assert_eq!((report.chunks_deleted, report.chunks_in_grace), (0, 8));
+        assert_eq!(
+            (report.chunks_deleted, report.chunks_in_grace),
+            (0, 8 + 2 * SEGMENTS)
+        );
         assert_eq!(parcel::list_versions(&store, "p").await.unwrap(), vec![3]);
         assert_eq!(
             parcel::read_oldest_hint(&store, "p").await.unwrap(),
@@ -385,8 +392,11 @@ mod tests {
             .await
             .unwrap();
         assert!(report.parcels[0].deleted_versions.is_empty());
-        assert_eq!((report.chunks_deleted, report.chunks_referenced), (8, 8));
-        assert_eq!(memory.count("chunks/"), 8);
+        assert_eq!(
+            (report.chunks_deleted, report.chunks_referenced),
+            (8 + 2 * SEGMENTS, 8 + SEGMENTS)
+        );
+        assert_eq!(memory.count("chunks/"), 8 + SEGMENTS as usize);
         let open = parcel::open(&store, "p", &credentials(PASS)).await.unwrap();
         let manifest = parcel::read_manifest(&store, &open, 3).await.unwrap();
         for (tag, ..) in parcel::distinct_chunks(&manifest) {
@@ -423,7 +433,11 @@ mod tests {
         .unwrap();
         assert_eq!(report.parcels[0].deleted_versions, vec![1]);
         assert_eq!(report.parcels[0].locked_base_version, Some(2));
-        assert_eq!(report.chunks_deleted, 4, "only B's chunks");
+        assert_eq!(
+            report.chunks_deleted,
+            4 + SEGMENTS,
+            "only B's chunks and version 1's segment"
+        );
         assert_eq!(
             parcel::list_versions(&store, "p").await.unwrap(),
             vec![2, 3]
@@ -480,7 +494,10 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!((report.chunks_deleted, report.chunks_in_grace), (0, 8));
+        assert_eq!(
+            (report.chunks_deleted, report.chunks_in_grace),
+            (0, 8 + 2 * SEGMENTS)
+        );
     }
 
     /// A memory store on which every HEAD of a chunk is followed at once by
@@ -580,9 +597,9 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(report.chunks_deleted, 8);
+        assert_eq!(report.chunks_deleted, 8 + 2 * SEGMENTS);
         let announced = announced.lock().unwrap().clone();
-        assert_eq!(announced.len(), 8);
+        assert_eq!(announced.len(), 8 + 2 * SEGMENTS as usize);
         assert!(
             announced.iter().all(|&a| a),
             "gc looked at a chunk it had not announced: {announced:?}"
@@ -596,7 +613,7 @@ mod tests {
         // the writer's confirmation finds them gone, so it writes them again.
         let left: HashSet<String> = memory.list("chunks/").await.unwrap().into_iter().collect();
         let refreshed: Vec<ChunkTag> = orphans.difference(&left).map(|k| tag_of(k)).collect();
-        assert_eq!(refreshed.len(), 8);
+        assert_eq!(refreshed.len(), 8 + 2 * SEGMENTS as usize);
         let mut lost = confirm_refreshed(&store, &refreshed).await.unwrap();
         let mut expected = refreshed.clone();
         lost.sort_by_key(|t| t.to_hex());
@@ -708,7 +725,7 @@ mod tests {
         .await
         .unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
-        assert_eq!(report.chunks_deleted, 8);
+        assert_eq!(report.chunks_deleted, 8 + 2 * SEGMENTS);
     }
 
     #[tokio::test]

@@ -35,6 +35,7 @@
 //! for `..` and duplicates, chunk counts against file sizes.
 
 pub mod diff;
+pub mod tree;
 mod wire;
 
 use std::collections::HashSet;
@@ -50,8 +51,10 @@ use wire::{Reader, Truncated, Writer};
 
 const OUTER_MAGIC: &[u8; 4] = b"ISRM";
 const BODY_MAGIC: &[u8; 4] = b"ISRm";
-/// Manifest format version written by this build.
-pub const FORMAT_VERSION: u16 = 1;
+/// Manifest format version written by this build (a root and segments, [`tree`]).
+pub const FORMAT_VERSION: u16 = 2;
+/// The first format: the whole manifest in one object (still read).
+pub const FORMAT_WHOLE: u16 = 1;
 const OUTER_HEADER_LEN: usize = 40;
 const AEAD_TAG_LEN: usize = 16;
 /// Largest manifest object accepted (1 GiB).
@@ -185,7 +188,7 @@ pub enum ManifestError {
     },
     /// Written by a newer isr.
     #[error(
-        "manifest {object} has format version {found}; this isr reads version {FORMAT_VERSION} — upgrade isr"
+        "manifest {object} has format version {found}; this isr reads versions {FORMAT_WHOLE} and {FORMAT_VERSION} — upgrade isr"
     )]
     UnsupportedFormat {
         /// Object key.
@@ -221,6 +224,9 @@ pub enum ManifestError {
         /// What is wrong.
         reason: String,
     },
+    /// A segment of a format-2 manifest is damaged (or another chunk).
+    #[error("manifest segment: {0}")]
+    Segment(std::sync::Arc<chunk::ChunkError>),
     /// The tree given to be written is invalid.
     #[error("invalid parcel tree: {0}")]
     InvalidTree(String),
@@ -230,6 +236,7 @@ impl Classify for ManifestError {
     fn class(&self) -> ErrorClass {
         match self {
             ManifestError::InvalidTree(_) => ErrorClass::Invalid,
+            ManifestError::Segment(e) => e.class(),
             _ => ErrorClass::Integrity,
         }
     }
@@ -287,6 +294,37 @@ impl Manifest {
 
     /// Checks the invariants a reader relies on.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_tree()?;
+        for entry in &self.entries {
+            let EntryKind::File { size, chunks } = &entry.kind else {
+                continue;
+            };
+            let expected = size.div_ceil(u64::from(self.chunk_size));
+            if chunks.len() as u64 != expected {
+                return Err(format!(
+                    "{:?}: {} chunks for {size} bytes (expected {expected})",
+                    entry.path,
+                    chunks.len()
+                ));
+            }
+            for chunk in chunks {
+                if let ChunkRef::Stored { stored_len, .. } = chunk {
+                    let len = *stored_len as usize;
+                    if !(chunk::STORED_OVERHEAD..=chunk::MAX_STORED_LEN).contains(&len) {
+                        return Err(format!(
+                            "{:?}: stored length {len} out of range",
+                            entry.path
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Manifest::validate`] but for the files' chunk lists: the header,
+    /// the paths and their order, modes, file sizes (a format-2 root).
+    fn validate_tree(&self) -> Result<(), String> {
         chunk::validate_chunk_size(self.chunk_size)?;
         if self.version == 0 {
             return Err("version 0 does not exist (versions start at 1)".into());
@@ -327,25 +365,9 @@ impl Manifest {
                 EntryKind::Directory => {
                     directories.insert(&entry.path);
                 }
-                EntryKind::File { size, chunks } => {
-                    let expected = size.div_ceil(u64::from(self.chunk_size));
-                    if expected > MAX_CHUNKS_PER_FILE || chunks.len() as u64 != expected {
-                        return Err(format!(
-                            "{:?}: {} chunks for {size} bytes (expected {expected})",
-                            entry.path,
-                            chunks.len()
-                        ));
-                    }
-                    for chunk in chunks {
-                        if let ChunkRef::Stored { stored_len, .. } = chunk {
-                            let len = *stored_len as usize;
-                            if !(chunk::STORED_OVERHEAD..=chunk::MAX_STORED_LEN).contains(&len) {
-                                return Err(format!(
-                                    "{:?}: stored length {len} out of range",
-                                    entry.path
-                                ));
-                            }
-                        }
+                EntryKind::File { size, .. } => {
+                    if size.div_ceil(u64::from(self.chunk_size)) > MAX_CHUNKS_PER_FILE {
+                        return Err(format!("{:?}: {size} bytes is too many chunks", entry.path));
                     }
                 }
             }
@@ -380,33 +402,7 @@ impl Manifest {
                 w.u64(*size);
                 let count_at = w.buf.len();
                 w.u32(0);
-                let mut records = 0u32;
-                let mut index = 0;
-                while index < chunks.len() {
-                    match &chunks[index] {
-                        ChunkRef::Zero => {
-                            let run = chunks[index..]
-                                .iter()
-                                .take_while(|c| matches!(c, ChunkRef::Zero))
-                                .count();
-                            w.u8(FLAG_ZERO_RUN);
-                            w.u32(run as u32);
-                            index += run;
-                        }
-                        ChunkRef::Stored {
-                            tag,
-                            key,
-                            stored_len,
-                        } => {
-                            w.u8(FLAG_STORED);
-                            w.bytes(&tag.0);
-                            w.bytes(key.as_bytes());
-                            w.u32(*stored_len);
-                            index += 1;
-                        }
-                    }
-                    records += 1;
-                }
+                let records = write_records(&mut w, chunks);
                 w.buf[count_at..count_at + 4].copy_from_slice(&records.to_le_bytes());
             }
         }
@@ -465,38 +461,7 @@ impl Manifest {
                             });
                         }
                         let records = r.u32("record count")?;
-                        // Reserve only what the records left in the input can
-                        // be (each takes at least 5 bytes), not what the size
-                        // claims: a 60-byte body could ask for gigabytes.
-                        let reserve = expected
-                            .min(u64::from(records))
-                            .min((r.remaining() / 5) as u64);
-                        let mut chunks = Vec::with_capacity(reserve as usize);
-                        for _ in 0..records {
-                            match r.u8("chunk flags")? {
-                                FLAG_STORED => chunks.push(ChunkRef::Stored {
-                                    tag: ChunkTag(r.array("chunk tag")?),
-                                    key: ChunkKey::from_bytes(r.array("chunk key")?),
-                                    stored_len: r.u32("stored length")?,
-                                }),
-                                FLAG_ZERO_RUN => {
-                                    let run = r.u32("zero run")? as u64;
-                                    if run == 0 || chunks.len() as u64 + run > expected {
-                                        return Err(Truncated {
-                                            what: "zero run",
-                                            at: 0,
-                                        });
-                                    }
-                                    chunks.extend((0..run).map(|_| ChunkRef::Zero));
-                                }
-                                _ => {
-                                    return Err(Truncated {
-                                        what: "chunk flags",
-                                        at: 0,
-                                    });
-                                }
-                            }
-                        }
+                        let chunks = read_records(&mut r, records, expected)?;
                         EntryKind::File { size, chunks }
                     }
                     _ => {
@@ -535,105 +500,244 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Encrypts the manifest into its stored form.
+    /// Encrypts the manifest into its stored form, format 1 (the whole
+    /// manifest in one object). New versions are written as format 2
+    /// ([`tree::split`], [`tree::Root::seal`]); this stays for reading tests
+    /// and tools that make format-1 stores.
     pub fn seal(&self, key: &ParcelKey, parcel_id: &[u8; 16]) -> Result<Vec<u8>, ManifestError> {
         let body = zeroize::Zeroizing::new(self.encode_body()?);
-        let nonce: [u8; 24] = rand::random();
-        let mut out = Vec::with_capacity(OUTER_HEADER_LEN + body.len() + AEAD_TAG_LEN);
-        out.extend_from_slice(OUTER_MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&nonce);
-        let mut aad = out.clone();
-        aad.extend_from_slice(parcel_id);
-        let cipher = XChaCha20Poly1305::new(&Key::from(*key.as_bytes()));
-        let ciphertext = cipher
-            .encrypt(
+        seal_body(FORMAT_WHOLE, self.version, &body, key, parcel_id)
+    }
+}
+
+impl tree::Root {
+    /// Encrypts the root into its stored form, format 2.
+    pub fn seal(&self, key: &ParcelKey, parcel_id: &[u8; 16]) -> Result<Vec<u8>, ManifestError> {
+        self.manifest
+            .validate_tree()
+            .map_err(ManifestError::InvalidTree)?;
+        let body = zeroize::Zeroizing::new(self.encode_body());
+        seal_body(FORMAT_VERSION, self.manifest.version, &body, key, parcel_id)
+    }
+}
+
+/// A stored version as opened: format 1 holds the whole manifest, format 2
+/// a root whose segments are read separately ([`tree::Root::assemble`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Format 1.
+    Whole(Manifest),
+    /// Format 2.
+    Tree(tree::Root),
+}
+
+impl Stored {
+    /// The version's header and tree (format 2: files without chunk lists).
+    pub fn header(&self) -> &Manifest {
+        match self {
+            Stored::Whole(manifest) => manifest,
+            Stored::Tree(root) => &root.manifest,
+        }
+    }
+
+    /// The version's segments (none in format 1).
+    pub fn segment_refs(&self) -> impl Iterator<Item = &ChunkRef> {
+        let root = match self {
+            Stored::Whole(_) => None,
+            Stored::Tree(root) => Some(root),
+        };
+        root.into_iter().flat_map(tree::Root::segment_refs)
+    }
+}
+
+fn seal_body(
+    format: u16,
+    version: u64,
+    body: &[u8],
+    key: &ParcelKey,
+    parcel_id: &[u8; 16],
+) -> Result<Vec<u8>, ManifestError> {
+    let nonce: [u8; 24] = rand::random();
+    let mut out = Vec::with_capacity(OUTER_HEADER_LEN + body.len() + AEAD_TAG_LEN);
+    out.extend_from_slice(OUTER_MAGIC);
+    out.extend_from_slice(&format.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&nonce);
+    let mut aad = out.clone();
+    aad.extend_from_slice(parcel_id);
+    let cipher = XChaCha20Poly1305::new(&Key::from(*key.as_bytes()));
+    let ciphertext = cipher
+        .encrypt(
+            &XNonce::from(nonce),
+            Payload {
+                msg: body,
+                aad: &aad,
+            },
+        )
+        .expect("encryption of a bounded buffer cannot fail");
+    out.extend_from_slice(&ciphertext);
+    if out.len() > MAX_MANIFEST_LEN {
+        return Err(ManifestError::InvalidTree(format!(
+            "manifest would be {} bytes, over the {MAX_MANIFEST_LEN}-byte limit: use a larger chunk size",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Checks, decrypts and parses a stored manifest object that should be
+/// `expected_version`, of either format.
+pub fn open(
+    stored: &[u8],
+    key: &ParcelKey,
+    parcel_id: &[u8; 16],
+    expected_version: u64,
+    object: &str,
+) -> Result<Stored, ManifestError> {
+    let object_name = || object.to_owned();
+    if stored.len() < OUTER_HEADER_LEN + AEAD_TAG_LEN || stored.len() > MAX_MANIFEST_LEN {
+        return Err(ManifestError::BadLength {
+            object: object_name(),
+            len: stored.len(),
+        });
+    }
+    if &stored[0..4] != OUTER_MAGIC {
+        return Err(ManifestError::BadMagic {
+            object: object_name(),
+        });
+    }
+    let format = u16::from_le_bytes([stored[4], stored[5]]);
+    if format != FORMAT_WHOLE && format != FORMAT_VERSION {
+        return Err(ManifestError::UnsupportedFormat {
+            object: object_name(),
+            found: format,
+        });
+    }
+    let version = u64::from_le_bytes(stored[8..16].try_into().expect("8 bytes"));
+    if version != expected_version {
+        return Err(ManifestError::VersionMismatch {
+            object: object_name(),
+            expected: expected_version,
+            found: version,
+        });
+    }
+    let nonce: [u8; 24] = stored[16..40].try_into().expect("24 bytes");
+    let mut aad = stored[..OUTER_HEADER_LEN].to_vec();
+    aad.extend_from_slice(parcel_id);
+    let cipher = XChaCha20Poly1305::new(&Key::from(*key.as_bytes()));
+    let body = zeroize::Zeroizing::new(
+        cipher
+            .decrypt(
                 &XNonce::from(nonce),
                 Payload {
-                    msg: &body,
+                    msg: &stored[OUTER_HEADER_LEN..],
                     aad: &aad,
                 },
             )
-            .expect("encryption of a bounded buffer cannot fail");
-        out.extend_from_slice(&ciphertext);
-        if out.len() > MAX_MANIFEST_LEN {
-            return Err(ManifestError::InvalidTree(format!(
-                "manifest would be {} bytes, over the {MAX_MANIFEST_LEN}-byte limit: use a larger chunk size",
-                out.len()
-            )));
-        }
-        Ok(out)
+            .map_err(|_| ManifestError::Decrypt {
+                object: object_name(),
+            })?,
+    );
+    let opened = if format == FORMAT_WHOLE {
+        Stored::Whole(Manifest::decode_body(&body, object)?)
+    } else {
+        Stored::Tree(tree::Root::decode_body(&body, object)?)
+    };
+    let found = opened.header().version;
+    if found != expected_version {
+        return Err(ManifestError::VersionMismatch {
+            object: object_name(),
+            expected: expected_version,
+            found,
+        });
     }
+    Ok(opened)
+}
 
-    /// Checks, decrypts and parses a stored manifest that should be `expected_version`.
-    pub fn open(
-        stored: &[u8],
-        key: &ParcelKey,
-        parcel_id: &[u8; 16],
-        expected_version: u64,
-        object: &str,
-    ) -> Result<Manifest, ManifestError> {
-        let object_name = || object.to_owned();
-        if stored.len() < OUTER_HEADER_LEN + AEAD_TAG_LEN || stored.len() > MAX_MANIFEST_LEN {
-            return Err(ManifestError::BadLength {
-                object: object_name(),
-                len: stored.len(),
-            });
+/// Writes `chunks` as records (a stored chunk, or a run of zero chunks);
+/// returns how many.
+fn write_records(w: &mut Writer, chunks: &[ChunkRef]) -> u32 {
+    let mut records = 0u32;
+    let mut index = 0;
+    while index < chunks.len() {
+        match &chunks[index] {
+            ChunkRef::Zero => {
+                let run = chunks[index..]
+                    .iter()
+                    .take_while(|c| matches!(c, ChunkRef::Zero))
+                    .count();
+                w.u8(FLAG_ZERO_RUN);
+                w.u32(run as u32);
+                index += run;
+            }
+            ChunkRef::Stored {
+                tag,
+                key,
+                stored_len,
+            } => {
+                w.u8(FLAG_STORED);
+                w.bytes(&tag.0);
+                w.bytes(key.as_bytes());
+                w.u32(*stored_len);
+                index += 1;
+            }
         }
-        if &stored[0..4] != OUTER_MAGIC {
-            return Err(ManifestError::BadMagic {
-                object: object_name(),
-            });
-        }
-        let format = u16::from_le_bytes([stored[4], stored[5]]);
-        if format != FORMAT_VERSION {
-            return Err(ManifestError::UnsupportedFormat {
-                object: object_name(),
-                found: format,
-            });
-        }
-        let version = u64::from_le_bytes(stored[8..16].try_into().expect("8 bytes"));
-        if version != expected_version {
-            return Err(ManifestError::VersionMismatch {
-                object: object_name(),
-                expected: expected_version,
-                found: version,
-            });
-        }
-        let nonce: [u8; 24] = stored[16..40].try_into().expect("24 bytes");
-        let mut aad = stored[..OUTER_HEADER_LEN].to_vec();
-        aad.extend_from_slice(parcel_id);
-        let cipher = XChaCha20Poly1305::new(&Key::from(*key.as_bytes()));
-        let body = zeroize::Zeroizing::new(
-            cipher
-                .decrypt(
-                    &XNonce::from(nonce),
-                    Payload {
-                        msg: &stored[OUTER_HEADER_LEN..],
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| ManifestError::Decrypt {
-                    object: object_name(),
-                })?,
-        );
-        let manifest = Manifest::decode_body(&body, object)?;
-        if manifest.version != expected_version {
-            return Err(ManifestError::VersionMismatch {
-                object: object_name(),
-                expected: expected_version,
-                found: manifest.version,
-            });
-        }
-        Ok(manifest)
+        records += 1;
     }
+    records
+}
+
+/// Reads `records` records of at most `expected` chunks in all.
+fn read_records(r: &mut Reader, records: u32, expected: u64) -> Result<Vec<ChunkRef>, Truncated> {
+    // Reserve only what the records left in the input can be (each takes at
+    // least 5 bytes), not what the size claims: a 60-byte body could ask for
+    // gigabytes.
+    let reserve = expected
+        .min(u64::from(records))
+        .min((r.remaining() / 5) as u64);
+    let mut chunks = Vec::with_capacity(reserve as usize);
+    for _ in 0..records {
+        match r.u8("chunk flags")? {
+            FLAG_STORED => {
+                if chunks.len() as u64 >= expected {
+                    return Err(Truncated {
+                        what: "chunk records",
+                        at: 0,
+                    });
+                }
+                chunks.push(ChunkRef::Stored {
+                    tag: ChunkTag(r.array("chunk tag")?),
+                    key: ChunkKey::from_bytes(r.array("chunk key")?),
+                    stored_len: r.u32("stored length")?,
+                })
+            }
+            FLAG_ZERO_RUN => {
+                let run = r.u32("zero run")? as u64;
+                if run == 0 || chunks.len() as u64 + run > expected {
+                    return Err(Truncated {
+                        what: "zero run",
+                        at: 0,
+                    });
+                }
+                chunks.extend((0..run).map(|_| ChunkRef::Zero));
+            }
+            _ => {
+                return Err(Truncated {
+                    what: "chunk flags",
+                    at: 0,
+                });
+            }
+        }
+    }
+    Ok(chunks)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::chunk::ChunkEncoder;
+    use bytes::Bytes;
     use proptest::prelude::*;
 
     pub(crate) fn sample_manifest() -> Manifest {
@@ -697,8 +801,8 @@ pub(crate) mod tests {
         let manifest = sample_manifest();
         let stored = manifest.seal(&key, &[1; 16]).unwrap();
         assert_eq!(
-            Manifest::open(&stored, &key, &[1; 16], 3, "m").unwrap(),
-            manifest
+            open(&stored, &key, &[1; 16], 3, "m").unwrap(),
+            Stored::Whole(manifest)
         );
     }
 
@@ -708,15 +812,15 @@ pub(crate) mod tests {
         let stored = sample_manifest().seal(&key, &[1; 16]).unwrap();
         let other = ParcelKey::from_bytes([4; 32]);
         assert!(matches!(
-            Manifest::open(&stored, &other, &[1; 16], 3, "m"),
+            open(&stored, &other, &[1; 16], 3, "m"),
             Err(ManifestError::Decrypt { .. })
         ));
         assert!(matches!(
-            Manifest::open(&stored, &key, &[2; 16], 3, "m"),
+            open(&stored, &key, &[2; 16], 3, "m"),
             Err(ManifestError::Decrypt { .. })
         ));
         assert!(matches!(
-            Manifest::open(&stored, &key, &[1; 16], 4, "m"),
+            open(&stored, &key, &[1; 16], 4, "m"),
             Err(ManifestError::VersionMismatch { .. })
         ));
     }
@@ -726,17 +830,17 @@ pub(crate) mod tests {
         let key = ParcelKey::from_bytes([3; 32]);
         let stored = sample_manifest().seal(&key, &[1; 16]).unwrap();
         for len in [0, 10, 40, 56, stored.len() - 1] {
-            assert!(Manifest::open(&stored[..len], &key, &[1; 16], 3, "m").is_err());
+            assert!(open(&stored[..len], &key, &[1; 16], 3, "m").is_err());
         }
         let mut flipped = stored.clone();
         flipped[60] ^= 0x80;
         assert!(matches!(
-            Manifest::open(&flipped, &key, &[1; 16], 3, "m"),
+            open(&flipped, &key, &[1; 16], 3, "m"),
             Err(ManifestError::Decrypt { .. })
         ));
         let mut garbage = vec![0xAB; 500];
         garbage[..4].copy_from_slice(b"ISRM");
-        assert!(Manifest::open(&garbage, &key, &[1; 16], 3, "m").is_err());
+        assert!(open(&garbage, &key, &[1; 16], 3, "m").is_err());
         let body = sample_manifest().encode_body().unwrap();
         for len in 0..body.len() {
             assert!(
@@ -762,6 +866,105 @@ pub(crate) mod tests {
             *size += 65536;
         }
         assert!(m.encode_body().is_err());
+    }
+
+    /// A format-2 manifest: the root and its segments back to the manifest,
+    /// equal segments stored once, a file of many segments cut at
+    /// `segment_chunks`.
+    #[test]
+    fn tree_roundtrip_shares_equal_segments() {
+        let key = ParcelKey::from_bytes([3; 32]);
+        let mut encoder =
+            ChunkEncoder::new(crate::keys::DedupSecret::from_bytes([9; 32]), 3).unwrap();
+        let mut manifest = sample_manifest();
+        let EntryKind::File { size, chunks } = &mut manifest.entries[0].kind else {
+            panic!()
+        };
+        let pattern = chunks.clone();
+        *chunks = (0..50).flat_map(|_| pattern.clone()).collect();
+        *size = chunks.len() as u64 * 65536;
+        let split = tree::split(&manifest, 10, &mut encoder).unwrap();
+        // 250 chunks in 25 segments of 10: all equal (the pattern of 5 repeats).
+        assert_eq!(split.root.segments[0].len(), 25);
+        assert_eq!(
+            split.encoded.len(),
+            1,
+            "every segment holds the pattern twice; the empty file has none"
+        );
+        let sealed = split.root.seal(&key, &[1; 16]).unwrap();
+        let Stored::Tree(root) = open(&sealed, &key, &[1; 16], 3, "m").unwrap() else {
+            panic!("format 2 expected")
+        };
+        assert_eq!(root, split.root);
+        let plaintexts: std::collections::HashMap<ChunkTag, Bytes> = split
+            .encoded
+            .iter()
+            .map(|(reference, stored)| {
+                let ChunkRef::Stored { tag, key, .. } = reference else {
+                    panic!()
+                };
+                let secret = crate::keys::DedupSecret::from_bytes([9; 32]);
+                (
+                    *tag,
+                    chunk::decode(&secret, *tag, key, Bytes::from(stored.clone())).unwrap(),
+                )
+            })
+            .collect();
+        let assembled = root
+            .assemble("m", |r| Ok(plaintexts[&r.tag().unwrap()].clone()))
+            .unwrap();
+        assert_eq!(assembled, manifest);
+    }
+
+    /// A checkin that changes one chunk of a big file changes one segment:
+    /// the others are the same stored chunks as before.
+    #[test]
+    fn one_changed_chunk_changes_one_segment() {
+        let mut encoder =
+            ChunkEncoder::new(crate::keys::DedupSecret::from_bytes([9; 32]), 3).unwrap();
+        let stored = |n: u32| ChunkRef::Stored {
+            tag: ChunkTag(*blake3::hash(&n.to_le_bytes()).as_bytes()),
+            key: ChunkKey::from_bytes([1; 32]),
+            stored_len: 5000,
+        };
+        let mut manifest = sample_manifest();
+        let EntryKind::File { size, chunks } = &mut manifest.entries[0].kind else {
+            panic!()
+        };
+        *chunks = (0..1000).map(stored).collect();
+        *size = 1000 * 65536;
+        let before = tree::split(&manifest, 100, &mut encoder).unwrap();
+        let EntryKind::File { chunks, .. } = &mut manifest.entries[0].kind else {
+            panic!()
+        };
+        chunks[555] = ChunkRef::Zero;
+        let after = tree::split(&manifest, 100, &mut encoder).unwrap();
+        let changed: Vec<usize> = (0..10)
+            .filter(|&i| before.root.segments[0][i] != after.root.segments[0][i])
+            .collect();
+        assert_eq!(changed, vec![5]);
+    }
+
+    /// Damaged or mismatched roots and segments are errors, not panics.
+    #[test]
+    fn truncated_roots_and_segments_are_errors() {
+        let mut encoder =
+            ChunkEncoder::new(crate::keys::DedupSecret::from_bytes([9; 32]), 3).unwrap();
+        let split = tree::split(&sample_manifest(), 2, &mut encoder).unwrap();
+        let body = split.root.encode_body();
+        for len in 0..body.len() {
+            assert!(
+                tree::Root::decode_body(&body[..len], "m").is_err(),
+                "prefix {len} accepted"
+            );
+        }
+        assert!(tree::Root::decode_body(&body, "m").is_ok());
+        let segment = tree::encode_segment(&[ChunkRef::Zero, ChunkRef::Zero]);
+        assert!(tree::decode_segment(&segment, 2, "m").is_ok());
+        assert!(tree::decode_segment(&segment, 3, "m").is_err());
+        for len in 0..segment.len() {
+            assert!(tree::decode_segment(&segment[..len], 2, "m").is_err());
+        }
     }
 
     fn arb_chunk() -> impl Strategy<Value = ChunkRef> {

@@ -19,14 +19,19 @@
 //! kept into the `oldest` hint, so stores that cannot list find every version
 //! by probing from the hint (see [`list_versions`]).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{self, ChunkTag};
+use crate::chunk::{self, ChunkEncoder, ChunkRef, ChunkTag};
 use crate::error::{Classify, ErrorClass};
 use crate::keys::{self, Credential, KdfParams, KeyError, ParcelSecrets};
 use crate::layout;
-use crate::manifest::{Manifest, ManifestError, Timestamp};
+use crate::manifest::tree::{self, Root, Split};
+use crate::manifest::{self, Manifest, ManifestError, Stored, Timestamp};
 use crate::store::{PutOutcome, StoreError, StoreHandle};
 
 /// Format of `parcel.toml` written by this build.
@@ -550,12 +555,13 @@ pub async fn list_parcels(store: &StoreHandle) -> Result<Vec<String>, ParcelErro
     Ok(names)
 }
 
-/// Reads and decrypts one version's manifest.
-pub async fn read_manifest(
+/// Reads and decrypts one version's manifest object: the whole manifest
+/// (format 1) or its root (format 2, segments not read yet).
+pub async fn read_stored(
     store: &StoreHandle,
     parcel: &OpenParcel,
     version: u64,
-) -> Result<Manifest, ParcelError> {
+) -> Result<Stored, ParcelError> {
     let key = layout::manifest(&parcel.name, version);
     let bytes = match store.reader().get(&key).await {
         Ok(bytes) => bytes,
@@ -567,24 +573,83 @@ pub async fn read_manifest(
         }
         Err(e) => return Err(e.into()),
     };
-    let manifest = Manifest::open(
+    let stored = manifest::open(
         &bytes,
         &parcel.secrets.parcel_key,
         &parcel.id,
         version,
         &key,
     )?;
-    if manifest.chunk_size != parcel.record.chunk_size {
+    let chunk_size = stored.header().chunk_size;
+    if chunk_size != parcel.record.chunk_size {
         return Err(ManifestError::Malformed {
             object: key,
             reason: format!(
-                "chunk size {} differs from the parcel's {}",
-                manifest.chunk_size, parcel.record.chunk_size
+                "chunk size {chunk_size} differs from the parcel's {}",
+                parcel.record.chunk_size
             ),
         }
         .into());
     }
-    Ok(manifest)
+    Ok(stored)
+}
+
+/// Reads one version's whole manifest: its object and, for format 2, every
+/// segment (from the store, several at a time).
+pub async fn read_manifest(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    version: u64,
+) -> Result<Manifest, ParcelError> {
+    let stored = read_stored(store, parcel, version).await?;
+    assemble(store, parcel, stored).await
+}
+
+/// The whole manifest of a version read with [`read_stored`].
+pub async fn assemble(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    stored: Stored,
+) -> Result<Manifest, ParcelError> {
+    let root = match stored {
+        Stored::Whole(manifest) => return Ok(manifest),
+        Stored::Tree(root) => root,
+    };
+    let mut distinct: Vec<&ChunkRef> = root.segment_refs().collect();
+    distinct.sort_by_key(|r| r.tag());
+    distinct.dedup_by_key(|r| r.tag());
+    let secret = &parcel.secrets.dedup_secret;
+    let plaintexts: HashMap<ChunkTag, Bytes> = futures::stream::iter(distinct)
+        .map(|reference| async move {
+            let &ChunkRef::Stored { tag, ref key, .. } = reference else {
+                unreachable!("segments are stored chunks");
+            };
+            let stored = store.reader().get(&layout::chunk(&tag)).await?;
+            let plaintext = chunk::decode(secret, tag, key, stored)
+                .map_err(|e| ManifestError::Segment(Arc::new(e)))?;
+            Ok::<_, ParcelError>((tag, plaintext))
+        })
+        .buffer_unordered(SEGMENT_READS)
+        .try_collect()
+        .await?;
+    let object = layout::manifest(&parcel.name, root.manifest.version);
+    Ok(root.assemble(&object, |reference| {
+        Ok(plaintexts[&reference.tag().expect("stored")].clone())
+    })?)
+}
+
+/// Segments read at once by [`assemble`].
+const SEGMENT_READS: usize = 16;
+
+/// Cuts `manifest` into its format-2 root and segments, encoded under
+/// `parcel`'s dedup secret.
+pub fn split(parcel: &OpenParcel, manifest: &Manifest) -> Result<Split, ParcelError> {
+    let mut encoder = ChunkEncoder::new(
+        parcel.secrets.dedup_secret.clone(),
+        chunk::DEFAULT_ZSTD_LEVEL,
+    )
+    .map_err(|e| ParcelError::Manifest(ManifestError::InvalidTree(format!("zstd: {e}"))))?;
+    Ok(tree::split(manifest, tree::SEGMENT_CHUNKS, &mut encoder)?)
 }
 
 /// Resolves `version` (or the newest when `None`) to an existing version number.
@@ -614,29 +679,56 @@ pub async fn resolve_version(
     }
 }
 
-/// Commits `manifest` as its version with one create-only put. The chunks it
-/// references must be durable already: a writer that uploaded some ends its
-/// pass with [`crate::gc::finish_pass`] (which syncs the store) right before,
-/// and a rollback references chunks of a committed version. Fails with
-/// [`ParcelError::VersionExists`] if another client committed that version
-/// first.
+/// Commits `manifest` as its version: uploads its segments (create-only,
+/// so those the store has are not sent again), then [`commit_root`]. For
+/// writers that do not keep segments in a cache (import, rollback); a
+/// session uploads them with its chunks.
 pub async fn commit(
     store: &StoreHandle,
     parcel: &OpenParcel,
     manifest: &Manifest,
 ) -> Result<(), ParcelError> {
     let writer = store.writer("commit a version")?;
-    check_not_locked(store, &parcel.name, manifest.lock_nonce.as_ref()).await?;
-    let sealed = manifest.seal(&parcel.secrets.parcel_key, &parcel.id)?;
-    let key = layout::manifest(&parcel.name, manifest.version);
+    let split = split(parcel, manifest)?;
+    futures::stream::iter(split.encoded)
+        .map(|(reference, bytes)| async move {
+            let tag = reference.tag().expect("segments are stored chunks");
+            writer
+                .put_new(&layout::chunk(&tag), Bytes::from(bytes))
+                .await
+        })
+        .buffer_unordered(SEGMENT_READS)
+        .try_collect::<Vec<_>>()
+        .await?;
+    commit_root(store, parcel, &split.root).await.map(drop)
+}
+
+/// Commits a version's root with one create-only put. The chunks and
+/// segments it references must be durable already: a writer that uploaded
+/// some ends its pass with [`crate::gc::finish_pass`] (which syncs the
+/// store) right before, and a rollback references chunks of a committed
+/// version. Fails with [`ParcelError::VersionExists`] if another client
+/// committed that version first. Returns the root's stored size.
+pub async fn commit_root(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    root: &Root,
+) -> Result<u64, ParcelError> {
+    let writer = store.writer("commit a version")?;
+    let version = root.manifest.version;
+    check_not_locked(store, &parcel.name, root.manifest.lock_nonce.as_ref()).await?;
+    let sealed = root.seal(&parcel.secrets.parcel_key, &parcel.id)?;
+    writer.sync().await?;
+    let key = layout::manifest(&parcel.name, version);
+    let len = sealed.len() as u64;
     match writer.put_new(&key, Bytes::from(sealed)).await? {
         PutOutcome::Created => {
             writer.sync().await?;
-            Ok(())
+            Ok(len)
         }
         PutOutcome::AlreadyExists => Err(ParcelError::VersionExists {
             name: parcel.name.clone(),
-            version: manifest.version,
+            version,
         }),
     }
 }

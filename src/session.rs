@@ -23,6 +23,7 @@ mod trickle;
 pub use commit::CommitReport;
 pub use trickle::UploadSettings;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheError, ChunkCache};
-use crate::chunk::ChunkTag;
+use crate::chunk::{ChunkRef, ChunkTag};
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::{FetchSettings, FetchStats, Fetcher, Priority};
 use crate::image::{Image, ImageError, ImageOptions};
@@ -442,6 +443,17 @@ pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fet
     Ok(tags.len() as u64)
 }
 
+/// The base version's manifest and the tags of its segments.
+async fn read_base(
+    store: &StoreHandle,
+    parcel: &OpenParcel,
+    version: u64,
+) -> Result<(Manifest, HashSet<ChunkTag>), SessionError> {
+    let stored = parcel::read_stored(store, parcel, version).await?;
+    let segments = stored.segment_refs().filter_map(ChunkRef::tag).collect();
+    Ok((parcel::assemble(store, parcel, stored).await?, segments))
+}
+
 /// What a session's counters are computed from; cheap to clone (the FUSE
 /// adapter keeps one for `.isr/stats`).
 #[derive(Debug, Clone)]
@@ -517,6 +529,9 @@ pub struct Session {
     pub fetcher: Fetcher,
     /// The base manifest.
     pub base: Arc<Manifest>,
+    /// The tags of the base version's segments (format 2), which a commit
+    /// shares instead of uploading.
+    base_segments: HashSet<ChunkTag>,
     parcel: OpenParcel,
     store: StoreHandle,
     context: SessionContext,
@@ -780,7 +795,7 @@ impl Session {
     ) -> Result<Session, SessionError> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let version = parcel::resolve_version(&store, &parcel.name, version).await?;
-        let base = parcel::read_manifest(&store, &parcel, version).await?;
+        let base = read_base(&store, &parcel, version).await?;
         let views = views_dir(&context.state_dir);
         let dir = views.join(format!(
             "{}-{}",
@@ -855,7 +870,7 @@ impl Session {
         context: SessionContext,
     ) -> Result<Session, SessionError> {
         let name = parcel.name.clone();
-        let base = parcel::read_manifest(&store, &parcel, record.base_version).await?;
+        let base = read_base(&store, &parcel, record.base_version).await?;
         let state = session_dir(&context.state_dir, &name).join("image.redb");
         let session = Session::open_at(store, parcel, record, context, base, state).await?;
         session.fetch_working_set();
@@ -870,7 +885,7 @@ impl Session {
         parcel: OpenParcel,
         record: SessionRecord,
         context: SessionContext,
-        base: Manifest,
+        (base, base_segments): (Manifest, HashSet<ChunkTag>),
         state: PathBuf,
     ) -> Result<Session, SessionError> {
         let fetcher = Fetcher::start(
@@ -907,6 +922,7 @@ impl Session {
             image,
             fetcher,
             base: Arc::new(base),
+            base_segments,
             parcel,
             store,
             context,

@@ -31,7 +31,6 @@ use super::{GcError, GcOptions, GcProblem, GcReport, ParcelGc, UnlockError, Unlo
 use crate::chunk::ChunkTag;
 use crate::error::{Classify, ErrorClass};
 use crate::layout;
-use crate::manifest::Manifest;
 use crate::parcel::{self, OpenParcel, ParcelError};
 use crate::progress::Progress;
 use crate::store::{ListStore, StoreError, StoreHandle, WriteStore};
@@ -302,9 +301,8 @@ async fn plan_and_read(
         }
     }
     for &version in &plan.versions[plan.delete.len()..] {
-        match parcel::read_manifest(store, open, version).await {
-            Ok(manifest) => {
-                add_chunks(&mut survey.referenced, &manifest);
+        match add_chunks(store, open, version, &mut survey.referenced).await {
+            Ok(()) => {
                 plan.read.insert(version);
             }
             Err(error) => {
@@ -386,8 +384,8 @@ async fn add_committed_meanwhile<U: Unlocker>(
             if plan.is_some_and(|p| p.read.contains(&version) || p.delete.contains(&version)) {
                 continue;
             }
-            match parcel::read_manifest(store, &open, version).await {
-                Ok(manifest) => add_chunks(&mut survey.referenced, &manifest),
+            match add_chunks(store, &open, version, &mut survey.referenced).await {
+                Ok(()) => {}
                 // Deleted meanwhile (by another gc): it no longer needs its chunks.
                 Err(ParcelError::VersionNotFound { .. }) => {}
                 Err(error) => problems.push(manifest_problem(&name, version, &error)),
@@ -480,10 +478,21 @@ async fn delete_chunks(
     Ok(swept)
 }
 
-fn add_chunks(referenced: &mut HashSet<ChunkTag>, manifest: &Manifest) {
+/// Adds the chunks `version` uses to `referenced`: its segments (format 2)
+/// and the chunks of its files.
+async fn add_chunks(
+    store: &StoreHandle,
+    open: &OpenParcel,
+    version: u64,
+    referenced: &mut HashSet<ChunkTag>,
+) -> Result<(), ParcelError> {
+    let stored = parcel::read_stored(store, open, version).await?;
+    referenced.extend(stored.segment_refs().filter_map(|c| c.tag()));
+    let manifest = parcel::assemble(store, open, stored).await?;
     for (_, _, chunks) in manifest.files() {
         referenced.extend(chunks.iter().filter_map(|c| c.tag()));
     }
+    Ok(())
 }
 
 fn problem(parcel: &str, message: String, class: ErrorClass) -> GcProblem {

@@ -35,9 +35,11 @@ use serde::{Deserialize, Serialize};
 
 use super::trickle::{local_chunk, upload_new};
 use super::{Session, SessionError, check_lock, memory, write_record};
+use crate::cache::Durability;
 use crate::chunk::ChunkTag;
 use crate::image::journal::unix_now;
 use crate::layout;
+use crate::manifest::tree::Root;
 use crate::manifest::{Manifest, Timestamp};
 use crate::parcel::{self, OpenParcel, ParcelError};
 
@@ -64,6 +66,10 @@ pub struct CommitReport {
     pub new_chunks: u64,
     /// Their stored bytes.
     pub new_bytes: u64,
+    /// Stored bytes of the version's manifest that its base version does
+    /// not share: the root and the segments that changed (format 2).
+    #[serde(default)]
+    pub manifest_bytes: u64,
     /// Wall time of the commit.
     pub seconds: f64,
     /// True when an earlier request already did this checkin.
@@ -90,6 +96,7 @@ impl CommitReport {
             present_chunks: 0,
             new_chunks: 0,
             new_bytes: 0,
+            manifest_bytes: 0,
             seconds: 0.0,
             already_done: true,
             left_out: Vec::new(),
@@ -188,8 +195,9 @@ impl Session {
                     .unwrap_or(parent);
                 let newest_at_resume = record.newest_at_resume.unwrap_or(record.base_version);
                 if newest > parent.max(newest_at_resume) {
-                    let manifest = parcel::read_manifest(&self.store, &self.parcel, newest).await?;
-                    if manifest.lock_nonce.is_none() || manifest.lock_nonce != nonce {
+                    let stored = parcel::read_stored(&self.store, &self.parcel, newest).await?;
+                    let lock_nonce = stored.header().lock_nonce;
+                    if lock_nonce.is_none() || lock_nonce != nonce {
                         return Err(SessionError::Diverged {
                             name: self.parcel.name.clone(),
                             version: newest,
@@ -233,46 +241,43 @@ impl Session {
                 present_chunks: 0,
                 new_chunks: 0,
                 new_bytes: 0,
+                manifest_bytes: 0,
                 seconds: started.elapsed().as_secs_f64(),
                 already_done: false,
                 left_out: Vec::new(),
             });
         }
 
-        // Chunks beyond the base version: this session's (and its syncs').
-        let base_tags: HashSet<ChunkTag> = self.base.stored_chunks().map(|(t, _)| t).collect();
-        let mut needed: Vec<ChunkTag> = snapshot
-            .stored_chunks()
-            .map(|(tag, _)| tag)
-            .filter(|tag| save_as.is_some() || !base_tags.contains(tag))
-            .collect::<HashSet<_>>()
-            .into_iter()
+        // The new version's segments; those its base version does not share
+        // are uploaded with the chunks (from the cache, like them).
+        let split = parcel::split(target, &snapshot)?;
+        let new_segments: Vec<(ChunkTag, &[u8])> = split
+            .encoded
+            .iter()
+            .filter_map(|(reference, bytes)| Some((reference.tag()?, bytes.as_slice())))
+            .filter(|(tag, _)| save_as.is_some() || !self.base_segments.contains(tag))
             .collect();
-        needed.sort();
-        // (The snapshot pinned them: a write after it may supersede them.)
-        let tally = self
-            .ensure_uploaded_in_time(&needed, save_as.is_some())
-            .await?;
+        self.context
+            .cache
+            .insert_all(&new_segments, Durability::Durable)?;
+        let segment_tags: Vec<ChunkTag> = new_segments.iter().map(|(tag, _)| *tag).collect();
+        let segment_bytes: u64 = new_segments.iter().map(|(_, b)| b.len() as u64).sum();
+        self.context.cache.pin(segment_tags.iter());
+        let result = self
+            .commit_split(
+                split.root,
+                &snapshot,
+                &segment_tags,
+                message,
+                save_as,
+                version,
+                parent,
+            )
+            .await;
+        self.context.cache.unpin(segment_tags.iter());
+        let (tally, manifest, root_bytes) = result?;
 
-        if save_as.is_none() {
-            check_lock(&self.store, &record).await?;
-        }
-        let manifest = Manifest {
-            version,
-            parent,
-            created: Timestamp::now(),
-            lock_nonce: if save_as.is_some() { None } else { nonce },
-            host: crate::parcel::host_name(),
-            message: message.to_owned(),
-            ..snapshot
-        };
-        match parcel::commit(&self.store, target, &manifest).await {
-            Ok(()) => {}
-            Err(ParcelError::VersionExists { name, version }) => {
-                return Err(SessionError::Diverged { name, version });
-            }
-            Err(e) => return Err(e.into()),
-        }
+        tracing::info!(parcel = %target.name, version, "committed");
         tracing::info!(parcel = %target.name, version, "committed");
         self.store_trace(target, version, &trace).await;
         let working_set = memory::working_set_tags(&self.image, &manifest);
@@ -291,10 +296,77 @@ impl Session {
             present_chunks: tally.present_chunks,
             new_chunks: new_chunks.len() as u64,
             new_bytes,
+            manifest_bytes: root_bytes + segment_bytes,
             seconds: started.elapsed().as_secs_f64(),
             already_done: false,
             left_out: Vec::new(),
         })
+    }
+
+    /// Uploads what the new version needs beyond its base version (this
+    /// session's chunks and `segments`) and commits its root; returns the
+    /// upload tally, the committed manifest and the root's stored size.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_split(
+        &self,
+        root: Root,
+        snapshot: &Manifest,
+        segments: &[ChunkTag],
+        message: &str,
+        save_as: Option<&OpenParcel>,
+        version: u64,
+        parent: Option<u64>,
+    ) -> Result<(UploadTally, Manifest, u64), SessionError> {
+        let target = save_as.unwrap_or(&self.parcel);
+        // Chunks beyond the base version: this session's (and its syncs').
+        let base_tags: HashSet<ChunkTag> = self.base.stored_chunks().map(|(t, _)| t).collect();
+        let mut needed: Vec<ChunkTag> = snapshot
+            .stored_chunks()
+            .map(|(tag, _)| tag)
+            .filter(|tag| save_as.is_some() || !base_tags.contains(tag))
+            .chain(segments.iter().copied())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        needed.sort();
+        // (The snapshot pinned them: a write after it may supersede them.)
+        let tally = self
+            .ensure_uploaded_in_time(&needed, save_as.is_some())
+            .await?;
+
+        let record = self.record();
+        if save_as.is_none() {
+            check_lock(&self.store, &record).await?;
+        }
+        let header = Manifest {
+            version,
+            parent,
+            created: Timestamp::now(),
+            lock_nonce: if save_as.is_some() {
+                None
+            } else {
+                nonce_bytes(&record.lock_nonce)
+            },
+            host: crate::parcel::host_name(),
+            message: message.to_owned(),
+            ..root.manifest
+        };
+        let root = Root {
+            manifest: header,
+            ..root
+        };
+        let root_bytes = match parcel::commit_root(&self.store, target, &root).await {
+            Ok(bytes) => bytes,
+            Err(ParcelError::VersionExists { name, version }) => {
+                return Err(SessionError::Diverged { name, version });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let manifest = Manifest {
+            entries: snapshot.entries.clone(),
+            ..root.manifest
+        };
+        Ok((tally, manifest, root_bytes))
     }
 
     /// Stores lazy memory's working set beside `version` (see

@@ -1,0 +1,388 @@
+//! Format 2: a version as a small **root** plus content-addressed **segments**.
+//!
+//! A format-1 manifest lists every chunk of every file, so its size grows with
+//! the disk (69 bytes per stored chunk: ≈ 56 MB for 100 GiB at 128 KiB
+//! chunks), and every version stores, uploads and downloads all of it. Format
+//! 2 cuts each file's chunk list into segments of [`SEGMENT_CHUNKS`] chunks
+//! (the root records the number, so a reader never assumes it). A segment is
+//! stored as an ordinary chunk (the chunk codec under the dedup secret, in
+//! `chunks/`), so an unchanged segment encodes to the same stored bytes and
+//! tag as in the parent version: it is shared, not uploaded again, and gc,
+//! the cache, the fetcher and any HTTP cache treat it like any other chunk.
+//! The root — the manifest object itself, sealed with the parcel key like
+//! format 1 — holds the header, the file tree and, per file, the references
+//! of its segments.
+//!
+//! Root body (plaintext, little-endian):
+//!
+//! ```text
+//! 4  magic "ISRt"      8 version        8 parent (0 = none)
+//! 8  created secs (i64)  4 created nanos   16 lock nonce (all zero = none)
+//! 4  chunk size        4 segment chunks  str16 host   str32 message   4 entry count
+//! entries, sorted by path (bytes), each:
+//!   1 kind (1 = directory, 2 = file)  str16 path  4 mode  8 mtime secs  4 mtime nanos
+//!   file only: 8 size  4 segment count, segments: 32 tag  32 key  4 stored length
+//! ```
+//!
+//! Segment plaintext: `4 magic "ISRs"  4 chunk count  4 record count`, then
+//! the records of format 1 (stored chunk or zero run). Segment `i` of a file
+//! holds chunks `i·S ..` of it, `S` chunks except the last. Readers check the
+//! segment count against the file size, the chunk count against the
+//! segment's place, and the records against the chunk count.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use super::wire::{Reader, Truncated, Writer};
+use super::{
+    Entry, EntryKind, KIND_DIRECTORY, KIND_FILE, MAX_CHUNKS_PER_FILE, Manifest, ManifestError,
+    Timestamp,
+};
+use crate::chunk::{self, ChunkEncoder, ChunkKey, ChunkRef, ChunkTag, EncodedChunk};
+
+const ROOT_MAGIC: &[u8; 4] = b"ISRt";
+const SEGMENT_MAGIC: &[u8; 4] = b"ISRs";
+/// Chunks per segment written by this build: 256 MiB of file at the default
+/// 128 KiB chunk size, at most ≈ 141 KB of segment.
+pub const SEGMENT_CHUNKS: u32 = 2048;
+/// Largest segment size a reader accepts (its plaintext stays far below the
+/// chunk codec's 4 MiB limit: 69 bytes per chunk at most).
+const MAX_SEGMENT_CHUNKS: u32 = 32 * 1024;
+
+/// A format-2 version as stored: the manifest's header and tree with every
+/// file's chunk list still in its segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    /// Header and tree; files have their size but an empty chunk list.
+    pub manifest: Manifest,
+    /// Chunks per segment.
+    pub segment_chunks: u32,
+    /// Per file, in [`Manifest::files`] order, its segments' references.
+    pub segments: Vec<Vec<ChunkRef>>,
+}
+
+/// A manifest cut into segments, ready to store.
+#[derive(Debug)]
+pub struct Split {
+    /// The root (its body is sealed as the manifest object).
+    pub root: Root,
+    /// Each distinct segment once: its reference and stored bytes.
+    pub encoded: Vec<(ChunkRef, Vec<u8>)>,
+}
+
+impl Root {
+    /// Every segment reference, in file order, repeats included.
+    pub fn segment_refs(&self) -> impl Iterator<Item = &ChunkRef> {
+        self.segments.iter().flatten()
+    }
+
+    /// Number of chunks segment `index` of a file with `chunk_count` chunks holds.
+    pub fn chunks_in_segment(&self, chunk_count: u64, index: usize) -> u64 {
+        chunks_in_segment(self.segment_chunks, chunk_count, index)
+    }
+
+    /// The full manifest, given each segment's plaintext by `segment`
+    /// (called once per reference, repeats included).
+    pub fn assemble(
+        mut self,
+        object: &str,
+        mut segment: impl FnMut(&ChunkRef) -> Result<Bytes, ManifestError>,
+    ) -> Result<Manifest, ManifestError> {
+        let chunk_size = u64::from(self.manifest.chunk_size);
+        let mut files = self.segments.iter();
+        for entry in &mut self.manifest.entries {
+            let EntryKind::File { size, chunks } = &mut entry.kind else {
+                continue;
+            };
+            let refs = files.next().expect("one segment list per file");
+            let count = size.div_ceil(chunk_size);
+            chunks.reserve(count as usize);
+            for (index, reference) in refs.iter().enumerate() {
+                let expected = chunks_in_segment(self.segment_chunks, count, index);
+                chunks.extend(decode_segment(&segment(reference)?, expected, object)?);
+            }
+        }
+        self.manifest
+            .validate()
+            .map_err(|reason| ManifestError::Malformed {
+                object: object.to_owned(),
+                reason,
+            })?;
+        Ok(self.manifest)
+    }
+
+    /// The root body (see the module doc).
+    pub(super) fn encode_body(&self) -> Vec<u8> {
+        let m = &self.manifest;
+        let mut w = Writer::default();
+        w.bytes(ROOT_MAGIC);
+        w.u64(m.version);
+        w.u64(m.parent.unwrap_or(0));
+        w.i64(m.created.secs);
+        w.u32(m.created.nanos);
+        w.bytes(&m.lock_nonce.unwrap_or([0; 16]));
+        w.u32(m.chunk_size);
+        w.u32(self.segment_chunks);
+        w.str16(&m.host);
+        w.str32(&m.message);
+        w.u32(m.entries.len() as u32);
+        let mut files = self.segments.iter();
+        for entry in &m.entries {
+            w.u8(match entry.kind {
+                EntryKind::Directory => KIND_DIRECTORY,
+                EntryKind::File { .. } => KIND_FILE,
+            });
+            w.str16(&entry.path);
+            w.u32(entry.mode);
+            w.i64(entry.mtime.secs);
+            w.u32(entry.mtime.nanos);
+            if let EntryKind::File { size, .. } = &entry.kind {
+                let refs = files.next().expect("one segment list per file");
+                w.u64(*size);
+                w.u32(refs.len() as u32);
+                for reference in refs {
+                    write_stored(&mut w, reference);
+                }
+            }
+        }
+        w.buf
+    }
+
+    /// Parses and checks a root body; `object` names it in errors.
+    pub(super) fn decode_body(body: &[u8], object: &str) -> Result<Root, ManifestError> {
+        let malformed = |reason: String| ManifestError::Malformed {
+            object: object.to_owned(),
+            reason,
+        };
+        let truncated =
+            |t: Truncated| malformed(format!("{} invalid or cut short at byte {}", t.what, t.at));
+        let mut r = Reader::new(body);
+        if &r.array::<4>("magic").map_err(truncated)? != ROOT_MAGIC {
+            return Err(malformed("wrong root magic".into()));
+        }
+        let invalid = |what| Truncated { what, at: 0 };
+        let root = (|| -> Result<Root, Truncated> {
+            let version = r.u64("version")?;
+            let parent = Some(r.u64("parent")?).filter(|&p| p != 0);
+            let created = Timestamp {
+                secs: r.i64("created")?,
+                nanos: r.u32("created")?,
+            };
+            let lock_nonce = Some(r.array::<16>("lock nonce")?).filter(|n| n != &[0; 16]);
+            let chunk_size = r.u32("chunk size")?;
+            let segment_chunks = r.u32("segment chunks")?;
+            if !(1..=MAX_SEGMENT_CHUNKS).contains(&segment_chunks) {
+                return Err(invalid("segment chunks"));
+            }
+            let host = r.str16("host")?;
+            let message = r.str32("message")?;
+            let entry_count = r.u32("entry count")? as usize;
+            // Every entry takes at least 19 bytes: refuse counts the input cannot hold.
+            if entry_count > r.remaining() / 19 {
+                return Err(invalid("entry count"));
+            }
+            let mut entries = Vec::with_capacity(entry_count);
+            let mut segments = Vec::new();
+            for _ in 0..entry_count {
+                let kind = r.u8("entry kind")?;
+                let path = r.str16("path")?;
+                let mode = r.u32("mode")?;
+                let mtime = Timestamp {
+                    secs: r.i64("mtime")?,
+                    nanos: r.u32("mtime")?,
+                };
+                let kind = match kind {
+                    KIND_DIRECTORY => EntryKind::Directory,
+                    KIND_FILE => {
+                        let size = r.u64("file size")?;
+                        let chunk_count = size.div_ceil(u64::from(chunk_size.max(1)));
+                        if chunk_count > MAX_CHUNKS_PER_FILE {
+                            return Err(invalid("file size"));
+                        }
+                        let count = r.u32("segment count")?;
+                        if u64::from(count) != chunk_count.div_ceil(u64::from(segment_chunks)) {
+                            return Err(invalid("segment count"));
+                        }
+                        if count as usize > r.remaining() / 68 {
+                            return Err(invalid("segment count"));
+                        }
+                        let refs = (0..count)
+                            .map(|_| read_stored(&mut r))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        segments.push(refs);
+                        EntryKind::File {
+                            size,
+                            chunks: Vec::new(),
+                        }
+                    }
+                    _ => return Err(invalid("entry kind")),
+                };
+                entries.push(Entry {
+                    path,
+                    mode,
+                    mtime,
+                    kind,
+                });
+            }
+            Ok(Root {
+                manifest: Manifest {
+                    version,
+                    parent,
+                    created,
+                    lock_nonce,
+                    host,
+                    message,
+                    chunk_size,
+                    entries,
+                },
+                segment_chunks,
+                segments,
+            })
+        })()
+        .map_err(truncated)?;
+        if r.remaining() != 0 {
+            return Err(malformed(format!(
+                "{} bytes of trailing garbage",
+                r.remaining()
+            )));
+        }
+        root.manifest.validate_tree().map_err(malformed)?;
+        Ok(root)
+    }
+}
+
+fn chunks_in_segment(segment_chunks: u32, chunk_count: u64, index: usize) -> u64 {
+    let start = index as u64 * u64::from(segment_chunks);
+    chunk_count
+        .saturating_sub(start)
+        .min(u64::from(segment_chunks))
+}
+
+/// Cuts `manifest` into segments of `segment_chunks` chunks, encoding each
+/// with `encoder` (the parcel's dedup secret: equal segments, equal chunks).
+pub fn split(
+    manifest: &Manifest,
+    segment_chunks: u32,
+    encoder: &mut ChunkEncoder,
+) -> Result<Split, ManifestError> {
+    manifest.validate().map_err(ManifestError::InvalidTree)?;
+    let mut seen = HashSet::new();
+    let mut encoded = Vec::new();
+    let mut segments = Vec::new();
+    let mut root_manifest = manifest.clone();
+    for entry in &mut root_manifest.entries {
+        let EntryKind::File { chunks, .. } = &mut entry.kind else {
+            continue;
+        };
+        let mut refs = Vec::new();
+        for part in chunks.chunks(segment_chunks as usize) {
+            let EncodedChunk::Stored { chunk, stored } = encoder.encode(&encode_segment(part))
+            else {
+                unreachable!("a segment starts with its magic, so it is never all zero");
+            };
+            if seen.insert(chunk.tag()) {
+                encoded.push((chunk.clone(), stored));
+            }
+            refs.push(chunk);
+        }
+        chunks.clear();
+        segments.push(refs);
+    }
+    Ok(Split {
+        root: Root {
+            manifest: root_manifest,
+            segment_chunks,
+            segments,
+        },
+        encoded,
+    })
+}
+
+/// The plaintext of a segment holding `chunks`.
+pub(super) fn encode_segment(chunks: &[ChunkRef]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.bytes(SEGMENT_MAGIC);
+    w.u32(chunks.len() as u32);
+    let count_at = w.buf.len();
+    w.u32(0);
+    let records = super::write_records(&mut w, chunks);
+    w.buf[count_at..count_at + 4].copy_from_slice(&records.to_le_bytes());
+    w.buf
+}
+
+/// Parses a segment's plaintext, which must hold `expected` chunks.
+pub fn decode_segment(
+    plaintext: &[u8],
+    expected: u64,
+    object: &str,
+) -> Result<Vec<ChunkRef>, ManifestError> {
+    let malformed = |reason: String| ManifestError::Malformed {
+        object: object.to_owned(),
+        reason: format!("segment: {reason}"),
+    };
+    let mut r = Reader::new(plaintext);
+    let parse = |r: &mut Reader| -> Result<Vec<ChunkRef>, Truncated> {
+        if &r.array::<4>("segment magic")? != SEGMENT_MAGIC {
+            return Err(Truncated {
+                what: "segment magic",
+                at: 0,
+            });
+        }
+        if u64::from(r.u32("segment chunk count")?) != expected {
+            return Err(Truncated {
+                what: "segment chunk count",
+                at: 0,
+            });
+        }
+        let records = r.u32("record count")?;
+        let chunks = super::read_records(r, records, expected)?;
+        if chunks.len() as u64 != expected {
+            return Err(Truncated {
+                what: "segment records",
+                at: 0,
+            });
+        }
+        Ok(chunks)
+    };
+    let chunks = parse(&mut r)
+        .map_err(|t| malformed(format!("{} invalid or cut short at byte {}", t.what, t.at)))?;
+    if r.remaining() != 0 {
+        return Err(malformed(format!(
+            "{} bytes of trailing garbage",
+            r.remaining()
+        )));
+    }
+    Ok(chunks)
+}
+
+fn write_stored(w: &mut Writer, reference: &ChunkRef) {
+    let ChunkRef::Stored {
+        tag,
+        key,
+        stored_len,
+    } = reference
+    else {
+        unreachable!("segments are never zero chunks");
+    };
+    w.bytes(&tag.0);
+    w.bytes(key.as_bytes());
+    w.u32(*stored_len);
+}
+
+fn read_stored(r: &mut Reader) -> Result<ChunkRef, Truncated> {
+    let tag = ChunkTag(r.array("segment tag")?);
+    let key = ChunkKey::from_bytes(r.array("segment key")?);
+    let stored_len = r.u32("segment stored length")?;
+    if !(chunk::STORED_OVERHEAD..=chunk::MAX_STORED_LEN).contains(&(stored_len as usize)) {
+        return Err(Truncated {
+            what: "segment stored length",
+            at: 0,
+        });
+    }
+    Ok(ChunkRef::Stored {
+        tag,
+        key,
+        stored_len,
+    })
+}
