@@ -664,7 +664,7 @@ fn gc_during_checkins(env: &Env) {
     admin.ok(&["gc", "--keep-last", "1"]);
     let after = chunk_objects(env, "vm");
     let newest = *versions_before.last().unwrap();
-    let needed = stored(&env.manifest("vm", newest)).len();
+    let needed = stored(&env.manifest("vm", newest)).len() + env.segments("vm", newest).len();
     println!(
         "gc ran {runs} times during 8 checkins ({refreshed} chunks refreshed); then --keep-last 1: versions {versions_before:?} → {:?}, chunk objects {before} → {after} (the newest version needs {needed})",
         env.versions("vm")

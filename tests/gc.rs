@@ -19,6 +19,9 @@ use support::{Env, SeaweedFs};
 /// 1 MiB of random data: 8 chunks of the default 128 KiB, shared by no other part.
 const PART: usize = 1 << 20;
 const CHUNKS_PER_PART: u64 = 8;
+/// Chunk objects each version adds beyond its files' chunks: its manifest
+/// segment (format 2; a one-file parcel this small has one, its own).
+const SEGMENTS: u64 = 1;
 
 /// One backend under test: an `isrctl` environment and the store opened
 /// through the library, to look at objects directly.
@@ -168,7 +171,11 @@ fn three_versions(backend: &Backend) -> Vec<std::path::PathBuf> {
 fn keep_last_deletes_old_versions_and_only_their_chunks(backend: Backend) {
     let sources = three_versions(&backend);
     let before = backend.chunk_count();
-    assert_eq!(before, 4 * CHUNKS_PER_PART, "A, B, C and D");
+    assert_eq!(
+        before,
+        4 * CHUNKS_PER_PART + 3 * SEGMENTS,
+        "A, B, C and D, and each version's segment"
+    );
 
     // Dry runs change nothing.
     let snapshot = backend.everything();
@@ -177,7 +184,7 @@ fn keep_last_deletes_old_versions_and_only_their_chunks(backend: Backend) {
         .json(&["gc", "--keep-last", "1", "--grace", "0", "--dry-run"]);
     assert_eq!(dry["applied"], false);
     assert_eq!(numbers(&dry["parcels"][0]["deleted_versions"]), vec![1, 2]);
-    assert_eq!(dry["chunks_deleted"], 2 * CHUNKS_PER_PART);
+    assert_eq!(dry["chunks_deleted"], 2 * CHUNKS_PER_PART + 2 * SEGMENTS);
     let by_age = backend.env.json(&["gc", "--keep-days", "1", "--dry-run"]);
     assert!(
         numbers(&by_age["parcels"][0]["deleted_versions"]).is_empty(),
@@ -197,11 +204,11 @@ fn keep_last_deletes_old_versions_and_only_their_chunks(backend: Backend) {
     );
     assert_eq!(numbers(&report["parcels"][0]["kept_versions"]), vec![3]);
     assert_eq!(report["chunks_before"], before);
-    assert_eq!(report["chunks_referenced"], 2 * CHUNKS_PER_PART);
+    assert_eq!(report["chunks_referenced"], 2 * CHUNKS_PER_PART + SEGMENTS);
     assert_eq!(
         before - after,
-        2 * CHUNKS_PER_PART,
-        "exactly B's and C's chunks, which only versions 1 and 2 used"
+        2 * CHUNKS_PER_PART + 2 * SEGMENTS,
+        "exactly B's and C's chunks and the segments of versions 1 and 2"
     );
     assert_eq!(report["chunks_deleted"], before - after);
     assert!(report["bytes_freed"].as_u64().unwrap() >= 2 * PART as u64);
@@ -245,14 +252,14 @@ fn young_orphans_survive_the_grace_period(backend: Backend) {
     assert_eq!(numbers(&report["parcels"][0]["deleted_versions"]), vec![1]);
     assert_eq!(report["grace_secs"], 86_400);
     assert_eq!(report["chunks_deleted"], 0);
-    assert_eq!(report["chunks_in_grace"], CHUNKS_PER_PART);
+    assert_eq!(report["chunks_in_grace"], CHUNKS_PER_PART + SEGMENTS);
     assert_eq!(backend.chunk_count(), before);
 
     // Without a grace period the orphans go (no option: no version is deleted).
     let report = backend.env.json(&["gc", "--grace", "0"]);
     assert!(numbers(&report["parcels"][0]["deleted_versions"]).is_empty());
-    assert_eq!(report["chunks_deleted"], CHUNKS_PER_PART);
-    assert_eq!(backend.chunk_count(), before - CHUNKS_PER_PART);
+    assert_eq!(report["chunks_deleted"], CHUNKS_PER_PART + SEGMENTS);
+    assert_eq!(backend.chunk_count(), before - CHUNKS_PER_PART - SEGMENTS);
     backend.verify_clean("vm");
     backend.export_matches("vm", &second);
 }
@@ -355,7 +362,11 @@ fn a_lock_keeps_its_base_version(backend: Backend) {
         .json(&["gc", "--keep-last", "1", "--grace", "0"]);
     assert_eq!(numbers(&report["parcels"][0]["deleted_versions"]), vec![1]);
     assert_eq!(report["parcels"][0]["locked_base_version"], 2);
-    assert_eq!(report["chunks_deleted"], CHUNKS_PER_PART, "B's only");
+    assert_eq!(
+        report["chunks_deleted"],
+        CHUNKS_PER_PART + SEGMENTS,
+        "B's and version 1's segment only"
+    );
     assert_eq!(backend.versions("vm"), vec![2, 3]);
     backend.verify_clean("vm@2");
     backend.export_matches("vm@2", &sources[1]);

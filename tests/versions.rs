@@ -31,7 +31,12 @@ fn reimport_uploads_nothing_and_shared_dedup_secret_stores_only_the_difference()
     let first = env.json(&["import", "one", env.path("one").to_str().unwrap()]);
     assert_eq!(first["uploaded_chunks"], 64);
     let chunk_files = support::local_chunk_files(&store).len();
-    assert_eq!(chunk_files, 64);
+    let segments = env.segments("one", 1);
+    assert_eq!(
+        chunk_files,
+        64 + segments.len(),
+        "the chunks and the manifest's segment"
+    );
 
     // Same data again: no new chunk.
     let again = env.json(&[
@@ -45,6 +50,11 @@ fn reimport_uploads_nothing_and_shared_dedup_secret_stores_only_the_difference()
     assert_eq!(again["uploaded_bytes"], 0);
     assert_eq!(again["deduplicated_chunks"], 64);
     assert_eq!(support::local_chunk_files(&store).len(), chunk_files);
+    assert_eq!(
+        env.segments("one", 2),
+        segments,
+        "an unchanged segment is shared"
+    );
 
     // A second parcel sharing half its data, with the first parcel's dedup secret.
     let two = env.json(&[
@@ -59,7 +69,10 @@ fn reimport_uploads_nothing_and_shared_dedup_secret_stores_only_the_difference()
         "only the half not in `one` is stored"
     );
     assert_eq!(two["deduplicated_chunks"], 32);
-    assert_eq!(support::local_chunk_files(&store).len(), chunk_files + 32);
+    assert_eq!(
+        support::local_chunk_files(&store).len(),
+        chunk_files + 32 + env.segments("two", 1).len()
+    );
 
     // Without a shared secret nothing is shared (the store learns nothing across parcels).
     let three = env.json(&["import", "three", env.path("two").to_str().unwrap()]);

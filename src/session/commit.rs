@@ -54,7 +54,7 @@ pub struct CommitReport {
     pub committed: bool,
     /// Its parent version.
     pub parent: Option<u64>,
-    /// Chunks uploaded by this commit.
+    /// Chunks of files uploaded by this commit.
     pub uploaded_chunks: u64,
     /// Stored bytes uploaded by this commit.
     pub uploaded_bytes: u64,
@@ -66,8 +66,8 @@ pub struct CommitReport {
     pub new_chunks: u64,
     /// Their stored bytes.
     pub new_bytes: u64,
-    /// Stored bytes of the version's manifest that its base version does
-    /// not share: the root and the segments that changed (format 2).
+    /// Stored bytes of the version's manifest this commit uploaded: the
+    /// root and the segments the store did not have (format 2).
     #[serde(default)]
     pub manifest_bytes: u64,
     /// Wall time of the commit.
@@ -112,8 +112,11 @@ fn nonce_bytes(hex_nonce: &str) -> Option<[u8; 16]> {
 
 #[derive(Debug, Default)]
 struct UploadTally {
+    /// Chunks of files uploaded, and their bytes.
     uploaded_chunks: u64,
     uploaded_bytes: u64,
+    /// Bytes of manifest segments uploaded.
+    segment_bytes: u64,
     present_chunks: u64,
     /// Chunks found older than G/4 and refreshed.
     refreshed: Vec<ChunkTag>,
@@ -261,7 +264,6 @@ impl Session {
             .cache
             .insert_all(&new_segments, Durability::Durable)?;
         let segment_tags: Vec<ChunkTag> = new_segments.iter().map(|(tag, _)| *tag).collect();
-        let segment_bytes: u64 = new_segments.iter().map(|(_, b)| b.len() as u64).sum();
         self.context.cache.pin(segment_tags.iter());
         let result = self
             .commit_split(
@@ -296,7 +298,7 @@ impl Session {
             present_chunks: tally.present_chunks,
             new_chunks: new_chunks.len() as u64,
             new_bytes,
-            manifest_bytes: root_bytes + segment_bytes,
+            manifest_bytes: root_bytes + tally.segment_bytes,
             seconds: started.elapsed().as_secs_f64(),
             already_done: false,
             left_out: Vec::new(),
@@ -331,7 +333,11 @@ impl Session {
         needed.sort();
         // (The snapshot pinned them: a write after it may supersede them.)
         let tally = self
-            .ensure_uploaded_in_time(&needed, save_as.is_some())
+            .ensure_uploaded_in_time(
+                &needed,
+                &segments.iter().copied().collect(),
+                save_as.is_some(),
+            )
             .await?;
 
         let record = self.record();
@@ -428,15 +434,17 @@ impl Session {
     async fn ensure_uploaded_in_time(
         &self,
         needed: &[ChunkTag],
+        segments: &HashSet<ChunkTag>,
         check_all: bool,
     ) -> Result<UploadTally, SessionError> {
         let quarter = self.context.upload.gc_grace / 4;
         let mut total = UploadTally::default();
         for _ in 0..3 {
             let started = Instant::now();
-            let tally = self.ensure_uploaded(needed, check_all).await?;
+            let tally = self.ensure_uploaded(needed, segments, check_all).await?;
             total.uploaded_chunks += tally.uploaded_chunks;
             total.uploaded_bytes += tally.uploaded_bytes;
+            total.segment_bytes += tally.segment_bytes;
             total.present_chunks = tally.present_chunks;
             let lost = crate::gc::finish_pass(&self.store, &tally.refreshed).await?;
             total.refreshed.extend(tally.refreshed);
@@ -460,10 +468,12 @@ impl Session {
     /// for gc: journal entries younger than G/4 are trusted; the rest are put
     /// create-only, and one found already there but older than G/4 (or of
     /// unknown age) is refreshed. `check_all` ignores the journal (a new
-    /// parcel: trust nothing).
+    /// parcel: trust nothing). Uploads of `segments` (manifest segments) are
+    /// counted apart from the files' chunks.
     async fn ensure_uploaded(
         &self,
         needed: &[ChunkTag],
+        segments: &HashSet<ChunkTag>,
         check_all: bool,
     ) -> Result<UploadTally, SessionError> {
         let quarter = self.context.upload.gc_grace.as_secs() / 4;
@@ -513,6 +523,10 @@ impl Session {
         while let Some(result) = results.next().await {
             let (tag, at, uploaded, refreshed) = result?;
             match uploaded {
+                Some(bytes) if segments.contains(&tag) => {
+                    tally.segment_bytes += bytes;
+                    self.uploads.add(bytes);
+                }
                 Some(bytes) => {
                     tally.uploaded_chunks += 1;
                     tally.uploaded_bytes += bytes;

@@ -396,6 +396,20 @@ impl Env {
             .unwrap()
     }
 
+    /// The distinct manifest segments of version `version` of `name` (chunk
+    /// objects beside its files' chunks; none in format 1), as hex tags.
+    pub fn segments(&self, name: &str, version: u64) -> std::collections::BTreeSet<String> {
+        let (runtime, store, parcel) = self.open_parcel(name);
+        let stored = runtime
+            .block_on(isr::parcel::read_stored(&store, &parcel, version))
+            .unwrap();
+        stored
+            .segment_refs()
+            .filter_map(|r| r.tag())
+            .map(|t| t.to_hex())
+            .collect()
+    }
+
     /// The committed version numbers of `name`.
     pub fn versions(&self, name: &str) -> Vec<u64> {
         self.json(&["history", name])["versions"]
