@@ -30,7 +30,7 @@
 #    against the same figure at 128 KiB (the default).
 #
 #   sudo bash benches/dedup.sh               # 2 GiB images, 3 flavours, 7 days
-#   QUICK=1 sudo bash benches/dedup.sh       # 1 GiB, small flavours, 2 days (~5 min)
+#   QUICK=1 sudo bash benches/dedup.sh       # 1 GiB, small flavours, 2 days (~2 min)
 #   CHUNK_KIB="128" DAYS=3 sudo bash benches/dedup.sh
 # Needs root (loop devices, chroot), the network (apt inside the images), and
 # about 4 × the allocated size of one image in free disk (images are imported

@@ -36,7 +36,7 @@
 #              base, flavours, a week of use) and 64/128/512 KiB chunks: store
 #              bytes and objects, start-up working set (benches/dedup.sh;
 #              QUICK=1 for a short run; not in the default list: it needs the
-#              Debian mirror and ~10 GB of scratch disk)
+#              Debian mirror and ~4 GB of scratch disk)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
