@@ -20,7 +20,10 @@
 # and runs a start-up workload in a chroot (systemd's and apt's binaries, every
 # unit file and /etc read, the dpkg database queried, the flavour's application
 # started): chunks and bytes fetched for that working set; then `hoard`: chunks
-# and bytes to fetch everything.
+# and bytes to fetch everything; then a warm resume on the same machine (the
+# ordinary morning) with isrctl's and isrfsd's store operations counted from
+# their system calls on the local store's files (strace): GETs and their
+# bytes, HEADs, directory reads (LISTs), PUTs, DELETEs.
 #
 # ROW lines (benches/lib.sh) with same-run baselines:
 #  - store bytes of base + flavours with one shared dedup secret vs each parcel
@@ -54,6 +57,7 @@ base_tree=${BASE_TREE:-/var/cache/isr-tests/nspawn-base}
 }
 need mkfs.ext4 "apt-get install e2fsprogs"
 need chroot "coreutils"
+need strace "apt-get install strace"
 [ -n "${ISR_BIN:-}" ] || (cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/isr-dedup.XXXXXX")
@@ -238,9 +242,51 @@ for c in $chunk_kib; do
   st=$(isrctl --json status "$first")
   all_chunks=$(echo "$st" | json 's[0]["fetch"]["fetched_chunks"]'); all_bytes=$(echo "$st" | json 's[0]["fetch"]["fetched_bytes"]')
   isrctl discard "$first" > /dev/null 2>&1
-  kill "$(cat "$ISR_RUNTIME_DIR/isrfsd.pid")" 2>/dev/null || true
-  printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$ws_chunks" "$ws_bytes" "$all_chunks" "$all_bytes" >> "$work/ws.tsv"
+  # An ordinary morning: the same machine resumes again, every chunk in its
+  # cache. The store operations of isrctl and isrfsd meanwhile, from their
+  # system calls on the local store's files.
+  pid=$(cat "$ISR_RUNTIME_DIR/isrfsd.pid")
+  strace -f -qq -s 4096 -e trace=openat,linkat,unlinkat,newfstatat,statx -o "$work/daemon.trace" -p "$pid" & tracer=$!
+  sleep 1
+  strace -f -qq -s 4096 -e trace=openat,linkat,unlinkat,newfstatat,statx -o "$work/isrctl.trace" \
+    "$bin/isrctl" resume --vmm none "$first" > /dev/null 2>&1
+  sleep 1; kill "$tracer"; wait "$tracer" 2> /dev/null || true
+  warm_fetched=$(isrctl --json status "$first" | json 's[0]["fetch"]["fetched_chunks"]')
+  warm=$(python3 - "$work/store$c" "$work/daemon.trace" "$work/isrctl.trace" <<'PY'
+import os, re, sys
+root = os.path.realpath(sys.argv[1]) + "/"
+ops = {"get": 0, "get_bytes": 0, "head": 0, "list": 0, "put": 0, "delete": 0}
+for trace in sys.argv[2:]:
+    for line in open(trace):
+        m = re.search(r'(openat|linkat|unlinkat|newfstatat|statx)\(.*?"(' + re.escape(root) + r'[^"]*)"(.*)', line)
+        if not m or "resumed>" in line:
+            continue
+        call, path, rest = m.groups()
+        name = os.path.basename(path)
+        if call == "openat":
+            if "O_DIRECTORY" in rest:
+                ops["list"] += 1
+            elif "O_CREAT" in rest or "O_WRONLY" in rest:
+                pass  # a put's temporary file; counted at its link
+            elif path != root.rstrip("/"):
+                ops["get"] += 1
+                if "= -1" not in rest and os.path.isfile(path):
+                    ops["get_bytes"] += os.path.getsize(path)
+        elif call == "linkat":
+            ops["put"] += 1
+        elif call == "unlinkat":
+            if not name.startswith(".tmp-"):
+                ops["delete"] += 1
+        else:
+            ops["head"] += 1
+print("\t".join(str(ops[k]) for k in ("get", "get_bytes", "head", "list", "put", "delete")))
+PY
+)
+  isrctl discard "$first" > /dev/null 2>&1
+  kill "$pid" 2>/dev/null || true
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$ws_chunks" "$ws_bytes" "$all_chunks" "$all_bytes" "$warm_fetched" "$warm" >> "$work/ws.tsv"
   say "@ ${c} KiB: start-up working set $ws_chunks chunks, $(mb "$ws_bytes") MB; everything $all_chunks chunks, $(mb "$all_bytes") MB"
+  say "@ ${c} KiB: warm resume: $warm_fetched chunks fetched; store get, get bytes, head, list, put, delete: $warm"
   unset ISR_STORE
 done
 
@@ -265,8 +311,9 @@ for c in sizes:
         sa += int(alloc); ss += int(stored)
         out.append(f"| {step} | {int(size) / 2**30:.1f} GiB | {mb(int(alloc))} | {mb(int(stored))} | {mb(int(up))} | {int(objs):,} | {mb(int(byts))} | {mb(sa)} | {mb(ss)} | {ss / int(byts):.2f} |")
     if str(c) in ws:
-        wc, wb, ac, ab = ws[str(c)]
+        wc, wb, ac, ab, wf, g, gb, h, li, pu, de = ws[str(c)]
         out.append(f"\nLast version of `{first}`, empty cache: start-up working set {wc:,} chunks, {mb(wb)} MB; everything {ac:,} chunks, {mb(ab)} MB.")
+        out.append(f"Warm resume on the same machine: {wf} chunks fetched; store operations: {g} GET ({gb / 1e3:,.0f} kB), {h} HEAD, {li} directory reads (LIST), {pu} PUT, {de} DELETE.")
 open(report, "w").write("\n".join(out) + "\n")
 print("\n".join(out), file=sys.stderr)
 
@@ -296,4 +343,5 @@ for c in sizes:
         row(f"start-up working set, requests at {c} KiB", ws[str(c)][0], "requests", f"at {ref} KiB", ws[str(ref)][0])
         row(f"start-up working set, MB at {c} KiB", round(ws[str(c)][1] / 1e6, 1), "MB", f"at {ref} KiB", round(ws[str(ref)][1] / 1e6, 1))
         row(f"fetch everything, requests at {c} KiB", ws[str(c)][2], "requests", f"at {ref} KiB", ws[str(ref)][2])
+        row(f"warm resume, MB read from the store at {c} KiB", round(ws[str(c)][6] / 1e6, 2), "MB", f"at {ref} KiB", round(ws[str(ref)][6] / 1e6, 2))
 PY
