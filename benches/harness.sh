@@ -32,6 +32,11 @@
 #              write, 4 KiB random read and write) with the disk on the mount,
 #              every chunk local, vs on a local raw file (benches/guest-io.sh;
 #              TCG: CPU-bound, small sizes)
+#   dedup      docs/scale.md's measured inputs: dedup of real Debian images (a
+#              base, flavours, a week of use) and 64/128/512 KiB chunks: store
+#              bytes and objects, start-up working set (benches/dedup.sh;
+#              QUICK=1 for a short run; not in the default list: it needs the
+#              Debian mirror and ~4 GB of scratch disk)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
@@ -120,6 +125,7 @@ run_section() {
     checkin) checkin_section ;;
     lazy) bash benches/lazy-memory.sh ;;
     guestio) bash benches/guest-io.sh ;;
+    dedup) bash benches/dedup.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }
