@@ -32,13 +32,17 @@
 #              write, 4 KiB random read and write) with the disk on the mount,
 #              every chunk local, vs on a local raw file (benches/guest-io.sh;
 #              TCG: CPU-bound, small sizes)
+#   cachetier  N fresh machines resume + read one parcel over the link through
+#              an nginx proxy_cache (read_url) vs straight from the store: origin
+#              requests, origin MB and time (benches/cache-tier.sh; SIZE_MIB,
+#              MACHINES choose)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
-sections=${SECTIONS:-import mount link vm checkin lazy guestio}
+sections=${SECTIONS:-import mount link vm checkin lazy guestio cachetier}
 export RUNS=${RUNS:-3} PROFILE=${PROFILE:-wan}
 
 bash .ci/install-deps.sh --without-libvirt >&2
@@ -120,6 +124,7 @@ run_section() {
     checkin) checkin_section ;;
     lazy) bash benches/lazy-memory.sh ;;
     guestio) bash benches/guest-io.sh ;;
+    cachetier) bash benches/cache-tier.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }
