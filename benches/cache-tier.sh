@@ -20,7 +20,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/isr-cachetier.XXXXXX")
 cleanup() {
   set +e; stop_machines
   [ -f "$work/nginx/nginx.pid" ] && kill "$(cat "$work/nginx/nginx.pid")" 2>/dev/null
-  link_down; rm -rf "$work"
+  link_down; [ -n "${KEEP_WORK:-}" ] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 [ -n "${ISR_BIN:-}" ] || (cd "$bench_root" && cargo build --release --quiet -p isrctl -p isrfsd && cargo build --release --quiet -p isr --example delay_proxy)
@@ -76,7 +76,7 @@ machine importer; isrctl init > /dev/null; isrctl import vm "$work/src" > /dev/n
 sum=$(sha256sum < "$work/src/disk.img")
 
 # origin_counts: "requests bytes" of chunk GETs in the origin log so far.
-origin_counts() { awk '$1 == "GET" && $2 ~ /\/chunks\// {n++; b += $5} END {printf "%d %d\n", n, b}' "$work/nginx/origin.log"; }
+origin_counts() { awk '$1 == "GET" && $2 ~ /\/chunks\// {n++; b += $5} END {printf "%d %.0f\n", n, b}' "$work/nginx/origin.log"; }
 # fleet LABEL [--read-url URL]: N fresh machines resume, read and discard; prints
 # "seconds requests bytes" (origin chunk GETs during the run).
 fleet() {

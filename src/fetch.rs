@@ -1177,6 +1177,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_copy_in_a_cache_tier_is_read_again_from_the_store_once() {
+        let chunks = data(2);
+        let origin = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let cache = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let mut tags = Vec::new();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let tag = ChunkTag::of(chunk);
+            let key = layout::chunk(&tag);
+            origin
+                .inner()
+                .put_new(&key, Bytes::from(chunk.clone()))
+                .await
+                .unwrap();
+            let mut cached = chunk.clone();
+            if index == 0 {
+                cached[3] ^= 1;
+            }
+            cache
+                .inner()
+                .put_new(&key, Bytes::from(cached))
+                .await
+                .unwrap();
+            tags.push(tag);
+        }
+        let tiered =
+            crate::store::tiered::Tiered::new(cache.clone(), origin.clone(), layout::is_immutable);
+        let dir = tempfile::tempdir().unwrap();
+        let fetcher = Fetcher::start(
+            Arc::new(tiered),
+            Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+            quick(),
+            tokio::runtime::Handle::current(),
+        );
+        for (tag, chunk) in tags.iter().zip(&chunks) {
+            assert_eq!(fetcher.fetch(*tag, Priority::Demand).await.unwrap(), chunk);
+        }
+        assert_eq!(fetcher.stats().verify_failures, 1);
+        // Both chunks from the cache; only the damaged one from the store.
+        assert_eq!((cache.calls(), origin.calls()), (2, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn corrupt_and_missing_chunks_are_never_served() {
         let (s, tags) = setup(quick(), &data(2)).await;
         s.faulty.inner().overwrite(
