@@ -49,6 +49,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# nginx with proxy_cache, run as the tests' own process (tests/cache_tier.rs,
+# benches/cache-tier.sh), and curl (signs one S3 request there). The package's
+# own service is kept from starting while it installs (policy-rc.d).
+command -v curl >/dev/null || { apt_update; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; }
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  echo "installing: nginx (its service not started)"
+  apt_update
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx || status=$?
+  [ "$own_policy" = 0 ] || as_root rm -f /usr/sbin/policy-rc.d
+  [ "${status:-0}" = 0 ] || exit "$status"
+fi
+
 # QEMU for the VM tests, from bookworm-backports (QEMU 10: `file:` migration URIs and
 # mapped-ram; bookworm's own 7.2 has neither). qemu-utils comes from the same suite,
 # or installing qemu-system-x86 pulls it back to 7.2.

@@ -37,13 +37,17 @@
 #              bytes and objects, start-up working set (benches/dedup.sh;
 #              QUICK=1 for a short run; not in the default list: it needs the
 #              Debian mirror and ~4 GB of scratch disk)
+#   cachetier  N fresh machines resume + read one parcel over the link through
+#              an nginx proxy_cache (read_url) vs straight from the store: origin
+#              requests, origin MB and time (benches/cache-tier.sh; SIZE_MIB,
+#              MACHINES choose)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
-sections=${SECTIONS:-import mount link vm checkin lazy guestio}
+sections=${SECTIONS:-import mount link vm checkin lazy guestio cachetier}
 export RUNS=${RUNS:-3} PROFILE=${PROFILE:-wan}
 
 bash .ci/install-deps.sh --without-libvirt >&2
@@ -126,6 +130,7 @@ run_section() {
     lazy) bash benches/lazy-memory.sh ;;
     guestio) bash benches/guest-io.sh ;;
     dedup) bash benches/dedup.sh ;;
+    cachetier) bash benches/cache-tier.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }

@@ -7,6 +7,7 @@
 //!
 //! ```toml
 //! store = "/srv/isr"            # path, file:///path, s3://bucket/prefix, https://host/prefix
+//! read_url = "https://cdn/isr"   # optional: an HTTP cache/CDN in front of the store; chunks are read there
 //! state_dir = "/var/lib/isr"     # session state
 //! cache_dir = "/var/cache/isr"   # local chunk cache
 //! runtime_dir = "/run/isr"       # control socket, default mount points
@@ -118,6 +119,7 @@ impl Classify for ConfigError {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     store: Option<String>,
+    read_url: Option<String>,
     state_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     runtime_dir: Option<PathBuf>,
@@ -210,6 +212,10 @@ struct KdfFile {
 pub struct Config {
     /// Store URL.
     pub store: String,
+    /// An `http(s)://` cache or CDN in front of the store that serves its
+    /// chunks: chunk reads go there first, everything else to the store
+    /// (see [`crate::store::open_tiered`]).
+    pub read_url: Option<String>,
     /// Session state directory.
     pub state_dir: PathBuf,
     /// Chunk cache directory.
@@ -311,6 +317,7 @@ impl Config {
             store: file
                 .store
                 .unwrap_or_else(|| data_default.display().to_string()),
+            read_url: file.read_url.filter(|url| !url.is_empty()),
             state_dir: file
                 .state_dir
                 .unwrap_or_else(|| default_dir("XDG_STATE_HOME", ".local/state", "/var/lib/isr")),
@@ -395,6 +402,16 @@ impl Config {
 
     /// Checks value ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.read_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "read_url",
+                reason: format!(
+                    "{url:?} is not an http:// or https:// URL (the read URL is a cache or CDN in front of the store)"
+                ),
+            });
+        }
         chunk::validate_chunk_size(self.import.chunk_size).map_err(|reason| {
             ConfigError::Invalid {
                 key: "import.chunk_size",
@@ -501,6 +518,7 @@ fn merge(into: &mut ConfigFile, from: ConfigFile) {
         };
     }
     take!(store);
+    take!(read_url);
     take!(state_dir);
     take!(cache_dir);
     take!(runtime_dir);
@@ -544,6 +562,7 @@ mod tests {
     fn full_file_parses() {
         let text = r#"
             store = "s3://bucket/prefix"
+            read_url = "https://cdn.example/isr"
             [s3]
             endpoint = "http://127.0.0.1:8333"
             [retry]
@@ -562,6 +581,7 @@ mod tests {
         "#;
         let config = Config::from_toml(text, Path::new("c.toml")).unwrap();
         assert_eq!(config.store, "s3://bucket/prefix");
+        assert_eq!(config.read_url.as_deref(), Some("https://cdn.example/isr"));
         assert_eq!(config.retry.attempts, 2);
         assert_eq!(
             config.retry.max_backoff_ms,
@@ -595,6 +615,7 @@ mod tests {
         assert!(Config::from_toml("[import]\nzstd_level = 40\n", Path::new("c")).is_err());
         assert!(Config::from_toml("[retry]\nattempts = 0\n", Path::new("c")).is_err());
         assert!(Config::from_toml("[gc]\ngrace_secs = 0\n", Path::new("c")).is_err());
+        assert!(Config::from_toml("read_url = \"s3://b/p\"\n", Path::new("c")).is_err());
     }
 
     #[test]

@@ -120,6 +120,9 @@ impl WireParcel {
 pub struct WireStore {
     /// URL.
     pub url: String,
+    /// The read URL (a cache in front of the store), if any.
+    #[serde(default)]
+    pub read_url: Option<String>,
     /// S3 settings.
     pub s3: S3Settings,
     /// Retry settings.

@@ -268,8 +268,14 @@ fn open_requested(
             "malformed parcel secrets in the request".into(),
         ));
     };
-    let store = store::open(&store.url, &store.s3, store.retry)
-        .map_err(|e| error_response(e.class(), e.to_string()))?;
+    let store = store::open_tiered(
+        &store.url,
+        store.read_url.as_deref(),
+        crate::layout::is_immutable,
+        &store.s3,
+        store.retry,
+    )
+    .map_err(|e| error_response(e.class(), e.to_string()))?;
     Ok((open, store))
 }
 
@@ -1339,6 +1345,7 @@ mod tests {
                 mount: self.dir.path().join("mnt"),
                 store: WireStore {
                     url: self.dir.path().join("store").display().to_string(),
+                    read_url: None,
                     s3: S3Settings::default(),
                     retry: RetrySettings::default(),
                 },
@@ -1483,6 +1490,7 @@ mod tests {
             dir,
             store: WireStore {
                 url: f.dir.path().join("store").display().to_string(),
+                read_url: None,
                 s3: S3Settings::default(),
                 retry: RetrySettings::default(),
             },

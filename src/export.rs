@@ -122,7 +122,8 @@ fn prepare_destination(dest: &Path) -> Result<(), ExportError> {
     }
 }
 
-/// Fetches, verifies and decodes one chunk.
+/// Fetches, verifies and decodes one chunk; a copy that fails (a damaged
+/// or stale one from a cache tier) is fetched once more from the store itself.
 async fn fetch_chunk(
     store: &StoreHandle,
     parcel: &OpenParcel,
@@ -133,27 +134,37 @@ async fn fetch_chunk(
     let ChunkRef::Stored { tag, key, .. } = chunk else {
         unreachable!("zero chunks are not fetched")
     };
-    let stored = store
-        .reader()
-        .get(&layout::chunk(tag))
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => ExportError::MissingChunk {
-                tag: *tag,
-                file: file.to_owned(),
-                offset,
-            },
-            other => other.into(),
-        })?;
-    let (tag, key, secret) = (*tag, key.clone(), parcel.secrets.dedup_secret.clone());
-    tokio::task::spawn_blocking(move || chunk::decode(&secret, tag, &key, stored))
-        .await
-        .expect("decode task")
-        .map_err(|source| ExportError::BadChunk {
+    let object = layout::chunk(tag);
+    let missing = |e: StoreError| match e {
+        StoreError::NotFound { .. } => ExportError::MissingChunk {
+            tag: *tag,
             file: file.to_owned(),
             offset,
-            source,
-        })
+        },
+        other => other.into(),
+    };
+    let decode = |stored: bytes::Bytes| {
+        let (tag, key, secret) = (*tag, key.clone(), parcel.secrets.dedup_secret.clone());
+        tokio::task::spawn_blocking(move || chunk::decode(&secret, tag, &key, stored))
+    };
+    let stored = store.reader().get(&object).await.map_err(missing)?;
+    let decoded = match decode(stored).await.expect("decode task") {
+        Ok(plaintext) => Ok(plaintext),
+        Err(error) => {
+            tracing::warn!(chunk = %tag, %error, "chunk failed verification; fetching it from the store itself");
+            let stored = store
+                .reader()
+                .get_uncached(&object)
+                .await
+                .map_err(missing)?;
+            decode(stored).await.expect("decode task")
+        }
+    };
+    decoded.map_err(|source| ExportError::BadChunk {
+        file: file.to_owned(),
+        offset,
+        source,
+    })
 }
 
 /// The distinct stored chunks of one file, each with the chunk indices using it,
@@ -368,7 +379,9 @@ pub async fn verify(
                         problem,
                     })
                 };
-                let stored = match store.reader().get(&object).await {
+                // The store's own copy, past any cache tier: that is what
+                // is verified.
+                let stored = match store.reader().get_uncached(&object).await {
                     Ok(stored) => stored,
                     Err(StoreError::NotFound { .. }) => {
                         return Ok(bad("missing from the store".into()));

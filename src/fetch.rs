@@ -19,8 +19,11 @@
 //!   waiters keep waiting, until `give_up_after`; then every waiter gets an
 //!   error (EIO at the FUSE edge) and the failure is counted.
 //! - **Verification**: fetched bytes are checked against their tag before they
-//!   enter the cache; a chunk that fails is never served, is counted, and is
-//!   fetched again by the next reader.
+//!   enter the cache; bytes that fail are never served and are counted; the
+//!   chunk is then fetched once more from the store itself, past any cache
+//!   tier (a damaged or stale copy at a read URL,
+//!   [`crate::store::ReadStore::get_uncached`]); if that copy fails too the
+//!   readers get an error and the next reader fetches it again.
 //! - **Missing chunks**: a chunk the store keeps answering "not found" for
 //!   over `missing_after` is missing; it is remembered for `remember_missing`
 //!   (5 minutes), during which its readers get the error at once and
@@ -186,7 +189,9 @@ pub struct FetchStats {
     pub retries: u64,
     /// Chunks given up on (readers got an error).
     pub failures: u64,
-    /// Downloads whose bytes failed verification.
+    /// Downloaded copies whose bytes failed verification (a copy from a
+    /// cache tier that failed, and the store's own copy fetched after it,
+    /// count one each).
     pub verify_failures: u64,
     /// Requests answered from the cache without a download.
     pub cache_hits: u64,
@@ -691,16 +696,9 @@ async fn download_attempts(
     let mut first_odd_answer: Option<Instant> = None;
     loop {
         *attempts += 1;
-        let error = match inner.store.get(&key).await {
-            Ok(bytes) => {
-                if let Err(e) = chunk::verify_tag(tag, &bytes) {
-                    inner
-                        .counters
-                        .verify_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(chunk = %tag, error = %e, "fetched chunk failed verification; not served");
-                    return Err(FetchError::Corrupt(Arc::new(e)));
-                }
+        let error = match get_verified(inner, tag, &key).await {
+            Ok(Err(corrupt)) => return Err(corrupt),
+            Ok(Ok(bytes)) => {
                 let cache = inner.cache.clone();
                 let stored = bytes.clone();
                 tokio::task::spawn_blocking(move || {
@@ -756,6 +754,45 @@ async fn download_attempts(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(inner.settings.max_backoff);
     }
+}
+
+/// One try at the chunk's stored bytes, checked against its tag. Bytes that
+/// fail (a damaged or stale copy in a cache tier in front of the store, or
+/// damage on the way) are never served: the chunk is asked for once more
+/// from the store itself, past any cache ([`ReadStore::get_uncached`]), and
+/// only when that copy fails too is the chunk corrupt. The outer error is the
+/// store's, for the caller's retries.
+async fn get_verified(
+    inner: &Inner,
+    tag: ChunkTag,
+    key: &str,
+) -> Result<Result<Bytes, FetchError>, StoreError> {
+    let failed = |error: &ChunkError, what: &str| {
+        inner
+            .counters
+            .verify_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(chunk = %tag, %error, "{what}");
+    };
+    let bytes = inner.store.get(key).await?;
+    let Err(error) = chunk::verify_tag(tag, &bytes) else {
+        return Ok(Ok(bytes));
+    };
+    failed(
+        &error,
+        "fetched chunk failed verification (a damaged or stale cached copy?); fetching it from the store itself",
+    );
+    let bytes = inner.store.get_uncached(key).await?;
+    Ok(match chunk::verify_tag(tag, &bytes) {
+        Ok(()) => Ok(bytes),
+        Err(error) => {
+            failed(
+                &error,
+                "the store's own copy of the chunk failed verification too; not served",
+            );
+            Err(FetchError::Corrupt(Arc::new(error)))
+        }
+    })
 }
 
 /// Hands a download's result to its waiters; `clean` is how long it took
@@ -1140,6 +1177,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_copy_in_a_cache_tier_is_read_again_from_the_store_once() {
+        let chunks = data(2);
+        let origin = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let cache = Arc::new(FaultyStore::new(MemoryStore::new()));
+        let mut tags = Vec::new();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let tag = ChunkTag::of(chunk);
+            let key = layout::chunk(&tag);
+            origin
+                .inner()
+                .put_new(&key, Bytes::from(chunk.clone()))
+                .await
+                .unwrap();
+            let mut cached = chunk.clone();
+            if index == 0 {
+                cached[3] ^= 1;
+            }
+            cache
+                .inner()
+                .put_new(&key, Bytes::from(cached))
+                .await
+                .unwrap();
+            tags.push(tag);
+        }
+        let tiered =
+            crate::store::tiered::Tiered::new(cache.clone(), origin.clone(), layout::is_immutable);
+        let dir = tempfile::tempdir().unwrap();
+        let fetcher = Fetcher::start(
+            Arc::new(tiered),
+            Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap()),
+            quick(),
+            tokio::runtime::Handle::current(),
+        );
+        for (tag, chunk) in tags.iter().zip(&chunks) {
+            assert_eq!(fetcher.fetch(*tag, Priority::Demand).await.unwrap(), chunk);
+        }
+        assert_eq!(fetcher.stats().verify_failures, 1);
+        // Both chunks from the cache; only the damaged one from the store.
+        assert_eq!((cache.calls(), origin.calls()), (2, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn corrupt_and_missing_chunks_are_never_served() {
         let (s, tags) = setup(quick(), &data(2)).await;
         s.faulty.inner().overwrite(
@@ -1152,7 +1231,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, FetchError::Corrupt(_)), "{err}");
-        assert_eq!(s.fetcher.stats().verify_failures, 1);
+        // The copy `get` returned, then the store's own (`get_uncached`):
+        // the same object here, with no cache tier.
+        assert_eq!(s.fetcher.stats().verify_failures, 2);
         // Fixed in the store: the next read fetches again and succeeds.
         s.faulty
             .inner()

@@ -19,6 +19,20 @@ pub const GC_NOTICES: &str = "gc/deleting/";
 pub fn gc_notice(id: &str) -> String {
     format!("gc/deleting/{id}")
 }
+/// Whether `key` names an immutable object: one whose key always holds the
+/// same bytes, wherever and whenever it is read, so any HTTP cache or CDN may
+/// keep it for ever (uploads mark it `Cache-Control: immutable`, and reads of
+/// it may go to a store's read URL; see [`crate::store::open_tiered`]).
+///
+/// Only chunks are: a chunk's key is the tag of its stored bytes. Nothing
+/// under `parcels/` is, not even a version's manifest (create-only, but
+/// deleting a parcel and importing one of the same name writes other bytes
+/// under the same version keys); locks, hints, keyslots and parcel records
+/// change in place; gc notices come and go.
+pub fn is_immutable(key: &str) -> bool {
+    key.starts_with(CHUNKS)
+}
+
 /// `chunks/<tt>/<tag-hex>`.
 pub fn chunk(tag: &ChunkTag) -> String {
     let hex = tag.to_hex();
@@ -63,4 +77,28 @@ pub fn oldest_hint(name: &str) -> String {
 /// `parcels/<name>/lock`.
 pub fn lock(name: &str) -> String {
     format!("parcels/{name}/lock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_chunks_are_immutable() {
+        let tag = ChunkTag([7; 32]);
+        assert!(is_immutable(&chunk(&tag)));
+        for mutable in [
+            record("p"),
+            keyslot("p", 0),
+            manifest("p", 1),
+            trace("p", 1),
+            working_set("p", 1),
+            oldest_hint("p"),
+            lock("p"),
+            gc_notice("x"),
+            STORE_MARKER.to_owned(),
+        ] {
+            assert!(!is_immutable(&mutable), "{mutable}");
+        }
+    }
 }

@@ -19,6 +19,15 @@
 //! [`open`] turns a URL into a [`StoreHandle`] that holds whatever capabilities the
 //! backend has, with retries: local and HTTP wrapped in [`retry::Retrying`], S3
 //! through object_store's own retry policy.
+//!
+//! [`open_tiered`] is the same with the caller's word on which keys name
+//! immutable objects ([`ImmutableKeys`]; the store knows keys as strings
+//! only): S3 uploads of those carry `Cache-Control: public, max-age=…,
+//! immutable` ([`IMMUTABLE_CACHE_CONTROL`]), and with a read URL (an HTTP
+//! cache or CDN in front of the store) reads of those go there first
+//! ([`tiered::Tiered`]); everything else — writes, locks, listings, mutable
+//! objects, and [`ReadStore::get_uncached`] after a cached copy failed its
+//! check — goes to the store itself.
 
 pub mod contract;
 pub mod faulty;
@@ -27,6 +36,7 @@ pub mod local;
 pub mod memory;
 pub mod retry;
 pub mod s3;
+pub mod tiered;
 
 use std::fmt;
 use std::sync::Arc;
@@ -158,7 +168,22 @@ pub trait ReadStore: Send + Sync + fmt::Debug {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
     /// Whether the object exists.
     async fn exists(&self, key: &str) -> Result<bool, StoreError>;
+    /// The whole object from the store itself, past any cache tier in front
+    /// of it: for a second try after the bytes [`ReadStore::get`] returned
+    /// failed their check (a damaged or stale cached copy). The same as
+    /// `get` for a store without a cache tier.
+    async fn get_uncached(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.get(key).await
+    }
 }
+
+/// Which object keys name immutable objects (the same bytes for ever):
+/// `crate::layout::is_immutable`, passed in by the layers that know keys.
+pub type ImmutableKeys = fn(&str) -> bool;
+
+/// The `Cache-Control` S3 uploads of immutable objects carry: any cache may
+/// keep them a year and need never revalidate them.
+pub const IMMUTABLE_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
 
 /// One listed object: key, size and last-modified time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +403,53 @@ pub fn open(url: &str, s3: &S3Settings, retry: RetrySettings) -> Result<StoreHan
     };
     let store = local::LocalStore::new(std::path::Path::new(path));
     Ok(StoreHandle::full(retry::Retrying::new(store, retry)))
+}
+
+/// [`open`], knowing which keys are immutable (`immutable`), and with an
+/// optional read URL: an `http(s)://` cache or CDN in front of the store that
+/// serves its immutable objects. Their reads go to the read URL first (falling
+/// back to the store when it fails or has no such object); every other
+/// operation goes to the store. S3 uploads of immutable objects carry
+/// [`IMMUTABLE_CACHE_CONTROL`].
+pub fn open_tiered(
+    url: &str,
+    read_url: Option<&str>,
+    immutable: ImmutableKeys,
+    s3: &S3Settings,
+    retry: RetrySettings,
+) -> Result<StoreHandle, StoreError> {
+    let mut handle = if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return open(url, s3, retry);
+        }
+        StoreHandle::full(
+            s3::S3Store::new(url, bucket, prefix, s3, retry)?.with_immutable_keys(immutable),
+        )
+    } else {
+        open(url, s3, retry)?
+    };
+    if let Some(read_url) = read_url.filter(|u| !u.is_empty()) {
+        if !(read_url.starts_with("http://") || read_url.starts_with("https://")) {
+            return Err(StoreError::BadUrl {
+                url: read_url.to_owned(),
+                reason: "a read URL is an http:// or https:// cache in front of the store".into(),
+            });
+        }
+        // One retry at the cache, then the store: a cache that is down
+        // costs a read little more than the store's own latency.
+        let cache_retry = RetrySettings {
+            attempts: retry.attempts.min(2),
+            ..retry
+        };
+        let cache = retry::Retrying::new(http::HttpStore::new(read_url, retry)?, cache_retry);
+        handle.read = Arc::new(tiered::Tiered::new(
+            Arc::new(cache),
+            handle.read.clone(),
+            immutable,
+        ));
+    }
+    Ok(handle)
 }
 
 /// Validates an object key: relative, '/'-separated, no empty/`.`/`..` parts.

@@ -24,6 +24,9 @@ pub struct GlobalOptions {
     /// Store URL: /path, file:///path, s3://bucket/prefix or https://host/prefix (read-only).
     #[arg(long, global = true, env = "ISR_STORE", value_name = "URL")]
     store: Option<String>,
+    /// A cache or CDN (http:// or https://) in front of the store: chunks are read there first.
+    #[arg(long, global = true, env = "ISR_READ_URL", value_name = "URL")]
+    read_url: Option<String>,
     /// Configuration file (replaces the default files).
     #[arg(long, global = true, env = "ISR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -59,6 +62,12 @@ impl GlobalOptions {
     pub fn overrides(&self) -> Vec<(&'static str, String)> {
         let given = [
             ("store", self.store.clone(), "ISR_STORE", "--store"),
+            (
+                "read_url",
+                self.read_url.clone(),
+                "ISR_READ_URL",
+                "--read-url",
+            ),
             (
                 "state_dir",
                 self.state_dir.as_ref().map(|p| p.display().to_string()),
@@ -153,6 +162,10 @@ impl CommandContext {
             config.store = store.clone();
         }
         config.store = absolute_store(&config.store)?;
+        if let Some(read_url) = &global.read_url {
+            config.read_url = Some(read_url.clone()).filter(|url| !url.is_empty());
+            config.validate()?;
+        }
         for (flag, dir) in [
             (&global.state_dir, &mut config.state_dir),
             (&global.cache_dir, &mut config.cache_dir),
@@ -176,10 +189,21 @@ impl CommandContext {
         Ok(())
     }
 
+    /// The store, with its read URL if one is configured.
     pub fn store(&self) -> anyhow::Result<StoreHandle> {
-        tracing::info!("store {}", self.config.store);
-        Ok(store::open(
+        tracing::info!(
+            "store {}{}",
+            self.config.store,
+            self.config
+                .read_url
+                .as_ref()
+                .map(|url| format!(", chunks read through {url}"))
+                .unwrap_or_default()
+        );
+        Ok(store::open_tiered(
             &self.config.store,
+            self.config.read_url.as_deref(),
+            isr::layout::is_immutable,
             &self.config.s3,
             self.config.retry,
         )?)

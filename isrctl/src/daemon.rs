@@ -227,6 +227,7 @@ pub fn socket_if_running(context: &CommandContext) -> Option<PathBuf> {
 pub fn wire_store(context: &CommandContext) -> WireStore {
     WireStore {
         url: context.config.store.clone(),
+        read_url: context.config.read_url.clone(),
         s3: context.config.s3.clone(),
         retry: context.config.retry,
     }

@@ -45,6 +45,7 @@ use crate::context::{CommandContext, GlobalOptions, NameArgs};
 const AFTER_HELP: &str = "\
 Environment (each also a global option):
   ISR_STORE            store URL: /path, file:///path, s3://bucket/prefix, https://host/prefix
+  ISR_READ_URL         an http(s) cache or CDN in front of the store: chunks are read there first
   ISR_CONFIG           config file (default /etc/isr/config.toml, then $XDG_CONFIG_HOME/isr/config.toml)
   ISR_STATE_DIR        session state directory
   ISR_CACHE_DIR        local chunk cache directory

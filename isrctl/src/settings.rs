@@ -24,6 +24,13 @@ pub fn entries(config: &Config) -> Vec<(&'static str, String)> {
     let s3 = &config.s3;
     vec![
         ("store", config.store.clone()),
+        (
+            "read_url",
+            config
+                .read_url
+                .clone()
+                .unwrap_or_else(|| "(none: chunks are read from the store)".into()),
+        ),
         ("state_dir", config.state_dir.display().to_string()),
         ("cache_dir", config.cache_dir.display().to_string()),
         ("runtime_dir", config.runtime_dir.display().to_string()),

@@ -80,6 +80,10 @@ impl<S: ReadStore> ReadStore for Retrying<S> {
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         self.run(key, || self.inner.exists(key)).await
     }
+
+    async fn get_uncached(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.run(key, || self.inner.get_uncached(key)).await
+    }
 }
 
 #[async_trait]

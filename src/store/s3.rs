@@ -9,6 +9,12 @@
 //! (other 4xx). What still fails after its retries is reported as
 //! [`StoreError::Unreachable`] when the transport failed, else as
 //! [`StoreError::Permanent`].
+//!
+//! Uploads of immutable objects (chunks; which keys are is the caller's word,
+//! [`S3Store::with_immutable_keys`]) carry `Cache-Control:`
+//! [`IMMUTABLE_CACHE_CONTROL`] and `Content-Type: application/octet-stream`,
+//! which S3 keeps and returns with every GET, so an HTTP cache or CDN in
+//! front of the bucket keeps them; other objects carry no cache headers.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,12 +26,13 @@ use object_store::aws::AmazonS3Builder;
 use object_store::client::HttpError;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
+    Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig,
 };
 
 use super::{
-    ListStore, ObjectInfo, PutOutcome, ReadStore, RetrySettings, S3Settings, StoreError,
-    WriteStore, check_key,
+    IMMUTABLE_CACHE_CONTROL, ImmutableKeys, ListStore, ObjectInfo, PutOutcome, ReadStore,
+    RetrySettings, S3Settings, StoreError, WriteStore, check_key,
 };
 
 /// An S3 bucket (and optional prefix) used as a store.
@@ -35,6 +42,7 @@ pub struct S3Store {
     attempts: u32,
     prefix: String,
     client: Arc<dyn ObjectStore>,
+    immutable: Option<ImmutableKeys>,
 }
 
 impl S3Store {
@@ -121,7 +129,28 @@ impl S3Store {
             url: url.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
             client: Arc::new(client),
+            immutable: None,
         })
+    }
+
+    /// Marks uploads of the keys `immutable` accepts cacheable for ever.
+    pub fn with_immutable_keys(mut self, immutable: ImmutableKeys) -> S3Store {
+        self.immutable = Some(immutable);
+        self
+    }
+
+    /// A put's options: `mode`, and the cache headers of an immutable object.
+    fn put_options(&self, key: &str, mode: PutMode) -> PutOptions {
+        let mut attributes = Attributes::new();
+        if self.immutable.is_some_and(|immutable| immutable(key)) {
+            attributes.insert(Attribute::CacheControl, IMMUTABLE_CACHE_CONTROL.into());
+            attributes.insert(Attribute::ContentType, "application/octet-stream".into());
+        }
+        PutOptions {
+            mode,
+            attributes,
+            ..PutOptions::default()
+        }
     }
 
     fn path(&self, key: &str) -> Result<ObjectPath, StoreError> {
@@ -238,7 +267,11 @@ impl WriteStore for S3Store {
         let path = self.path(key)?;
         match self
             .client
-            .put_opts(&path, PutPayload::from_bytes(data), PutMode::Create.into())
+            .put_opts(
+                &path,
+                PutPayload::from_bytes(data),
+                self.put_options(key, PutMode::Create),
+            )
             .await
         {
             Ok(_) => Ok(PutOutcome::Created),
@@ -262,7 +295,7 @@ impl WriteStore for S3Store {
             .put_opts(
                 &path,
                 PutPayload::from_bytes(data),
-                PutMode::Overwrite.into(),
+                self.put_options(key, PutMode::Overwrite),
             )
             .await
         {

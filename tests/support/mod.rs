@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod nginx;
 pub mod vm;
 
 use std::io::{Read, Write};
