@@ -176,6 +176,7 @@ fn interrupted_checkin(
     heal: impl FnOnce(&mut SeaweedCluster),
 ) -> u64 {
     let up_before = cluster.link.bytes(Direction::Up);
+    let retries_before = store_retries(env);
     cluster.link.freeze_after(Direction::Up, after);
     let child = spawn(env, &["checkin", name, "-m", what]);
     assert!(
@@ -195,12 +196,21 @@ fn interrupted_checkin(
         }
     };
     println!(
-        "{what}: committed version {version}; {} bytes went up in all; link connections \
-         (accepted, refused by a stopped gateway): {:?}",
+        "{what}: committed version {version}; {} bytes went up in all; {} requests retried \
+         by isrfsd; link connections (accepted, refused by a stopped gateway): {:?}",
         cluster.link.bytes(Direction::Up) - up_before,
+        store_retries(env) - retries_before,
         cluster.link.connections()
     );
     version
+}
+
+/// Store requests isrfsd retried so far (object_store logs each backoff).
+fn store_retries(env: &Env) -> usize {
+    env.daemon_log()
+        .lines()
+        .filter(|line| line.contains("backing off") || line.contains("retrying"))
+        .count()
 }
 
 #[test]
@@ -306,6 +316,69 @@ fn the_s3_gateway_restarting_mid_checkin_loses_nothing() {
     assert_eq!(&parcel_hashes(&mount), &committed.0.last().unwrap().1);
     let hashes = write_disk(&mount, "after", 0, MIB);
     let report = env.json(&["checkin", "vm", "-m", "gateway back"]);
+    assert_eq!(report["committed"], true, "{report:#}");
+    committed.add(report["version"].as_u64().unwrap(), hashes);
+    committed.check(&env, "vm");
+}
+
+/// A volume server that hangs (SIGSTOP: its connections stay open, nothing
+/// answers) is not a dead one: SeaweedFS keeps it in the topology and keeps
+/// assigning writes to its volumes, which wait. isr's PUT waits out its
+/// request timeout and the checkin fails cleanly (exit 6) — also when run
+/// again while the node hangs; once it runs again, a rerun completes.
+#[test]
+fn a_volume_server_hanging_mid_checkin_fails_cleanly_until_it_returns() {
+    Env::require_fuse();
+    let cluster = SeaweedCluster::start();
+    let env = Env::cluster(&cluster, "volume-hang");
+    env.append_config("\n[upload]\ntrickle = false\n");
+    let mut committed = Committed::default();
+    committed.add(1, import(&env, "vm"));
+    let mount = resume(&env, "vm");
+    let hashes = write_disk(&mount, "hang", MIB as u64, 4 * MIB);
+
+    cluster.link.freeze_after(Direction::Up, MIB as u64);
+    let what = "checkin with volume server 2 frozen (SIGSTOP) mid-upload";
+    let child = spawn(&env, &["checkin", "vm", "-m", what]);
+    assert!(cluster.link.wait_frozen(Duration::from_secs(120)));
+    cluster.stop_volume(2);
+    cluster.link.thaw();
+    let started = Instant::now();
+    let first = checkin_outcome(&finish(child, what, &env, &cluster), what);
+    println!(
+        "{what}: {} after {:.1} s; the master still lists {:?}",
+        if first.is_some() {
+            "committed"
+        } else {
+            "failed"
+        },
+        started.elapsed().as_secs_f64(),
+        cluster.registered_volume_servers()
+    );
+    let version = match first {
+        Some(version) => version,
+        None => {
+            let again = env.run(&["--json", "checkin", "vm"]);
+            let what = format!("{what} (rerun while it hangs)");
+            match checkin_outcome(&again, &what) {
+                Some(version) => version,
+                None => {
+                    cluster.continue_volume(2);
+                    let what = format!("{what} (rerun after SIGCONT)");
+                    let last = env.run(&["--json", "checkin", "vm"]);
+                    checkin_outcome(&last, &what)
+                        .unwrap_or_else(|| panic!("{what}: failed once the node was back"))
+                }
+            }
+        }
+    };
+    cluster.continue_volume(2);
+    committed.add(version, hashes);
+    committed.check(&env, "vm");
+    let mount = resume(&env, "vm");
+    assert_eq!(&parcel_hashes(&mount), &committed.0.last().unwrap().1);
+    let hashes = write_disk(&mount, "after", 0, MIB);
+    let report = env.json(&["checkin", "vm", "-m", "node back"]);
     assert_eq!(report["committed"], true, "{report:#}");
     committed.add(report["version"].as_u64().unwrap(), hashes);
     committed.check(&env, "vm");

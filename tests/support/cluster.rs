@@ -39,6 +39,11 @@ impl Node {
         self.child = Some(child);
     }
 
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the node runs");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill(); // SIGKILL
@@ -249,6 +254,20 @@ impl SeaweedCluster {
     pub fn restart_volume(&mut self, i: usize) {
         self.volumes[i].start();
         self.wait_until_registered(i);
+    }
+
+    /// Freezes volume server `i` (SIGSTOP): a node that hangs, its
+    /// connections open, neither answering nor failing.
+    pub fn stop_volume(&self, i: usize) {
+        self.volumes[i].signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a frozen volume server `i` run again (SIGCONT).
+    pub fn continue_volume(&self, i: usize) {
+        if self.volumes[i].child.is_none() {
+            return;
+        }
+        self.volumes[i].signal(nix::sys::signal::Signal::SIGCONT);
     }
 
     /// SIGKILLs the S3 gateway.
