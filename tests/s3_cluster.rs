@@ -290,22 +290,70 @@ fn a_volume_server_killed_mid_read_and_mid_checkin_loses_nothing() {
 }
 
 #[test]
-fn the_s3_gateway_restarting_mid_checkin_loses_nothing() {
+fn the_s3_gateway_restarting_mid_read_and_mid_checkin_loses_nothing() {
     Env::require_fuse();
     let mut cluster = SeaweedCluster::start();
     let env = Env::cluster(&cluster, "gateway-restart");
-    env.append_config("\n[upload]\ntrickle = false\n");
+    env.append_config("\n[fetch]\nprefetch = false\n\n[upload]\ntrickle = false\n");
     let mut committed = Committed::default();
     committed.add(1, import(&env, "vm"));
 
+    // Mid-read: the gateway dies half-way through reading the parcel and
+    // comes back; the reads wait for it and complete.
     let mount = resume(&env, "vm");
+    cluster
+        .link
+        .freeze_after(Direction::Down, (DISK / 2) as u64);
+    let reader = {
+        let mount = mount.clone();
+        std::thread::spawn(move || parcel_hashes(&mount))
+    };
+    assert!(cluster.link.wait_frozen(Duration::from_secs(120)));
+    cluster.kill_gateway();
+    cluster.link.thaw();
+    cluster.start_gateway();
+    let read = reader.join().expect("reading the parcel");
+    assert_eq!(
+        &read, &committed.0[0].1,
+        "the parcel read with the gateway restarted mid-read"
+    );
+    let fetch = env.json(&["status", "vm"])["sessions"][0]["fetch"].clone();
+    println!("read with the S3 gateway restarted half-way: fetch counters {fetch}");
+    assert_eq!(fetch["failures"], 0, "{fetch:#}");
+
+    // Mid-checkin, with the tests' short retries ([retry] attempts = 3,
+    // 50–200 ms apart: less than the gateway takes to start).
     let hashes = write_disk(&mount, "gateway", MIB as u64, 4 * MIB);
     let version = interrupted_checkin(
         &env,
         &mut cluster,
         "vm",
         2 * MIB as u64,
-        "checkin with the S3 gateway restarted mid-upload",
+        "checkin with the S3 gateway restarted mid-upload (short retries)",
+        SeaweedCluster::kill_gateway,
+        SeaweedCluster::start_gateway,
+    );
+    committed.add(version, hashes);
+    committed.check(&env, "vm");
+
+    // The same with the default [retry] settings (6 attempts, 0.2–5 s apart).
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    let defaults = config.replace(
+        "attempts = 3\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\nrequest_timeout_secs = 10\n",
+        "",
+    );
+    assert_ne!(config, defaults, "the test config's [retry] lines");
+    std::fs::write(&env.config, defaults).unwrap();
+    env.stop_daemon();
+    let mount = resume(&env, "vm");
+    assert_eq!(&parcel_hashes(&mount), &committed.0.last().unwrap().1);
+    let hashes = write_disk(&mount, "gateway-defaults", 2 * MIB as u64, 4 * MIB);
+    let version = interrupted_checkin(
+        &env,
+        &mut cluster,
+        "vm",
+        2 * MIB as u64,
+        "checkin with the S3 gateway restarted mid-upload (default retries)",
         SeaweedCluster::kill_gateway,
         SeaweedCluster::start_gateway,
     );
