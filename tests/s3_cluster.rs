@@ -372,14 +372,22 @@ fn the_s3_gateway_restarting_mid_read_and_mid_checkin_loses_nothing() {
 /// A volume server that hangs (SIGSTOP: its connections stay open, nothing
 /// answers) is not a dead one: SeaweedFS keeps it in the topology and keeps
 /// assigning writes to its volumes, which wait. isr's PUT waits out its
-/// request timeout and the checkin fails cleanly (exit 6) — also when run
-/// again while the node hangs; once it runs again, a rerun completes.
+/// request timeout and is sent again (a new assignment, likely to a live
+/// pair); the checkin completes, or fails cleanly (exit 6) when every attempt
+/// of a chunk hung; once the node runs again, a rerun completes.
 #[test]
 fn a_volume_server_hanging_mid_checkin_fails_cleanly_until_it_returns() {
     Env::require_fuse();
     let cluster = SeaweedCluster::start();
     let env = Env::cluster(&cluster, "volume-hang");
     env.append_config("\n[upload]\ntrickle = false\n");
+    // Each hung attempt costs a request timeout: 2 s here.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("request_timeout_secs = 10", "request_timeout_secs = 2"),
+    )
+    .unwrap();
     let mut committed = Committed::default();
     committed.add(1, import(&env, "vm"));
     let mount = resume(&env, "vm");
@@ -403,6 +411,8 @@ fn a_volume_server_hanging_mid_checkin_fails_cleanly_until_it_returns() {
         started.elapsed().as_secs_f64(),
         cluster.registered_volume_servers()
     );
+    let retries = store_retries(&env);
+    println!("{what}: {retries} requests retried by isrfsd");
     let version = match first {
         Some(version) => version,
         None => {
