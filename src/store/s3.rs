@@ -15,6 +15,13 @@
 //! [`IMMUTABLE_CACHE_CONTROL`] and `Content-Type: application/octet-stream`,
 //! which S3 keeps and returns with every GET, so an HTTP cache or CDN in
 //! front of the bucket keeps them; other objects carry no cache headers.
+//!
+//! One retry is ours: object_store does not retry a create-only put that
+//! timed out or was cut off after it was sent (the put may have landed), and a
+//! SeaweedFS volume server that hangs holds such puts until the timeout (see
+//! docs/scale.md). `put_new` sends those again, up to the configured attempts;
+//! when a later attempt finds the object there, it is ours if it holds our
+//! bytes (an earlier attempt landed), else someone else's.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,7 +30,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
-use object_store::client::HttpError;
+use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode,
@@ -40,6 +47,8 @@ use super::{
 pub struct S3Store {
     url: String,
     attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
     prefix: String,
     client: Arc<dyn ObjectStore>,
     immutable: Option<ImmutableKeys>,
@@ -126,6 +135,8 @@ impl S3Store {
         })?;
         Ok(S3Store {
             attempts: retry.attempts,
+            initial_backoff: Duration::from_millis(retry.initial_backoff_ms),
+            max_backoff: Duration::from_millis(retry.max_backoff_ms),
             url: url.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
             client: Arc::new(client),
@@ -182,6 +193,45 @@ impl S3Store {
             },
         }
     }
+}
+
+impl S3Store {
+    /// After a create-only put whose earlier attempt may have landed found
+    /// the object there: ours if it holds exactly `data`.
+    async fn landed(
+        &self,
+        key: &str,
+        path: &ObjectPath,
+        data: &Bytes,
+    ) -> Result<PutOutcome, StoreError> {
+        let found = match self.client.get(path).await {
+            Ok(result) => result.bytes().await.map_err(|e| self.error(key, e))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(PutOutcome::AlreadyExists),
+            Err(e) => return Err(self.error(key, e)),
+        };
+        Ok(if found == *data {
+            PutOutcome::Created
+        } else {
+            PutOutcome::AlreadyExists
+        })
+    }
+}
+
+/// True when the request failed after it may have reached the server
+/// (timed out, or the connection was cut off): object_store retries those
+/// only for idempotent requests.
+fn outcome_unknown(error: &object_store::Error) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = current {
+        if let Some(http) = error.downcast_ref::<HttpError>() {
+            return matches!(
+                http.kind(),
+                HttpErrorKind::Timeout | HttpErrorKind::Interrupted
+            );
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// True when the error chain holds a transport failure (connect, timeout, …)
@@ -265,26 +315,42 @@ impl ListStore for S3Store {
 impl WriteStore for S3Store {
     async fn put_new(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         let path = self.path(key)?;
-        match self
-            .client
-            .put_opts(
-                &path,
-                PutPayload::from_bytes(data),
-                self.put_options(key, PutMode::Create),
-            )
-            .await
-        {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Ok(PutOutcome::AlreadyExists),
-            Err(object_store::Error::NotFound { .. }) => Err(StoreError::Permanent {
-                store: self.url.clone(),
-                key: key.to_owned(),
-                source: "the bucket does not exist (create it first)".into(),
-            }),
-            Err(e) => Err(self.error(key, e)),
+        let mut attempt = 1;
+        let mut delay = self.initial_backoff;
+        loop {
+            match self
+                .client
+                .put_opts(
+                    &path,
+                    PutPayload::from_bytes(data.clone()),
+                    self.put_options(key, PutMode::Create),
+                )
+                .await
+            {
+                Ok(_) => return Ok(PutOutcome::Created),
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) if attempt > 1 => return self.landed(key, &path, &data).await,
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => return Ok(PutOutcome::AlreadyExists),
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(StoreError::Permanent {
+                        store: self.url.clone(),
+                        key: key.to_owned(),
+                        source: "the bucket does not exist (create it first)".into(),
+                    });
+                }
+                Err(e) if attempt < self.attempts && outcome_unknown(&e) => {
+                    tracing::warn!(error = %e, ?delay, key, "create-only put cut off; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.max_backoff);
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.error(key, e)),
+            }
         }
     }
 
@@ -329,5 +395,138 @@ impl WriteStore for S3Store {
     async fn sync(&self) -> Result<(), StoreError> {
         // A successful S3 PUT is durable when it returns.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Mutex;
+
+    /// A one-object S3 server on loopback whose first PUT lands but is never
+    /// answered (the client times out), as a SeaweedFS gateway does when a
+    /// volume server hangs and then recovers. `landed` is what that PUT
+    /// leaves in the bucket (its own body, or another writer's bytes).
+    struct LostAnswer {
+        object: Mutex<Option<Vec<u8>>>,
+        landed: Option<Vec<u8>>,
+        puts: Mutex<u32>,
+    }
+
+    fn serve(server: Arc<LostAnswer>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let server = server.clone();
+                std::thread::spawn(move || connection(&server, stream));
+            }
+        });
+        port
+    }
+
+    fn connection(server: &LostAnswer, stream: TcpStream) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        loop {
+            let mut request = String::new();
+            if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                return;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body).unwrap();
+            let answer = if request.starts_with("PUT") {
+                let mut puts = server.puts.lock().unwrap();
+                *puts += 1;
+                let mut object = server.object.lock().unwrap();
+                if *puts == 1 {
+                    *object = Some(server.landed.clone().unwrap_or(body));
+                    drop(object);
+                    drop(puts);
+                    // Never answered: the client's 1 s timeout ends it.
+                    std::thread::sleep(Duration::from_secs(3));
+                    return;
+                }
+                if object.is_some() {
+                    "HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\n\r\n".to_owned()
+                } else {
+                    *object = Some(body);
+                    "HTTP/1.1 200 OK\r\nETag: \"1\"\r\nContent-Length: 0\r\n\r\n".to_owned()
+                }
+            } else {
+                let object = server.object.lock().unwrap().clone().unwrap_or_default();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nETag: \"1\"\r\nLast-Modified: Thu, 03 Dec 2026 10:00:00 GMT\r\nContent-Length: {}\r\n\r\n",
+                    object.len()
+                );
+                writer.write_all(head.as_bytes()).unwrap();
+                writer.write_all(&object).unwrap();
+                continue;
+            };
+            writer.write_all(answer.as_bytes()).unwrap();
+        }
+    }
+
+    async fn put_after_a_lost_answer(landed: Option<Vec<u8>>) -> (PutOutcome, u32) {
+        let server = Arc::new(LostAnswer {
+            object: Mutex::new(None),
+            landed,
+            puts: Mutex::new(0),
+        });
+        let port = serve(server.clone());
+        let store = S3Store::new(
+            "s3://bucket",
+            "bucket",
+            "",
+            &S3Settings {
+                endpoint: Some(format!("http://127.0.0.1:{port}")),
+                region: Some("us-east-1".into()),
+                access_key_id: Some("key".into()),
+                secret_access_key: Some("secret".into()),
+                allow_http: Some(true),
+                virtual_hosted_style: Some(false),
+            },
+            RetrySettings {
+                attempts: 3,
+                initial_backoff_ms: 10,
+                max_backoff_ms: 20,
+                request_timeout_secs: 1,
+            },
+        )
+        .unwrap();
+        let outcome = store
+            .put_new("parcels/p/versions/2", Bytes::from_static(b"our manifest"))
+            .await
+            .unwrap();
+        let puts = *server.puts.lock().unwrap();
+        (outcome, puts)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_only_put_whose_answer_was_lost_is_sent_again_and_found_ours() {
+        let (outcome, puts) = put_after_a_lost_answer(None).await;
+        assert_eq!(outcome, PutOutcome::Created);
+        assert_eq!(puts, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_only_put_finding_other_bytes_after_a_lost_answer_is_not_ours() {
+        let (outcome, _) = put_after_a_lost_answer(Some(b"their manifest".to_vec())).await;
+        assert_eq!(outcome, PutOutcome::AlreadyExists);
     }
 }

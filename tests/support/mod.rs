@@ -9,6 +9,8 @@ pub mod guest;
 pub mod nginx;
 pub mod vm;
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
