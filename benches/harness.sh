@@ -32,6 +32,9 @@
 #              write, 4 KiB random read and write) with the disk on the mount,
 #              every chunk local, vs on a local raw file (benches/guest-io.sh;
 #              TCG: CPU-bound, small sizes)
+#   bigimage   a 1 TiB sparse image with 20 GiB written (IMAGE_GIB, WRITTEN_GIB):
+#              import, resume, cold random reads, checkin, peak RSS, store bytes
+#              per version vs a 1 % image and native reads (benches/big-image.sh)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
@@ -120,6 +123,7 @@ run_section() {
     checkin) checkin_section ;;
     lazy) bash benches/lazy-memory.sh ;;
     guestio) bash benches/guest-io.sh ;;
+    bigimage) bash benches/big-image.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }
