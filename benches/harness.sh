@@ -34,7 +34,8 @@
 #              TCG: CPU-bound, small sizes)
 #   bigimage   a 1 TiB sparse image with 20 GiB written (IMAGE_GIB, WRITTEN_GIB):
 #              import, resume, cold random reads, checkin, peak RSS, store bytes
-#              per version vs a 1 % image and native reads (benches/big-image.sh)
+#              per version vs a 1 % image and native reads (benches/big-image.sh;
+#              not in the default SECTIONS: it needs ≈ 21 GB of disk)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.

@@ -312,6 +312,31 @@ fn fifty_sessions_on_one_daemon_read_correctly_with_bounded_fds_threads_and_memo
         one.threads,
         single.threads
     );
+    // A second round of the same 49 sessions reuses what the first freed:
+    // the same fds and fuser threads, and no more memory than the first
+    // round's peak (glibc keeps the freed heap, so RSS did not fall above).
+    for (i, files) in expected.iter().enumerate().skip(1) {
+        let mount = resume(i);
+        let mut read = support::tree_hashes(&mount);
+        read.retain(|path, _| !path.starts_with(".isr"));
+        assert_eq!(read.len(), files.len(), "{} mounted again", name(i));
+    }
+    let again = settled_usage(pid);
+    println!(
+        "isrfsd with {SESSIONS} sessions again: {} fds, {} threads, {} KiB RSS",
+        again.fds, again.threads, again.rss_kib
+    );
+    assert_eq!(again.fds, all.fds);
+    assert_eq!(again.fuse_threads, all.fuse_threads);
+    assert!(
+        again.rss_kib <= all.rss_kib + 16 * 1024,
+        "a second round of sessions grew isrfsd: {} KiB RSS, {} KiB in the first",
+        again.rss_kib,
+        all.rss_kib
+    );
+    for i in 1..SESSIONS {
+        env.ok(&["discard", &name(i)]);
+    }
     // The checked-in parcels hold their change.
     let other = env.another_machine();
     let mount = PathBuf::from(
