@@ -41,6 +41,10 @@
 #              an nginx proxy_cache (read_url) vs straight from the store: origin
 #              requests, origin MB and time (benches/cache-tier.sh; SIZE_MIB,
 #              MACHINES choose)
+#   bigimage   a 1 TiB sparse image with 20 GiB written (IMAGE_GIB, WRITTEN_GIB):
+#              import, resume, cold random reads, checkin, peak RSS, store bytes
+#              per version vs a 1 % image and native reads (benches/big-image.sh;
+#              not in the default SECTIONS: it needs ≈ 21 GB of disk)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
@@ -131,6 +135,7 @@ run_section() {
     guestio) bash benches/guest-io.sh ;;
     dedup) bash benches/dedup.sh ;;
     cachetier) bash benches/cache-tier.sh ;;
+    bigimage) bash benches/big-image.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }

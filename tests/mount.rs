@@ -181,6 +181,15 @@ fn the_daemon_isrctl_starts_has_two_malloc_arenas() {
         "isrfsd's environment: {}",
         String::from_utf8_lossy(&environ)
     );
+    // And a fixed mmap threshold, so fuser's 16 MiB buffer per FUSE thread
+    // stays mapped, not resident (docs/decisions.md; tests/many_sessions.rs).
+    assert!(
+        environ
+            .split(|&b| b == 0)
+            .any(|variable| variable == b"MALLOC_MMAP_THRESHOLD_=8388608"),
+        "isrfsd's environment: {}",
+        String::from_utf8_lossy(&environ)
+    );
 }
 
 #[test]

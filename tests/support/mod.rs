@@ -458,6 +458,7 @@ impl Env {
         }
         // isrctl chooses the daemon's malloc arenas unless this is set.
         command.env_remove("MALLOC_ARENA_MAX");
+        command.env_remove("MALLOC_MMAP_THRESHOLD_");
         command
             .env("ISR_STORE", &self.store)
             .env("ISR_CONFIG", &self.config)
