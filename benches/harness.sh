@@ -45,13 +45,17 @@
 #              import, resume, cold random reads, checkin, peak RSS, store bytes
 #              per version vs a 1 % image and native reads (benches/big-image.sh;
 #              not in the default SECTIONS: it needs ≈ 21 GB of disk)
+#   manifest   manifest bytes of a 100 GiB image, format 2 (root + segments) vs
+#              format 1 (whole): stored per version and uploaded by a 1 %
+#              checkin in 1, 16, 256 regions or scattered, vs the issue's goal
+#              (examples/manifest_tree.rs; computed from the real encoders)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
-sections=${SECTIONS:-import mount link vm checkin lazy guestio cachetier}
+sections=${SECTIONS:-import mount link vm checkin lazy guestio cachetier manifest}
 export RUNS=${RUNS:-3} PROFILE=${PROFILE:-wan}
 
 bash .ci/install-deps.sh --without-libvirt >&2
@@ -136,6 +140,7 @@ run_section() {
     dedup) bash benches/dedup.sh ;;
     cachetier) bash benches/cache-tier.sh ;;
     bigimage) bash benches/big-image.sh ;;
+    manifest) cargo build --release --quiet -p isr --example manifest_tree >&2 && target/release/examples/manifest_tree ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }

@@ -20,6 +20,7 @@
 //! by probing from the hint (see [`list_versions`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -605,12 +606,32 @@ pub async fn read_manifest(
     assemble(store, parcel, stored).await
 }
 
-/// The whole manifest of a version read with [`read_stored`].
+/// The whole manifest of a version read with [`read_stored`], its
+/// segments read from the store.
 pub async fn assemble(
     store: &StoreHandle,
     parcel: &OpenParcel,
     stored: Stored,
 ) -> Result<Manifest, ParcelError> {
+    assemble_from(parcel, stored, |tag| async move {
+        Ok::<_, ParcelError>(store.reader().get(&layout::chunk(&tag)).await?)
+    })
+    .await
+}
+
+/// [`assemble`] with each segment's stored bytes from `fetch` (a session
+/// reads them through its fetcher and cache). Every segment is checked like
+/// a chunk: tag, AEAD, convergent key.
+pub async fn assemble_from<F, Fut, E>(
+    parcel: &OpenParcel,
+    stored: Stored,
+    fetch: F,
+) -> Result<Manifest, E>
+where
+    F: Fn(ChunkTag) -> Fut,
+    Fut: Future<Output = Result<Bytes, E>>,
+    E: From<ParcelError>,
+{
     let root = match stored {
         Stored::Whole(manifest) => return Ok(manifest),
         Stored::Tree(root) => root,
@@ -619,23 +640,25 @@ pub async fn assemble(
     distinct.sort_by_key(|r| r.tag());
     distinct.dedup_by_key(|r| r.tag());
     let secret = &parcel.secrets.dedup_secret;
+    let fetch = &fetch;
     let plaintexts: HashMap<ChunkTag, Bytes> = futures::stream::iter(distinct)
         .map(|reference| async move {
             let &ChunkRef::Stored { tag, ref key, .. } = reference else {
                 unreachable!("segments are stored chunks");
             };
-            let stored = store.reader().get(&layout::chunk(&tag)).await?;
+            let stored = fetch(tag).await?;
             let plaintext = chunk::decode(secret, tag, key, stored)
-                .map_err(|e| ManifestError::Segment(Arc::new(e)))?;
-            Ok::<_, ParcelError>((tag, plaintext))
+                .map_err(|e| ParcelError::from(ManifestError::Segment(Arc::new(e))))?;
+            Ok::<_, E>((tag, plaintext))
         })
         .buffer_unordered(SEGMENT_READS)
         .try_collect()
         .await?;
     let object = layout::manifest(&parcel.name, root.manifest.version);
-    Ok(root.assemble(&object, |reference| {
+    root.assemble(&object, |reference| {
         Ok(plaintexts[&reference.tag().expect("stored")].clone())
-    })?)
+    })
+    .map_err(|e| ParcelError::from(e).into())
 }
 
 /// Segments read at once by [`assemble`].

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{CacheError, ChunkCache};
+use crate::cache::{CacheError, ChunkCache, Durability};
 use crate::chunk::{ChunkRef, ChunkTag};
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::{FetchSettings, FetchStats, Fetcher, Priority};
@@ -443,15 +443,52 @@ pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fet
     Ok(tags.len() as u64)
 }
 
-/// The base version's manifest and the tags of its segments.
+/// The base version's manifest, read before the image is open.
+struct Base {
+    manifest: Manifest,
+    /// Its segments' tags (format 2).
+    segments: HashSet<ChunkTag>,
+    /// Segments read from the store, for the cache once the image is open.
+    fetched: Vec<(ChunkTag, Bytes)>,
+}
+
+/// Reads the base version's manifest; its segments come from the cache when
+/// this machine has them (an earlier resume, or its own checkin) and they
+/// are whole, else from the store. Nothing is inserted into the cache here: until the image is
+/// open and has pinned the session's own chunks, an insert could evict one
+/// of them before it is uploaded.
 async fn read_base(
     store: &StoreHandle,
     parcel: &OpenParcel,
     version: u64,
-) -> Result<(Manifest, HashSet<ChunkTag>), SessionError> {
+    cache: &ChunkCache,
+) -> Result<Base, SessionError> {
     let stored = parcel::read_stored(store, parcel, version).await?;
     let segments = stored.segment_refs().filter_map(ChunkRef::tag).collect();
-    Ok((parcel::assemble(store, parcel, stored).await?, segments))
+    let fetched = Mutex::new(Vec::new());
+    let manifest = parcel::assemble_from(parcel, stored, |tag| {
+        let fetched = &fetched;
+        async move {
+            // A damaged cached copy is read again from the store.
+            if let Ok(Some(bytes)) = cache.get(&tag)
+                && crate::chunk::verify_tag(tag, &bytes).is_ok()
+            {
+                return Ok(bytes);
+            }
+            let bytes = store.reader().get(&layout::chunk(&tag)).await?;
+            fetched
+                .lock()
+                .expect("fetched lock")
+                .push((tag, bytes.clone()));
+            Ok::<_, SessionError>(bytes)
+        }
+    })
+    .await?;
+    Ok(Base {
+        manifest,
+        segments,
+        fetched: fetched.into_inner().expect("fetched lock"),
+    })
 }
 
 /// What a session's counters are computed from; cheap to clone (the FUSE
@@ -795,7 +832,6 @@ impl Session {
     ) -> Result<Session, SessionError> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let version = parcel::resolve_version(&store, &parcel.name, version).await?;
-        let base = read_base(&store, &parcel, version).await?;
         let views = views_dir(&context.state_dir);
         let dir = views.join(format!(
             "{}-{}",
@@ -832,7 +868,7 @@ impl Session {
             ..context
         };
         let state = dir.join("image.redb");
-        match Session::open_at(store, parcel, record, context, base, state).await {
+        match Session::open_at(store, parcel, record, context, state).await {
             Ok(mut session) => {
                 session.image.freeze();
                 session.view_dir = Some(dir);
@@ -870,9 +906,8 @@ impl Session {
         context: SessionContext,
     ) -> Result<Session, SessionError> {
         let name = parcel.name.clone();
-        let base = read_base(&store, &parcel, record.base_version).await?;
         let state = session_dir(&context.state_dir, &name).join("image.redb");
-        let session = Session::open_at(store, parcel, record, context, base, state).await?;
+        let session = Session::open_at(store, parcel, record, context, state).await?;
         session.fetch_working_set();
         if session.context.prefetch {
             session.start_prefetch();
@@ -885,7 +920,6 @@ impl Session {
         parcel: OpenParcel,
         record: SessionRecord,
         context: SessionContext,
-        (base, base_segments): (Manifest, HashSet<ChunkTag>),
         state: PathBuf,
     ) -> Result<Session, SessionError> {
         let fetcher = Fetcher::start(
@@ -894,6 +928,17 @@ impl Session {
             context.fetch,
             context.runtime.clone(),
         );
+        let Base {
+            manifest: base,
+            segments: base_segments,
+            fetched,
+        } = match read_base(&store, &parcel, record.base_version, &context.cache).await {
+            Ok(base) => base,
+            Err(e) => {
+                fetcher.stop();
+                return Err(e);
+            }
+        };
         let (image_base, secrets, cache, fetch_handle, options) = (
             base.clone(),
             parcel.secrets.clone(),
@@ -908,6 +953,13 @@ impl Session {
             .await
             .expect("image open task")?,
         );
+        // The image has pinned the session's own chunks: the segments read
+        // from the store can be cached now (checked by the read; a failure
+        // costs the next resume a download, nothing else).
+        let fetched: Vec<(ChunkTag, &[u8])> = fetched.iter().map(|(t, b)| (*t, &b[..])).collect();
+        if let Err(error) = context.cache.insert_all(&fetched, Durability::Refetchable) {
+            tracing::warn!(%error, "could not cache the base version's manifest segments");
+        }
         let uploads = Arc::new(trickle::UploadCounters::default());
         let trickle = trickle::Trickle::start(trickle::TrickleParts {
             image: image.clone(),

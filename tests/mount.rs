@@ -146,8 +146,11 @@ fn random_read_write_workload_through_the_mount_matches_a_reference() {
         !env.path("state/sessions/vm").exists(),
         "session state wiped"
     );
-    let base: std::collections::HashSet<String> =
-        base_tags(&env, "vm").iter().map(|t| t.to_hex()).collect();
+    let base: std::collections::HashSet<String> = base_tags(&env, "vm")
+        .iter()
+        .map(|t| t.to_hex())
+        .chain(env.segments("vm", 1))
+        .collect();
     for name in support::cached_chunk_tags(&env.path("cache")) {
         assert!(
             base.contains(&name),

@@ -260,11 +260,17 @@ impl Session {
             .filter_map(|(reference, bytes)| Some((reference.tag()?, bytes.as_slice())))
             .filter(|(tag, _)| save_as.is_some() || !self.base_segments.contains(tag))
             .collect();
-        self.context
-            .cache
-            .insert_all(&new_segments, Durability::Durable)?;
+        // Pinned first: inserting evicts down to the cache's limit.
         let segment_tags: Vec<ChunkTag> = new_segments.iter().map(|(tag, _)| *tag).collect();
         self.context.cache.pin(segment_tags.iter());
+        if let Err(e) = self
+            .context
+            .cache
+            .insert_all(&new_segments, Durability::Durable)
+        {
+            self.context.cache.unpin(segment_tags.iter());
+            return Err(e.into());
+        }
         let result = self
             .commit_split(
                 split.root,
