@@ -433,10 +433,15 @@ fn stopping_isrfsd_saves_the_vm_and_resume_continues_it() {
     assert_eq!(answer["vm"]["resumed_from_memory"], true, "{answer}");
     let seen = counters(&serial_lines(&env, name)).len();
     let after = count_on(&env, name, seen, 1);
-    assert_eq!(
-        after[seen],
-        (last + 1, boot.clone()),
-        "the same boot goes on"
+    // The same boot goes on: its counter (in guest memory) continues. Under
+    // load one line can be missing from the log: printed while the VM was
+    // being saved, it is in the saved UART state but not in the file (seen
+    // once in a loaded run: 2, then 4). The counter still proves the state.
+    let (next, next_boot) = after[seen].clone();
+    assert_eq!(next_boot, boot, "the same boot goes on");
+    assert!(
+        (last + 1..=last + 2).contains(&next),
+        "the counter continues from {last}: {next}"
     );
 
     // kill -9: QEMU is left behind on a dead mount; the next resume kills it
