@@ -252,8 +252,11 @@ fn ten_machines_through_a_caching_proxy_fetch_each_chunk_once_from_the_store() {
     let hits = chunk_gets(&cache_log, |l| l.cache == "HIT");
     assert!(misses.values().all(|&n| n == 1), "{misses:?}");
     assert_eq!(misses.len(), chunks.len());
+    // (At least: a request the client retried under load is a second HIT,
+    // which costs the store nothing; the origin counts above are exact.)
+    assert_eq!(hits.len(), chunks.len(), "{hits:?}");
     assert!(
-        hits.values().all(|&n| n == MACHINES - 1),
+        hits.values().all(|&n| n >= MACHINES - 1),
         "each chunk a HIT for every later machine: {hits:?}"
     );
     println!(
