@@ -261,6 +261,7 @@ fn main() {
     let wire = || Box::new(WireParcel::new(&parcel));
     let store = || WireStore {
         url: "s3://bucket/isr".into(),
+        read_url: None,
         s3: S3Settings::default(),
         retry: RetrySettings::default(),
     };
@@ -341,7 +342,13 @@ fn main() {
                 warnings: vec!["vm.toml describes no VM".into()],
             },
         ),
-        ("status", Response::Status { sessions: vec![] }),
+        (
+            "status",
+            Response::Status {
+                sessions: vec![],
+                resuming: vec![],
+            },
+        ),
         ("hoarded", Response::Hoarded { chunks: 12 }),
         ("done", Response::Done),
         (

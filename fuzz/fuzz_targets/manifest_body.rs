@@ -1,5 +1,5 @@
 //! The plaintext behind a manifest's AEAD tag: `Manifest::decode_body` (the
-//! parser `Manifest::open` runs after decryption) on fuzzer bytes. A body that
+//! parser `isr::manifest::open` runs after decrypting format 1) on fuzzer bytes. A body that
 //! decodes must be valid, encode back to the same bytes' meaning, and survive
 //! seal → open under the fixture key.
 #![no_main]
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let sealed = manifest
         .seal(&fixture.secrets.parcel_key, &fixture.id)
         .expect("a decoded manifest seals");
-    let opened = Manifest::open(
+    let opened = isr::manifest::open(
         &sealed,
         &fixture.secrets.parcel_key,
         &fixture.id,
@@ -32,5 +32,5 @@ fuzz_target!(|data: &[u8]| {
         "fuzz.manifest",
     )
     .expect("a sealed manifest opens");
-    assert_eq!(opened, manifest);
+    assert_eq!(opened, isr::manifest::Stored::Whole(manifest));
 });

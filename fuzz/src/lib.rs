@@ -178,8 +178,12 @@ pub fn fixture() -> &'static Fixture {
             .iter()
             .enumerate()
             .map(|(i, stored)| {
-                Manifest::open(stored, &secrets.parcel_key, &id, i as u64 + 1, "fixture")
+                match isr::manifest::open(stored, &secrets.parcel_key, &id, i as u64 + 1, "fixture")
                     .expect("fixture manifest opens")
+                {
+                    isr::manifest::Stored::Whole(manifest) => manifest,
+                    isr::manifest::Stored::Tree(_) => panic!("the fixture is format 1"),
+                }
             })
             .collect();
         let mut chunk_keys = HashMap::new();
