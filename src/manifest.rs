@@ -378,125 +378,26 @@ impl Manifest {
     /// The plaintext body (see the module doc).
     pub fn encode_body(&self) -> Result<Vec<u8>, ManifestError> {
         self.validate().map_err(ManifestError::InvalidTree)?;
-        let mut w = Writer::default();
-        w.bytes(BODY_MAGIC);
-        w.u64(self.version);
-        w.u64(self.parent.unwrap_or(0));
-        w.i64(self.created.secs);
-        w.u32(self.created.nanos);
-        w.bytes(&self.lock_nonce.unwrap_or([0; 16]));
-        w.u32(self.chunk_size);
-        w.str16(&self.host);
-        w.str32(&self.message);
-        w.u32(self.entries.len() as u32);
-        for entry in &self.entries {
-            w.u8(match entry.kind {
-                EntryKind::Directory => KIND_DIRECTORY,
-                EntryKind::File { .. } => KIND_FILE,
-            });
-            w.str16(&entry.path);
-            w.u32(entry.mode);
-            w.i64(entry.mtime.secs);
-            w.u32(entry.mtime.nanos);
-            if let EntryKind::File { size, chunks } = &entry.kind {
-                w.u64(*size);
-                let count_at = w.buf.len();
-                w.u32(0);
-                let records = write_records(&mut w, chunks);
-                w.buf[count_at..count_at + 4].copy_from_slice(&records.to_le_bytes());
-            }
-        }
-        Ok(w.buf)
+        Ok(write_body(self, BODY_MAGIC, None, |w, _, chunks| {
+            let count_at = w.buf.len();
+            w.u32(0);
+            let records = write_records(w, chunks);
+            w.buf[count_at..count_at + 4].copy_from_slice(&records.to_le_bytes());
+        }))
     }
 
     /// Parses and validates a plaintext body; `object` names it in errors.
     pub fn decode_body(body: &[u8], object: &str) -> Result<Manifest, ManifestError> {
-        let malformed = |reason: String| ManifestError::Malformed {
-            object: object.to_owned(),
-            reason,
-        };
-        let truncated =
-            |t: Truncated| malformed(format!("{} invalid or cut short at byte {}", t.what, t.at));
-        let mut r = Reader::new(body);
-        if &r.array::<4>("magic").map_err(truncated)? != BODY_MAGIC {
-            return Err(malformed("wrong body magic".into()));
-        }
-        let manifest = (|| -> Result<Manifest, Truncated> {
-            let version = r.u64("version")?;
-            let parent = Some(r.u64("parent")?).filter(|&p| p != 0);
-            let created = Timestamp {
-                secs: r.i64("created")?,
-                nanos: r.u32("created")?,
-            };
-            let lock_nonce = Some(r.array::<16>("lock nonce")?).filter(|n| n != &[0; 16]);
-            let chunk_size = r.u32("chunk size")?;
-            let host = r.str16("host")?;
-            let message = r.str32("message")?;
-            let entry_count = r.u32("entry count")? as usize;
-            // Every entry takes at least 19 bytes: refuse counts the input cannot hold.
-            if entry_count > r.remaining() / 19 {
-                return Err(Truncated {
-                    what: "entry count",
-                    at: 0,
-                });
-            }
-            let mut entries = Vec::with_capacity(entry_count);
-            for _ in 0..entry_count {
-                let kind = r.u8("entry kind")?;
-                let path = r.str16("path")?;
-                let mode = r.u32("mode")?;
-                let mtime = Timestamp {
-                    secs: r.i64("mtime")?,
-                    nanos: r.u32("mtime")?,
-                };
-                let kind = match kind {
-                    KIND_DIRECTORY => EntryKind::Directory,
-                    KIND_FILE => {
-                        let size = r.u64("file size")?;
-                        let expected = size.div_ceil(u64::from(chunk_size.max(1)));
-                        if expected > MAX_CHUNKS_PER_FILE {
-                            return Err(Truncated {
-                                what: "file size",
-                                at: 0,
-                            });
-                        }
-                        let records = r.u32("record count")?;
-                        let chunks = read_records(&mut r, records, expected)?;
-                        EntryKind::File { size, chunks }
-                    }
-                    _ => {
-                        return Err(Truncated {
-                            what: "entry kind",
-                            at: 0,
-                        });
-                    }
-                };
-                entries.push(Entry {
-                    path,
-                    mode,
-                    mtime,
-                    kind,
-                });
-            }
-            Ok(Manifest {
-                version,
-                parent,
-                created,
-                lock_nonce,
-                host,
-                message,
-                chunk_size,
-                entries,
-            })
-        })()
-        .map_err(truncated)?;
-        if r.remaining() != 0 {
-            return Err(malformed(format!(
-                "{} bytes of trailing garbage",
-                r.remaining()
-            )));
-        }
-        manifest.validate().map_err(malformed)?;
+        let (manifest, _) = read_body(body, object, BODY_MAGIC, false, |r, expected, _| {
+            let records = r.u32("record count")?;
+            read_records(r, records, expected)
+        })?;
+        manifest
+            .validate()
+            .map_err(|reason| ManifestError::Malformed {
+                object: object.to_owned(),
+                reason,
+            })?;
         Ok(manifest)
     }
 
@@ -653,6 +554,140 @@ pub fn open(
         });
     }
     Ok(opened)
+}
+
+/// Writes a body of either format: `magic`, the header (format 2 adds the
+/// segment chunks after the chunk size), then the entries; `file` writes a
+/// file's contents after its size, given its index among the files.
+fn write_body(
+    m: &Manifest,
+    magic: &[u8; 4],
+    segment_chunks: Option<u32>,
+    mut file: impl FnMut(&mut Writer, usize, &[ChunkRef]),
+) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.bytes(magic);
+    w.u64(m.version);
+    w.u64(m.parent.unwrap_or(0));
+    w.i64(m.created.secs);
+    w.u32(m.created.nanos);
+    w.bytes(&m.lock_nonce.unwrap_or([0; 16]));
+    w.u32(m.chunk_size);
+    if let Some(segment_chunks) = segment_chunks {
+        w.u32(segment_chunks);
+    }
+    w.str16(&m.host);
+    w.str32(&m.message);
+    w.u32(m.entries.len() as u32);
+    let mut files = 0;
+    for entry in &m.entries {
+        w.u8(match entry.kind {
+            EntryKind::Directory => KIND_DIRECTORY,
+            EntryKind::File { .. } => KIND_FILE,
+        });
+        w.str16(&entry.path);
+        w.u32(entry.mode);
+        w.i64(entry.mtime.secs);
+        w.u32(entry.mtime.nanos);
+        if let EntryKind::File { size, chunks } = &entry.kind {
+            w.u64(*size);
+            file(&mut w, files, chunks);
+            files += 1;
+        }
+    }
+    w.buf
+}
+
+/// Reads a body written by [`write_body`], every field bounds-checked and
+/// no trailing bytes; `file` reads a file's contents given its chunk count
+/// and the segment chunks (format 2), returning its chunk list. Returns the
+/// manifest (not yet validated) and the segment chunks.
+fn read_body(
+    body: &[u8],
+    object: &str,
+    magic: &[u8; 4],
+    has_segment_chunks: bool,
+    mut file: impl FnMut(&mut Reader, u64, u32) -> Result<Vec<ChunkRef>, Truncated>,
+) -> Result<(Manifest, u32), ManifestError> {
+    let malformed = |reason: String| ManifestError::Malformed {
+        object: object.to_owned(),
+        reason,
+    };
+    let mut r = Reader::new(body);
+    let invalid = |what| Truncated { what, at: 0 };
+    let parsed = (|| -> Result<(Manifest, u32), Truncated> {
+        if &r.array::<4>("magic")? != magic {
+            return Err(invalid("magic"));
+        }
+        let version = r.u64("version")?;
+        let parent = Some(r.u64("parent")?).filter(|&p| p != 0);
+        let created = Timestamp {
+            secs: r.i64("created")?,
+            nanos: r.u32("created")?,
+        };
+        let lock_nonce = Some(r.array::<16>("lock nonce")?).filter(|n| n != &[0; 16]);
+        let chunk_size = r.u32("chunk size")?;
+        let segment_chunks = if has_segment_chunks {
+            r.u32("segment chunks")?
+        } else {
+            0
+        };
+        let host = r.str16("host")?;
+        let message = r.str32("message")?;
+        let entry_count = r.u32("entry count")? as usize;
+        // Every entry takes at least 19 bytes: refuse counts the input cannot hold.
+        if entry_count > r.remaining() / 19 {
+            return Err(invalid("entry count"));
+        }
+        let mut entries = Vec::with_capacity(entry_count);
+        for _ in 0..entry_count {
+            let kind = r.u8("entry kind")?;
+            let path = r.str16("path")?;
+            let mode = r.u32("mode")?;
+            let mtime = Timestamp {
+                secs: r.i64("mtime")?,
+                nanos: r.u32("mtime")?,
+            };
+            let kind = match kind {
+                KIND_DIRECTORY => EntryKind::Directory,
+                KIND_FILE => {
+                    let size = r.u64("file size")?;
+                    let expected = size.div_ceil(u64::from(chunk_size.max(1)));
+                    if expected > MAX_CHUNKS_PER_FILE {
+                        return Err(invalid("file size"));
+                    }
+                    let chunks = file(&mut r, expected, segment_chunks)?;
+                    EntryKind::File { size, chunks }
+                }
+                _ => return Err(invalid("entry kind")),
+            };
+            entries.push(Entry {
+                path,
+                mode,
+                mtime,
+                kind,
+            });
+        }
+        let manifest = Manifest {
+            version,
+            parent,
+            created,
+            lock_nonce,
+            host,
+            message,
+            chunk_size,
+            entries,
+        };
+        Ok((manifest, segment_chunks))
+    })()
+    .map_err(|t| malformed(format!("{} invalid or cut short at byte {}", t.what, t.at)))?;
+    if r.remaining() != 0 {
+        return Err(malformed(format!(
+            "{} bytes of trailing garbage",
+            r.remaining()
+        )));
+    }
+    Ok(parsed)
 }
 
 /// Writes `chunks` as records (a stored chunk, or a run of zero chunks);

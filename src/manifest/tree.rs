@@ -35,10 +35,7 @@ use std::collections::HashSet;
 use bytes::Bytes;
 
 use super::wire::{Reader, Truncated, Writer};
-use super::{
-    Entry, EntryKind, KIND_DIRECTORY, KIND_FILE, MAX_CHUNKS_PER_FILE, Manifest, ManifestError,
-    Timestamp,
-};
+use super::{EntryKind, Manifest, ManifestError, read_body, write_body};
 use crate::chunk::{self, ChunkEncoder, ChunkKey, ChunkRef, ChunkTag, EncodedChunk};
 
 const ROOT_MAGIC: &[u8; 4] = b"ISRt";
@@ -114,141 +111,64 @@ impl Root {
 
     /// The root body (see the module doc).
     pub(super) fn encode_body(&self) -> Vec<u8> {
-        let m = &self.manifest;
-        let mut w = Writer::default();
-        w.bytes(ROOT_MAGIC);
-        w.u64(m.version);
-        w.u64(m.parent.unwrap_or(0));
-        w.i64(m.created.secs);
-        w.u32(m.created.nanos);
-        w.bytes(&m.lock_nonce.unwrap_or([0; 16]));
-        w.u32(m.chunk_size);
-        w.u32(self.segment_chunks);
-        w.str16(&m.host);
-        w.str32(&m.message);
-        w.u32(m.entries.len() as u32);
-        let mut files = self.segments.iter();
-        for entry in &m.entries {
-            w.u8(match entry.kind {
-                EntryKind::Directory => KIND_DIRECTORY,
-                EntryKind::File { .. } => KIND_FILE,
-            });
-            w.str16(&entry.path);
-            w.u32(entry.mode);
-            w.i64(entry.mtime.secs);
-            w.u32(entry.mtime.nanos);
-            if let EntryKind::File { size, .. } = &entry.kind {
-                let refs = files.next().expect("one segment list per file");
-                w.u64(*size);
+        write_body(
+            &self.manifest,
+            ROOT_MAGIC,
+            Some(self.segment_chunks),
+            |w, file, _| {
+                let refs = &self.segments[file];
                 w.u32(refs.len() as u32);
                 for reference in refs {
-                    write_stored(&mut w, reference);
+                    write_stored(w, reference);
                 }
-            }
-        }
-        w.buf
+            },
+        )
     }
 
     /// Parses and checks a root body; `object` names it in errors.
     pub(super) fn decode_body(body: &[u8], object: &str) -> Result<Root, ManifestError> {
-        let malformed = |reason: String| ManifestError::Malformed {
-            object: object.to_owned(),
-            reason,
-        };
-        let truncated =
-            |t: Truncated| malformed(format!("{} invalid or cut short at byte {}", t.what, t.at));
-        let mut r = Reader::new(body);
-        if &r.array::<4>("magic").map_err(truncated)? != ROOT_MAGIC {
-            return Err(malformed("wrong root magic".into()));
-        }
         let invalid = |what| Truncated { what, at: 0 };
-        let root = (|| -> Result<Root, Truncated> {
-            let version = r.u64("version")?;
-            let parent = Some(r.u64("parent")?).filter(|&p| p != 0);
-            let created = Timestamp {
-                secs: r.i64("created")?,
-                nanos: r.u32("created")?,
-            };
-            let lock_nonce = Some(r.array::<16>("lock nonce")?).filter(|n| n != &[0; 16]);
-            let chunk_size = r.u32("chunk size")?;
-            let segment_chunks = r.u32("segment chunks")?;
-            if !(1..=MAX_SEGMENT_CHUNKS).contains(&segment_chunks) {
-                return Err(invalid("segment chunks"));
-            }
-            let host = r.str16("host")?;
-            let message = r.str32("message")?;
-            let entry_count = r.u32("entry count")? as usize;
-            // Every entry takes at least 19 bytes: refuse counts the input cannot hold.
-            if entry_count > r.remaining() / 19 {
-                return Err(invalid("entry count"));
-            }
-            let mut entries = Vec::with_capacity(entry_count);
-            let mut segments = Vec::new();
-            for _ in 0..entry_count {
-                let kind = r.u8("entry kind")?;
-                let path = r.str16("path")?;
-                let mode = r.u32("mode")?;
-                let mtime = Timestamp {
-                    secs: r.i64("mtime")?,
-                    nanos: r.u32("mtime")?,
-                };
-                let kind = match kind {
-                    KIND_DIRECTORY => EntryKind::Directory,
-                    KIND_FILE => {
-                        let size = r.u64("file size")?;
-                        let chunk_count = size.div_ceil(u64::from(chunk_size.max(1)));
-                        if chunk_count > MAX_CHUNKS_PER_FILE {
-                            return Err(invalid("file size"));
-                        }
-                        let count = r.u32("segment count")?;
-                        if u64::from(count) != chunk_count.div_ceil(u64::from(segment_chunks)) {
-                            return Err(invalid("segment count"));
-                        }
-                        if count as usize > r.remaining() / 68 {
-                            return Err(invalid("segment count"));
-                        }
-                        let refs = (0..count)
-                            .map(|_| read_stored(&mut r))
-                            .collect::<Result<Vec<_>, _>>()?;
-                        segments.push(refs);
-                        EntryKind::File {
-                            size,
-                            chunks: Vec::new(),
-                        }
-                    }
-                    _ => return Err(invalid("entry kind")),
-                };
-                entries.push(Entry {
-                    path,
-                    mode,
-                    mtime,
-                    kind,
-                });
-            }
-            Ok(Root {
-                manifest: Manifest {
-                    version,
-                    parent,
-                    created,
-                    lock_nonce,
-                    host,
-                    message,
-                    chunk_size,
-                    entries,
-                },
-                segment_chunks,
-                segments,
-            })
-        })()
-        .map_err(truncated)?;
-        if r.remaining() != 0 {
-            return Err(malformed(format!(
-                "{} bytes of trailing garbage",
-                r.remaining()
-            )));
+        let mut segments = Vec::new();
+        let (manifest, segment_chunks) = read_body(
+            body,
+            object,
+            ROOT_MAGIC,
+            true,
+            |r, chunk_count, segment_chunks| {
+                if !(1..=MAX_SEGMENT_CHUNKS).contains(&segment_chunks) {
+                    return Err(invalid("segment chunks"));
+                }
+                let count = r.u32("segment count")?;
+                if u64::from(count) != chunk_count.div_ceil(u64::from(segment_chunks))
+                    || count as usize > r.remaining() / 68
+                {
+                    return Err(invalid("segment count"));
+                }
+                let refs = (0..count)
+                    .map(|_| read_stored(r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                segments.push(refs);
+                Ok(Vec::new())
+            },
+        )?;
+        manifest
+            .validate_tree()
+            .map_err(|reason| ManifestError::Malformed {
+                object: object.to_owned(),
+                reason,
+            })?;
+        // (Checked here too for a root without files.)
+        if !(1..=MAX_SEGMENT_CHUNKS).contains(&segment_chunks) {
+            return Err(ManifestError::Malformed {
+                object: object.to_owned(),
+                reason: format!("{segment_chunks} segment chunks is out of range"),
+            });
         }
-        root.manifest.validate_tree().map_err(malformed)?;
-        Ok(root)
+        Ok(Root {
+            manifest,
+            segment_chunks,
+            segments,
+        })
     }
 }
 
