@@ -613,10 +613,18 @@ pub async fn assemble(
     parcel: &OpenParcel,
     stored: Stored,
 ) -> Result<Manifest, ParcelError> {
-    assemble_from(parcel, stored, |tag| async move {
-        Ok::<_, ParcelError>(store.reader().get(&layout::chunk(&tag)).await?)
-    })
-    .await
+    assemble_from(parcel, stored, |tag| read_segment(store, tag)).await
+}
+
+/// A segment's stored bytes from the store; a copy that fails its tag (a
+/// damaged or stale copy in a cache tier) is read again past the cache.
+pub async fn read_segment(store: &StoreHandle, tag: ChunkTag) -> Result<Bytes, ParcelError> {
+    let key = layout::chunk(&tag);
+    let bytes = store.reader().get(&key).await?;
+    if chunk::verify_tag(tag, &bytes).is_ok() {
+        return Ok(bytes);
+    }
+    Ok(store.reader().get_uncached(&key).await?)
 }
 
 /// [`assemble`] with each segment's stored bytes from `fetch` (a session

@@ -475,7 +475,7 @@ async fn read_base(
             {
                 return Ok(bytes);
             }
-            let bytes = store.reader().get(&layout::chunk(&tag)).await?;
+            let bytes = parcel::read_segment(store, tag).await?;
             fetched
                 .lock()
                 .expect("fetched lock")
