@@ -10,8 +10,10 @@
 #  - a small write (WRITE_MIB of random data at random offsets, fsynced);
 #  - checkin time, bytes uploaded;
 #  - isrfsd's peak RSS (VmHWM before the checkin ends it) and isrctl's;
-#  - the store's bytes under parcels/NAME/ after each version (the manifest
-#    and version records, whatever their format) and under chunks/.
+#  - the store's bytes under parcels/NAME/ after each version (the version
+#    records: in format 2 the manifests' roots; their segments are chunk
+#    objects), the manifest bytes the checkin uploaded (root and changed
+#    segments) and the bytes under chunks/.
 # Baselines in the same run: the same steps for an image of BASE_PCT % of the
 # size and written amount (how each figure grows with the image), and the
 # same random reads on the source file itself (native, page cache dropped).
@@ -130,6 +132,7 @@ PY
   read -r r_checkin_s r_checkin_rss <<<"$(timed_rss "$work/checkin-$label.json" "$bin/isrctl" --json checkin "$label")"
   r_daemon_rss=$(rss_of "$pid" 2>/dev/null || echo "$rss_before")
   r_uploaded=$(json 'd.get("uploaded_bytes", d.get("checkin", {}).get("uploaded_bytes"))' < "$work/checkin-$label.json")
+  r_manifest=$(json 'd.get("manifest_bytes", d.get("checkin", {}).get("manifest_bytes", 0))' < "$work/checkin-$label.json")
   r_parcel_v2=$(bytes_under "$work/store/parcels/$label")
   r_chunks_after=$(bytes_under "$work/store/chunks")
   say "$label: import ${r_import_s}s (isrctl ${r_import_rss} MiB), resume ${r_resume_s}s, reads ${r_iops}/s ${r_mbs} MB/s (native ${r_native_iops}/s), checkin ${r_checkin_s}s ${r_uploaded} B, isrfsd ${r_daemon_rss} MiB, parcels/ v1 ${r_parcel_v1} B v2 ${r_parcel_v2} B, chunks ${r_chunks} B"
@@ -138,7 +141,7 @@ PY
 
 gib=$((1 << 30))
 cycle big "$((image_gib * gib))" "$((written_gib * gib))"
-big=("$r_import_s" "$r_import_rss" "$r_resume_s" "$r_iops" "$r_mbs" "$r_native_iops" "$r_native_mbs" "$r_checkin_s" "$r_checkin_rss" "$r_uploaded" "$r_daemon_rss" "$r_parcel_v1" "$r_parcel_v2" "$r_chunks" "$r_chunks_after")
+big=("$r_import_s" "$r_import_rss" "$r_resume_s" "$r_iops" "$r_mbs" "$r_native_iops" "$r_native_mbs" "$r_checkin_s" "$r_checkin_rss" "$r_uploaded" "$r_daemon_rss" "$r_parcel_v1" "$r_parcel_v2" "$r_chunks" "$r_chunks_after" "$r_manifest")
 chunks_before_small=$r_chunks_after
 cycle small "$((image_gib * gib * base_pct / 100))" "$((written_gib * gib * base_pct / 100))"
 small_chunks=$((r_chunks_after - chunks_before_small))
@@ -155,4 +158,5 @@ row "isrfsd peak RSS, MiB ($t)" "${big[10]}" MiB "$b" "$r_daemon_rss"
 row "isrctl checkin peak RSS, MiB ($t)" "${big[8]}" MiB "$b" "$r_checkin_rss"
 row "store bytes under parcels/NAME/ after import (v1) ($t)" "${big[11]}" B "$b" "$r_parcel_v1"
 row "store bytes under parcels/NAME/ added by the checkin (v2) ($t)" "$((big[12] - big[11]))" B "$b" "$((r_parcel_v2 - r_parcel_v1))"
+row "manifest bytes the checkin uploaded (root + changed segments) ($t)" "${big[15]}" B "$b" "$r_manifest"
 row "store chunk bytes after import and checkin ($t)" "${big[14]}" B "$b" "$small_chunks"

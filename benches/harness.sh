@@ -49,13 +49,16 @@
 #              format 1 (whole): stored per version and uploaded by a 1 %
 #              checkin in 1, 16, 256 regions or scattered, vs the issue's goal
 #              (examples/manifest_tree.rs; computed from the real encoders)
+#   resumetree resume to mounted of a 100 GiB image over dsl, format 2 (mounts
+#              after the root) vs a 1 MiB image (the goal: + 3 RTT + root)
+#              and vs format 1 (the whole manifest first) (benches/resume-tree.sh)
 # Installs what it needs (.ci/install-deps.sh, bindfs, fio, casync, iptables).
 # Needs root (FUSE, drop_caches, network namespaces). Timing is only reported:
 # nothing here passes or fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
-sections=${SECTIONS:-import mount link vm checkin lazy guestio cachetier manifest}
+sections=${SECTIONS:-import mount link vm checkin lazy guestio cachetier manifest resumetree}
 export RUNS=${RUNS:-3} PROFILE=${PROFILE:-wan}
 
 bash .ci/install-deps.sh --without-libvirt >&2
@@ -141,6 +144,7 @@ run_section() {
     cachetier) bash benches/cache-tier.sh ;;
     bigimage) bash benches/big-image.sh ;;
     manifest) cargo build --release --quiet -p isr --example manifest_tree >&2 && target/release/examples/manifest_tree ;;
+    resumetree) bash benches/resume-tree.sh ;;
     *) echo "unknown section $1" >&2; exit 2 ;;
   esac
 }

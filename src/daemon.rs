@@ -208,10 +208,13 @@ impl Daemon {
         &self.runtime
     }
 
-    /// Resumed sessions and read-only views: the daemon is idle at zero.
+    /// Resumed sessions, read-only views and resumes under way (a resume
+    /// that downloads a big format-1 manifest over a slow link takes longer
+    /// than the idle timeout): the daemon is idle at zero.
     pub fn session_count(&self) -> usize {
         self.sessions.lock().expect("sessions lock").len()
             + self.views.lock().expect("views lock").len()
+            + self.resuming.lock().expect("resuming").len()
     }
 }
 

@@ -199,6 +199,13 @@ pub struct FetchStats {
     /// once (for `remember_missing`) instead of waiting for the store again.
     #[serde(default)]
     pub missing_chunks: u64,
+    /// Segments of the base version's manifest downloaded (counted here,
+    /// not in `fetched_chunks` or `cache_hits`: see [`Fetcher::count_as_manifest`]).
+    #[serde(default)]
+    pub manifest_segments: u64,
+    /// Their stored bytes.
+    #[serde(default)]
+    pub manifest_bytes: u64,
 }
 
 type Waiter = oneshot::Sender<Result<Bytes, FetchError>>;
@@ -334,6 +341,8 @@ struct Counters {
     failures: AtomicU64,
     verify_failures: AtomicU64,
     cache_hits: AtomicU64,
+    manifest_segments: AtomicU64,
+    manifest_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -344,7 +353,18 @@ struct Inner {
     state: Mutex<State>,
     wake: Notify,
     counters: Counters,
+    /// Tags counted as manifest segments, not file chunks.
+    manifest_tags: std::sync::RwLock<std::collections::HashSet<ChunkTag>>,
     runtime: tokio::runtime::Handle,
+}
+
+impl Inner {
+    fn is_manifest(&self, tag: &ChunkTag) -> bool {
+        self.manifest_tags
+            .read()
+            .expect("manifest tags lock")
+            .contains(tag)
+    }
 }
 
 /// The scheduler. Cheap to clone; stops when [`Fetcher::stop`] is called.
@@ -379,10 +399,22 @@ impl Fetcher {
             state: Mutex::new(state),
             wake: Notify::new(),
             counters: Counters::default(),
+            manifest_tags: Default::default(),
             runtime: runtime.clone(),
         });
         runtime.spawn(dispatch(inner.clone()));
         Fetcher { inner }
+    }
+
+    /// Counts downloads of `tags` (a base version's manifest segments, which
+    /// are stored as chunks) apart from file chunks, so the chunk counters
+    /// say what the files needed.
+    pub fn count_as_manifest(&self, tags: impl IntoIterator<Item = ChunkTag>) {
+        self.inner
+            .manifest_tags
+            .write()
+            .expect("manifest tags lock")
+            .extend(tags);
     }
 
     /// The chunk's stored bytes (verified), from the cache or, if absent, from
@@ -489,10 +521,12 @@ impl Fetcher {
             CacheRead::ToDecrypt => self.inner.cache.get_to_decrypt(&tag),
         };
         if let Some(bytes) = cached.map_err(|e| cache_error(tag, e))? {
-            self.inner
-                .counters
-                .cache_hits
-                .fetch_add(1, Ordering::Relaxed);
+            if !self.inner.is_manifest(&tag) {
+                self.inner
+                    .counters
+                    .cache_hits
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(Request::Ready(bytes));
         }
         let (sender, receiver) = oneshot::channel();
@@ -523,6 +557,8 @@ impl Fetcher {
             failures: c.failures.load(Ordering::Relaxed),
             verify_failures: c.verify_failures.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            manifest_segments: c.manifest_segments.load(Ordering::Relaxed),
+            manifest_bytes: c.manifest_bytes.load(Ordering::Relaxed),
             missing_chunks: state
                 .missing
                 .values()
@@ -710,14 +746,14 @@ async fn download_attempts(
                     source: Arc::new(e),
                 })?
                 .map_err(|e| cache_error(tag, e))?;
-                inner
-                    .counters
-                    .fetched_chunks
-                    .fetch_add(1, Ordering::Relaxed);
-                inner
-                    .counters
-                    .fetched_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                let c = &inner.counters;
+                let (count, bytes_counter) = if inner.is_manifest(&tag) {
+                    (&c.manifest_segments, &c.manifest_bytes)
+                } else {
+                    (&c.fetched_chunks, &c.fetched_bytes)
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                bytes_counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 return Ok(bytes);
             }
             Err(e) => e,

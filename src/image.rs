@@ -46,8 +46,10 @@
 //! | [`journal`] | the upload journal (what is in the store since when), [`journal::unix_now`] |
 //! | `image/access.rs` | the access trace (first-read order of stored chunks) |
 //! | `image/decoded.rs` | recently decoded chunks, for small reads |
+//! | [`base`] | the base version, its format-2 segments loaded as they are needed |
 
 mod access;
+mod base;
 mod decoded;
 pub mod journal;
 mod records;
@@ -70,6 +72,7 @@ use crate::keys::ParcelSecrets;
 use crate::manifest::{Entry, EntryKind, Manifest, Timestamp, validate_path};
 
 use access::{AccessTrace, WorkingSetRecorder};
+pub use base::{BaseError, BaseManifest};
 use decoded::DecodedChunks;
 use journal::UploadJournal;
 use records::{Change, ChunkSlot, Loaded, LoggedWrite, StateDb};
@@ -101,6 +104,9 @@ pub enum ImageError {
     /// A chunk could not be fetched (or what came was not the chunk).
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    /// A segment of the base version's manifest could not be loaded.
+    #[error(transparent)]
+    Base(#[from] BaseError),
     /// The session state file could not be opened or created.
     #[error("session state {}: {source}", path.display())]
     OpenState {
@@ -142,6 +148,7 @@ impl Classify for ImageError {
             | ImageError::NotEmpty(_)
             | ImageError::Invalid(_) => ErrorClass::Invalid,
             ImageError::Fetch(e) => e.class(),
+            ImageError::Base(e) => e.class(),
             ImageError::Cache(e) => e.class(),
             ImageError::OpenState { .. }
             | ImageError::State(_)
@@ -177,7 +184,7 @@ impl Default for ImageOptions {
 pub struct Image {
     chunk_size: u64,
     secrets: ParcelSecrets,
-    base_files: Vec<Vec<ChunkRef>>,
+    base: Arc<BaseManifest>,
     state: StateDb,
     tree: RwLock<Tree>,
     overlay: RwLock<HashMap<ChunkSlot, ChunkRef>>,
@@ -221,22 +228,20 @@ fn describe_child(tree: &Tree, parent: u64, name: &str) -> String {
         .map_or_else(|| name.to_owned(), |p| join(&p, name))
 }
 
-/// Where chunk `index` of `node` comes from, short of the write-back buffer.
+/// Where chunk `index` of `node` comes from, short of the write-back buffer;
+/// `None` while the base's segment that holds it is not loaded.
 fn committed_chunk(
     overlay: &HashMap<ChunkSlot, ChunkRef>,
-    base_files: &[Vec<ChunkRef>],
+    base: &BaseManifest,
     node: &Node,
     index: u64,
-) -> ChunkRef {
+) -> Option<ChunkRef> {
     if let Some(chunk) = overlay.get(&(node.id, index)) {
-        return chunk.clone();
+        return Some(chunk.clone());
     }
     match node.base {
-        Some(base) if index < node.base_limit => base_files[base as usize]
-            .get(index as usize)
-            .cloned()
-            .unwrap_or(ChunkRef::Zero),
-        _ => ChunkRef::Zero,
+        Some(file) if index < node.base_limit => base.loaded_chunk(file as usize, index).cloned(),
+        _ => Some(ChunkRef::Zero),
     }
 }
 
@@ -246,18 +251,18 @@ impl Image {
     /// restart or crash).
     pub fn open(
         state: &Path,
-        base: &Manifest,
+        base: Arc<BaseManifest>,
         secrets: ParcelSecrets,
         fetcher: Fetcher,
         cache: Arc<ChunkCache>,
         options: ImageOptions,
     ) -> Result<Image, ImageError> {
         let state = StateDb::open(state, &secrets)?;
-        let chunk_size = u64::from(base.chunk_size);
+        let chunk_size = u64::from(base.header().chunk_size);
         let image = Image {
             chunk_size,
             secrets,
-            base_files: base.files().map(|(_, _, chunks)| chunks.to_vec()).collect(),
+            base,
             state,
             tree: RwLock::new(Tree::new()),
             overlay: RwLock::new(HashMap::new()),
@@ -282,7 +287,7 @@ impl Image {
                 image.resume(loaded)?;
                 image.replay_logged(logged)?;
             }
-            None => image.initialise(base)?,
+            None => image.initialise()?,
         }
         Ok(image)
     }
@@ -310,7 +315,8 @@ impl Image {
     }
 
     /// Builds the tree of a new session from its base version.
-    fn initialise(&self, base: &Manifest) -> Result<(), ImageError> {
+    fn initialise(&self) -> Result<(), ImageError> {
+        let base = self.base.header();
         let mut tree = self.tree.write().expect("tree lock");
         let mut base_index = 0u64;
         for entry in &base.entries {
@@ -325,7 +331,7 @@ impl Image {
                     base: None,
                     base_limit: 0,
                 },
-                EntryKind::File { size, chunks } => {
+                EntryKind::File { size, .. } => {
                     let node = Node {
                         id,
                         kind: NodeKind::File,
@@ -333,7 +339,7 @@ impl Image {
                         mtime: entry.mtime,
                         size: *size,
                         base: Some(base_index),
-                        base_limit: chunks.len() as u64,
+                        base_limit: size.div_ceil(self.chunk_size),
                     };
                     base_index += 1;
                     node
@@ -427,10 +433,16 @@ impl Image {
         }
     }
 
-    /// Where chunk `index` of `node` comes from, short of the write-back buffer.
-    fn committed_chunk(&self, node: &Node, index: u64) -> ChunkRef {
+    /// Where chunk `index` of `node` comes from, short of the write-back
+    /// buffer; a base segment not loaded yet is fetched (no lock held).
+    fn committed_chunk(&self, node: &Node, index: u64) -> Result<ChunkRef, ImageError> {
         let overlay = self.overlay.read().expect("overlay lock");
-        committed_chunk(&overlay, &self.base_files, node, index)
+        if let Some(chunk) = committed_chunk(&overlay, &self.base, node, index) {
+            return Ok(chunk);
+        }
+        drop(overlay);
+        let file = node.base.expect("only base chunks can be unloaded");
+        Ok(self.base.chunk(file as usize, index)?)
     }
 
     /// Plaintext of a stored chunk, from the decoded-chunk cache or fetched
@@ -492,7 +504,7 @@ impl Image {
             match buffered {
                 Some(bytes) => out.extend_from_slice(&bytes),
                 None => {
-                    match self.committed_chunk(&node, index) {
+                    match self.committed_chunk(&node, index)? {
                         ChunkRef::Zero => out.resize(out.len() + take, 0),
                         ChunkRef::Stored { tag, key, .. } => {
                             if self.working_set_file.load(Ordering::Relaxed) == node.id {
@@ -522,7 +534,7 @@ impl Image {
             let decoded = self.decoded.lock().expect("decoded lock");
             let overlay = self.overlay.read().expect("overlay lock");
             chunks
-                .filter_map(|index| committed_chunk(&overlay, &self.base_files, node, index).tag())
+                .filter_map(|index| committed_chunk(&overlay, &self.base, node, index)?.tag())
                 .filter(|tag| !decoded.contains(tag))
                 .collect()
         };
@@ -581,7 +593,7 @@ impl Image {
             loaded = Some(if whole {
                 vec![0u8; self.chunk_size as usize]
             } else {
-                self.load_chunk(&self.committed_chunk(node, index), Priority::Demand)?
+                self.load_chunk(&self.committed_chunk(node, index)?, Priority::Demand)?
             });
         }
     }
@@ -1115,23 +1127,30 @@ impl Image {
         }
         let all = self.tree.read().expect("tree lock").all();
         let overlay = self.overlay.read().expect("overlay lock");
+        let not_loaded =
+            || ImageError::Invalid("the base version is not loaded yet: load it first".into());
         let entries = all
             .into_iter()
-            .map(|(path, node)| Entry {
-                path,
-                mode: node.mode,
-                mtime: node.mtime,
-                kind: match node.kind {
-                    NodeKind::Directory => EntryKind::Directory,
-                    NodeKind::File => EntryKind::File {
-                        size: node.size,
-                        chunks: (0..node.size.div_ceil(self.chunk_size))
-                            .map(|index| committed_chunk(&overlay, &self.base_files, &node, index))
-                            .collect(),
+            .map(|(path, node)| {
+                Ok(Entry {
+                    path,
+                    mode: node.mode,
+                    mtime: node.mtime,
+                    kind: match node.kind {
+                        NodeKind::Directory => EntryKind::Directory,
+                        NodeKind::File => EntryKind::File {
+                            size: node.size,
+                            chunks: (0..node.size.div_ceil(self.chunk_size))
+                                .map(|index| {
+                                    committed_chunk(&overlay, &self.base, &node, index)
+                                        .ok_or_else(not_loaded)
+                                })
+                                .collect::<Result<_, _>>()?,
+                        },
                     },
-                },
+                })
             })
-            .collect();
+            .collect::<Result<_, ImageError>>()?;
         Ok(Manifest {
             entries,
             ..template.clone()
@@ -1160,10 +1179,11 @@ impl Image {
                     Some(_) => return 'D',
                     None => {}
                 }
-                match committed_chunk(&overlay, &self.base_files, &node, index) {
-                    ChunkRef::Zero => '.',
-                    ChunkRef::Stored { tag, .. } if self.cache.contains(&tag) => 'L',
-                    ChunkRef::Stored { .. } => 'R',
+                match committed_chunk(&overlay, &self.base, &node, index) {
+                    Some(ChunkRef::Zero) => '.',
+                    Some(ChunkRef::Stored { tag, .. }) if self.cache.contains(&tag) => 'L',
+                    // (Remote, or in a segment not loaded yet.)
+                    Some(ChunkRef::Stored { .. }) | None => 'R',
                 }
             })
             .collect())
@@ -1414,7 +1434,7 @@ mod tests {
             };
             Image::open(
                 &self.dir.path().join("session.redb"),
-                &self.base,
+                Arc::new(BaseManifest::whole(self.base.clone())),
                 self.secrets.clone(),
                 fetcher,
                 cache,

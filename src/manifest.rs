@@ -260,6 +260,19 @@ pub fn validate_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that every stored chunk's length is one the chunk codec can produce.
+pub(crate) fn check_stored_lengths(chunks: &[ChunkRef]) -> Result<(), String> {
+    for chunk in chunks {
+        if let ChunkRef::Stored { stored_len, .. } = chunk {
+            let len = *stored_len as usize;
+            if !(chunk::STORED_OVERHEAD..=chunk::MAX_STORED_LEN).contains(&len) {
+                return Err(format!("stored length {len} out of range"));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// Total bytes of all files.
     pub fn logical_size(&self) -> u64 {
@@ -307,17 +320,7 @@ impl Manifest {
                     chunks.len()
                 ));
             }
-            for chunk in chunks {
-                if let ChunkRef::Stored { stored_len, .. } = chunk {
-                    let len = *stored_len as usize;
-                    if !(chunk::STORED_OVERHEAD..=chunk::MAX_STORED_LEN).contains(&len) {
-                        return Err(format!(
-                            "{:?}: stored length {len} out of range",
-                            entry.path
-                        ));
-                    }
-                }
-            }
+            check_stored_lengths(chunks).map_err(|e| format!("{:?}: {e}", entry.path))?;
         }
         Ok(())
     }

@@ -31,13 +31,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{CacheError, ChunkCache, Durability};
-use crate::chunk::{ChunkRef, ChunkTag};
+use crate::cache::{CacheError, ChunkCache};
+use crate::chunk::ChunkTag;
 use crate::error::{Classify, ErrorClass};
 use crate::fetch::{FetchSettings, FetchStats, Fetcher, Priority};
-use crate::image::{Image, ImageError, ImageOptions};
+use crate::image::{BaseManifest, Image, ImageError, ImageOptions};
 use crate::layout;
-use crate::manifest::{Manifest, Timestamp};
+use crate::manifest::Timestamp;
 use crate::parcel::{self, LockRecord, OpenParcel, ParcelError};
 use crate::store::{PutOutcome, StoreError, StoreHandle};
 
@@ -127,6 +127,8 @@ impl Classify for SessionError {
             SessionError::Cache(e) => e.class(),
             SessionError::Parcel(e) => e.class(),
             SessionError::Store(e) => e.class(),
+            // (The base version's manifest is the store's, like a chunk.)
+            SessionError::Image(ImageError::Base(e)) => e.class(),
             SessionError::Image(_) => ErrorClass::Other,
         }
     }
@@ -384,7 +386,7 @@ pub struct SessionStatus {
     pub base_version: u64,
     /// Mount point.
     pub mount: PathBuf,
-    /// Distinct stored chunks the session needs.
+    /// Distinct stored chunks the session needs (of the loaded segments).
     pub chunks_total: u64,
     /// Of which in the local cache.
     pub chunks_local: u64,
@@ -413,6 +415,13 @@ pub struct SessionStatus {
     /// Their stored bytes.
     #[serde(default)]
     pub working_set_bytes: u64,
+    /// Segments of the base version's manifest (format 2; 0 for format 1)…
+    #[serde(default)]
+    pub manifest_segments: u64,
+    /// … and how many are here: until all are, the chunk counts above cover
+    /// the files' loaded parts only.
+    #[serde(default)]
+    pub manifest_segments_loaded: u64,
 }
 
 /// Detaches the mount at `mount` if it is dead: the FUSE mount of a daemon that
@@ -429,12 +438,16 @@ pub fn detach_dead_mount(mount: &Path) {
     }
 }
 
-/// Downloads every chunk of `base` into the cache and waits (`isrctl hoard`):
-/// afterwards the session works with the store unreachable.
-pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fetch::FetchError> {
-    let tags: Vec<ChunkTag> = parcel::distinct_chunks(base)
+/// Downloads every chunk of `base` (and its manifest segments) into the
+/// cache and waits (`isrctl hoard`): afterwards the session works with the
+/// store unreachable.
+pub async fn hoard(fetcher: &Fetcher, base: &BaseManifest) -> Result<u64, ImageError> {
+    base.load(|_| Some(Priority::Prefetch)).await?;
+    let tags: Vec<ChunkTag> = base
+        .stored_chunks()
+        .map(|(tag, _)| tag)
+        .collect::<HashSet<_>>()
         .into_iter()
-        .map(|(tag, ..)| tag)
         .collect();
     fetcher.prefetch(tags.iter().copied(), Priority::Prefetch);
     for tag in &tags {
@@ -443,51 +456,34 @@ pub async fn hoard(fetcher: &Fetcher, base: &Manifest) -> Result<u64, crate::fet
     Ok(tags.len() as u64)
 }
 
-/// The base version's manifest, read before the image is open.
-struct Base {
-    manifest: Manifest,
-    /// Its segments' tags (format 2).
-    segments: HashSet<ChunkTag>,
-    /// Segments read from the store, for the cache once the image is open.
-    fetched: Vec<(ChunkTag, Bytes)>,
-}
-
-/// Reads the base version's manifest; its segments come from the cache when
-/// this machine has them (an earlier resume, or its own checkin) and they
-/// are whole, else from the store. Nothing is inserted into the cache here: until the image is
-/// open and has pinned the session's own chunks, an insert could evict one
-/// of them before it is uploaded.
+/// Reads the base version: a format-2 root (its segments are fetched
+/// through `fetcher` once the image is open, as reads and the background
+/// load need them) or a whole format-1 manifest.
 async fn read_base(
     store: &StoreHandle,
     parcel: &OpenParcel,
     version: u64,
-    cache: &ChunkCache,
-) -> Result<Base, SessionError> {
+    fetcher: &Fetcher,
+) -> Result<BaseManifest, SessionError> {
     let stored = parcel::read_stored(store, parcel, version).await?;
-    let segments = stored.segment_refs().filter_map(ChunkRef::tag).collect();
-    let fetched = Mutex::new(Vec::new());
-    let manifest = parcel::assemble_from(parcel, stored, |tag| {
-        let fetched = &fetched;
-        async move {
-            // A damaged cached copy is read again from the store.
-            if let Ok(Some(bytes)) = cache.get(&tag)
-                && crate::chunk::verify_tag(tag, &bytes).is_ok()
-            {
-                return Ok(bytes);
-            }
-            let bytes = parcel::read_segment(store, tag).await?;
-            fetched
-                .lock()
-                .expect("fetched lock")
-                .push((tag, bytes.clone()));
-            Ok::<_, SessionError>(bytes)
-        }
-    })
-    .await?;
-    Ok(Base {
-        manifest,
-        segments,
-        fetched: fetched.into_inner().expect("fetched lock"),
+    let object = layout::manifest(&parcel.name, version);
+    BaseManifest::open(
+        stored,
+        parcel.secrets.dedup_secret.clone(),
+        fetcher.clone(),
+        &object,
+    )
+    .map_err(|e| SessionError::Parcel(e.into()))
+}
+
+/// How urgently the background load wants the segments of the file at
+/// `path`: a memory image's first (every RAM access of a lazy-memory guest
+/// needs them), the rest ahead of the data prefetch.
+fn segment_priority(path: &str) -> Option<Priority> {
+    Some(if is_memory_image(path) {
+        Priority::Boot
+    } else {
+        Priority::Trace
     })
 }
 
@@ -496,7 +492,7 @@ async fn read_base(
 #[derive(Debug, Clone)]
 pub struct StatusSource {
     record: Arc<Mutex<SessionRecord>>,
-    base: Arc<Manifest>,
+    base: Arc<BaseManifest>,
     image: Arc<Image>,
     fetcher: Fetcher,
     cache: Arc<ChunkCache>,
@@ -514,11 +510,12 @@ struct WorkingSetCounters {
 impl StatusSource {
     /// Current counters.
     pub fn status(&self) -> SessionStatus {
-        let distinct = parcel::distinct_chunks(&self.base);
+        let distinct: HashSet<ChunkTag> = self.base.stored_chunks().map(|(tag, _)| tag).collect();
         let chunks_local = distinct
             .iter()
-            .filter(|(tag, ..)| self.cache.contains(tag))
+            .filter(|tag| self.cache.contains(tag))
             .count() as u64;
+        let (manifest_segments_loaded, manifest_segments) = self.base.segments_loaded();
         let record = self.record.lock().expect("record lock").clone();
         let (uploaded_chunks, pending_chunks, pending_bytes) = self.image.upload_counts();
         SessionStatus {
@@ -541,6 +538,8 @@ impl StatusSource {
             fetch: self.fetcher.stats(),
             working_set_chunks: self.working_set.chunks.load(Ordering::Relaxed),
             working_set_bytes: self.working_set.bytes.load(Ordering::Relaxed),
+            manifest_segments,
+            manifest_segments_loaded,
         }
     }
 
@@ -564,11 +563,8 @@ pub struct Session {
     pub image: Arc<Image>,
     /// Its fetcher.
     pub fetcher: Fetcher,
-    /// The base manifest.
-    pub base: Arc<Manifest>,
-    /// The tags of the base version's segments (format 2), which a commit
-    /// shares instead of uploading.
-    base_segments: HashSet<ChunkTag>,
+    /// The base version.
+    pub base: Arc<BaseManifest>,
     parcel: OpenParcel,
     store: StoreHandle,
     context: SessionContext,
@@ -909,9 +905,7 @@ impl Session {
         let state = session_dir(&context.state_dir, &name).join("image.redb");
         let session = Session::open_at(store, parcel, record, context, state).await?;
         session.fetch_working_set();
-        if session.context.prefetch {
-            session.start_prefetch();
-        }
+        session.load_base();
         Ok(session)
     }
 
@@ -928,17 +922,16 @@ impl Session {
             context.fetch,
             context.runtime.clone(),
         );
-        let Base {
-            manifest: base,
-            segments: base_segments,
-            fetched,
-        } = match read_base(&store, &parcel, record.base_version, &context.cache).await {
-            Ok(base) => base,
+        let base = match read_base(&store, &parcel, record.base_version, &fetcher).await {
+            Ok(base) => Arc::new(base),
             Err(e) => {
                 fetcher.stop();
                 return Err(e);
             }
         };
+        // Nothing is fetched (so nothing inserted into the cache) before the
+        // image is open and has pinned the session's own chunks: an insert
+        // could evict one of them before it is uploaded.
         let (image_base, secrets, cache, fetch_handle, options) = (
             base.clone(),
             parcel.secrets.clone(),
@@ -948,18 +941,11 @@ impl Session {
         );
         let image = Arc::new(
             tokio::task::spawn_blocking(move || {
-                Image::open(&state, &image_base, secrets, fetch_handle, cache, options)
+                Image::open(&state, image_base, secrets, fetch_handle, cache, options)
             })
             .await
             .expect("image open task")?,
         );
-        // The image has pinned the session's own chunks: the segments read
-        // from the store can be cached now (checked by the read; a failure
-        // costs the next resume a download, nothing else).
-        let fetched: Vec<(ChunkTag, &[u8])> = fetched.iter().map(|(t, b)| (*t, &b[..])).collect();
-        if let Err(error) = context.cache.insert_all(&fetched, Durability::Refetchable) {
-            tracing::warn!(%error, "could not cache the base version's manifest segments");
-        }
         let uploads = Arc::new(trickle::UploadCounters::default());
         let trickle = trickle::Trickle::start(trickle::TrickleParts {
             image: image.clone(),
@@ -973,8 +959,7 @@ impl Session {
             record: Arc::new(Mutex::new(record)),
             image,
             fetcher,
-            base: Arc::new(base),
-            base_segments,
+            base,
             parcel,
             store,
             context,
@@ -995,31 +980,42 @@ impl Session {
         self.record.lock().expect("record lock").clone()
     }
 
-    fn start_prefetch(&self) {
-        let (memory, rest): (Vec<_>, Vec<_>) = self
-            .base
-            .files()
-            .partition(|(path, _, _)| is_memory_image(path));
-        let tags_of = |files: &[(&str, u64, &[crate::chunk::ChunkRef])]| -> Vec<ChunkTag> {
-            files
-                .iter()
-                .flat_map(|(_, _, chunks)| chunks.iter().filter_map(|c| c.tag()))
-                .collect()
-        };
-        let (memory, rest) = (tags_of(&memory), tags_of(&rest));
-        self.fetcher.prefetch(memory, Priority::Memory);
-        self.fetcher
-            .prefetch(rest.iter().copied(), Priority::Prefetch);
-        // The previous session's first reads jump ahead of the sweep when the
-        // trace arrives (a queued chunk moves up to the higher priority).
-        let (store, parcel, version, fetcher) = (
+    /// Loads the base version's segments in the background (see
+    /// [`segment_priority`]), then, with `[fetch] prefetch`, queues every
+    /// chunk: a memory image's first, the previous session's first reads
+    /// (its access trace) next, the rest in file order.
+    fn load_base(&self) {
+        let (base, store, parcel, version, fetcher, prefetch) = (
+            self.base.clone(),
             self.store.clone(),
             self.parcel.clone(),
             self.record().base_version,
             self.fetcher.clone(),
+            self.context.prefetch,
         );
-        let in_base: std::collections::HashSet<ChunkTag> = rest.into_iter().collect();
         self.context.runtime.spawn(async move {
+            if let Err(error) = base.load(segment_priority).await {
+                // Reads still fetch the segments they need.
+                tracing::warn!(parcel = %parcel.name, %error, "the base version's manifest did not load in the background");
+                return;
+            }
+            if !prefetch {
+                return;
+            }
+            let (mut memory, mut rest) = (Vec::new(), Vec::new());
+            for (path, _, file) in base.files() {
+                let tags = base.file_chunks(file).filter_map(|(_, chunk)| chunk.tag());
+                if is_memory_image(path) {
+                    memory.extend(tags);
+                } else {
+                    rest.extend(tags);
+                }
+            }
+            fetcher.prefetch(memory, Priority::Memory);
+            fetcher.prefetch(rest.iter().copied(), Priority::Prefetch);
+            // The previous session's first reads jump ahead of the sweep
+            // when the trace arrives (a queued chunk moves up).
+            let in_base: HashSet<ChunkTag> = rest.into_iter().collect();
             match read_trace(&store, &parcel, version).await {
                 Ok(Some(trace)) => {
                     let tags: Vec<ChunkTag> =
@@ -1049,13 +1045,17 @@ impl Session {
         self.context.runtime.spawn(async move {
             match read_sealed_tags(&store, &parcel, version, key).await {
                 Ok(Some(tags)) => {
-                    let stored: std::collections::HashMap<ChunkTag, u64> =
-                        base.stored_chunks().collect();
-                    let bytes = tags.iter().filter_map(|t| stored.get(t)).sum();
-                    tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), bytes, "fetching the working set first");
+                    tracing::info!(parcel = %parcel.name, version, chunks = tags.len(), "fetching the working set first");
                     counters.chunks.store(tags.len() as u64, Ordering::Relaxed);
-                    counters.bytes.store(bytes, Ordering::Relaxed);
-                    fetcher.prefetch(tags, Priority::WorkingSet);
+                    fetcher.prefetch(tags.iter().copied(), Priority::WorkingSet);
+                    // Its stored size is in the memory image's segments.
+                    let memory = |path: &str| is_memory_image(path).then_some(Priority::Boot);
+                    if base.load(memory).await.is_ok() {
+                        let stored: std::collections::HashMap<ChunkTag, u64> =
+                            base.stored_chunks().collect();
+                        let bytes = tags.iter().filter_map(|t| stored.get(t)).sum();
+                        counters.bytes.store(bytes, Ordering::Relaxed);
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "ignoring the working set"),
@@ -1084,18 +1084,26 @@ impl Session {
     /// files its VMM reads before the guest runs ([`Priority::Boot`] for a
     /// kernel and initrd, [`Priority::Memory`] for the memory image that
     /// vm.toml names). Files the base version does not have are skipped.
+    /// Their segments are loaded first, at the same priority.
     pub fn prefetch_files(&self, files: &[&Path], priority: Priority) {
         let wanted: Vec<String> = files
             .iter()
             .map(|p| p.to_string_lossy().into_owned())
             .collect();
-        let tags: Vec<ChunkTag> = self
-            .base
-            .files()
-            .filter(|(path, _, _)| wanted.iter().any(|w| w == path))
-            .flat_map(|(_, _, chunks)| chunks.iter().filter_map(|c| c.tag()))
-            .collect();
-        self.fetcher.prefetch(tags, priority);
+        let (base, fetcher) = (self.base.clone(), self.fetcher.clone());
+        self.context.runtime.spawn(async move {
+            let is_wanted = |path: &str| wanted.iter().any(|w| w == path);
+            if let Err(error) = base.load(|path| is_wanted(path).then_some(priority)).await {
+                tracing::warn!(%error, "not prefetching the VMM's files");
+                return;
+            }
+            let tags: Vec<ChunkTag> = base
+                .files()
+                .filter(|(path, _, _)| is_wanted(path))
+                .flat_map(|(_, _, file)| base.file_chunks(file).filter_map(|(_, c)| c.tag()))
+                .collect();
+            fetcher.prefetch(tags, priority);
+        });
     }
 
     /// Where the session's counters come from.

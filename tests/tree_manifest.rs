@@ -115,3 +115,86 @@ fn a_small_checkin_uploads_one_segment_and_shares_the_rest() {
     third.fails(&["export", "vm@2", out.to_str().unwrap()], 7);
     third.ok(&["export", "vm@1", third.path("out1").to_str().unwrap()]);
 }
+
+/// A resume mounts once it has the root: a segment is fetched when a read
+/// needs it. With three of the four segments damaged in the store, the
+/// parcel still mounts, the intact range reads right, a read in a damaged
+/// range is EIO (never wrong bytes), a checkin is refused with exit 7 and
+/// the session stays; once the segments are whole again the same reads
+/// succeed and a checkin commits.
+#[test]
+fn a_resume_mounts_with_the_root_and_fetches_a_segment_when_a_read_needs_it() {
+    Env::require_fuse();
+    let env = Env::local();
+    let source = sparse_disk(&env);
+    let store = std::path::PathBuf::from(&env.store);
+    env.ok(&[
+        "import",
+        "--chunk-size",
+        &CHUNK.to_string(),
+        "vm",
+        source.to_str().unwrap(),
+    ]);
+    let order = env.segments_in_order("vm", 1);
+    assert_eq!(order.len() as u64, SEGMENTS);
+    let object = |tag: &String| store.join("chunks").join(&tag[..2]).join(tag);
+    let originals: Vec<Vec<u8>> = order
+        .iter()
+        .map(|t| std::fs::read(object(t)).unwrap())
+        .collect();
+    for tag in &order[1..] {
+        let mut bytes = std::fs::read(object(tag)).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(object(tag), bytes).unwrap();
+    }
+
+    // Another machine: nothing cached.
+    let other = env.another_machine();
+    let mount = std::path::PathBuf::from(other.json(&["resume", "vm"])["mount"].as_str().unwrap());
+    let expected = std::fs::read(source.join("disk.img")).unwrap();
+    let disk = std::fs::File::open(mount.join("disk.img")).unwrap();
+    let read = |offset: u64| {
+        let mut buf = vec![0u8; CHUNK as usize];
+        disk.read_exact_at(&mut buf, offset).map(|()| buf)
+    };
+    let at = |chunk: u64| (chunk * CHUNK) as usize;
+    assert!(read(0).unwrap() == expected[..at(1)], "segment 0's range");
+    let damaged = read(2 * SEGMENT * CHUNK).expect_err("segment 2 is damaged");
+    assert_eq!(
+        damaged.raw_os_error(),
+        Some(nix::errno::Errno::EIO as i32),
+        "{damaged}"
+    );
+
+    let status = other.json(&["status", "vm"]);
+    let session = &status["sessions"][0];
+    assert_eq!(session["manifest_segments"], SEGMENTS, "{status:#}");
+    assert_eq!(session["manifest_segments_loaded"], 1, "{status:#}");
+    other.fails(&["checkin", "vm"], 7);
+    assert_eq!(other.json(&["status", "vm"])["sessions"][0]["parcel"], "vm");
+
+    // Whole again: the same reads succeed, a change checks in.
+    for (tag, bytes) in order.iter().zip(&originals) {
+        std::fs::write(object(tag), bytes).unwrap();
+    }
+    let offset = 2 * SEGMENT * CHUNK;
+    assert!(read(offset).unwrap() == expected[offset as usize..offset as usize + CHUNK as usize]);
+    let writable = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mount.join("disk.img"))
+        .unwrap();
+    writable
+        .write_all_at(&[0xCD; 4096], 3 * SEGMENT * CHUNK)
+        .unwrap();
+    writable.sync_all().unwrap();
+    drop((writable, disk));
+    let report = other.json(&["checkin", "vm"]);
+    assert_eq!(report["version"], 2, "{report}");
+    let out = env.path("out");
+    env.ok(&["export", "vm@2", out.to_str().unwrap()]);
+    let mut changed = expected;
+    let at3 = (3 * SEGMENT * CHUNK) as usize;
+    changed[at3..at3 + 4096].fill(0xCD);
+    assert!(std::fs::read(out.join("disk.img")).unwrap() == changed);
+}

@@ -148,6 +148,25 @@ fn main() {
         .seal(&fixture.secrets.parcel_key, &fixture.id)
         .expect("seal");
     write("manifest_open", "made-v3.manifest", &sealed);
+    // Format 2: its root body, and each segment's plaintext after the chunk
+    // count its place gives (manifest_segment's input).
+    let split = isr::manifest::tree::split(&manifest, 2, &mut encoder).expect("split");
+    write("manifest_root", "made-v3.root", &split.root.encode_body());
+    for (i, (reference, stored)) in split.encoded.iter().enumerate() {
+        let ChunkRef::Stored { tag, key, .. } = reference else {
+            unreachable!("segments are stored")
+        };
+        let plaintext = isr::chunk::decode(
+            &fixture.secrets.dedup_secret,
+            *tag,
+            key,
+            bytes::Bytes::from(stored.clone()),
+        )
+        .expect("a segment decodes");
+        let mut seed = plaintext[4..8].to_vec();
+        seed.extend_from_slice(&plaintext);
+        write("manifest_segment", &format!("made-v3-{i}.segment"), &seed);
+    }
 
     // Chunks: stored bytes (named by their tag) and what is behind the tag
     // (key ‖ header ‖ payload) of the fixture's and the made ones.

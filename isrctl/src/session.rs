@@ -438,7 +438,17 @@ fn print_table(sessions: &[ParcelStatus]) {
                             s.parcel
                         )
                     },
-                    format!("{}/{}", s.chunks_local, s.chunks_total),
+                    if s.manifest_segments_loaded < s.manifest_segments {
+                        format!(
+                            "{}/{} so far (manifest {}/{} segments)",
+                            s.chunks_local,
+                            s.chunks_total,
+                            s.manifest_segments_loaded,
+                            s.manifest_segments
+                        )
+                    } else {
+                        format!("{}/{}", s.chunks_local, s.chunks_total)
+                    },
                     s.dirty_chunks.to_string(),
                     output::bytes(s.pending_bytes),
                     s.committed_version.map_or("-".into(), |v| v.to_string()),

@@ -239,6 +239,13 @@ fn render(
         "  local {}/{} chunks ({percent}%), fetching {rate}, {eta}",
         s.chunks_local, s.chunks_total
     );
+    if s.manifest_segments_loaded < s.manifest_segments {
+        let _ = writeln!(
+            frame,
+            "  manifest {}/{} segments loaded (the counts cover those)",
+            s.manifest_segments_loaded, s.manifest_segments
+        );
+    }
     let _ = writeln!(
         frame,
         "  upload backlog {} ({} chunks), {} chunks uploaded, {} written not yet sealed",

@@ -50,6 +50,7 @@ pub fn errno(error: &ImageError) -> Errno {
         ImageError::Invalid(_) => Errno::EINVAL,
         ImageError::Frozen => Errno::EROFS,
         ImageError::Fetch(_)
+        | ImageError::Base(_)
         | ImageError::OpenState { .. }
         | ImageError::State(_)
         | ImageError::CorruptState(_)

@@ -110,7 +110,7 @@ impl Root {
     }
 
     /// The root body (see the module doc).
-    pub(super) fn encode_body(&self) -> Vec<u8> {
+    pub fn encode_body(&self) -> Vec<u8> {
         write_body(
             &self.manifest,
             ROOT_MAGIC,
@@ -126,7 +126,7 @@ impl Root {
     }
 
     /// Parses and checks a root body; `object` names it in errors.
-    pub(super) fn decode_body(body: &[u8], object: &str) -> Result<Root, ManifestError> {
+    pub fn decode_body(body: &[u8], object: &str) -> Result<Root, ManifestError> {
         let invalid = |what| Truncated { what, at: 0 };
         let mut segments = Vec::new();
         let (manifest, segment_chunks) = read_body(
@@ -273,6 +273,7 @@ pub fn decode_segment(
             r.remaining()
         )));
     }
+    super::check_stored_lengths(&chunks).map_err(malformed)?;
     Ok(chunks)
 }
 

@@ -37,6 +37,8 @@ use super::trickle::{local_chunk, upload_new};
 use super::{Session, SessionError, check_lock, memory, write_record};
 use crate::cache::Durability;
 use crate::chunk::ChunkTag;
+use crate::fetch::Priority;
+use crate::image::ImageError;
 use crate::image::journal::unix_now;
 use crate::layout;
 use crate::manifest::tree::Root;
@@ -154,10 +156,16 @@ impl Session {
         save_as: Option<&OpenParcel>,
     ) -> Result<CommitReport, SessionError> {
         let started = Instant::now();
+        // The snapshot needs every chunk list of the base (a commit right
+        // after a resume waits for the segments still loading).
+        self.base
+            .load(|_| Some(Priority::Demand))
+            .await
+            .map_err(ImageError::from)?;
         let (image, base) = (self.image.clone(), self.base.clone());
         let (mut snapshot, pinned, config) = tokio::task::spawn_blocking(move || {
             image.persist_trace()?;
-            let (snapshot, pinned) = image.snapshot(&base)?;
+            let (snapshot, pinned) = image.snapshot(base.header())?;
             Ok::<_, crate::image::ImageError>((snapshot, pinned, memory::image_vm_config(&image)))
         })
         .await
@@ -211,23 +219,33 @@ impl Session {
                 (&self.parcel, newest + 1, Some(parent))
             }
         };
-        let parent_manifest = match parent {
-            Some(v) if v == record.base_version => Some((*self.base).clone()),
-            Some(v) => Some(parcel::read_manifest(&self.store, &self.parcel, v).await?),
-            None => None,
-        };
-        let parent_tags: HashSet<ChunkTag> = parent_manifest
-            .as_ref()
-            .map(|m| m.stored_chunks().map(|(tag, _)| tag).collect())
-            .unwrap_or_default();
+        // The parent's chunks, whether the snapshot is the parent, and the
+        // parent's parent (the base was loaded whole before the snapshot).
+        let (parent_tags, unchanged, grandparent): (HashSet<ChunkTag>, bool, Option<u64>) =
+            match parent {
+                Some(v) if v == record.base_version => (
+                    self.base.stored_chunks().map(|(tag, _)| tag).collect(),
+                    self.base.same_files(&snapshot),
+                    self.base.header().parent,
+                ),
+                Some(v) => {
+                    let parent = parcel::read_manifest(&self.store, &self.parcel, v).await?;
+                    (
+                        parent.stored_chunks().map(|(tag, _)| tag).collect(),
+                        parent.entries == snapshot.entries,
+                        parent.parent,
+                    )
+                }
+                None => (HashSet::new(), false, None),
+            };
         let mut new_chunks = HashSet::new();
         let new_bytes: u64 = snapshot
             .stored_chunks()
             .filter(|(tag, _)| !parent_tags.contains(tag) && new_chunks.insert(*tag))
             .map(|(_, len)| len)
             .sum();
-        if let (Some(parent), Some(parent_manifest)) = (parent, &parent_manifest)
-            && parent_manifest.entries == snapshot.entries
+        if let Some(parent) = parent
+            && unchanged
         {
             // No new version; the trace still helps the next resume of this
             // one if it has none yet.
@@ -237,7 +255,7 @@ impl Session {
                 parcel: self.parcel.name.clone(),
                 version: parent,
                 committed: false,
-                parent: parent_manifest.parent,
+                parent: grandparent,
                 uploaded_chunks: 0,
                 uploaded_bytes: 0,
                 refreshed_chunks: 0,
@@ -254,11 +272,12 @@ impl Session {
         // The new version's segments; those its base version does not share
         // are uploaded with the chunks (from the cache, like them).
         let split = parcel::split(target, &snapshot)?;
+        let base_segments = self.base.segment_tags();
         let new_segments: Vec<(ChunkTag, &[u8])> = split
             .encoded
             .iter()
             .filter_map(|(reference, bytes)| Some((reference.tag()?, bytes.as_slice())))
-            .filter(|(tag, _)| save_as.is_some() || !self.base_segments.contains(tag))
+            .filter(|(tag, _)| save_as.is_some() || !base_segments.contains(tag))
             .collect();
         // Pinned first: inserting evicts down to the cache's limit.
         let segment_tags: Vec<ChunkTag> = new_segments.iter().map(|(tag, _)| *tag).collect();
@@ -598,6 +617,10 @@ impl Session {
     /// removes every chunk of the version, and removes the session state.
     pub async fn finish_checkin(&self, wipe: bool) -> Result<(), SessionError> {
         let remove: Vec<ChunkTag> = if wipe {
+            // (Loaded by the commit; to be sure, a wipe after an empty one.)
+            if let Err(error) = self.base.load(|_| Some(Priority::Demand)).await {
+                tracing::warn!(%error, "the wipe leaves chunks of segments it could not read");
+            }
             let image = self.image.clone();
             let mut tags: HashSet<ChunkTag> = self.base.stored_chunks().map(|(t, _)| t).collect();
             tags.extend(image.overlay_tags());

@@ -413,6 +413,19 @@ impl Env {
             .collect()
     }
 
+    /// The segment tags (hex) of `name`'s `version`, in file order, repeats included.
+    pub fn segments_in_order(&self, name: &str, version: u64) -> Vec<String> {
+        let (runtime, store, parcel) = self.open_parcel(name);
+        let stored = runtime
+            .block_on(isr::parcel::read_stored(&store, &parcel, version))
+            .unwrap();
+        stored
+            .segment_refs()
+            .filter_map(|r| r.tag())
+            .map(|t| t.to_hex())
+            .collect()
+    }
+
     /// The committed version numbers of `name`.
     pub fn versions(&self, name: &str) -> Vec<u64> {
         self.json(&["history", name])["versions"]
