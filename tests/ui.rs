@@ -34,6 +34,18 @@ impl Drop for Process {
     }
 }
 
+/// chromedriver in a process group of its own, killed whole on drop: the
+/// browsers it started go with it even when the test fails midway.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
 fn require_browser() {
     for program in [CHROMIUM, CHROMEDRIVER] {
         assert!(
@@ -44,16 +56,18 @@ fn require_browser() {
     }
 }
 
-fn start_chromedriver() -> (Process, u16) {
+fn start_chromedriver() -> (Driver, u16) {
+    use std::os::unix::process::CommandExt;
     let port = free_ports(1)[0];
     let child = Command::new(CHROMEDRIVER)
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("starting chromedriver");
-    let mut process = Process(child);
+    let mut process = Driver(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -187,6 +201,7 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         "imported",
     ]);
     let mount = PathBuf::from(env.ok(&["resume", PARCEL]).trim());
+    let other = env.another_machine();
 
     let mut ui = Process(
         env.isrctl()
@@ -304,6 +319,17 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         let png = client.screenshot().await.unwrap();
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         std::fs::write(screenshot_dir().join("resume.png"), &png).unwrap();
+        // At 200 % zoom it reflows into one column.
+        client
+            .execute("document.body.style.zoom = '2';", Vec::new())
+            .await
+            .unwrap();
+        let png = client.screenshot().await.unwrap();
+        std::fs::write(screenshot_dir().join("resume-zoom-200.png"), &png).unwrap();
+        client
+            .execute("document.body.style.zoom = '';", Vec::new())
+            .await
+            .unwrap();
 
         // Sync, confirmed in the dialog, with a message.
         client
@@ -361,16 +387,54 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
             ))
             .await
             .unwrap();
+        let history = env.json(&["history", PARCEL]);
+        let versions = history["versions"].as_array().unwrap();
+        let synced = versions
+            .iter()
+            .find(|v| v["version"] == 2)
+            .unwrap_or_else(|| panic!("no version 2 in {history}"));
+        assert_eq!(synced["message"], "from the web UI");
+
+        // Another machine breaks the lock and resumes: the page's sync is
+        // refused as `isrctl sync` is, naming the holder.
+        other.ok(&["unlock", "--force", PARCEL]);
+        other.ok(&["resume", PARCEL]);
+        let cli = env.fails(&["sync", PARCEL], 5);
+        let cli = cli.trim().trim_start_matches("isrctl: ");
+        client
+            .find(fantoccini::Locator::Css(
+                r#"[data-parcel="webui"] button[data-action="sync"]"#,
+            ))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        client
+            .wait()
+            .for_element(fantoccini::Locator::Css("#confirm-ok"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let page = wait_for_page(&client, "the refusal", |p| {
+            !p["error"].as_str().unwrap_or("").is_empty()
+        })
+        .await;
+        let shown = page["error"].as_str().unwrap();
+        assert!(shown.starts_with("conflict (exit 5): "), "{shown}");
+        assert!(
+            shown.contains(cli),
+            "the page shows {shown:?}, isrctl {cli:?}"
+        );
+        let holder = other.json(&["ls"])["parcels"][0]["lock"]["holder"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(shown.contains(&holder), "{shown} does not name {holder}");
         client.close().await.unwrap();
     });
-
-    let history = env.json(&["history", PARCEL]);
-    let versions = history["versions"].as_array().unwrap();
-    let synced = versions
-        .iter()
-        .find(|v| v["version"] == 2)
-        .unwrap_or_else(|| panic!("no version 2 in {history}"));
-    assert_eq!(synced["message"], "from the web UI");
 
     // SIGTERM ends the server, successfully.
     nix::sys::signal::kill(
@@ -380,5 +444,6 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
     .unwrap();
     let status = ui.0.wait().unwrap();
     assert!(status.success(), "isrctl ui ended with {status}");
-    env.ok(&["checkin", PARCEL]);
+    env.ok(&["discard", PARCEL]);
+    other.ok(&["checkin", PARCEL]);
 }
