@@ -337,7 +337,7 @@ pub struct ViewInfo {
 
 /// The chunk states of one file of a session, run-length encoded: `runs`
 /// is [`encode_runs`] of one character per chunk, `.` zero, `R` only in the
-/// store, `L` in the local cache, `D` changed by this session, `U` changed
+/// store, `F` being downloaded, `L` in the local cache, `D` changed by this session, `U` changed
 /// and waiting for upload (see [`crate::image::Image::chunk_map`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileChunks {

@@ -510,6 +510,18 @@ impl Fetcher {
         Ok(Request::Wait(receiver))
     }
 
+    /// The chunks being downloaded now (at most the parallel downloads):
+    /// what a session's chunk map shows as fetching.
+    pub fn running(&self) -> std::collections::HashSet<ChunkTag> {
+        let state = self.inner.state.lock().expect("fetch state lock");
+        state
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.running)
+            .map(|(tag, _)| *tag)
+            .collect()
+    }
+
     /// Current counters.
     pub fn stats(&self) -> FetchStats {
         let state = self.inner.state.lock().expect("fetch state lock");

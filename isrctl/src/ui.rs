@@ -292,8 +292,8 @@ struct FileView {
     chunks: u64,
     /// Chunks per cell.
     group: u64,
-    /// One state character per cell (`.` zero, `R` remote, `L` local, `D`
-    /// changed, `U` uploading).
+    /// One state character per cell (`.` zero, `R` remote, `F` fetching,
+    /// `L` local, `D` changed, `U` uploading).
     cells: String,
 }
 
@@ -573,6 +573,7 @@ fn view(
         };
         counts.zero += file_counts.zero;
         counts.remote += file_counts.remote;
+        counts.fetching += file_counts.fetching;
         counts.local += file_counts.local;
         counts.changed += file_counts.changed;
         counts.uploading += file_counts.uploading;
@@ -584,8 +585,6 @@ fn view(
             cells,
         });
     }
-    // The daemon's map has no per-chunk "fetching": its downloads under way.
-    counts.fetching = s.fetch.in_flight + s.fetch.queued;
     SessionView {
         counts,
         files: views,
