@@ -322,6 +322,27 @@ pub struct ParcelStatus {
     /// Whether the parcel is mounted; false after its mount ended behind
     /// the daemon's back (`isrctl resume` mounts it again).
     pub mounted: bool,
+    /// When this daemon was asked to resume it and when its mount went live.
+    #[serde(default)]
+    pub timeline: ResumeTimeline,
+}
+
+/// The steps of a session's resume in this daemon, milliseconds since the
+/// Unix epoch (the VM's start and the first fetched chunk are in
+/// [`VmStatus::start_seconds`] and [`crate::fetch::FetchStats`]); `None`
+/// from a daemon that did not record them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeTimeline {
+    /// The resume request arrived.
+    pub requested_ms: Option<u64>,
+    /// The mount went live.
+    pub mounted_ms: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One read-only view (`isrctl mount`).

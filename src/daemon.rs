@@ -76,6 +76,8 @@ struct Mounted {
     session: Arc<Session>,
     mount: Option<Box<dyn MountHandle>>,
     vm: Arc<VmSlot>,
+    /// When its resume was asked for and mounted.
+    timeline: control::ResumeTimeline,
 }
 
 /// The VM a session's mount runs, if any.
@@ -411,6 +413,7 @@ impl Daemon {
                         session: m.session.status(),
                         vm: m.vm.status(),
                         mounted: m.mount.is_some(),
+                        timeline: m.timeline,
                     })
                     .collect();
                 statuses.sort_by(|a, b| a.session.parcel.cmp(&b.session.parcel));
@@ -962,6 +965,7 @@ impl Daemon {
         wire_store: control::WireStore,
         vmm: Option<VmmKind>,
     ) -> Response {
+        let requested_ms = control::unix_ms(std::time::SystemTime::now());
         let existing = self
             .sessions
             .lock()
@@ -1015,6 +1019,10 @@ impl Daemon {
                         session: Arc::new(session),
                         mount: Some(handle),
                         vm,
+                        timeline: control::ResumeTimeline {
+                            requested_ms: Some(requested_ms),
+                            mounted_ms: Some(control::unix_ms(std::time::SystemTime::now())),
+                        },
                     },
                 );
                 match self.ensure_vm(&parcel.name, vmm) {

@@ -179,6 +179,10 @@ impl Classify for FetchError {
 pub struct FetchStats {
     /// Chunks downloaded and cached.
     pub fetched_chunks: u64,
+    /// When the first of them arrived, milliseconds since the Unix epoch
+    /// (a resume's first progress, in the web UI's timeline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_fetch_ms: Option<u64>,
     /// Stored bytes downloaded.
     pub fetched_bytes: u64,
     /// Downloads running now.
@@ -329,6 +333,8 @@ impl BackgroundWindow {
 #[derive(Debug, Default)]
 struct Counters {
     fetched_chunks: AtomicU64,
+    /// [`FetchStats::first_fetch_ms`]; 0 until the first chunk arrives.
+    first_fetch_ms: AtomicU64,
     fetched_bytes: AtomicU64,
     retries: AtomicU64,
     failures: AtomicU64,
@@ -528,6 +534,7 @@ impl Fetcher {
         let c = &self.inner.counters;
         FetchStats {
             fetched_chunks: c.fetched_chunks.load(Ordering::Relaxed),
+            first_fetch_ms: Some(c.first_fetch_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0),
             fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
             in_flight: state.running as u64,
             queued: state.slots.values().filter(|s| !s.running).count() as u64,
@@ -722,10 +729,19 @@ async fn download_attempts(
                     source: Arc::new(e),
                 })?
                 .map_err(|e| cache_error(tag, e))?;
-                inner
+                if inner
                     .counters
                     .fetched_chunks
-                    .fetch_add(1, Ordering::Relaxed);
+                    .fetch_add(1, Ordering::Relaxed)
+                    == 0
+                {
+                    let _ = inner.counters.first_fetch_ms.compare_exchange(
+                        0,
+                        crate::control::unix_ms(std::time::SystemTime::now()),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
                 inner
                     .counters
                     .fetched_bytes

@@ -139,6 +139,7 @@ async fn read_page(client: &fantoccini::Client) -> serde_json::Value {
             total: Number(text('[data-field="chunks-total"]')),
             counts,
             files: card.querySelectorAll('.file canvas').length,
+            timeline: [...card.querySelectorAll('[data-field="timeline"] li')].map((li) => li.textContent),
             result: text('[data-field="result"]'),
             error: card.querySelector('[data-field="error"]').hidden ? "" : text('[data-field="error"]'),
         };
@@ -298,6 +299,28 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         .await;
         assert!(page["counts"]["local"].as_u64().unwrap() > 0, "{page}");
         assert!(page["counts"]["zero"].as_u64().unwrap() > 0, "{page}");
+        // The resume's steps as isrfsd recorded them (this parcel has no VM).
+        let steps: Vec<&str> = page["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert_eq!(steps.len(), 4, "{page}");
+        for (step, label) in steps.iter().zip([
+            "requested: ",
+            "mounted: ",
+            "VM running: ",
+            "first chunk fetched: ",
+        ]) {
+            assert!(step.starts_with(label), "{step:?} in {page}");
+        }
+        assert!(
+            !steps[0].contains("not yet") && !steps[1].contains("not yet"),
+            "{page}"
+        );
+        assert!(steps[2].ends_with("no VM"), "{page}");
+        assert!(!steps[3].contains("not yet"), "{page}");
 
         // A write turns cells "changed".
         {

@@ -425,6 +425,7 @@ fn print_table(sessions: &[ParcelStatus]) {
                  session: s,
                  vm,
                  mounted,
+                 ..
              }| {
                 vec![
                     s.parcel.clone(),

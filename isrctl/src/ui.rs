@@ -308,15 +308,33 @@ pub struct Counts {
     uploading: u64,
 }
 
-/// When each step of a resume happened (RFC 3339), `None` when it has not
-/// yet, or happened before this server first saw the session (`seen_from`).
-#[derive(Debug, Clone, Default, Serialize)]
+/// When each step of a session's resume happened, milliseconds since the
+/// Unix epoch, as isrfsd recorded them; `None` when it has not (yet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 struct Timeline {
-    requested: Option<String>,
-    mounted: Option<String>,
-    vm_running: Option<String>,
-    first_progress: Option<String>,
-    seen_from: String,
+    requested: Option<u64>,
+    mounted: Option<u64>,
+    /// The mount plus the VM's start time, once it runs.
+    vm_running: Option<u64>,
+    /// The first chunk fetched.
+    first_progress: Option<u64>,
+}
+
+fn timeline(status: &ParcelStatus) -> Timeline {
+    let vm_running = status.vm.as_ref().and_then(|vm| {
+        let running = matches!(
+            vm.state,
+            isr::vmm::supervise::VmState::Running | isr::vmm::supervise::VmState::Saved
+        );
+        let mounted = status.timeline.mounted_ms?;
+        running.then(|| mounted + (vm.start_seconds * 1000.0) as u64)
+    });
+    Timeline {
+        requested: status.timeline.requested_ms,
+        mounted: status.timeline.mounted_ms,
+        vm_running,
+        first_progress: status.session.fetch.first_fetch_ms,
+    }
 }
 
 /// How urgent a state is when a group of chunks shows one cell.
@@ -388,24 +406,16 @@ pub fn cells(text: &str, max_cells: usize) -> Option<(u64, u64, String, Counts)>
     Some((total, group, String::from_utf8(out).ok()?, counts))
 }
 
-/// What the poller remembers of a session between polls.
+/// What the poller remembers of a session between polls: its rates.
+#[derive(Default)]
 struct Tracked {
     history: VecDeque<Sample>,
     last: Option<(SystemTime, u64, u64)>,
-    timeline: Timeline,
-    first_local: u64,
-    first_fetched: u64,
-}
-
-fn rfc3339(at: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// Asks isrfsd every [`POLL`] and publishes what it said.
 async fn poll_forever(shared: Arc<Shared>) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
-    let started = rfc3339(SystemTime::now());
-    let mut seen_resuming: Vec<String> = Vec::new();
     loop {
         let watching = shared.snapshot.receiver_count() > 0;
         let context = shared.context.clone();
@@ -419,31 +429,11 @@ async fn poll_forever(shared: Arc<Shared>) {
                     .retain(|parcel, _| sessions.iter().any(|(s, _)| &s.session.parcel == parcel));
                 for (status, files) in sessions {
                     let parcel = status.session.parcel.clone();
-                    let was_resuming = seen_resuming.contains(&parcel);
-                    let entry = tracked.entry(parcel.clone()).or_insert_with(|| Tracked {
-                        history: VecDeque::new(),
-                        last: None,
-                        timeline: Timeline {
-                            requested: isr::session::read_record(
-                                &shared.context.config.state_dir,
-                                &parcel,
-                            )
-                            .ok()
-                            .flatten()
-                            .map(|r| r.since),
-                            // Seen resuming first: it mounted since.
-                            mounted: was_resuming.then(|| rfc3339(now)),
-                            seen_from: started.clone(),
-                            ..Timeline::default()
-                        },
-                        first_local: status.session.chunks_local,
-                        first_fetched: status.session.fetch.fetched_bytes,
-                    });
+                    let entry = tracked.entry(parcel.clone()).or_default();
                     snapshot
                         .sessions
-                        .insert(parcel, view(entry, status, files, now, was_resuming));
+                        .insert(parcel, view(entry, status, files, now));
                 }
-                seen_resuming = resuming.clone();
                 snapshot.resuming = resuming;
             }
             Ok(Err(e)) => snapshot.error = Some(output::one_line(&e)),
@@ -503,7 +493,6 @@ fn view(
     status: ParcelStatus,
     files: Vec<isr::control::FileChunks>,
     now: SystemTime,
-    was_resuming: bool,
 ) -> SessionView {
     let s = &status.session;
     let (fetched, uploaded) = (s.fetch.fetched_bytes, s.uploaded_bytes);
@@ -528,23 +517,6 @@ fn view(
         ));
     }
     tracked.last = Some((now, fetched, uploaded));
-    let timeline = &mut tracked.timeline;
-    if timeline.mounted.is_none() && was_resuming && status.mounted {
-        timeline.mounted = Some(rfc3339(now));
-    }
-    let vm_running = status
-        .vm
-        .as_ref()
-        .is_some_and(|vm| vm.state == isr::vmm::supervise::VmState::Running);
-    if timeline.vm_running.is_none() && vm_running && !tracked.history.is_empty() {
-        timeline.vm_running = Some(rfc3339(now));
-    }
-    if timeline.first_progress.is_none()
-        && (s.chunks_local > tracked.first_local || fetched > tracked.first_fetched)
-        && tracked.first_fetched == 0
-    {
-        timeline.first_progress = Some(rfc3339(now));
-    }
     let remaining = s.chunks_total.saturating_sub(s.chunks_local);
     let bytes_to_go = match (remaining, s.fetch.fetched_chunks) {
         (0, _) => Some(0),
@@ -590,7 +562,7 @@ fn view(
         files: views,
         bytes_to_go,
         eta_secs,
-        timeline: tracked.timeline.clone(),
+        timeline: timeline(&status),
         history: tracked.history.clone(),
         status,
     }

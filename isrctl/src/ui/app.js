@@ -192,27 +192,22 @@ function drawRates(canvas, history, node) {
     : "No rate samples yet");
 }
 
-function renderTimeline(node, t, status) {
+function renderTimeline(node, t, hasVm) {
   const list = field(node, "timeline");
   list.textContent = "";
-  const start = t.requested ? Date.parse(t.requested) : null;
   const steps = [
-    ["requested", t.requested, true],
-    ["mounted", t.mounted, status.mounted],
-    ["VM running", t.vm_running, status.vm && status.vm.state === "running"],
-    ["first progress", t.first_progress, status.fetch.fetched_chunks > 0],
+    ["requested", t.requested], ["mounted", t.mounted],
+    ["VM running", t.vm_running], ["first chunk fetched", t.first_progress],
   ];
-  for (const [label, at, happened] of steps) {
+  for (const [label, at] of steps) {
     let text = label + ": ";
-    if (at) {
-      text += clock(at);
-      if (start !== null && label !== "requested") text += " (+" + ((Date.parse(at) - start) / 1000).toFixed(0) + " s)";
-    } else if (happened) {
-      text += "before " + clock(t.seen_from);
+    if (at === null || at === undefined) {
+      text += label === "VM running" && !hasVm ? "no VM" : "not yet";
     } else {
-      text += "not yet";
+      text += new Date(at).toLocaleTimeString();
+      if (t.requested && label !== "requested") text += " (+" + ((at - t.requested) / 1000).toFixed(1) + " s)";
     }
-    list.append(el("li", { class: at || happened ? "done" : "", text }));
+    list.append(el("li", { class: at ? "done" : "", text }));
   }
 }
 
@@ -234,7 +229,7 @@ function renderStatus(node, d) {
     const span = $('[data-state-count="' + name + '"]', node);
     if (span) span.textContent = count;
   }
-  renderTimeline(node, d.timeline, s);
+  renderTimeline(node, d.timeline, Boolean(s.vm));
 }
 
 function renderRates(entry) {
