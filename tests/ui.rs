@@ -201,7 +201,6 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         "-m",
         "imported",
     ]);
-    let mount = PathBuf::from(env.ok(&["resume", PARCEL]).trim());
     let other = env.another_machine();
 
     let mut ui = Process(
@@ -282,6 +281,8 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         let address = client.current_url().await.unwrap();
         assert_eq!(address.query(), None, "{address}");
 
+        // Resumed with the page open: it appears there.
+        let mount = PathBuf::from(env.ok(&["resume", PARCEL]).trim());
         let page = wait_for_page(&client, "the resumed parcel", |p| {
             p["files"].as_u64() == Some(2)
         })
@@ -337,22 +338,6 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
                 > 0
         })
         .await;
-        // The rate plot needs a few samples to show anything.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let png = client.screenshot().await.unwrap();
-        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        std::fs::write(screenshot_dir().join("resume.png"), &png).unwrap();
-        // At 200 % zoom it reflows into one column.
-        client
-            .execute("document.body.style.zoom = '2';", Vec::new())
-            .await
-            .unwrap();
-        let png = client.screenshot().await.unwrap();
-        std::fs::write(screenshot_dir().join("resume-zoom-200.png"), &png).unwrap();
-        client
-            .execute("document.body.style.zoom = '';", Vec::new())
-            .await
-            .unwrap();
 
         // Sync, confirmed in the dialog, with a message.
         client
@@ -408,6 +393,29 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
             .for_element(fantoccini::Locator::Css(
                 r#"[data-store-parcel="webui"] tr[data-version="2"]"#,
             ))
+            .await
+            .unwrap();
+        client
+            .find(fantoccini::Locator::Css(
+                r#"[data-store-parcel="webui"] summary"#,
+            ))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let png = client.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        std::fs::write(screenshot_dir().join("resume.png"), &png).unwrap();
+        // At 200 % zoom it reflows into one column.
+        client
+            .execute("document.body.style.zoom = '2';", Vec::new())
+            .await
+            .unwrap();
+        let png = client.screenshot().await.unwrap();
+        std::fs::write(screenshot_dir().join("resume-zoom-200.png"), &png).unwrap();
+        client
+            .execute("document.body.style.zoom = '';", Vec::new())
             .await
             .unwrap();
         let history = env.json(&["history", PARCEL]);

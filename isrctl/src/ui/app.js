@@ -395,13 +395,13 @@ function versionsPlot(history) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("class", "versions");
-  svg.setAttribute("viewBox", "0 0 400 100");
-  svg.setAttribute("preserveAspectRatio", "none");
+  const width = 40; // per version
+  svg.setAttribute("viewBox", "0 0 " + Math.max(400, history.length * width) + " 100");
+  svg.setAttribute("preserveAspectRatio", "xMinYMid meet");
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", "Stored bytes per version: " +
     history.map((v) => "version " + v.version + " " + bytes(v.stored_bytes)).join(", "));
   const max = Math.max(1, ...history.map((v) => v.stored_bytes));
-  const width = 400 / Math.max(history.length, 1);
   history.forEach((v, i) => {
     const h = (v.stored_bytes / max) * 86;
     const rect = document.createElementNS(ns, "rect");
@@ -462,7 +462,9 @@ async function loadParcels() {
     const lock = p.lock ? p.lock.holder + " on " + p.lock.host + " since " + clock(p.lock.since) : "not locked";
     const details = el("details", {}, [el("summary", { text: "Versions" })]);
     if (p.history) {
-      details.append(versionsPlot(p.history), historyTable(p.history));
+      details.append(
+        el("p", { class: "note", text: "Stored bytes per version (each version's distinct chunks):" }),
+        versionsPlot(p.history), historyTable(p.history));
     } else if (p.history_error) {
       const line = el("p", { class: "error-line" });
       showError(line, p.history_error);
