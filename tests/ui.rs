@@ -339,7 +339,7 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         })
         .await;
 
-        // Sync, confirmed in the dialog, with a message.
+        // Sync, confirmed in the dialog (focus starts in its message field).
         client
             .find(fantoccini::Locator::Css(
                 r#"[data-parcel="webui"] button[data-action="sync"]"#,
@@ -354,14 +354,8 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
             .for_element(fantoccini::Locator::Css("#confirm-message"))
             .await
             .unwrap()
-            .send_keys("from the web UI")
-            .await
-            .unwrap();
-        client
-            .find(fantoccini::Locator::Css("#confirm-ok"))
-            .await
-            .unwrap()
-            .click()
+            // Enter (WebDriver's key U+E007) confirms, as the keyboard would.
+            .send_keys("from the web UI\u{E007}")
             .await
             .unwrap();
         let page = wait_for_page(&client, "the sync's outcome", |p| {

@@ -486,6 +486,9 @@ document.addEventListener("DOMContentLoaded", () => {
   const style = getComputedStyle(document.documentElement);
   for (const [c, name] of Object.entries(STATES)) COLORS[c] = style.getPropertyValue("--" + name).trim();
   $("#refresh-parcels").addEventListener("click", loadParcels);
+  // Enter in the message field confirms (the only submit button); Cancel
+  // and Escape close without acting.
+  $("#confirm-cancel").addEventListener("click", () => $("#confirm").close("cancel"));
   window.addEventListener("resize", () => sessions.forEach(renderRates));
   connect();
   loadParcels();
