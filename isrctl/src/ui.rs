@@ -53,6 +53,10 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub const MAX_CELLS: usize = 4096;
 /// Rate samples kept per session: five minutes at one per [`POLL`].
 pub const HISTORY: usize = 600;
+/// Chunk maps are asked for at most this share of the time: a map of a
+/// million chunks costs isrfsd tens of milliseconds, so maps of big parcels
+/// refresh less often than every [`POLL`].
+const MAP_DUTY: u32 = 10;
 /// The name of the cookie that carries the token.
 const COOKIE: &str = "isr_ui_token";
 /// The header that may carry the token instead.
@@ -416,14 +420,18 @@ struct Tracked {
 /// Asks isrfsd every [`POLL`] and publishes what it said.
 async fn poll_forever(shared: Arc<Shared>) {
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
+    let mut next_maps = std::time::Instant::now();
     loop {
-        let watching = shared.snapshot.receiver_count() > 0;
+        let maps = shared.snapshot.receiver_count() > 0 && std::time::Instant::now() >= next_maps;
         let context = shared.context.clone();
-        let polled = tokio::task::spawn_blocking(move || poll_once(&context, watching)).await;
+        let polled = tokio::task::spawn_blocking(move || poll_once(&context, maps)).await;
         let now = SystemTime::now();
         let mut snapshot = Snapshot::default();
         match polled {
-            Ok(Ok((running, sessions, resuming))) => {
+            Ok(Ok((running, sessions, resuming, map_cost))) => {
+                if maps {
+                    next_maps = std::time::Instant::now() + (map_cost * MAP_DUTY).max(POLL);
+                }
                 snapshot.daemon_running = running;
                 tracked
                     .retain(|parcel, _| sessions.iter().any(|(s, _)| &s.session.parcel == parcel));
@@ -454,16 +462,19 @@ async fn poll_forever(shared: Arc<Shared>) {
     }
 }
 
+/// Whether isrfsd answered, its sessions with their maps (if asked for),
+/// the parcels being resumed, and how long the maps took.
 type Polled = (
     bool,
     Vec<(ParcelStatus, Vec<isr::control::FileChunks>)>,
     Vec<String>,
+    Duration,
 );
 
 /// One status call, and a chunk-map call per session when `maps`.
 fn poll_once(context: &CommandContext, maps: bool) -> anyhow::Result<Polled> {
     let Some(socket) = daemon::socket_if_running(context) else {
-        return Ok((false, Vec::new(), Vec::new()));
+        return Ok((false, Vec::new(), Vec::new(), Duration::ZERO));
     };
     let (sessions, resuming) = match isr::control::call(&socket, Request::Status { parcel: None })?
     {
@@ -471,6 +482,7 @@ fn poll_once(context: &CommandContext, maps: bool) -> anyhow::Result<Polled> {
         other => anyhow::bail!("isrfsd answered status with {other:?}"),
     };
     let mut out = Vec::new();
+    let started = std::time::Instant::now();
     for status in sessions {
         let files = if maps {
             let request = Request::ChunkMap {
@@ -485,7 +497,7 @@ fn poll_once(context: &CommandContext, maps: bool) -> anyhow::Result<Polled> {
         };
         out.push((status, files));
     }
-    Ok((true, out, resuming))
+    Ok((true, out, resuming, started.elapsed()))
 }
 
 fn view(
