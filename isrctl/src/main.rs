@@ -251,13 +251,14 @@ enum Command {
     /// Serve a local web page on this machine's sessions and the store's parcels.
     ///
     /// A live chunk map per file of each resumed parcel (zero, remote,
-    /// local, changed, uploading), fetch and upload rates, bytes to go and
+    /// fetching, local, changed, uploading), fetch and upload rates, bytes to go and
     /// an ETA, the VM's state and the resume's timeline; the parcels with
     /// their versions and lock holders; and sync, hoard, suspend, checkin and
     /// discard. Listens on 127.0.0.1 only and answers only requests with the
     /// random token of the URL it prints (--json: {"schema":1,"url":...});
     /// opens it with xdg-open on a desktop. Runs until Ctrl-C or SIGTERM.
-    /// Versions are shown when a passphrase file or key file is given.
+    /// Versions are listed when a passphrase (ISR_PASSPHRASE,
+    /// --passphrase-file) or key file is given: the UI never prompts.
     Ui(ui::UiArgs),
     /// The isrfsd daemon: whether it runs, or stop it.
     ///

@@ -70,7 +70,7 @@ const STYLE_CSS: &str = include_str!("ui/style.css");
 #[derive(Debug, Args)]
 pub struct UiArgs {
     /// Port on 127.0.0.1 to listen on (default: a free one).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     port: u16,
     /// Only print the URL: do not open a browser (one is opened with
     /// xdg-open only on a desktop, DISPLAY or WAYLAND_DISPLAY set).
@@ -697,7 +697,7 @@ async fn list_parcels(context: &CommandContext) -> anyhow::Result<serde_json::Va
     for listing in parcels::parcel_listings(&store).await? {
         let versions = if credentials.is_empty() {
             Err(anyhow::anyhow!(
-                "no passphrase or key file was given to `isrctl ui`, so it cannot read versions; start it with ISR_PASSPHRASE_FILE or --key-file"
+                "no passphrase or key file was given to `isrctl ui` (it never prompts), so it cannot read versions; start it with ISR_PASSPHRASE_FILE, --passphrase-file or --key-file"
             ))
         } else {
             match isr::parcel::open(&store, &listing.name, &credentials).await {
