@@ -67,6 +67,14 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   [ "${status:-0}" = 0 ] || exit "$status"
 fi
 
+# Chromium and its WebDriver, for tests/ui.rs (`isrctl ui` driven in a real browser,
+# headless): /usr/bin/chromium and /usr/bin/chromedriver.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "installing: chromium chromium-driver"
+  apt_update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+fi
+
 # QEMU for the VM tests, from bookworm-backports (QEMU 10: `file:` migration URIs and
 # mapped-ram; bookworm's own 7.2 has neither). qemu-utils comes from the same suite,
 # or installing qemu-system-x86 pulls it back to 7.2.

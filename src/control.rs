@@ -322,6 +322,21 @@ pub struct ParcelStatus {
     /// Whether the parcel is mounted; false after its mount ended behind
     /// the daemon's back (`isrctl resume` mounts it again).
     pub mounted: bool,
+    /// When this daemon was asked to resume it and when its mount went live.
+    #[serde(default)]
+    pub timeline: ResumeTimeline,
+}
+
+/// The steps of a session's resume in this daemon, milliseconds since the
+/// Unix epoch (the VM's start and the first fetched chunk are in
+/// [`VmStatus::start_seconds`] and [`crate::fetch::FetchStats`]); `None`
+/// from a daemon that did not record them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeTimeline {
+    /// The resume request arrived.
+    pub requested_ms: Option<u64>,
+    /// The mount went live.
+    pub mounted_ms: Option<u64>,
 }
 
 /// One read-only view (`isrctl mount`).
@@ -337,7 +352,7 @@ pub struct ViewInfo {
 
 /// The chunk states of one file of a session, run-length encoded: `runs`
 /// is [`encode_runs`] of one character per chunk, `.` zero, `R` only in the
-/// store, `L` in the local cache, `D` changed by this session, `U` changed
+/// store, `F` being downloaded, `L` in the local cache, `D` changed by this session, `U` changed
 /// and waiting for upload (see [`crate::image::Image::chunk_map`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileChunks {

@@ -76,6 +76,8 @@ struct Mounted {
     session: Arc<Session>,
     mount: Option<Box<dyn MountHandle>>,
     vm: Arc<VmSlot>,
+    /// When its resume was asked for and mounted.
+    timeline: control::ResumeTimeline,
 }
 
 /// The VM a session's mount runs, if any.
@@ -414,6 +416,7 @@ impl Daemon {
                         session: m.session.status(),
                         vm: m.vm.status(),
                         mounted: m.mount.is_some(),
+                        timeline: m.timeline,
                     })
                     .collect();
                 statuses.sort_by(|a, b| a.session.parcel.cmp(&b.session.parcel));
@@ -965,6 +968,7 @@ impl Daemon {
         wire_store: control::WireStore,
         vmm: Option<VmmKind>,
     ) -> Response {
+        let requested_ms = crate::manifest::Timestamp::now().unix_ms();
         let existing = self
             .sessions
             .lock()
@@ -1018,6 +1022,10 @@ impl Daemon {
                         session: Arc::new(session),
                         mount: Some(handle),
                         vm,
+                        timeline: control::ResumeTimeline {
+                            requested_ms: Some(requested_ms),
+                            mounted_ms: Some(crate::manifest::Timestamp::now().unix_ms()),
+                        },
                     },
                 );
                 match self.ensure_vm(&parcel.name, vmm) {

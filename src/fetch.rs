@@ -179,6 +179,10 @@ impl Classify for FetchError {
 pub struct FetchStats {
     /// Chunks downloaded and cached.
     pub fetched_chunks: u64,
+    /// When the first of them arrived, milliseconds since the Unix epoch
+    /// (a resume's first progress, in the web UI's timeline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_fetch_ms: Option<u64>,
     /// Stored bytes downloaded.
     pub fetched_bytes: u64,
     /// Downloads running now.
@@ -336,6 +340,8 @@ impl BackgroundWindow {
 #[derive(Debug, Default)]
 struct Counters {
     fetched_chunks: AtomicU64,
+    /// [`FetchStats::first_fetch_ms`]; 0 until the first chunk arrives.
+    first_fetch_ms: AtomicU64,
     fetched_bytes: AtomicU64,
     retries: AtomicU64,
     failures: AtomicU64,
@@ -544,12 +550,25 @@ impl Fetcher {
         Ok(Request::Wait(receiver))
     }
 
+    /// The chunks being downloaded now (at most the parallel downloads):
+    /// what a session's chunk map shows as fetching.
+    pub fn running(&self) -> std::collections::HashSet<ChunkTag> {
+        let state = self.inner.state.lock().expect("fetch state lock");
+        state
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.running)
+            .map(|(tag, _)| *tag)
+            .collect()
+    }
+
     /// Current counters.
     pub fn stats(&self) -> FetchStats {
         let state = self.inner.state.lock().expect("fetch state lock");
         let c = &self.inner.counters;
         FetchStats {
             fetched_chunks: c.fetched_chunks.load(Ordering::Relaxed),
+            first_fetch_ms: Some(c.first_fetch_ms.load(Ordering::Relaxed)).filter(|&ms| ms > 0),
             fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
             in_flight: state.running as u64,
             queued: state.slots.values().filter(|s| !s.running).count() as u64,
@@ -747,13 +766,22 @@ async fn download_attempts(
                 })?
                 .map_err(|e| cache_error(tag, e))?;
                 let c = &inner.counters;
-                let (count, bytes_counter) = if inner.is_manifest(&tag) {
-                    (&c.manifest_segments, &c.manifest_bytes)
+                if inner.is_manifest(&tag) {
+                    c.manifest_segments.fetch_add(1, Ordering::Relaxed);
+                    c.manifest_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 } else {
-                    (&c.fetched_chunks, &c.fetched_bytes)
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                bytes_counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if c.fetched_chunks.fetch_add(1, Ordering::Relaxed) == 0 {
+                        let _ = c.first_fetch_ms.compare_exchange(
+                            0,
+                            crate::manifest::Timestamp::now().unix_ms(),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    c.fetched_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
                 return Ok(bytes);
             }
             Err(e) => e,

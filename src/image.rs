@@ -1158,11 +1158,12 @@ impl Image {
     }
 
     /// One character per chunk of file `id`: `.` zero, `L` in the local cache,
-    /// `R` remote only, `D` changed by this session (being written, or sealed
+    /// `F` being downloaded now, `R` remote only, `D` changed by this session (being written, or sealed
     /// and already in the store), `U` changed, sealed and waiting for upload
     /// (the upload journal does not list it).
     pub fn chunk_map(&self, id: u64) -> Result<String, ImageError> {
         let node = self.file(id)?;
+        let fetching = self.fetcher.running();
         let overlay = self.overlay.read().expect("overlay lock");
         let buffer = self.buffer.lock().expect("buffer lock");
         let journal = self.journal.lock().expect("journal lock");
@@ -1182,6 +1183,7 @@ impl Image {
                 match committed_chunk(&overlay, &self.base, &node, index) {
                     Some(ChunkRef::Zero) => '.',
                     Some(ChunkRef::Stored { tag, .. }) if self.cache.contains(&tag) => 'L',
+                    Some(ChunkRef::Stored { tag, .. }) if fetching.contains(&tag) => 'F',
                     // (Remote, or in a segment not loaded yet.)
                     Some(ChunkRef::Stored { .. }) | None => 'R',
                 }

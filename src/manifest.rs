@@ -97,6 +97,13 @@ impl Timestamp {
     pub fn to_rfc3339(self) -> String {
         humantime::format_rfc3339_seconds(self.to_system_time()).to_string()
     }
+
+    /// Milliseconds since the Unix epoch (0 before it).
+    pub fn unix_ms(self) -> u64 {
+        self.to_system_time()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
 }
 
 impl From<SystemTime> for Timestamp {

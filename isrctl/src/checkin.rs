@@ -16,6 +16,7 @@ use isr::error::ErrorClass;
 use isr::keys::ParcelSecrets;
 use isr::parcel::{self, OpenParcel};
 use isr::session::{CommitReport, SessionError};
+use isr::vmm::supervise::SuspendReport;
 
 use crate::context::CommandContext;
 use crate::credentials::Purpose;
@@ -242,20 +243,15 @@ pub async fn checkin(context: &CommandContext, args: CheckinArgs) -> anyhow::Res
         }
         None => (None, None),
     };
-    let save_as_wire = save_as.as_ref().map(|p| Box::new(WireParcel::new(p)));
-    let response = call_reopening(context, name, unlocked.as_ref(), |reopen| {
-        Request::Checkin {
-            parcel: name.to_owned(),
-            message: args.message.clone(),
-            wipe: args.wipe,
-            save_as: save_as_wire.clone(),
-            reopen,
-        }
-    })
+    let report = checkin_parcel(
+        context,
+        name,
+        &args.message,
+        args.wipe,
+        unlocked.as_ref(),
+        save_as.as_ref(),
+    )
     .await?;
-    let Response::Committed { report } = response else {
-        anyhow::bail!("isrfsd answered checkin with {response:?}");
-    };
     print_report(context, &report, "checked in")?;
     if !context.global.json {
         println!(
@@ -266,38 +262,87 @@ pub async fn checkin(context: &CommandContext, args: CheckinArgs) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// Commits a version, unmounts the parcel and releases its lock: what
+/// `isrctl checkin` and the web UI's checkin do (`save_as`: into that new
+/// parcel, unlocked as `unlocked`).
+pub async fn checkin_parcel(
+    context: &CommandContext,
+    name: &str,
+    message: &str,
+    wipe: bool,
+    unlocked: Option<&OpenParcel>,
+    save_as: Option<&OpenParcel>,
+) -> anyhow::Result<CommitReport> {
+    let save_as_wire = save_as.map(|p| Box::new(WireParcel::new(p)));
+    let response = call_reopening(context, name, unlocked, |reopen| Request::Checkin {
+        parcel: name.to_owned(),
+        message: message.to_owned(),
+        wipe,
+        save_as: save_as_wire.clone(),
+        reopen,
+    })
+    .await?;
+    let Response::Committed { report } = response else {
+        anyhow::bail!("isrfsd answered checkin with {response:?}");
+    };
+    Ok(*report)
+}
+
 /// `isrctl sync NAME`.
 pub async fn sync(context: &CommandContext, args: SyncArgs) -> anyhow::Result<ExitCode> {
-    let socket = daemon::socket_if_running(context)
-        .ok_or_else(|| SessionError::NotResumed(args.name.clone()))?;
+    let report = sync_parcel(context, &args.name, &args.message).await?;
+    print_report(context, &report, "synced")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Commits a version of a resumed parcel that stays mounted: what `isrctl
+/// sync` and the web UI's sync do.
+pub async fn sync_parcel(
+    context: &CommandContext,
+    name: &str,
+    message: &str,
+) -> anyhow::Result<CommitReport> {
+    let socket =
+        daemon::socket_if_running(context).ok_or_else(|| SessionError::NotResumed(name.into()))?;
     let request = Request::Sync {
-        parcel: args.name.clone(),
-        message: args.message.clone(),
+        parcel: name.to_owned(),
+        message: message.to_owned(),
     };
-    let response = call_with_progress(context, socket, &args.name, request).await?;
+    let response = call_with_progress(context, socket, name, request).await?;
     let Response::Committed { report } = response else {
         anyhow::bail!("isrfsd answered sync with {response:?}");
     };
-    print_report(context, &report, "synced")?;
-    Ok(ExitCode::SUCCESS)
+    Ok(*report)
+}
+
+/// Saves the VM's memory into the mount, stops it and checks the parcel in:
+/// what `isrctl suspend` and the web UI's suspend do. The save is `None`
+/// when isrfsd ran no VM (or an earlier run had finished the checkin).
+pub async fn suspend_parcel(
+    context: &CommandContext,
+    name: &str,
+    message: &str,
+    wipe: bool,
+) -> anyhow::Result<(Option<Box<SuspendReport>>, CommitReport)> {
+    let response = call_reopening(context, name, None, |reopen| Request::Suspend {
+        parcel: name.to_owned(),
+        message: message.to_owned(),
+        wipe,
+        reopen,
+    })
+    .await?;
+    match response {
+        Response::Suspended { saved, report } => Ok((saved, *report)),
+        // A rerun after the checkin was finished by an earlier run.
+        Response::Committed { report } => Ok((None, *report)),
+        other => anyhow::bail!("isrfsd answered suspend with {other:?}"),
+    }
 }
 
 /// `isrctl suspend NAME`.
 pub async fn suspend(context: &CommandContext, args: SuspendArgs) -> anyhow::Result<ExitCode> {
     let name = args.name.as_str();
-    let response = call_reopening(context, name, None, |reopen| Request::Suspend {
-        parcel: name.to_owned(),
-        message: args.message.clone(),
-        wipe: args.wipe,
-        reopen,
-    })
-    .await?;
-    let (saved, report) = match response {
-        Response::Suspended { saved, report } => (saved, *report),
-        // A rerun after the checkin was finished by an earlier run.
-        Response::Committed { report } => (None, *report),
-        other => anyhow::bail!("isrfsd answered suspend with {other:?}"),
-    };
+    let (saved, report) = suspend_parcel(context, name, &args.message, args.wipe).await?;
     if context.global.json {
         return output::json(&serde_json::json!({ "saved": saved, "checkin": report }))
             .map(|()| ExitCode::SUCCESS);

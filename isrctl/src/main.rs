@@ -20,7 +20,9 @@
 //!    discard, unlock), [`checkin`] (sync, checkin, suspend), [`view`]
 //!    (mount, umount, diff), [`watch`] (status --watch), [`settings`]
 //!    (config). `parcels`, `maintenance` and `settings` need no daemon.
-//! 5. `main.rs`: uses them all (and prints completions and man pages).
+//! 5. [`ui`] (the web UI): its actions and listings are the commands' own
+//!    functions (sync, checkin, suspend, hoard, discard, ls, history).
+//! 6. `main.rs`: uses them all (and prints completions and man pages).
 
 mod checkin;
 mod context;
@@ -31,6 +33,7 @@ mod output;
 mod parcels;
 mod session;
 mod settings;
+mod ui;
 mod view;
 mod watch;
 
@@ -245,6 +248,18 @@ enum Command {
         /// Directory to write the pages into (created if missing).
         dir: PathBuf,
     },
+    /// Serve a local web page on this machine's sessions and the store's parcels.
+    ///
+    /// A live chunk map per file of each resumed parcel (zero, remote,
+    /// fetching, local, changed, uploading), fetch and upload rates, bytes to go and
+    /// an ETA, the VM's state and the resume's timeline; the parcels with
+    /// their versions and lock holders; and sync, hoard, suspend, checkin and
+    /// discard. Listens on 127.0.0.1 only and answers only requests with the
+    /// random token of the URL it prints (--json: {"schema":1,"url":...});
+    /// opens it with xdg-open on a desktop. Runs until Ctrl-C or SIGTERM.
+    /// Versions are listed when a passphrase (ISR_PASSPHRASE,
+    /// --passphrase-file) or key file is given: the UI never prompts.
+    Ui(ui::UiArgs),
     /// The isrfsd daemon: whether it runs, or stop it.
     ///
     /// The daemon isrctl starts exits 30 s after its last session ends; under
@@ -278,6 +293,10 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         _ => {}
     }
     let context = CommandContext::new(global)?;
+    if let Command::Ui(args) = command {
+        // The server's handlers share the context past this call.
+        return ui::ui(context, args).await;
+    }
     let context = &context;
     if matches!(
         command,
@@ -328,7 +347,10 @@ async fn run(global: GlobalOptions, command: Command) -> anyhow::Result<ExitCode
         Command::Daemon(DaemonCommand::Stop) => daemon::stop(context),
         Command::Init(args) => maintenance::init(context, args).await,
         Command::Delete(args) => maintenance::delete(context, args).await,
-        Command::NewKeyFile { .. } | Command::Completions { .. } | Command::Man { .. } => {
+        Command::NewKeyFile { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. }
+        | Command::Ui(_) => {
             unreachable!("handled above")
         }
     }

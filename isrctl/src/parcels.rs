@@ -152,9 +152,11 @@ pub async fn import(context: &CommandContext, args: ImportArgs) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-#[derive(serde::Serialize)]
-struct ParcelListing {
-    name: String,
+/// A parcel as `isrctl ls` lists it.
+#[derive(Debug, serde::Serialize)]
+pub struct ParcelListing {
+    /// Parcel name.
+    pub name: String,
     newest_version: Option<u64>,
     versions: usize,
     lock: Option<parcel::LockRecord>,
@@ -164,14 +166,14 @@ struct ParcelListing {
     problem: Option<String>,
 }
 
-/// `isrctl ls`.
-pub async fn ls(context: &CommandContext) -> anyhow::Result<ExitCode> {
-    let store = context.store()?;
+/// The parcels in the store, each with its newest version and lock holder:
+/// what `isrctl ls` and the web UI list.
+pub async fn parcel_listings(store: &StoreHandle) -> anyhow::Result<Vec<ParcelListing>> {
     let mut listings = Vec::new();
-    for name in parcel::list_parcels(&store).await? {
-        let versions = parcel::list_versions(&store, &name).await?;
+    for name in parcel::list_parcels(store).await? {
+        let versions = parcel::list_versions(store, &name).await?;
         // One parcel's damaged lock must not hide the others.
-        let (lock, problem) = match parcel::read_lock(&store, &name).await {
+        let (lock, problem) = match parcel::read_lock(store, &name).await {
             Ok(lock) => (lock, None),
             Err(e) if e.class() == ErrorClass::Integrity => (None, Some(e.to_string())),
             Err(e) => return Err(e.into()),
@@ -184,6 +186,13 @@ pub async fn ls(context: &CommandContext) -> anyhow::Result<ExitCode> {
             name,
         });
     }
+    Ok(listings)
+}
+
+/// `isrctl ls`.
+pub async fn ls(context: &CommandContext) -> anyhow::Result<ExitCode> {
+    let store = context.store()?;
+    let listings = parcel_listings(&store).await?;
     if context.global.json {
         output::json_list("parcels", &listings)?;
     } else if listings.is_empty() {
@@ -215,8 +224,8 @@ pub async fn ls(context: &CommandContext) -> anyhow::Result<ExitCode> {
 }
 
 /// Per-version facts shown by `info` and `history`.
-#[derive(serde::Serialize)]
-struct VersionListing {
+#[derive(Debug, serde::Serialize)]
+pub struct VersionListing {
     version: u64,
     parent: Option<u64>,
     created: String,
@@ -231,7 +240,7 @@ struct VersionListing {
     new_bytes: u64,
 }
 
-async fn version_listings(
+pub async fn version_listings(
     store: &StoreHandle,
     parcel: &OpenParcel,
 ) -> anyhow::Result<Vec<VersionListing>> {

@@ -425,6 +425,7 @@ fn print_table(sessions: &[ParcelStatus]) {
                  session: s,
                  vm,
                  mounted,
+                 ..
              }| {
                 vec![
                     s.parcel.clone(),
@@ -500,6 +501,19 @@ fn print_table(sessions: &[ParcelStatus]) {
 
 /// `isrctl hoard`.
 pub fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
+    let chunks = hoard_parcel(context, name)?;
+    if context.global.json {
+        output::json(&serde_json::json!({ "parcel": name, "chunks": chunks }))?;
+    } else {
+        println!("{name}: all {chunks} chunks are local; it keeps working without the store");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Fetches every chunk of a resumed parcel and waits (blocking; a progress
+/// bar on a terminal): what `isrctl hoard` and the web UI's hoard do. The
+/// number of chunks.
+pub fn hoard_parcel(context: &CommandContext, name: &str) -> anyhow::Result<u64> {
     let socket = daemon::socket_if_running(context)
         .ok_or_else(|| SessionError::NotResumed(name.to_owned()))?;
     let call = {
@@ -530,31 +544,28 @@ pub fn hoard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
     }
     match call.join().expect("hoard thread")? {
-        Response::Hoarded { chunks } => {
-            if context.global.json {
-                output::json(&serde_json::json!({ "parcel": name, "chunks": chunks }))?;
-            } else {
-                println!(
-                    "{name}: all {chunks} chunks are local; it keeps working without the store"
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Response::Hoarded { chunks } => Ok(chunks),
         other => anyhow::bail!("isrfsd answered hoard with {other:?}"),
     }
 }
 
 /// `isrctl discard`.
 pub async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<ExitCode> {
+    let released = discard_session(context, name).await?;
+    print_discarded(context, name, released)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Drops a parcel's local session (its changes since the last commit) and
+/// releases its lock: what `isrctl discard` and the web UI's discard do.
+/// Whether the lock was released.
+pub async fn discard_session(context: &CommandContext, name: &str) -> anyhow::Result<bool> {
     if let Some(socket) = daemon::socket_if_running(context) {
         let request = Request::Discard {
             parcel: name.to_owned(),
         };
         match daemon::call(&socket, request).await? {
-            Ok(_) => {
-                print_discarded(context, name, true)?;
-                return Ok(ExitCode::SUCCESS);
-            }
+            Ok(_) => return Ok(true),
             Err(ControlError::Daemon {
                 class: ErrorClass::NotFound,
                 ..
@@ -589,8 +600,7 @@ pub async fn discard(context: &CommandContext, name: &str) -> anyhow::Result<Exi
     };
     let dir = isr::session::session_dir(&context.config.state_dir, name);
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    print_discarded(context, name, released)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(released)
 }
 
 fn print_discarded(context: &CommandContext, name: &str, released: bool) -> anyhow::Result<()> {

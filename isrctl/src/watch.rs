@@ -1,9 +1,9 @@
 //! `isrctl status --watch`: a live view of resumed sessions, refreshed about
 //! once a second — fetch rate, time until every chunk is local, the upload
 //! backlog, and per file a chunk map (OpenISR's "dirtometer"): one character
-//! per group of chunks, `.` zero, `R` only in the store, `L` local, `D`
-//! changed, `U` changed and waiting for upload. A group shows its most
-//! pressing state (`U`, then `D`, `R`, `L`, `.`).
+//! per group of chunks, `.` zero, `R` only in the store, `F` being fetched,
+//! `L` local, `D` changed, `U` changed and waiting for upload. A group shows
+//! its most pressing state (`U`, then `D`, `F`, `R`, `L`, `.`).
 //!
 //! On a terminal the view redraws in place; otherwise (a pipe, a log) it
 //! prints one block per interval and no cursor codes; with `--json`, one
@@ -186,8 +186,9 @@ fn rates(status: &ParcelStatus, previous: Option<&Sample>, now: Instant) -> Rate
 /// How urgent a chunk state is when a group of chunks shows one character.
 fn rank(state: char) -> u8 {
     match state {
-        'U' => 4,
-        'D' => 3,
+        'U' => 5,
+        'D' => 4,
+        'F' => 3,
         'R' => 2,
         'L' => 1,
         _ => 0,
@@ -274,7 +275,7 @@ fn render(
     }
     let _ = writeln!(
         frame,
-        "  map: . zero  R in the store only  L local  D changed  U changed, waiting for upload"
+        "  map: . zero  R in the store only  F fetching  L local  D changed  U changed, waiting for upload"
     );
 }
 

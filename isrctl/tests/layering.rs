@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "watch",
         "settings",
     ],
+    &["ui"],
     &["main"],
 ];
 
@@ -64,6 +65,9 @@ fn modules_import_only_downward() {
     let mut upward = Vec::new();
     for entry in std::fs::read_dir(&src).expect("reading isrctl/src") {
         let path = entry.expect("reading isrctl/src").path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue; // a module's assets (src/ui/: HTML, script, style)
+        }
         let module = path
             .file_stem()
             .and_then(|s| s.to_str())

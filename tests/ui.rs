@@ -1,0 +1,474 @@
+//! `isrctl ui` in a real browser (headless Chromium through WebDriver): the
+//! page lists the resumed parcel, its "local" count rises to the total while
+//! the test reads through the mount, a write turns cells "changed", and
+//! sync (confirmed in the dialog) makes a version `isrctl history` shows.
+//! Also: a request without the token is refused, the server listens on
+//! 127.0.0.1 only, and a screenshot of the page is kept in
+//! target/ui-screenshots/.
+//!
+//! Needs FUSE, /usr/bin/chromium and /usr/bin/chromedriver (Debian
+//! `chromium` and `chromium-driver`: `bash .ci/install-deps.sh`).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Env, binary_dir, free_ports, random_bytes};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const PARCEL: &str = "webui";
+/// Generous: the test waits for what the page shows, never for a time.
+const PATIENCE: Duration = Duration::from_secs(90);
+
+/// A child process killed (and reaped) on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// chromedriver in a process group of its own, killed whole on drop: the
+/// browsers it started go with it even when the test fails midway.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+fn require_browser() {
+    for program in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(program).is_file(),
+            "{program} is missing: this test drives the web UI in headless Chromium; install the \
+             Debian packages chromium and chromium-driver (`bash .ci/install-deps.sh` does)"
+        );
+    }
+}
+
+fn start_chromedriver() -> (Driver, u16) {
+    use std::os::unix::process::CommandExt;
+    let port = free_ports(1)[0];
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting chromedriver");
+    let mut process = Driver(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            process.0.try_wait().unwrap().is_none(),
+            "chromedriver exited before listening"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "chromedriver did not listen within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (process, port)
+}
+
+/// A plain HTTP/1.1 GET on loopback: the status code.
+fn status_of(port: u16, path: &str) -> u16 {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {reply:?}"))
+}
+
+/// The local addresses (hex `ADDR:PORT` of /proc/net/tcp*) of the listening
+/// TCP sockets of process `pid`.
+fn listening_addresses(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap().lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address, state (0A: LISTEN), inode
+            if fields.len() > 9 && fields[3] == "0A" && inodes.iter().any(|i| i == fields[9]) {
+                found.push(fields[1].to_owned());
+            }
+        }
+    }
+    found
+}
+
+async fn read_page(client: &fantoccini::Client) -> serde_json::Value {
+    let script = r#"
+        const card = document.querySelector('[data-parcel="webui"]');
+        if (!card) return null;
+        const text = (sel) => card.querySelector(sel).textContent;
+        const counts = {};
+        for (const span of card.querySelectorAll('[data-state-count]')) {
+            counts[span.dataset.stateCount] = Number(span.textContent);
+        }
+        return {
+            local: Number(text('[data-field="chunks-local"]')),
+            total: Number(text('[data-field="chunks-total"]')),
+            counts,
+            files: card.querySelectorAll('.file canvas').length,
+            timeline: [...card.querySelectorAll('[data-field="timeline"] li')].map((li) => li.textContent),
+            result: text('[data-field="result"]'),
+            error: card.querySelector('[data-field="error"]').hidden ? "" : text('[data-field="error"]'),
+        };
+    "#;
+    client
+        .execute(script, Vec::new())
+        .await
+        .expect("reading the page")
+}
+
+/// Polls the page until `done` holds of what it shows.
+async fn wait_for_page(
+    client: &fantoccini::Client,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let page = read_page(client).await;
+        if done(&page) {
+            return page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed {what}; it shows {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn screenshot_dir() -> PathBuf {
+    // target/<profile>/ → target/ui-screenshots/
+    let dir = binary_dir()
+        .parent()
+        .expect("target dir")
+        .join("ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn the_web_ui_shows_a_resume_live_and_syncs() {
+    Env::require_fuse();
+    require_browser();
+    let env = Env::local();
+    // 96 chunks of 64 KiB: random data with a zero stretch in the middle.
+    let source = env.path("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let mut disk = random_bytes("ui disk", 6 << 20);
+    disk[2 << 20..3 << 20].fill(0);
+    std::fs::write(source.join("disk.img"), &disk).unwrap();
+    std::fs::write(source.join("notes.txt"), random_bytes("notes", 200_000)).unwrap();
+    env.ok(&[
+        "import",
+        PARCEL,
+        source.to_str().unwrap(),
+        "--chunk-size",
+        "65536",
+        "-m",
+        "imported",
+    ]);
+    let other = env.another_machine();
+
+    let mut ui = Process(
+        env.isrctl()
+            .args(["--json", "ui", "--no-open"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting isrctl ui"),
+    );
+    let mut line = String::new();
+    BufReader::new(ui.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
+    assert_eq!(printed["schema"], 1);
+    let url = printed["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let port: u16 = url["http://127.0.0.1:".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // Nothing without the token; the token opens the page (via its cookie).
+    for path in ["/", "/events", "/api/parcels", "/app.js", "/?token=0123"] {
+        let status = status_of(port, path);
+        assert!(status == 401 || status == 403, "{path}: HTTP {status}");
+    }
+    assert_eq!(
+        status_of(
+            port,
+            &url["http://127.0.0.1:".len() + port.to_string().len()..]
+        ),
+        303
+    );
+    // Only 127.0.0.1 listens (7F000001, little-endian in /proc).
+    let addresses = listening_addresses(ui.0.id());
+    assert!(
+        !addresses.is_empty(),
+        "no listening socket found for isrctl ui"
+    );
+    assert!(
+        addresses.iter().all(|a| a.starts_with("0100007F:")),
+        "isrctl ui listens beyond 127.0.0.1: {addresses:?}"
+    );
+
+    let (_chromedriver, driver_port) = start_chromedriver();
+    let profile = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--window-size=1280,1400",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            }),
+        );
+        let client = fantoccini::ClientBuilder::rustls()
+            .expect("a TLS connector for fantoccini")
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{driver_port}"))
+            .await
+            .expect("a WebDriver session with chromedriver");
+        client.goto(&url).await.unwrap();
+        // The redirect drops the token from the address bar.
+        let address = client.current_url().await.unwrap();
+        assert_eq!(address.query(), None, "{address}");
+
+        // Resumed with the page open: it appears there.
+        let mount = PathBuf::from(env.ok(&["resume", PARCEL]).trim());
+        let page = wait_for_page(&client, "the resumed parcel", |p| {
+            p["files"].as_u64() == Some(2)
+        })
+        .await;
+        assert!(page["total"].as_u64().unwrap() > 0, "{page}");
+
+        // Read everything through the mount: every chunk becomes local.
+        for file in ["disk.img", "notes.txt"] {
+            let read = std::fs::read(mount.join(file)).unwrap();
+            assert!(!read.is_empty());
+        }
+        let page = wait_for_page(&client, "local equal to the total", |p| {
+            p["local"] == p["total"] && p["counts"]["remote"] == 0
+        })
+        .await;
+        assert!(page["counts"]["local"].as_u64().unwrap() > 0, "{page}");
+        assert!(page["counts"]["zero"].as_u64().unwrap() > 0, "{page}");
+        // The resume's steps as isrfsd recorded them (this parcel has no VM).
+        let steps: Vec<&str> = page["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert_eq!(steps.len(), 4, "{page}");
+        for (step, label) in steps.iter().zip([
+            "requested: ",
+            "mounted: ",
+            "VM running: ",
+            "first chunk fetched: ",
+        ]) {
+            assert!(step.starts_with(label), "{step:?} in {page}");
+        }
+        assert!(
+            !steps[0].contains("not yet") && !steps[1].contains("not yet"),
+            "{page}"
+        );
+        assert!(steps[2].ends_with("no VM"), "{page}");
+        assert!(!steps[3].contains("not yet"), "{page}");
+
+        // A write turns cells "changed".
+        {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(mount.join("disk.img"))
+                .unwrap();
+            file.write_all(&random_bytes("ui write", 300_000)).unwrap();
+            file.sync_all().unwrap();
+        }
+        wait_for_page(&client, "changed chunks", |p| {
+            p["counts"]["changed"].as_u64().unwrap_or(0)
+                + p["counts"]["uploading"].as_u64().unwrap_or(0)
+                > 0
+        })
+        .await;
+
+        // Sync, confirmed in the dialog (focus starts in its message field).
+        client
+            .find(fantoccini::Locator::Css(
+                r#"[data-parcel="webui"] button[data-action="sync"]"#,
+            ))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        client
+            .wait()
+            .for_element(fantoccini::Locator::Css("#confirm-message"))
+            .await
+            .unwrap()
+            // Enter (WebDriver's key U+E007) confirms, as the keyboard would.
+            .send_keys("from the web UI\u{E007}")
+            .await
+            .unwrap();
+        let page = wait_for_page(&client, "the sync's outcome", |p| {
+            p["result"]
+                .as_str()
+                .is_some_and(|r| r.contains("version 2"))
+                || !p["error"].as_str().unwrap_or("").is_empty()
+        })
+        .await;
+        assert_eq!(page["error"], "", "{page}");
+        assert!(
+            page["result"]
+                .as_str()
+                .unwrap()
+                .contains("synced as version 2"),
+            "{page}"
+        );
+
+        // The parcels list shows the new version too.
+        client
+            .find(fantoccini::Locator::Css("#refresh-parcels"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        client
+            .wait()
+            .for_element(fantoccini::Locator::Css(
+                r#"[data-store-parcel="webui"] tr[data-version="2"]"#,
+            ))
+            .await
+            .unwrap();
+        client
+            .find(fantoccini::Locator::Css(
+                r#"[data-store-parcel="webui"] summary"#,
+            ))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let png = client.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        std::fs::write(screenshot_dir().join("resume.png"), &png).unwrap();
+        // At 200 % zoom it reflows into one column.
+        client
+            .execute("document.body.style.zoom = '2';", Vec::new())
+            .await
+            .unwrap();
+        let png = client.screenshot().await.unwrap();
+        std::fs::write(screenshot_dir().join("resume-zoom-200.png"), &png).unwrap();
+        client
+            .execute("document.body.style.zoom = '';", Vec::new())
+            .await
+            .unwrap();
+        let history = env.json(&["history", PARCEL]);
+        let versions = history["versions"].as_array().unwrap();
+        let synced = versions
+            .iter()
+            .find(|v| v["version"] == 2)
+            .unwrap_or_else(|| panic!("no version 2 in {history}"));
+        assert_eq!(synced["message"], "from the web UI");
+
+        // Another machine breaks the lock and resumes: the page's sync is
+        // refused as `isrctl sync` is, naming the holder.
+        other.ok(&["unlock", "--force", PARCEL]);
+        other.ok(&["resume", PARCEL]);
+        let cli = env.fails(&["sync", PARCEL], 5);
+        let cli = cli.trim().trim_start_matches("isrctl: ");
+        client
+            .find(fantoccini::Locator::Css(
+                r#"[data-parcel="webui"] button[data-action="sync"]"#,
+            ))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        client
+            .wait()
+            .for_element(fantoccini::Locator::Css("#confirm-ok"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let page = wait_for_page(&client, "the refusal", |p| {
+            !p["error"].as_str().unwrap_or("").is_empty()
+        })
+        .await;
+        let shown = page["error"].as_str().unwrap();
+        assert!(shown.starts_with("conflict (exit 5): "), "{shown}");
+        assert!(
+            shown.contains(cli),
+            "the page shows {shown:?}, isrctl {cli:?}"
+        );
+        let holder = other.json(&["ls"])["parcels"][0]["lock"]["holder"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(shown.contains(&holder), "{shown} does not name {holder}");
+        client.close().await.unwrap();
+    });
+
+    // SIGTERM ends the server, successfully.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ui.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = ui.0.wait().unwrap();
+    assert!(status.success(), "isrctl ui ended with {status}");
+    env.ok(&["discard", PARCEL]);
+    other.ok(&["checkin", PARCEL]);
+}
