@@ -20,7 +20,6 @@
 //! by probing from the hint (see [`list_versions`]).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -607,39 +606,14 @@ pub async fn read_manifest(
 }
 
 /// The whole manifest of a version read with [`read_stored`], its
-/// segments read from the store.
+/// segments read from the store (a session reads them through its fetcher
+/// instead: `image::BaseManifest`). Every segment is checked like a chunk:
+/// tag, AEAD, convergent key.
 pub async fn assemble(
     store: &StoreHandle,
     parcel: &OpenParcel,
     stored: Stored,
 ) -> Result<Manifest, ParcelError> {
-    assemble_from(parcel, stored, |tag| read_segment(store, tag)).await
-}
-
-/// A segment's stored bytes from the store; a copy that fails its tag (a
-/// damaged or stale copy in a cache tier) is read again past the cache.
-pub async fn read_segment(store: &StoreHandle, tag: ChunkTag) -> Result<Bytes, ParcelError> {
-    let key = layout::chunk(&tag);
-    let bytes = store.reader().get(&key).await?;
-    if chunk::verify_tag(tag, &bytes).is_ok() {
-        return Ok(bytes);
-    }
-    Ok(store.reader().get_uncached(&key).await?)
-}
-
-/// [`assemble`] with each segment's stored bytes from `fetch` (a session
-/// reads them through its fetcher and cache). Every segment is checked like
-/// a chunk: tag, AEAD, convergent key.
-pub async fn assemble_from<F, Fut, E>(
-    parcel: &OpenParcel,
-    stored: Stored,
-    fetch: F,
-) -> Result<Manifest, E>
-where
-    F: Fn(ChunkTag) -> Fut,
-    Fut: Future<Output = Result<Bytes, E>>,
-    E: From<ParcelError>,
-{
     let root = match stored {
         Stored::Whole(manifest) => return Ok(manifest),
         Stored::Tree(root) => root,
@@ -648,25 +622,34 @@ where
     distinct.sort_by_key(|r| r.tag());
     distinct.dedup_by_key(|r| r.tag());
     let secret = &parcel.secrets.dedup_secret;
-    let fetch = &fetch;
     let plaintexts: HashMap<ChunkTag, Bytes> = futures::stream::iter(distinct)
         .map(|reference| async move {
             let &ChunkRef::Stored { tag, ref key, .. } = reference else {
                 unreachable!("segments are stored chunks");
             };
-            let stored = fetch(tag).await?;
+            let stored = read_segment(store, tag).await?;
             let plaintext = chunk::decode(secret, tag, key, stored)
-                .map_err(|e| ParcelError::from(ManifestError::Segment(Arc::new(e))))?;
-            Ok::<_, E>((tag, plaintext))
+                .map_err(|e| ManifestError::Segment(Arc::new(e)))?;
+            Ok::<_, ParcelError>((tag, plaintext))
         })
         .buffer_unordered(SEGMENT_READS)
         .try_collect()
         .await?;
     let object = layout::manifest(&parcel.name, root.manifest.version);
-    root.assemble(&object, |reference| {
+    Ok(root.assemble(&object, |reference| {
         Ok(plaintexts[&reference.tag().expect("stored")].clone())
-    })
-    .map_err(|e| ParcelError::from(e).into())
+    })?)
+}
+
+/// A segment's stored bytes from the store; a copy that fails its tag (a
+/// damaged or stale copy in a cache tier) is read again past the cache.
+async fn read_segment(store: &StoreHandle, tag: ChunkTag) -> Result<Bytes, ParcelError> {
+    let key = layout::chunk(&tag);
+    let bytes = store.reader().get(&key).await?;
+    if chunk::verify_tag(tag, &bytes).is_ok() {
+        return Ok(bytes);
+    }
+    Ok(store.reader().get_uncached(&key).await?)
 }
 
 /// Segments read at once by [`assemble`].
