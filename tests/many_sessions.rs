@@ -239,14 +239,17 @@ fn fifty_sessions_on_one_daemon_read_correctly_with_bounded_fds_threads_and_memo
     // Per mount, FUSE_THREADS workers and fuser's thread that joins them.
     // The sessions' fetches, prefetch and uploads are tasks on the daemon's
     // one runtime (2 workers and a blocking pool that grows with concurrent
-    // blocking work, not with sessions; its idle threads end after 10 s), so
-    // the other threads do not grow per session.
+    // blocking work, not with sessions), so the other threads do not grow
+    // per session. The pool keeps the threads of the last burst of blocking
+    // work while each session's uploader ticks (its idle threads end only
+    // after 10 s without any work): it was seen 4 to 9 threads bigger with
+    // 50 sessions than with 10; a thread per added session would be 40.
     let threads_per_session = FUSE_THREADS + 1;
     assert_eq!(all.fuse_threads, SESSIONS * threads_per_session);
     assert_eq!(first.fuse_threads, FIRST * threads_per_session);
     let others = |u: &Usage| u.threads - u.fuse_threads;
     assert!(
-        others(&all) <= others(&first) + 8,
+        others(&all) <= others(&first) + 16,
         "isrfsd's own threads grew with the sessions: {} with {SESSIONS}, {} with {FIRST}",
         others(&all),
         others(&first)
@@ -307,7 +310,7 @@ fn fifty_sessions_on_one_daemon_read_correctly_with_bounded_fds_threads_and_memo
         "fuser's threads ended with their mounts"
     );
     assert!(
-        one.threads <= single.threads + 8,
+        one.threads <= single.threads + 16,
         "threads did not return: {} with one session left, {} with the first alone",
         one.threads,
         single.threads
