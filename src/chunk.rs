@@ -174,6 +174,16 @@ impl ChunkRef {
             ChunkRef::Stored { tag, .. } => Some(*tag),
         }
     }
+
+    /// The tag and stored length of a stored chunk, `None` for a zero chunk.
+    pub fn stored(&self) -> Option<(ChunkTag, u64)> {
+        match self {
+            ChunkRef::Zero => None,
+            ChunkRef::Stored {
+                tag, stored_len, ..
+            } => Some((*tag, u64::from(*stored_len))),
+        }
+    }
 }
 
 /// The result of encoding one plaintext chunk.

@@ -894,7 +894,7 @@ fn finish(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::WriteStore;
     use crate::store::faulty::{Fault, FaultyStore};
@@ -940,7 +940,8 @@ mod tests {
         (0..n).map(|i| vec![i as u8 + 1; 40 + i]).collect()
     }
 
-    fn quick() -> FetchSettings {
+    /// Settings for tests: small windows, short retries.
+    pub(crate) fn quick() -> FetchSettings {
         FetchSettings {
             parallel: 4,
             reserved_for_demand: 1,

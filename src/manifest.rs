@@ -297,14 +297,8 @@ impl Manifest {
     /// Every stored (not zero) chunk reference with its stored length, in
     /// file order, repeats included.
     pub fn stored_chunks(&self) -> impl Iterator<Item = (ChunkTag, u64)> + '_ {
-        self.files().flat_map(|(_, _, chunks)| {
-            chunks.iter().filter_map(|chunk| match chunk {
-                ChunkRef::Stored {
-                    tag, stored_len, ..
-                } => Some((*tag, u64::from(*stored_len))),
-                ChunkRef::Zero => None,
-            })
-        })
+        self.files()
+            .flat_map(|(_, _, chunks)| chunks.iter().filter_map(ChunkRef::stored))
     }
 
     /// Number of chunks in all files, zero chunks included.

@@ -35,12 +35,9 @@ fn sparse_disk(env: &Env) -> std::path::PathBuf {
     dir
 }
 
-#[test]
-fn a_small_checkin_uploads_one_segment_and_shares_the_rest() {
-    Env::require_fuse();
-    let env = Env::local();
-    let source = sparse_disk(&env);
-    let store = std::path::PathBuf::from(&env.store);
+/// [`sparse_disk`] imported as parcel `vm`; returns the source directory.
+fn import_sparse_disk(env: &Env) -> std::path::PathBuf {
+    let source = sparse_disk(env);
     env.ok(&[
         "import",
         "--chunk-size",
@@ -48,6 +45,15 @@ fn a_small_checkin_uploads_one_segment_and_shares_the_rest() {
         "vm",
         source.to_str().unwrap(),
     ]);
+    source
+}
+
+#[test]
+fn a_small_checkin_uploads_one_segment_and_shares_the_rest() {
+    Env::require_fuse();
+    let env = Env::local();
+    let source = import_sparse_disk(&env);
+    let store = std::path::PathBuf::from(&env.store);
     let v1: BTreeSet<String> = env.segments("vm", 1);
     assert_eq!(v1.len() as u64, SEGMENTS, "one distinct segment per range");
     let objects_before = support::local_chunk_files(&store).len();
@@ -126,15 +132,8 @@ fn a_small_checkin_uploads_one_segment_and_shares_the_rest() {
 fn a_resume_mounts_with_the_root_and_fetches_a_segment_when_a_read_needs_it() {
     Env::require_fuse();
     let env = Env::local();
-    let source = sparse_disk(&env);
+    let source = import_sparse_disk(&env);
     let store = std::path::PathBuf::from(&env.store);
-    env.ok(&[
-        "import",
-        "--chunk-size",
-        &CHUNK.to_string(),
-        "vm",
-        source.to_str().unwrap(),
-    ]);
     let order = env.segments_in_order("vm", 1);
     assert_eq!(order.len() as u64, SEGMENTS);
     let object = |tag: &String| store.join("chunks").join(&tag[..2]).join(tag);

@@ -170,6 +170,18 @@ async fn wait_for_page(
     }
 }
 
+/// Clicks the element `css` finds, once it is there.
+async fn click(client: &fantoccini::Client, css: &str) {
+    client
+        .wait()
+        .for_element(fantoccini::Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+}
+
 fn screenshot_dir() -> PathBuf {
     // target/<profile>/ → target/ui-screenshots/
     let dir = binary_dir()
@@ -340,15 +352,11 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         .await;
 
         // Sync, confirmed in the dialog (focus starts in its message field).
-        client
-            .find(fantoccini::Locator::Css(
-                r#"[data-parcel="webui"] button[data-action="sync"]"#,
-            ))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(
+            &client,
+            r#"[data-parcel="webui"] button[data-action="sync"]"#,
+        )
+        .await;
         client
             .wait()
             .for_element(fantoccini::Locator::Css("#confirm-message"))
@@ -375,13 +383,7 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         );
 
         // The parcels list shows the new version too.
-        client
-            .find(fantoccini::Locator::Css("#refresh-parcels"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, "#refresh-parcels").await;
         client
             .wait()
             .for_element(fantoccini::Locator::Css(
@@ -389,15 +391,7 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
             ))
             .await
             .unwrap();
-        client
-            .find(fantoccini::Locator::Css(
-                r#"[data-store-parcel="webui"] summary"#,
-            ))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&client, r#"[data-store-parcel="webui"] summary"#).await;
         let png = client.screenshot().await.unwrap();
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         std::fs::write(screenshot_dir().join("resume.png"), &png).unwrap();
@@ -426,23 +420,12 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         other.ok(&["resume", PARCEL]);
         let cli = env.fails(&["sync", PARCEL], 5);
         let cli = cli.trim().trim_start_matches("isrctl: ");
-        client
-            .find(fantoccini::Locator::Css(
-                r#"[data-parcel="webui"] button[data-action="sync"]"#,
-            ))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        client
-            .wait()
-            .for_element(fantoccini::Locator::Css("#confirm-ok"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(
+            &client,
+            r#"[data-parcel="webui"] button[data-action="sync"]"#,
+        )
+        .await;
+        click(&client, "#confirm-ok").await;
         let page = wait_for_page(&client, "the refusal", |p| {
             !p["error"].as_str().unwrap_or("").is_empty()
         })

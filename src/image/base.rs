@@ -346,12 +346,8 @@ impl BaseManifest {
     /// repeats included.
     pub fn stored_chunks(&self) -> impl Iterator<Item = (ChunkTag, u64)> + '_ {
         (0..self.files.len()).flat_map(move |file| {
-            self.file_chunks(file).filter_map(|(_, chunk)| match chunk {
-                ChunkRef::Stored {
-                    tag, stored_len, ..
-                } => Some((*tag, u64::from(*stored_len))),
-                ChunkRef::Zero => None,
-            })
+            self.file_chunks(file)
+                .filter_map(|(_, chunk)| chunk.stored())
         })
     }
 
@@ -391,7 +387,6 @@ impl BaseManifest {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use super::*;
     use crate::cache::ChunkCache;
@@ -462,19 +457,10 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ChunkCache::open(dir.path(), 1 << 30).unwrap());
-        let settings = FetchSettings {
-            parallel: 4,
-            reserved_for_demand: 1,
-            give_up_after: Duration::from_secs(5),
-            initial_backoff: Duration::from_millis(5),
-            max_backoff: Duration::from_millis(20),
-            missing_after: Duration::from_millis(50),
-            remember_missing: Duration::from_secs(60),
-        };
         let fetcher = Fetcher::start(
             Arc::new(store.clone()),
             cache,
-            settings,
+            crate::fetch::tests::quick(),
             tokio::runtime::Handle::current(),
         );
         Setup {

@@ -402,15 +402,7 @@ impl Env {
     /// The distinct manifest segments of version `version` of `name` (chunk
     /// objects beside its files' chunks; none in format 1), as hex tags.
     pub fn segments(&self, name: &str, version: u64) -> std::collections::BTreeSet<String> {
-        let (runtime, store, parcel) = self.open_parcel(name);
-        let stored = runtime
-            .block_on(isr::parcel::read_stored(&store, &parcel, version))
-            .unwrap();
-        stored
-            .segment_refs()
-            .filter_map(|r| r.tag())
-            .map(|t| t.to_hex())
-            .collect()
+        self.segments_in_order(name, version).into_iter().collect()
     }
 
     /// The segment tags (hex) of `name`'s `version`, in file order, repeats included.
