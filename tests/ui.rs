@@ -170,13 +170,19 @@ async fn wait_for_page(
     }
 }
 
-/// Clicks the element `css` finds, once it is there.
-async fn click(client: &fantoccini::Client, css: &str) {
+/// The element `css` finds, once it is there.
+async fn wait_for(client: &fantoccini::Client, css: &str) -> fantoccini::elements::Element {
     client
         .wait()
         .for_element(fantoccini::Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("{css}: {e}"))
+}
+
+/// Clicks the element `css` finds, once it is there.
+async fn click(client: &fantoccini::Client, css: &str) {
+    wait_for(client, css)
+        .await
         .click()
         .await
         .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
@@ -357,11 +363,8 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
             r#"[data-parcel="webui"] button[data-action="sync"]"#,
         )
         .await;
-        client
-            .wait()
-            .for_element(fantoccini::Locator::Css("#confirm-message"))
+        wait_for(&client, "#confirm-message")
             .await
-            .unwrap()
             // Enter (WebDriver's key U+E007) confirms, as the keyboard would.
             .send_keys("from the web UI\u{E007}")
             .await
@@ -382,16 +385,15 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
             "{page}"
         );
 
-        // The parcels list shows the new version too.
+        // The parcels list shows the new version too, once the refresh the
+        // sync started and the one clicked here have both answered.
         click(&client, "#refresh-parcels").await;
-        client
-            .wait()
-            .for_element(fantoccini::Locator::Css(
-                r#"[data-store-parcel="webui"] tr[data-version="2"]"#,
-            ))
-            .await
-            .unwrap();
-        click(&client, r#"[data-store-parcel="webui"] summary"#).await;
+        let parcels = r#"#parcels[aria-busy="false"] [data-store-parcel="webui"]"#;
+        wait_for(&client, &format!(r#"{parcels} tr[data-version="2"]"#)).await;
+        click(&client, &format!("{parcels} summary")).await;
+        // A refresh keeps the version list open.
+        click(&client, "#refresh-parcels").await;
+        wait_for(&client, &format!("{parcels} details[open]")).await;
         let png = client.screenshot().await.unwrap();
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         std::fs::write(screenshot_dir().join("resume.png"), &png).unwrap();

@@ -442,17 +442,29 @@ function historyTable(history) {
   ])]);
 }
 
+// Loads overlap (an action's refresh and a click on Refresh): only the
+// newest request renders, and the box is aria-busy until it has.
+let parcelsRequest = 0;
+
 async function loadParcels() {
   const box = $("#parcels");
   const errorBox = $("#parcels-error");
+  const request = ++parcelsRequest;
+  box.setAttribute("aria-busy", "true");
   let answer;
   try {
     answer = await (await fetch("/api/parcels")).json();
   } catch (e) {
     answer = { error: { class: "other", exit_code: 1, message: "the web UI did not answer: " + e, hint: "" } };
   }
+  if (request !== parcelsRequest) return;
+  box.setAttribute("aria-busy", "false");
   if (answer.error) { showError(errorBox, answer.error); return; }
   errorBox.hidden = true;
+  // A refresh keeps the version lists the reader opened.
+  const open = new Set([...box.querySelectorAll("[data-store-parcel]")]
+    .filter((card) => card.querySelector("details").open)
+    .map((card) => card.dataset.storeParcel));
   box.textContent = "";
   if (!answer.parcels.length) {
     box.append(el("p", { class: "note", text: "No parcels in the store (`isrctl import NAME PATH...` creates one)." }));
@@ -461,6 +473,7 @@ async function loadParcels() {
   for (const p of answer.parcels) {
     const lock = p.lock ? p.lock.holder + " on " + p.lock.host + " since " + clock(p.lock.since) : "not locked";
     const details = el("details", {}, [el("summary", { text: "Versions" })]);
+    details.open = open.has(p.name);
     if (p.history) {
       details.append(
         el("p", { class: "note", text: "Stored bytes per version (each version's distinct chunks):" }),
