@@ -74,6 +74,18 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   apt_update
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 fi
+# Firefox ESR and its WebDriver, for the same test in the other browser the UI
+# supports: /usr/bin/firefox-esr (Debian) and /usr/local/bin/geckodriver (Mozilla's
+# own crate on crates.io; Debian does not package it; ≈ 3 min to build).
+if [ ! -x /usr/bin/firefox-esr ]; then
+  echo "installing: firefox-esr"
+  apt_update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firefox-esr
+fi
+if [ ! -x /usr/local/bin/geckodriver ]; then
+  echo "installing: geckodriver 0.37.1 (cargo install)"
+  as_root "$(command -v cargo)" install --quiet --locked --root /usr/local geckodriver --version 0.37.1
+fi
 
 # QEMU for the VM tests, from bookworm-backports (QEMU 10: `file:` migration URIs and
 # mapped-ram; bookworm's own 7.2 has neither). qemu-utils comes from the same suite,

@@ -1,13 +1,16 @@
-//! `isrctl ui` in a real browser (headless Chromium through WebDriver): the
-//! page lists the resumed parcel, its "local" count rises to the total while
-//! the test reads through the mount, a write turns cells "changed", and
-//! sync (confirmed in the dialog) makes a version `isrctl history` shows.
-//! Also: a request without the token is refused, the server listens on
-//! 127.0.0.1 only, and a screenshot of the page is kept in
-//! target/ui-screenshots/.
+//! `isrctl ui` in real browsers (headless Chromium and Firefox ESR, the two
+//! the UI supports, through WebDriver): the page lists the resumed parcel,
+//! its "local" count rises to the total while the test reads through the
+//! mount, a write turns cells "changed", and sync (confirmed in the dialog)
+//! makes a version `isrctl history` shows. Also: a request without the token
+//! is refused, the server listens on 127.0.0.1 only, and screenshots of the
+//! page are kept in target/ui-screenshots/.
 //!
-//! Needs FUSE, /usr/bin/chromium and /usr/bin/chromedriver (Debian
-//! `chromium` and `chromium-driver`: `bash .ci/install-deps.sh`).
+//! Needs FUSE and the browsers with their drivers (`bash
+//! .ci/install-deps.sh` installs them): /usr/bin/chromium and
+//! /usr/bin/chromedriver (Debian `chromium` and `chromium-driver`),
+//! /usr/bin/firefox-esr (Debian `firefox-esr`) and /usr/local/bin/geckodriver
+//! (`cargo install --root /usr/local geckodriver`).
 
 mod support;
 
@@ -18,11 +21,124 @@ use std::time::{Duration, Instant};
 
 use support::{Env, binary_dir, free_ports, random_bytes};
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const PARCEL: &str = "webui";
 /// Generous: the test waits for what the page shows, never for a time.
 const PATIENCE: Duration = Duration::from_secs(90);
+
+/// A browser the UI supports, driven headless through its WebDriver.
+#[derive(Clone, Copy)]
+enum Browser {
+    Chromium,
+    Firefox,
+}
+
+impl Browser {
+    fn name(self) -> &'static str {
+        match self {
+            Browser::Chromium => "chromium",
+            Browser::Firefox => "firefox",
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            Browser::Chromium => "/usr/bin/chromium",
+            Browser::Firefox => "/usr/bin/firefox-esr",
+        }
+    }
+
+    fn driver(self) -> &'static str {
+        match self {
+            Browser::Chromium => "/usr/bin/chromedriver",
+            Browser::Firefox => "/usr/local/bin/geckodriver",
+        }
+    }
+
+    fn require(self) {
+        let install = match self {
+            Browser::Chromium => "the Debian packages chromium and chromium-driver",
+            Browser::Firefox => {
+                "the Debian package firefox-esr and geckodriver (`cargo install --root /usr/local geckodriver`)"
+            }
+        };
+        for program in [self.binary(), self.driver()] {
+            assert!(
+                Path::new(program).is_file(),
+                "{program} is missing: this test drives the web UI in headless {}; install \
+                 {install} (`bash .ci/install-deps.sh` does)",
+                self.name()
+            );
+        }
+    }
+
+    /// The WebDriver capabilities of a headless session with its own
+    /// profile, asking nothing of the network.
+    fn capabilities(self, profile: &Path) -> serde_json::Map<String, serde_json::Value> {
+        let mut capabilities = serde_json::Map::new();
+        match self {
+            Browser::Chromium => capabilities.insert(
+                "goog:chromeOptions".into(),
+                serde_json::json!({
+                    "binary": self.binary(),
+                    "args": [
+                        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync",
+                        "--window-size=1280,1400",
+                        format!("--user-data-dir={}", profile.display()),
+                    ],
+                }),
+            ),
+            Browser::Firefox => capabilities.insert(
+                "moz:firefoxOptions".into(),
+                serde_json::json!({
+                    "binary": self.binary(),
+                    "args": ["-headless", "-width", "1280", "-height", "1400",
+                             "-profile", profile.display().to_string()],
+                    "prefs": {
+                        "app.update.enabled": false,
+                        "browser.shell.checkDefaultBrowser": false,
+                        "datareporting.policy.dataSubmissionEnabled": false,
+                        "network.captive-portal-service.enabled": false,
+                        "network.connectivity-service.enabled": false,
+                        "toolkit.telemetry.enabled": false,
+                    },
+                }),
+            ),
+        };
+        capabilities
+    }
+
+    /// Starts the driver on a free loopback port, once it listens.
+    fn start_driver(self) -> (Driver, u16) {
+        use std::os::unix::process::CommandExt;
+        let port = free_ports(1)[0];
+        let child = Command::new(self.driver())
+            .arg(format!("--port={port}"))
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.driver()));
+        let mut process = Driver(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                process.0.try_wait().unwrap().is_none(),
+                "{} exited before listening",
+                self.driver()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen within 30 s",
+                self.driver()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (process, port)
+    }
+}
 
 /// A child process killed (and reaped) on drop.
 struct Process(Child);
@@ -34,8 +150,8 @@ impl Drop for Process {
     }
 }
 
-/// chromedriver in a process group of its own, killed whole on drop: the
-/// browsers it started go with it even when the test fails midway.
+/// A WebDriver server in a process group of its own, killed whole on drop:
+/// the browsers it started go with it even when the test fails midway.
 struct Driver(Child);
 
 impl Drop for Driver {
@@ -44,43 +160,6 @@ impl Drop for Driver {
         let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.0.wait();
     }
-}
-
-fn require_browser() {
-    for program in [CHROMIUM, CHROMEDRIVER] {
-        assert!(
-            Path::new(program).is_file(),
-            "{program} is missing: this test drives the web UI in headless Chromium; install the \
-             Debian packages chromium and chromium-driver (`bash .ci/install-deps.sh` does)"
-        );
-    }
-}
-
-fn start_chromedriver() -> (Driver, u16) {
-    use std::os::unix::process::CommandExt;
-    let port = free_ports(1)[0];
-    let child = Command::new(CHROMEDRIVER)
-        .arg(format!("--port={port}"))
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting chromedriver");
-    let mut process = Driver(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            process.0.try_wait().unwrap().is_none(),
-            "chromedriver exited before listening"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "chromedriver did not listen within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (process, port)
 }
 
 /// A plain HTTP/1.1 GET on loopback: the status code.
@@ -199,9 +278,18 @@ fn screenshot_dir() -> PathBuf {
 }
 
 #[test]
-fn the_web_ui_shows_a_resume_live_and_syncs() {
+fn the_web_ui_shows_a_resume_live_and_syncs_in_chromium() {
+    the_web_ui_shows_a_resume_live_and_syncs(Browser::Chromium);
+}
+
+#[test]
+fn the_web_ui_shows_a_resume_live_and_syncs_in_firefox() {
+    the_web_ui_shows_a_resume_live_and_syncs(Browser::Firefox);
+}
+
+fn the_web_ui_shows_a_resume_live_and_syncs(browser: Browser) {
     Env::require_fuse();
-    require_browser();
+    browser.require();
     let env = Env::local();
     // 96 chunks of 64 KiB: random data with a zero stretch in the middle.
     let source = env.path("source");
@@ -267,33 +355,19 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         "isrctl ui listens beyond 127.0.0.1: {addresses:?}"
     );
 
-    let (_chromedriver, driver_port) = start_chromedriver();
+    let (_driver, driver_port) = browser.start_driver();
     let profile = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut capabilities = serde_json::Map::new();
-        capabilities.insert(
-            "goog:chromeOptions".into(),
-            serde_json::json!({
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    "--window-size=1280,1400",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
-            }),
-        );
         let client = fantoccini::ClientBuilder::rustls()
             .expect("a TLS connector for fantoccini")
-            .capabilities(capabilities)
+            .capabilities(browser.capabilities(profile.path()))
             .connect(&format!("http://127.0.0.1:{driver_port}"))
             .await
-            .expect("a WebDriver session with chromedriver");
+            .unwrap_or_else(|e| panic!("a WebDriver session with {}: {e}", browser.driver()));
         client.goto(&url).await.unwrap();
         // The redirect drops the token from the address bar.
         let address = client.current_url().await.unwrap();
@@ -396,14 +470,22 @@ fn the_web_ui_shows_a_resume_live_and_syncs() {
         wait_for(&client, &format!("{parcels} details[open]")).await;
         let png = client.screenshot().await.unwrap();
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        std::fs::write(screenshot_dir().join("resume.png"), &png).unwrap();
+        std::fs::write(
+            screenshot_dir().join(format!("resume-{}.png", browser.name())),
+            &png,
+        )
+        .unwrap();
         // At 200 % zoom it reflows into one column.
         client
             .execute("document.body.style.zoom = '2';", Vec::new())
             .await
             .unwrap();
         let png = client.screenshot().await.unwrap();
-        std::fs::write(screenshot_dir().join("resume-zoom-200.png"), &png).unwrap();
+        std::fs::write(
+            screenshot_dir().join(format!("resume-zoom-200-{}.png", browser.name())),
+            &png,
+        )
+        .unwrap();
         client
             .execute("document.body.style.zoom = '';", Vec::new())
             .await

@@ -215,7 +215,7 @@ function renderStatus(node, d) {
   const s = d.status;
   field(node, "chunks-local").textContent = s.chunks_local;
   field(node, "chunks-total").textContent = s.chunks_total;
-  field(node, "where").textContent = "version " + s.base_version + " at " + s.mount +
+  field(node, "where").textContent = "resumed from version " + s.base_version + ", mounted at " + s.mount +
     (s.mounted ? "" : " (not mounted: `isrctl resume " + s.parcel + "` mounts it again)");
   field(node, "bytes-to-go").textContent = d.bytes_to_go === null ? (s.chunks_total - s.chunks_local) + " chunks" : bytes(d.bytes_to_go);
   field(node, "eta").textContent = d.eta_secs === 0 ? "fully local" : d.eta_secs === null ? "not fetching" : duration(d.eta_secs);
