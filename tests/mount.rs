@@ -392,6 +392,8 @@ fn stats_and_chunk_maps_are_readable_inside_the_mount() {
     );
     let mount = resume(&env, "vm");
     std::fs::read(mount.join("disk.img")).unwrap();
+    // A map opened now keeps this moment however it is read.
+    let opened_before = std::fs::File::open(mount.join(".isr/chunks")).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .open(mount.join("disk.img"))
@@ -414,6 +416,18 @@ fn stats_and_chunk_maps_are_readable_inside_the_mount() {
     // The one-byte write went to the fsync log at close: durable, and dirty
     // until the chunk is sealed.
     assert_eq!(maps.trim(), "disk.img: DLL", "{maps}");
+    let mut before = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        match opened_before
+            .read_at(&mut byte, before.len() as u64)
+            .unwrap()
+        {
+            0 => break,
+            _ => before.push(byte[0]),
+        }
+    }
+    assert_eq!(String::from_utf8(before).unwrap(), "disk.img: LLL\n");
     let names: Vec<String> = std::fs::read_dir(mount.join(".isr"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

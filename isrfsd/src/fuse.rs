@@ -7,16 +7,19 @@
 //! A read-only virtual directory `.isr/` at the root shows the session:
 //! `.isr/stats` (the same JSON as `isrctl status --json`) and `.isr/chunks`
 //! (per file, one character per chunk: `.` zero, `L` local, `R` remote, `D`
-//! changed, `U` changed and waiting for upload). They are generated on each read (direct I/O, size 0).
+//! changed, `U` changed and waiting for upload). Each open generates its
+//! content once (direct I/O, size 0), so a reader sees one moment however
+//! it splits its reads; the content is dropped when the file is closed.
 //!
 //! Files are opened with `FOPEN_KEEP_CACHE`: every change to a file passes
 //! through this mount, so the kernel's cached pages of it stay right across
 //! opens. It also means an open never invalidates pages, which would wait
 //! (unkillably) for a read that waits for the store.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -67,6 +70,9 @@ pub struct ParcelFs {
     uid: u32,
     gid: u32,
     io_errors: AtomicU64,
+    /// The content of each open `.isr` file, by its file handle.
+    virtual_open: Mutex<HashMap<u64, Arc<[u8]>>>,
+    next_handle: AtomicU64,
 }
 
 impl ParcelFs {
@@ -78,6 +84,8 @@ impl ParcelFs {
             uid,
             gid,
             io_errors: AtomicU64::new(0),
+            virtual_open: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
         }
     }
 
@@ -356,7 +364,13 @@ impl Filesystem for ParcelFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if matches!(ino.0, STATS_FILE | CHUNKS_FILE) {
-            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+            let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+            let content = self.virtual_content(ino.0).into();
+            self.virtual_open
+                .lock()
+                .expect("virtual files lock")
+                .insert(handle, content);
+            return reply.opened(FileHandle(handle), FopenFlags::FOPEN_DIRECT_IO);
         }
         match self.node(ino) {
             Ok(node) if node.kind == NodeKind::File => {
@@ -371,7 +385,7 @@ impl Filesystem for ParcelFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -379,7 +393,13 @@ impl Filesystem for ParcelFs {
         reply: ReplyData,
     ) {
         if matches!(ino.0, STATS_FILE | CHUNKS_FILE) {
-            let content = self.virtual_content(ino.0);
+            let opened = self
+                .virtual_open
+                .lock()
+                .expect("virtual files lock")
+                .get(&fh.0)
+                .cloned();
+            let content = opened.unwrap_or_else(|| self.virtual_content(ino.0).into());
             let start = (offset as usize).min(content.len());
             let end = (start + size as usize).min(content.len());
             return reply.data(&content[start..end]);
@@ -414,6 +434,25 @@ impl Filesystem for ParcelFs {
             Ok(written) => reply.written(written as u32),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if matches!(ino.0, STATS_FILE | CHUNKS_FILE) {
+            self.virtual_open
+                .lock()
+                .expect("virtual files lock")
+                .remove(&fh.0);
+        }
+        reply.ok();
     }
 
     fn flush(
