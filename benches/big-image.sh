@@ -128,20 +128,20 @@ for _ in range(mib * 16):  # 64 KiB writes
 os.fsync(fd); os.close(fd)
 PY
   say "$label: checkin"
-  local rss_before; rss_before=$(rss_of "$pid")
+  r_daemon_rss_before=$(rss_of "$pid")
   read -r r_checkin_s r_checkin_rss <<<"$(timed_rss "$work/checkin-$label.json" "$bin/isrctl" --json checkin "$label")"
-  r_daemon_rss=$(rss_of "$pid" 2>/dev/null || echo "$rss_before")
+  r_daemon_rss=$(rss_of "$pid" 2>/dev/null || echo "$r_daemon_rss_before")
   r_uploaded=$(json 'd.get("uploaded_bytes", d.get("checkin", {}).get("uploaded_bytes"))' < "$work/checkin-$label.json")
   r_manifest=$(json 'd.get("manifest_bytes", d.get("checkin", {}).get("manifest_bytes", 0))' < "$work/checkin-$label.json")
   r_parcel_v2=$(bytes_under "$work/store/parcels/$label")
   r_chunks_after=$(bytes_under "$work/store/chunks")
-  say "$label: import ${r_import_s}s (isrctl ${r_import_rss} MiB), resume ${r_resume_s}s, reads ${r_iops}/s ${r_mbs} MB/s (native ${r_native_iops}/s), checkin ${r_checkin_s}s ${r_uploaded} B, isrfsd ${r_daemon_rss} MiB, parcels/ v1 ${r_parcel_v1} B v2 ${r_parcel_v2} B, chunks ${r_chunks} B"
+  say "$label: import ${r_import_s}s (isrctl ${r_import_rss} MiB), resume ${r_resume_s}s, reads ${r_iops}/s ${r_mbs} MB/s (native ${r_native_iops}/s), checkin ${r_checkin_s}s ${r_uploaded} B, isrfsd ${r_daemon_rss_before} MiB before the checkin, ${r_daemon_rss} MiB after, parcels/ v1 ${r_parcel_v1} B v2 ${r_parcel_v2} B, chunks ${r_chunks} B"
   rm -rf "$src"
 }
 
 gib=$((1 << 30))
 cycle big "$((image_gib * gib))" "$((written_gib * gib))"
-big=("$r_import_s" "$r_import_rss" "$r_resume_s" "$r_iops" "$r_mbs" "$r_native_iops" "$r_native_mbs" "$r_checkin_s" "$r_checkin_rss" "$r_uploaded" "$r_daemon_rss" "$r_parcel_v1" "$r_parcel_v2" "$r_chunks" "$r_chunks_after" "$r_manifest")
+big=("$r_import_s" "$r_import_rss" "$r_resume_s" "$r_iops" "$r_mbs" "$r_native_iops" "$r_native_mbs" "$r_checkin_s" "$r_checkin_rss" "$r_uploaded" "$r_daemon_rss" "$r_parcel_v1" "$r_parcel_v2" "$r_chunks" "$r_chunks_after" "$r_manifest" "$r_daemon_rss_before")
 chunks_before_small=$r_chunks_after
 cycle small "$((image_gib * gib * base_pct / 100))" "$((written_gib * gib * base_pct / 100))"
 small_chunks=$((r_chunks_after - chunks_before_small))
@@ -154,6 +154,7 @@ row "random 4 KiB reads in written extents, cold, reads/s ($t)" "${big[3]}" read
 row "random 4 KiB reads in written extents, cold, reads/s ($t)" "${big[3]}" reads/s "$b" "$r_iops"
 row "checkin after ${write_mib} MiB of random writes, s ($t)" "${big[7]}" s "$b" "$r_checkin_s"
 row "checkin bytes uploaded ($t)" "${big[9]}" B "$b" "$r_uploaded"
+row "isrfsd peak RSS before the checkin (resume, reads, writes), MiB ($t)" "${big[16]}" MiB "$b" "$r_daemon_rss_before"
 row "isrfsd peak RSS, MiB ($t)" "${big[10]}" MiB "$b" "$r_daemon_rss"
 row "isrctl checkin peak RSS, MiB ($t)" "${big[8]}" MiB "$b" "$r_checkin_rss"
 row "store bytes under parcels/NAME/ after import (v1) ($t)" "${big[11]}" B "$b" "$r_parcel_v1"

@@ -281,6 +281,37 @@ pub(crate) fn check_stored_lengths(chunks: &[ChunkRef]) -> Result<(), String> {
 }
 
 impl Manifest {
+    /// A copy of the header and tree whose files have no chunk lists (what a
+    /// format 2 root holds), without copying the chunk lists first.
+    pub fn header_and_tree(&self) -> Manifest {
+        let entries = self
+            .entries
+            .iter()
+            .map(|entry| Entry {
+                path: entry.path.clone(),
+                mode: entry.mode,
+                mtime: entry.mtime,
+                kind: match &entry.kind {
+                    EntryKind::Directory => EntryKind::Directory,
+                    EntryKind::File { size, .. } => EntryKind::File {
+                        size: *size,
+                        chunks: Vec::new(),
+                    },
+                },
+            })
+            .collect();
+        Manifest {
+            version: self.version,
+            parent: self.parent,
+            created: self.created,
+            lock_nonce: self.lock_nonce,
+            host: self.host.clone(),
+            message: self.message.clone(),
+            chunk_size: self.chunk_size,
+            entries,
+        }
+    }
+
     /// Total bytes of all files.
     pub fn logical_size(&self) -> u64 {
         self.files().map(|(_, size, _)| size).sum()

@@ -190,11 +190,7 @@ pub fn split(
     let mut seen = HashSet::new();
     let mut encoded = Vec::new();
     let mut segments = Vec::new();
-    let mut root_manifest = manifest.clone();
-    for entry in &mut root_manifest.entries {
-        let EntryKind::File { chunks, .. } = &mut entry.kind else {
-            continue;
-        };
+    for (_, _, chunks) in manifest.files() {
         let mut refs = Vec::new();
         for part in chunks.chunks(segment_chunks as usize) {
             let EncodedChunk::Stored { chunk, stored } = encoder.encode(&encode_segment(part))
@@ -206,12 +202,11 @@ pub fn split(
             }
             refs.push(chunk);
         }
-        chunks.clear();
         segments.push(refs);
     }
     Ok(Split {
         root: Root {
-            manifest: root_manifest,
+            manifest: manifest.header_and_tree(),
             segment_chunks,
             segments,
         },

@@ -302,7 +302,12 @@ impl Session {
             )
             .await;
         self.context.cache.unpin(segment_tags.iter());
-        let (tally, manifest, root_bytes) = result?;
+        let (tally, header, root_bytes) = result?;
+        drop(split.encoded);
+        let manifest = Manifest {
+            entries: snapshot.entries,
+            ..header
+        };
 
         tracing::info!(parcel = %target.name, version, "committed");
         tracing::info!(parcel = %target.name, version, "committed");
@@ -332,7 +337,8 @@ impl Session {
 
     /// Uploads what the new version needs beyond its base version (this
     /// session's chunks and `segments`) and commits its root; returns the
-    /// upload tally, the committed manifest and the root's stored size.
+    /// upload tally, the committed manifest's header (its entries are the
+    /// snapshot's) and the root's stored size.
     #[allow(clippy::too_many_arguments)]
     async fn commit_split(
         &self,
@@ -393,11 +399,7 @@ impl Session {
             }
             Err(e) => return Err(e.into()),
         };
-        let manifest = Manifest {
-            entries: snapshot.entries.clone(),
-            ..root.manifest
-        };
-        Ok((tally, manifest, root_bytes))
+        Ok((tally, root.manifest, root_bytes))
     }
 
     /// Stores lazy memory's working set beside `version` (see
