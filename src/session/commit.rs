@@ -310,7 +310,6 @@ impl Session {
         };
 
         tracing::info!(parcel = %target.name, version, "committed");
-        tracing::info!(parcel = %target.name, version, "committed");
         self.store_trace(target, version, &trace).await;
         let working_set = memory::working_set_tags(&self.image, &manifest);
         self.store_working_set(target, version, &working_set).await;
