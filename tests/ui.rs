@@ -1,8 +1,10 @@
 //! `isrctl ui` in real browsers (headless Chromium and Firefox ESR, the two
 //! the UI supports, through WebDriver): the page lists the resumed parcel,
 //! its "local" count rises to the total while the test reads through the
-//! mount, a write turns cells "changed", and sync (confirmed in the dialog)
-//! makes a version `isrctl history` shows. Also: a request without the token
+//! mount, a write turns cells "changed", sync (confirmed in the dialog)
+//! makes a version `isrctl history` shows, hoard makes every chunk local,
+//! sync under another machine's lock shows `isrctl sync`'s refusal, and
+//! discard ends the session. Also: a request without the token
 //! is refused, the server listens on 127.0.0.1 only, and screenshots of the
 //! page are kept in target/ui-screenshots/.
 //!
@@ -498,6 +500,22 @@ fn the_web_ui_shows_a_resume_live_and_syncs(browser: Browser) {
             .unwrap_or_else(|| panic!("no version 2 in {history}"));
         assert_eq!(synced["message"], "from the web UI");
 
+        // Hoard, confirmed: every chunk is local.
+        click(
+            &client,
+            r#"[data-parcel="webui"] button[data-action="hoard"]"#,
+        )
+        .await;
+        click(&client, "#confirm-ok").await;
+        let page = wait_for_page(&client, "the hoard's outcome", |p| {
+            p["result"]
+                .as_str()
+                .is_some_and(|r| r.contains("chunks are local"))
+                || !p["error"].as_str().unwrap_or("").is_empty()
+        })
+        .await;
+        assert_eq!(page["error"], "", "{page}");
+
         // Another machine breaks the lock and resumes: the page's sync is
         // refused as `isrctl sync` is, naming the holder.
         other.ok(&["unlock", "--force", PARCEL]);
@@ -525,6 +543,21 @@ fn the_web_ui_shows_a_resume_live_and_syncs(browser: Browser) {
             .unwrap()
             .to_owned();
         assert!(shown.contains(&holder), "{shown} does not name {holder}");
+
+        // Discard, confirmed: the session ends and leaves the page.
+        click(
+            &client,
+            r#"[data-parcel="webui"] button[data-action="discard"]"#,
+        )
+        .await;
+        click(&client, "#confirm-ok").await;
+        wait_for_page(&client, "the discarded session gone", |p| p.is_null()).await;
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            !mounts.contains(mount.to_str().unwrap()),
+            "{} is still mounted after the page's discard",
+            mount.display()
+        );
         client.close().await.unwrap();
     });
 
@@ -536,6 +569,5 @@ fn the_web_ui_shows_a_resume_live_and_syncs(browser: Browser) {
     .unwrap();
     let status = ui.0.wait().unwrap();
     assert!(status.success(), "isrctl ui ended with {status}");
-    env.ok(&["discard", PARCEL]);
     other.ok(&["checkin", PARCEL]);
 }
