@@ -383,24 +383,42 @@ pub fn encode_runs(map: &str) -> String {
 /// file's chunks.
 const MAX_MAP_CHUNKS: usize = crate::manifest::MAX_CHUNKS_PER_FILE as usize;
 
+/// The runs of [`encode_runs`] text in order, `(count, state)`; an item is
+/// `None` where the text is no run (a missing, zero or too big count, a
+/// count without a state, a state that is not ASCII). Work is bounded by
+/// the text, not by the counts.
+pub fn runs(text: &str) -> impl Iterator<Item = Option<(u64, u8)>> + '_ {
+    let mut rest = text.as_bytes();
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let Some(&state) = rest.get(digits) else {
+            rest = &[];
+            return Some(None);
+        };
+        let count = std::str::from_utf8(&rest[..digits])
+            .ok()
+            .and_then(|d| d.parse::<u64>().ok())
+            .filter(|&n| n > 0 && state.is_ascii());
+        rest = &rest[digits + 1..];
+        Some(count.map(|n| (n, state)))
+    })
+}
+
 /// Undoes [`encode_runs`]; `None` for text it does not produce (or a map
 /// longer than a file can be).
-pub fn decode_runs(runs: &str) -> Option<String> {
+pub fn decode_runs(text: &str) -> Option<String> {
     let mut out = String::new();
-    let mut count = String::new();
-    for c in runs.chars() {
-        if c.is_ascii_digit() {
-            count.push(c);
-        } else {
-            let n: usize = count
-                .parse()
-                .ok()
-                .filter(|&n| n > 0 && out.len() + n <= MAX_MAP_CHUNKS)?;
-            out.extend(std::iter::repeat_n(c, n));
-            count.clear();
-        }
+    for run in runs(text) {
+        let (n, state) = run?;
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| out.len() + n <= MAX_MAP_CHUNKS)?;
+        out.extend(std::iter::repeat_n(char::from(state), n));
     }
-    count.is_empty().then_some(out)
+    Some(out)
 }
 
 /// Errors talking to the daemon.

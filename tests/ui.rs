@@ -269,14 +269,17 @@ async fn click(client: &fantoccini::Client, css: &str) {
         .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
 }
 
-fn screenshot_dir() -> PathBuf {
+/// Keeps a screenshot of the page as target/ui-screenshots/`name`.
+async fn save_screenshot(client: &fantoccini::Client, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
     // target/<profile>/ → target/ui-screenshots/
     let dir = binary_dir()
         .parent()
         .expect("target dir")
         .join("ui-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    std::fs::write(dir.join(name), &png).unwrap();
 }
 
 #[test]
@@ -470,24 +473,13 @@ fn the_web_ui_shows_a_resume_live_and_syncs(browser: Browser) {
         // A refresh keeps the version list open.
         click(&client, "#refresh-parcels").await;
         wait_for(&client, &format!("{parcels} details[open]")).await;
-        let png = client.screenshot().await.unwrap();
-        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        std::fs::write(
-            screenshot_dir().join(format!("resume-{}.png", browser.name())),
-            &png,
-        )
-        .unwrap();
+        save_screenshot(&client, &format!("resume-{}.png", browser.name())).await;
         // At 200 % zoom it reflows into one column.
         client
             .execute("document.body.style.zoom = '2';", Vec::new())
             .await
             .unwrap();
-        let png = client.screenshot().await.unwrap();
-        std::fs::write(
-            screenshot_dir().join(format!("resume-zoom-200-{}.png", browser.name())),
-            &png,
-        )
-        .unwrap();
+        save_screenshot(&client, &format!("resume-zoom-200-{}.png", browser.name())).await;
         client
             .execute("document.body.style.zoom = '';", Vec::new())
             .await

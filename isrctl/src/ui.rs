@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::context::CommandContext;
+use crate::watch::{Counts, cells};
 use crate::{checkin, context, daemon, output, parcels, session};
 
 /// How often the server asks isrfsd for its sessions.
@@ -301,17 +302,6 @@ struct FileView {
     cells: String,
 }
 
-/// Chunks per state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    zero: u64,
-    remote: u64,
-    fetching: u64,
-    local: u64,
-    changed: u64,
-    uploading: u64,
-}
-
 /// When each step of a session's resume happened, milliseconds since the
 /// Unix epoch, as isrfsd recorded them; `None` when it has not (yet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -339,75 +329,6 @@ fn timeline(status: &ParcelStatus) -> Timeline {
         vm_running,
         first_progress: status.session.fetch.first_fetch_ms,
     }
-}
-
-/// How urgent a state is when a group of chunks shows one cell.
-fn rank(state: u8) -> u8 {
-    match state {
-        b'U' => 5,
-        b'D' => 4,
-        b'F' => 3,
-        b'R' => 2,
-        b'L' => 1,
-        _ => 0,
-    }
-}
-
-/// The runs of [`isr::control::encode_runs`] text: `(count, state)`.
-fn runs(text: &str) -> impl Iterator<Item = Option<(u64, u8)>> + '_ {
-    let mut rest = text.as_bytes();
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        let Some(&state) = rest.get(digits) else {
-            rest = &[];
-            return Some(None);
-        };
-        let count = std::str::from_utf8(&rest[..digits])
-            .ok()
-            .and_then(|d| d.parse::<u64>().ok())
-            .filter(|&n| n > 0);
-        rest = &rest[digits + 1..];
-        Some(count.map(|n| (n, state)))
-    })
-}
-
-/// A file's run-length map reduced to at most `max_cells` cells, each the
-/// most pressing state of its group of chunks, and its chunks per state;
-/// `None` for text that is no map. Work and memory are bounded by the runs
-/// and `max_cells`, not by the number of chunks.
-pub fn cells(text: &str, max_cells: usize) -> Option<(u64, u64, String, Counts)> {
-    let mut counts = Counts::default();
-    let mut total = 0u64;
-    for run in runs(text) {
-        let (n, state) = run?;
-        total = total.checked_add(n)?;
-        let count = match state {
-            b'.' => &mut counts.zero,
-            b'R' => &mut counts.remote,
-            b'F' => &mut counts.fetching,
-            b'L' => &mut counts.local,
-            b'D' => &mut counts.changed,
-            b'U' => &mut counts.uploading,
-            _ => return None,
-        };
-        *count += n;
-    }
-    let group = total.div_ceil(max_cells.max(1) as u64).max(1);
-    let mut out = vec![b'.'; total.div_ceil(group) as usize];
-    let mut at = 0u64;
-    for run in runs(text) {
-        let (n, state) = run?;
-        for cell in &mut out[(at / group) as usize..=((at + n - 1) / group) as usize] {
-            if rank(state) > rank(*cell) {
-                *cell = state;
-            }
-        }
-        at += n;
-    }
-    Some((total, group, String::from_utf8(out).ok()?, counts))
 }
 
 /// What the poller remembers of a session between polls: its rates.
@@ -555,12 +476,7 @@ fn view(
         let Some((chunks, group, cells, file_counts)) = cells(&file.runs, MAX_CELLS) else {
             continue;
         };
-        counts.zero += file_counts.zero;
-        counts.remote += file_counts.remote;
-        counts.fetching += file_counts.fetching;
-        counts.local += file_counts.local;
-        counts.changed += file_counts.changed;
-        counts.uploading += file_counts.uploading;
+        counts += file_counts;
         views.push(FileView {
             path: isr::error::printable(&file.path),
             size: file.size,
@@ -833,23 +749,6 @@ mod tests {
                 ..Counts::default()
             }
         );
-    }
-
-    #[test]
-    fn groups_show_their_most_pressing_state() {
-        assert_eq!(cells("2L2R", 4).unwrap().2, "LLRR");
-        assert_eq!(cells("2L2R2L2.", 4).unwrap().2, "LRL.");
-        assert_eq!(cells("1L1R1D1U1.", 2).unwrap().2, "DU");
-        assert_eq!(cells("1R1L", 1).unwrap().2, "R");
-        assert_eq!(cells("", 10).unwrap().2, "");
-        // Alternating states at a million chunks: every cell is remote.
-        let text = "1L1R".repeat(500_000);
-        let (chunks, _, cells_, _) = cells(&text, MAX_CELLS).unwrap();
-        assert_eq!(chunks, 1_000_000);
-        assert!(cells_.len() <= MAX_CELLS && cells_.bytes().all(|c| c == b'R'));
-        for bad in ["L", "3", "0L", "3x", "18446744073709551615L1R"] {
-            assert!(cells(bad, 8).is_none(), "{bad}");
-        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! backlog, and per file a chunk map (OpenISR's "dirtometer"): one character
 //! per group of chunks, `.` zero, `R` only in the store, `F` being fetched,
 //! `L` local, `D` changed, `U` changed and waiting for upload. A group shows
-//! its most pressing state (`U`, then `D`, `F`, `R`, `L`, `.`).
+//! its most pressing state (`U`, then `D`, `F`, `R`, `L`, `.`): [`cells`],
+//! which the web UI draws with too, reduces a map without expanding it.
 //!
 //! On a terminal the view redraws in place; otherwise (a pipe, a log) it
 //! prints one block per interval and no cursor codes; with `--json`, one
@@ -183,29 +184,74 @@ fn rates(status: &ParcelStatus, previous: Option<&Sample>, now: Instant) -> Rate
     }
 }
 
-/// How urgent a chunk state is when a group of chunks shows one character.
-fn rank(state: char) -> u8 {
+/// Chunks per state of a chunk map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub zero: u64,
+    pub remote: u64,
+    pub fetching: u64,
+    pub local: u64,
+    pub changed: u64,
+    pub uploading: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.zero += other.zero;
+        self.remote += other.remote;
+        self.fetching += other.fetching;
+        self.local += other.local;
+        self.changed += other.changed;
+        self.uploading += other.uploading;
+    }
+}
+
+/// How urgent a state is when a group of chunks shows one cell.
+fn rank(state: u8) -> u8 {
     match state {
-        'U' => 5,
-        'D' => 4,
-        'F' => 3,
-        'R' => 2,
-        'L' => 1,
+        b'U' => 5,
+        b'D' => 4,
+        b'F' => 3,
+        b'R' => 2,
+        b'L' => 1,
         _ => 0,
     }
 }
 
-/// A file's map in at most `width` characters: one per group of chunks.
-fn grouped(map: &str, width: usize) -> String {
-    let states: Vec<char> = map.chars().collect();
-    if states.is_empty() {
-        return String::new();
+/// A file's run-length map reduced to at most `max_cells` cells, each the
+/// most pressing state of its group of chunks, and its chunks per state;
+/// `None` for text that is no map. Work and memory are bounded by the runs
+/// and `max_cells`, not by the number of chunks.
+pub fn cells(text: &str, max_cells: usize) -> Option<(u64, u64, String, Counts)> {
+    let mut counts = Counts::default();
+    let mut total = 0u64;
+    for run in isr::control::runs(text) {
+        let (n, state) = run?;
+        total = total.checked_add(n)?;
+        let count = match state {
+            b'.' => &mut counts.zero,
+            b'R' => &mut counts.remote,
+            b'F' => &mut counts.fetching,
+            b'L' => &mut counts.local,
+            b'D' => &mut counts.changed,
+            b'U' => &mut counts.uploading,
+            _ => return None,
+        };
+        *count += n;
     }
-    let group = states.len().div_ceil(width.max(1));
-    states
-        .chunks(group)
-        .map(|g| g.iter().copied().max_by_key(|c| rank(*c)).unwrap_or('.'))
-        .collect()
+    let group = total.div_ceil(max_cells.max(1) as u64).max(1);
+    let mut out = vec![b'.'; total.div_ceil(group) as usize];
+    let mut at = 0u64;
+    for run in isr::control::runs(text) {
+        let (n, state) = run?;
+        for cell in &mut out[(at / group) as usize..=((at + n - 1) / group) as usize] {
+            if rank(state) > rank(*cell) {
+                *cell = state;
+            }
+        }
+        at += n;
+    }
+    Some((total, group, String::from_utf8(out).ok()?, counts))
 }
 
 fn render(
@@ -266,11 +312,11 @@ fn render(
         width
     };
     for (file, name) in files.iter().zip(&names) {
-        let map = isr::control::decode_runs(&file.runs).unwrap_or_default();
+        let map = cells(&file.runs, map_width).map(|(_, _, cells, _)| cells);
         let _ = writeln!(
             frame,
             "  {name:<name_width$}  [{}]",
-            grouped(&map, map_width)
+            map.unwrap_or_default()
         );
     }
     let _ = writeln!(
@@ -281,13 +327,22 @@ fn render(
 
 #[cfg(test)]
 mod tests {
-    use super::grouped;
+    use super::cells;
 
     #[test]
     fn groups_show_their_most_pressing_state() {
-        assert_eq!(grouped("LLRR", 4), "LLRR");
-        assert_eq!(grouped("LLRRLL..", 4), "LRL.");
-        assert_eq!(grouped("LRDU.", 2), "DU");
-        assert_eq!(grouped("", 10), "");
+        assert_eq!(cells("2L2R", 4).unwrap().2, "LLRR");
+        assert_eq!(cells("2L2R2L2.", 4).unwrap().2, "LRL.");
+        assert_eq!(cells("1L1R1D1U1.", 2).unwrap().2, "DU");
+        assert_eq!(cells("1R1L", 1).unwrap().2, "R");
+        assert_eq!(cells("", 10).unwrap().2, "");
+        // Alternating states at a million chunks: every cell is remote.
+        let text = "1L1R".repeat(500_000);
+        let (chunks, _, cells_, _) = cells(&text, 4096).unwrap();
+        assert_eq!(chunks, 1_000_000);
+        assert!(cells_.len() <= 4096 && cells_.bytes().all(|c| c == b'R'));
+        for bad in ["L", "3", "0L", "3x", "18446744073709551615L1R"] {
+            assert!(cells(bad, 8).is_none(), "{bad}");
+        }
     }
 }

@@ -399,7 +399,9 @@ impl Filesystem for ParcelFs {
                 .expect("virtual files lock")
                 .get(&fh.0)
                 .cloned();
-            let content = opened.unwrap_or_else(|| self.virtual_content(ino.0).into());
+            let Some(content) = opened else {
+                return reply.error(Errno::EBADF); // (every read follows an open)
+            };
             let start = (offset as usize).min(content.len());
             let end = (start + size as usize).min(content.len());
             return reply.data(&content[start..end]);

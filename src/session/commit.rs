@@ -303,7 +303,7 @@ impl Session {
             .await;
         self.context.cache.unpin(segment_tags.iter());
         let (tally, header, root_bytes) = result?;
-        drop(split.encoded);
+        drop(split.encoded); // uploaded: free them before the working set is read
         let manifest = Manifest {
             entries: snapshot.entries,
             ..header
